@@ -1,0 +1,235 @@
+"""Emit the GLM-4-0414 decoder as one ONNX graph (prefill and decode), layer by layer.
+
+Weights stream from the checkpoint into the external data file as each layer is emitted;
+only one tensor (or one block of it) is in memory at a time. Numerics: the residual stream,
+norms, RoPE, attention scores and softmax are float32 whatever the precision; matmuls run in
+the precision's compute dtype.
+
+Per layer (shared/GLM4.md, "sandwich norms"):
+
+   x (f32) ──┬─> input_layernorm ─> qkv_proj ─> split ─> RoPE(q,k) ─> attention ─> o_proj
+             │                                             │ concat past K/V -> present
+             │                                             ▼
+             └──────────────(+)<── post_self_attn_layernorm ◄┘
+                             │
+             ┌───────────────┴─> post_attention_layernorm ─> gate_up ─> silu(g)*u ─> down
+             │                                                                      │
+             └──────────────(+)<── post_mlp_layernorm ◄─────────────────────────────┘
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tqdm import tqdm
+
+from glmrt.config import GlmConfig
+from glmrt.contract import io_contract, past_key, past_value, present_key, present_value
+
+from .checkpoint import Checkpoint, bf16_to_f32, f32_to_bf16
+from .onnx_builder import ONNX_DTYPE, GraphBuilder
+
+INT64_MAX = np.iinfo(np.int64).max
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    name: str
+    weights: str      # dtype of matmul / embedding weights in the graph
+    compute: str      # dtype matmuls run in
+    kv: str           # dtype of the KV cache
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"quantization": None}
+
+
+# bf16: ONNX Runtime's CPU provider has no bf16 MatMul, so bf16 weights are cast to float32
+# (ORT folds the cast at load); the GPU target may compute in bf16 directly.
+PRECISIONS = {
+    "fp32": Precision("fp32", "float32", "float32", "float32"),
+    "fp16": Precision("fp16", "float16", "float16", "float16"),
+    "bf16": Precision("bf16", "bfloat16", "float32", "float32"),
+}
+
+
+def convert(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Checkpoint block (BF16 as uint16 / F16 / F32) -> numpy array holding dst's bytes."""
+    if src == "BF16" and dst == "bfloat16":
+        return np.ascontiguousarray(raw)
+    f = bf16_to_f32(raw) if src == "BF16" else raw.astype(np.float32)
+    if dst == "bfloat16":
+        return f32_to_bf16(f)
+    return f.astype(dst)
+
+
+class DecoderEmitter:
+    def __init__(self, g: GraphBuilder, ckpt: Checkpoint, prec: Precision, block_rows: int = 256):
+        self.g, self.ckpt, self.cfg, self.prec = g, ckpt, ckpt.cfg, prec
+        self.block_rows = block_rows
+
+    # ---- weights -------------------------------------------------------------------------
+    def small(self, key: str, dtype: str) -> str:
+        """A vector (norm weight, bias) in `dtype`, named after its checkpoint key."""
+        return self.g.weight(key, convert(self.ckpt.take_raw(key), self.ckpt.dtype(key), dtype), dtype)
+
+    def matrix_t(self, name: str, keys: list[str], reuse: bool = False) -> str:
+        """W^T (in, sum of outs) of checkpoint matrices [out_j, in] stacked along out,
+        written in blocks of input rows so no full copy is ever made."""
+        parts = [self.ckpt.take_raw(k, reuse) for k in keys]       # each (out_j, in)
+        src = [self.ckpt.dtype(k) for k in keys]
+        k_in = parts[0].shape[1]
+        n_out = sum(p.shape[0] for p in parts)
+        dst = self.prec.weights
+
+        def blocks():
+            for r in range(0, k_in, self.block_rows):
+                cols = [convert(p[:, r:r + self.block_rows], s, "float32").T for p, s in zip(parts, src)]
+                yield convert(np.concatenate(cols, axis=1), "F32", dst)  # (rows, n_out)
+        return self.g.weight_blocks(name, (k_in, n_out), dst, blocks())
+
+    def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None) -> str:
+        """x (b, s, in) in compute dtype -> (b, s, out) in compute dtype."""
+        g, p = self.g, self.prec
+        with g.under(name):
+            w = self.matrix_t(f"{'/'.join(g.scope[1:])}.weight", keys)
+            w = g.cast(w, p.weights, p.compute)
+            y = g.op("MatMul", [x, w])
+            if bias_keys:
+                vecs = [convert(self.ckpt.take_raw(k), self.ckpt.dtype(k), p.compute) for k in bias_keys]
+                b = g.weight(f"{'/'.join(g.scope[1:])}.bias", np.concatenate(vecs), p.compute)
+                y = g.op("Add", [y, b], name="BiasAdd")
+        return y
+
+    # ---- building blocks -----------------------------------------------------------------
+    def rms_norm(self, x: str, x_dtype: str, key: str, name: str) -> str:
+        """RMSNorm in float32, cast to compute dtype, times the weight (transformers Glm4RMSNorm)."""
+        g, c = self.g, self.prec.compute
+        with g.under(name):
+            x = g.cast(x, x_dtype, "float32")
+            ms = g.op("ReduceMean", [g.op("Mul", [x, x], name="Square"), g.const([-1], "int64")],
+                      keepdims=1)                                    # (b, s, 1)
+            r = g.op("Sqrt", [g.op("Add", [ms, g.const(self.cfg.rms_norm_eps, "float32")], name="AddEps")])
+            y = g.cast(g.op("Div", [x, r]), "float32", c)
+            return g.op("Mul", [y, self.small(key, c)], name="Scale")
+
+    def rope(self, x: str, heads: int, cos: str, sin: str) -> str:
+        """Interleaved partial RoPE on x (b, heads, s, hd) float32 (GLM4.md, 'RoPE').
+        cos/sin: (b, 1, s, rot/2, 1)."""
+        g, rot, hd = self.g, self.cfg.rotary_dim, self.cfg.head_dim
+        with g.under("rope"):
+            axes3 = g.const([3], "int64")
+            x_rot = g.op("Slice", [x, g.const([0], "int64"), g.const([rot], "int64"), axes3])
+            pairs = g.op("Reshape", [x_rot, g.const([0, 0, 0, rot // 2, 2], "int64")])  # (b,h,s,rot/2,2)
+            x0, x1 = g.op("Split", [pairs], n_out=2, axis=4, num_outputs=2)        # (b,h,s,rot/2,1)
+            o0 = g.op("Sub", [g.op("Mul", [x0, cos]), g.op("Mul", [x1, sin])])
+            o1 = g.op("Add", [g.op("Mul", [x1, cos]), g.op("Mul", [x0, sin])])
+            o = g.op("Reshape", [g.op("Concat", [o0, o1], axis=4), g.const([0, 0, 0, rot], "int64")])
+            if rot == hd:
+                return o
+            x_pass = g.op("Slice", [x, g.const([rot], "int64"), g.const([hd], "int64"), axes3])
+            return g.op("Concat", [o, x_pass], axis=3)                                # (b,h,s,hd)
+
+    def attention(self, i: int, h: str, cos: str, sin: str, mask: str) -> str:
+        g, cfg, p = self.g, self.cfg, self.prec
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        a = f"model.layers.{i}.self_attn."
+        with g.under("attn"):
+            qkv = self.linear(h, "qkv_proj", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                              [a + f"{n}_proj.bias" for n in "qkv"] if cfg.attention_bias else None)
+            q, k, v = g.op("Split", [qkv, g.const([nh * hd, nkv * hd, nkv * hd], "int64")], n_out=3, axis=2)
+
+            def heads(t, n):  # (b, s, n*hd) -> (b, n, s, hd)
+                return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], "int64")])],
+                            perm=[0, 2, 1, 3])
+            q = self.rope(g.cast(heads(q, nh), p.compute, "float32"), nh, cos, sin)
+            k = g.cast(self.rope(g.cast(heads(k, nkv), p.compute, "float32"), nkv, cos, sin), "float32", p.kv)
+            v = g.cast(heads(v, nkv), p.compute, p.kv)
+            k_all = g.output("Concat", [past_key(i), k], present_key(i), name="ConcatPastKey", axis=2)
+            v_all = g.output("Concat", [past_value(i), v], present_value(i), name="ConcatPastValue", axis=2)
+            # GQA without copying K/V: group the query heads under their KV head.
+            grp = nh // nkv
+            q5 = g.op("Reshape", [q, g.const([0, nkv, grp, -1, hd], "int64")])        # (b,nkv,g,s,hd)
+            q5 = g.op("Mul", [q5, g.const(hd ** -0.5, "float32")], name="ScaleQ")
+            k5 = g.op("Unsqueeze", [g.cast(k_all, p.kv, "float32"), g.const([2], "int64")])  # (b,nkv,1,T,hd)
+            scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])  # (b,nkv,g,s,T)
+            probs = g.op("Softmax", [g.op("Add", [scores, mask], name="AddMask")], axis=-1)
+            v5 = g.op("Unsqueeze", [v_all, g.const([2], "int64")])                       # (b,nkv,1,T,hd)
+            ctx = g.op("MatMul", [g.cast(probs, "float32", p.kv), v5])                  # (b,nkv,g,s,hd)
+            ctx = g.op("Reshape", [ctx, g.const([0, nh, -1, hd], "int64")])             # (b,nh,s,hd)
+            ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])
+            ctx = g.cast(g.op("Reshape", [ctx, g.const([0, 0, nh * hd], "int64")]), p.kv, p.compute)
+            return self.linear(ctx, "o_proj", [a + "o_proj.weight"])
+
+    def mlp(self, i: int, h: str) -> str:
+        g, m = self.g, f"model.layers.{i}.mlp."
+        with g.under("mlp"):
+            gate, up = g.op("Split", [self.linear(h, "gate_up_proj", [m + "gate_up_proj.weight"])],
+                            n_out=2, axis=2, num_outputs=2)                      # (b, s, I) each
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])], name="SiLU"), up])
+            return self.linear(act, "down_proj", [m + "down_proj.weight"])
+
+    # ---- the whole graph -----------------------------------------------------------------
+    def emit(self, progress: bool = True):
+        g, cfg, p = self.g, self.cfg, self.prec
+        contract = io_contract(cfg, p.kv)
+        with g.under("rotary"):
+            inv_freq, scale = cfg.rope_inv_freq()
+            pos = g.cast("position_ids", "int64", "float32")
+            freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1], "int64")]),
+                                 g.const(inv_freq.astype(np.float32), "float32")])  # (b, s, rot/2)
+            shape5 = g.const([1, 4], "int64")                                   # -> (b,1,s,rot/2,1)
+            cos = g.op("Unsqueeze", [g.op("Cos", [freqs]), shape5])
+            sin = g.op("Unsqueeze", [g.op("Sin", [freqs]), shape5])
+            if scale != 1.0:
+                cos = g.op("Mul", [cos, g.const(scale, "float32")], name="YarnScaleCos")
+                sin = g.op("Mul", [sin, g.const(scale, "float32")], name="YarnScaleSin")
+        with g.under("attn_mask"):
+            # slot j is visible to query i (slot past+i) when j <= past+i and attention_mask[j]
+            total = g.op("Shape", ["attention_mask"], start=1, end=2)            # (1,) T
+            seq = g.op("Shape", ["input_ids"], start=1, end=2)                   # (1,) s
+            one = g.const(1, "int64")
+            kpos = g.op("Range", [g.const(0, "int64"), g.op("Squeeze", [total]), one])       # (T,)
+            qpos = g.op("Range", [g.op("Squeeze", [g.op("Sub", [total, seq])]),
+                                  g.op("Squeeze", [total]), one])                            # (s,)
+            causal = g.op("LessOrEqual", [kpos, g.op("Unsqueeze", [qpos, g.const([1], "int64")])])  # (s,T)
+            pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=9), g.const([1], "int64")])  # (b,1,T)
+            allowed = g.op("And", [causal, pad])                                             # (b,s,T)
+            mask = g.op("Where", [allowed, g.const(0.0, "float32"), g.const(MASK_MIN, "float32")])
+            mask = g.op("Unsqueeze", [mask, g.const([1, 2], "int64")])                       # (b,1,1,s,T)
+        with g.under("embed_tokens"):
+            e = self._embed_blocks()
+            x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, "float32")   # (b, s, H)
+        for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
+                      disable=not progress):
+            ln = f"model.layers.{i}."
+            with g.under(f"layers.{i}"):
+                h = self.rms_norm(x, "float32", ln + "input_layernorm.weight", "input_layernorm")
+                a = self.rms_norm(self.attention(i, h, cos, sin, mask), p.compute,
+                                  ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
+                x = g.op("Add", [x, g.cast(a, p.compute, "float32")], name="ResidualAttn")
+                h = self.rms_norm(x, "float32", ln + "post_attention_layernorm.weight",
+                                  "post_attention_layernorm")
+                m = self.rms_norm(self.mlp(i, h), p.compute, ln + "post_mlp_layernorm.weight",
+                                  "post_mlp_layernorm")
+                x = g.op("Add", [x, g.cast(m, p.compute, "float32")], name="ResidualMlp")
+        with g.under("final"):
+            keep = g.op("Neg", ["logits_to_keep"])
+            x = g.op("Slice", [x, keep, g.const([INT64_MAX], "int64"), g.const([1], "int64")],
+                     name="KeepLast")                                                 # (b, kept, H)
+            x = self.rms_norm(x, "float32", "model.norm.weight", "norm")
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        with g.under("lm_head"):
+            # tied embeddings are read a second time, transposed
+            w = g.cast(self.matrix_t("lm_head.weight_t", [head], reuse=cfg.tie_word_embeddings),
+                       p.weights, p.compute)
+            logits = g.op("MatMul", [x, w])                                          # (b, kept, V)
+            g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
+        return contract
+
+    def _embed_blocks(self) -> str:
+        key = "model.embed_tokens.weight"
+        raw, src, dst = self.ckpt.take_raw(key), self.ckpt.dtype(key), self.prec.weights
+        rows = 4096
+        return self.g.weight_blocks(key, raw.shape, dst,
+                                    (convert(raw[r:r + rows], src, dst) for r in range(0, raw.shape[0], rows)))

@@ -1,0 +1,130 @@
+"""`glmrt export`: checkpoint folder -> model folder (ONNX graph + external weights + tokenizer
++ chat template + manifest.json). Written into a hidden temporary folder beside the target and
+renamed into place only when complete, so an interrupted export never leaves a folder that
+looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import glmrt
+from glmrt import manifest
+from glmrt.contract import contract_to_dict
+from glmrt.errors import CheckpointError, GlmrtError
+
+from .checkpoint import Checkpoint
+from .decoder import PRECISIONS, DecoderEmitter
+from .onnx_builder import GraphBuilder, WeightFile
+
+GRAPH, WEIGHTS = "model.onnx", "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "generation_config.json", "config.json")
+
+
+def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32",
+                 overwrite: bool = False, progress: bool = True) -> Path:
+    """Export `checkpoint` to the model folder `out`; returns `out`."""
+    if precision not in PRECISIONS:
+        raise GlmrtError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    prec = PRECISIONS[precision]
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
+    ckpt = Checkpoint(checkpoint)
+    ckpt.check()
+    if not (ckpt.folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
+                              "checkpoint's tokenizer files)")
+    generation = _generation(ckpt)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) \
+        if _main_thread() else None
+    try:
+        weights = WeightFile(tmp, WEIGHTS)
+        g = GraphBuilder(weights)
+        contract = DecoderEmitter(g, ckpt, prec).emit(progress=progress)
+        ckpt.assert_all_taken()
+        weights.close()
+        model = g.model(contract["inputs"], contract["outputs"],
+                        doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
+        (tmp / GRAPH).write_bytes(model.SerializeToString())
+        del model
+        onnx.checker.check_model(str(tmp / GRAPH))
+        for name in TOKENIZER_FILES:
+            if (ckpt.folder / name).is_file():
+                shutil.copy2(ckpt.folder / name, tmp / name)
+        template = _template_source(ckpt.folder)
+        files = {n: manifest.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
+        manifest.write(tmp, {
+            "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
+            "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),
+            "precision": prec.to_dict(), "graph": GRAPH, "tokenizer": "tokenizer.json",
+            "chat_template": template, "generation": generation, "files": files,
+            "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
+                         "numpy": np.__version__, "python": platform.python_version()},
+            "source": {"checkpoint": str(ckpt.folder.resolve()),
+                       "config_sha256": manifest.sha256(ckpt.folder / "config.json")},
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    return out
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _template_source(folder: Path) -> str | None:
+    """Where the chat template lives: chat_template.jinja, else tokenizer_config.json's key."""
+    if (folder / "chat_template.jinja").is_file():
+        return "chat_template.jinja"
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            if isinstance(json.loads(tc.read_text(encoding="utf-8")).get("chat_template"), str):
+                return "tokenizer_config.json"
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{tc}: not valid JSON") from None
+    return None
+
+
+def _generation(ckpt: Checkpoint) -> dict:
+    """Stop ids (config.json and generation_config.json together) and sampling defaults."""
+    eos = list(ckpt.cfg.eos_token_id)
+    gen = {}
+    p = ckpt.folder / "generation_config.json"
+    if p.is_file():
+        try:
+            gen = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{p}: not valid JSON") from None
+        extra = gen.get("eos_token_id", [])
+        for i in extra if isinstance(extra, list) else [extra]:
+            if isinstance(i, int) and i not in eos:
+                eos.append(i)
+    sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k", "do_sample") if k in gen}
+    return {"eos_token_id": eos, "sampling": sampling}

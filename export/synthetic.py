@@ -1,0 +1,171 @@
+"""Make GLM-4-0414 checkpoints the project can test on: the real file layout (sharded bf16
+safetensors + index, config.json, generation_config.json, byte-level BPE tokenizer.json with the
+GLM special tokens, tokenizer_config.json, chat_template.jinja), random weights, small sizes.
+
+`make_checkpoint(out, TINY)` is the embedded default; `SHAPES` also names the real GLM-Z1-9B
+and GLM-4-32B shapes for benchmarks (weights are generated tensor by tensor, never all held).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+import glmrt
+from glmrt.config import GlmConfig
+from .checkpoint import INDEX, expected_tensors, f32_to_bf16
+
+# GLM-4-0414's special tokens, in id order after the regular vocabulary (151329.. in the real
+# tokenizer; right after the tiny BPE vocabulary here). See shared/GLM4.md.
+SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
+                  "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
+                  "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
+STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+# The GLM-4 pre-tokenizer split (tiktoken cl100k-style), from the published tokenizer.json.
+SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+TINY_BPE_VOCAB = 1000
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=2048, attention_bias=True)
+SHAPES = {
+    "tiny": TINY,
+    "glm-z1-9b": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
+                      num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
+                      head_dim=128, max_position_embeddings=32768, attention_bias=True),
+    "glm-4-32b": dict(vocab_size=151552, hidden_size=6144, intermediate_size=23040,
+                      num_hidden_layers=61, num_attention_heads=48, num_key_value_heads=2,
+                      head_dim=128, max_position_embeddings=32768, attention_bias=False),
+}
+TEMPLATES = Path(glmrt.__file__).resolve().parent / "templates"
+
+
+def hf_config(sizes: dict, eos: list[int], pad: int, layout: str = "4.5x", **extra) -> dict:
+    """A config.json as transformers 4.5x (GLM-4-0414 as published) or 5.x would save it."""
+    c = {"architectures": ["Glm4ForCausalLM"], "model_type": "glm4", **sizes,
+         "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+         "eos_token_id": eos, "pad_token_id": pad, "use_cache": True}
+    rope = {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    scaling = extra.pop("rope_scaling", None)
+    c.update(extra)
+    if layout == "4.5x":
+        c.update(rope, rope_scaling=scaling, torch_dtype="bfloat16", transformers_version="4.51.3")
+    elif layout == "5.x":
+        rp = {"rope_type": "default", **rope}
+        if scaling:
+            rp.update({k: v for k, v in scaling.items() if k != "type"}, rope_type=scaling["type"])
+        c.update(rope_parameters=rp, dtype="bfloat16", transformers_version="5.0.0")
+    else:
+        raise ValueError(f"layout must be '4.5x' or '5.x', got {layout!r}")
+    return c
+
+
+def make_tokenizer(vocab: int = TINY_BPE_VOCAB):
+    """A byte-level BPE like GLM-4's, trained on Python's own docs (pydoc_data), deterministic."""
+    from pydoc_data.topics import topics
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple]], produce) -> None:
+    """Write a safetensors file; `produce(key)` returns each tensor's bytes in order."""
+    size = {"BF16": 2, "F16": 2, "F32": 4}
+    header, off = {}, 0
+    for key, (dtype, shape) in tensors.items():
+        n = int(np.prod(shape, dtype=np.int64)) * size[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key in tensors:
+            data = produce(key)
+            assert data.nbytes == header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+            f.write(data.tobytes())
+
+
+def random_tensor(key: str, shape: tuple, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """float32 weights: norms near 1, biases small, matrices ~ N(0, scale/sqrt(fan_in))."""
+    if key.endswith("layernorm.weight") or key == "model.norm.weight":
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if key.endswith(".bias"):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if key == "model.embed_tokens.weight":
+        return rng.standard_normal(shape, dtype=np.float32)
+    return (rng.standard_normal(shape, dtype=np.float32) * (scale / np.sqrt(shape[1]))).astype(np.float32)
+
+
+def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shards: int = 2,
+                    layout: str = "4.5x", scale: float = 2.0, template: str = "glm4",
+                    rope_scaling: dict | None = None, template_in: str = "file") -> Path:
+    """Write a complete checkpoint folder with random bf16 weights. Returns the folder.
+
+    template: 'glm4' or 'glm-z1' (the reconstructions in glmrt/templates);
+    template_in: 'file' (chat_template.jinja) or 'tokenizer_config' (its chat_template key)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = make_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    if max(ids.values()) >= sizes["vocab_size"]:
+        raise ValueError(f"vocab_size {sizes['vocab_size']} is smaller than the tokenizer's "
+                         f"{max(ids.values()) + 1} tokens")
+    eos = [ids[t] for t in STOP_TOKENS]
+    extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
+    raw_cfg = hf_config(sizes, eos, ids["<|endoftext|>"], layout, **extra)
+    (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2))
+    cfg = GlmConfig.from_hf(raw_cfg)
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
+         "temperature": 0.6, "top_p": 0.95, "top_k": 40}, indent=2))
+
+    # tokenizer files, as the published checkpoints lay them out
+    tok.save(str(tmp / "tokenizer.json"))
+    chat_template = (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "model_max_length": sizes["max_position_embeddings"], "padding_side": "left",
+            "do_lower_case": False, "remove_space": False,
+            "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False,
+                                              "rstrip": False, "normalized": False,
+                                              "single_word": False} for t, i in ids.items()}}
+    if template_in == "tokenizer_config":
+        tcfg["chat_template"] = chat_template
+    else:
+        (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
+
+    # weights: bf16, split into `shards` files by layer, streamed tensor by tensor
+    want = expected_tensors(cfg)
+    keys = list(want)
+    per = -(-len(keys) // shards)
+    rng = np.random.default_rng(seed)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = keys[s * per:(s + 1) * per]
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors(tmp / name, {k: ("BF16", want[k]) for k in part},
+                          lambda k: f32_to_bf16(random_tensor(k, want[k], rng, scale)))
+        for k in part:
+            weight_map[k] = name
+            total += 2 * int(np.prod(want[k]))
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

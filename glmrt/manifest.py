@@ -1,0 +1,71 @@
+"""manifest.json: what every artifact says about itself. Nothing is inferred from file names.
+
+Written by the exporter (and engine builder), read and checked by the runtime:
+  format            MANIFEST_FORMAT; a newer one is refused with a clear message
+  kind              "onnx-model"
+  config            GlmConfig.to_dict()
+  io                the IO contract (glmrt.contract)
+  precision         {"name", "weights", "activations", "kv", "quantization"}
+  files             {relative path: {"sha256", "bytes"}}; graph, weights, tokenizer, template
+  graph, tokenizer  relative paths of the ONNX graph and tokenizer.json
+  chat_template     relative path of the chat template, or null
+  generation        sampling defaults and eos ids from generation_config.json
+  versions          glmrt, onnx, numpy, python that made it
+  source            the checkpoint folder and its config's sha256
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def write(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+
+
+def read(folder: Path, verify: bool = True) -> dict:
+    """Read and check a model folder's manifest; verify=True checks every file's checksum."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: not a folder")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not found; is {folder} a folder written by 'glmrt export'?")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        fmt = m["format"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: not a valid glmrt manifest") from None
+    if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: manifest format {fmt!r} is newer than this glmrt reads "
+                            f"({MANIFEST_FORMAT}); upgrade glmrt")
+    for rel, entry in m.get("files", {}).items():
+        f = folder / rel
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in the manifest but missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise ArtifactError(f"{f}: {f.stat().st_size} bytes, the manifest says "
+                                f"{entry['bytes']} (truncated or replaced)")
+        if verify and sha256(f) != entry["sha256"]:
+            raise ArtifactError(f"{f}: checksum does not match the manifest (corrupted); "
+                                "re-export, or load with verify=False to skip the check")
+    return m
