@@ -1,0 +1,130 @@
+"""`glmrt export | chat | info | tiny`: each command calls one library function.
+
+glmrt's own errors print as one line (`error: ...`) with exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import GlmrtError
+from .model import DEFAULT_MAX_NEW_TOKENS
+
+
+def clean_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GlmrtError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="glmrt")
+def main():
+    """glmrt: export GLM-4-0414 checkpoints to ONNX and run them without torch."""
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Model folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@clean_errors
+def export(checkpoint, out, precision, overwrite):
+    """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
+    from glmrt.export.export import export_model
+    path = export_model(checkpoint, out, precision=precision, overwrite=overwrite)
+    click.echo(f"exported {checkpoint} -> {path} ({precision})")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--seed", default=0, show_default=True)
+@clean_errors
+def tiny(out, seed):
+    """Write the embedded default: a tiny random GLM-4-0414 checkpoint with the real layout."""
+    from glmrt.export.synthetic import make_checkpoint
+    click.echo(f"wrote {make_checkpoint(out, seed=seed)}")
+
+
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--repetition-penalty", default=1.0, show_default=True),
+        click.option("--seed", default=None, type=int),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--prompt", default=None, help="Answer one prompt and exit.")
+@click.option("--system", default=None, help="System message.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@sampling_options
+@clean_errors
+def chat(model, prompt, system, device, **sampling):
+    """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D to quit."""
+    import glmrt
+    m = glmrt.load(model, device=device)
+    history = [{"role": "system", "content": system}] if system else []
+
+    def turn(text):
+        history.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in m.chat_stream(history, **sampling):
+                reply.append(piece)
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [interrupted]", nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+    if prompt is not None:
+        turn(prompt)
+        return
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not text.strip():
+            return
+        turn(text)
+
+
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--verify/--no-verify", default=False, help="Check every file's checksum.")
+@clean_errors
+def info(model, verify):
+    """Show what an exported MODEL folder's manifest says."""
+    from pathlib import Path
+
+    from . import manifest
+    m = manifest.read(Path(model), verify=verify)
+    c = m["config"]
+    click.echo(f"model      {model}")
+    click.echo(f"layers     {c['num_hidden_layers']}  hidden {c['hidden_size']}  heads "
+               f"{c['num_attention_heads']}/{c['num_key_value_heads']}  head_dim {c['head_dim']}  "
+               f"vocab {c['vocab_size']}  context {c['max_position_embeddings']}")
+    click.echo(f"precision  {json.dumps(m['precision'])}")
+    click.echo(f"stop ids   {m['generation']['eos_token_id']}")
+    click.echo(f"template   {m['chat_template']}")
+    click.echo(f"made by    {json.dumps(m['versions'])}")
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))

@@ -1,0 +1,82 @@
+"""The checkpoint's byte-level BPE tokenizer (HF tokenizers, no transformers) and a streaming
+decoder that only emits text once it decodes cleanly at a UTF-8 boundary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ArtifactError
+
+
+class Tokenizer:
+    def __init__(self, folder: Path, tokenizer_file: str = "tokenizer.json"):
+        from tokenizers import Tokenizer as HfTokenizer
+        path = folder / tokenizer_file
+        try:
+            self.tok = HfTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception on a bad file
+            raise ArtifactError(f"{path}: cannot load the tokenizer ({e})") from None
+        self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()
+                        if t.special}
+        self.special_ids = set(self.special.values())
+        tc = folder / "tokenizer_config.json"
+        self.config = {}
+        if tc.is_file():
+            try:
+                self.config = json.loads(tc.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise ArtifactError(f"{tc}: not valid JSON") from None
+
+    def template_tokens(self) -> dict:
+        """Special-token strings transformers passes to chat templates (eos_token, ...)."""
+        out = {}
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            v = self.config.get(k)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                out[k] = v
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Encode rendered prompt text; special-token strings in it become control tokens."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def id_of(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def stream(self, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Feed ids one at a time; get back the new text that is complete so far.
+
+    Byte-level BPE splits multi-byte characters across tokens: decoding a prefix can end in
+    U+FFFD. Text is held back until it does not, and re-decoded from a short window so the
+    cost per token stays constant."""
+
+    def __init__(self, tok: Tokenizer, skip_special: bool):
+        self.tok, self.skip = tok, skip_special
+        self.ids: list[int] = []
+        self.prefix = 0          # window start
+        self.read = 0            # ids [prefix, read) are already emitted as text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is held back at the end (may contain U+FFFD for truly broken bytes)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
