@@ -128,3 +128,6 @@ def info(model, verify):
     click.echo(f"made by    {json.dumps(m['versions'])}")
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))
+
+if __name__ == "__main__":
+    main()
