@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 from .errors import ArtifactError, CheckpointError, ConfigError, GlmrtError, InputError  # noqa: E402,F401
 
 
+from .reply import parse_reply  # noqa: E402,F401  (pure: usable without a model)
+
+
 def load(path, **kwargs):
     """Load an exported model folder. See glmrt.model.Model for the keyword arguments."""
     from .model import Model

@@ -73,25 +73,37 @@ def sampling_options(fn):
 @click.option("--prompt", default=None, help="Answer one prompt and exit.")
 @click.option("--system", default=None, help="System message.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--hide-reasoning", is_flag=True, help="Do not show GLM-Z1's reasoning.")
 @sampling_options
 @clean_errors
-def chat(model, prompt, system, device, **sampling):
-    """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D to quit."""
+def chat(model, prompt, system, device, hide_reasoning, **sampling):
+    """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D quits; Ctrl-C
+    stops the reply being written and keeps what was written so far."""
     import glmrt
     m = glmrt.load(model, device=device)
     history = [{"role": "system", "content": system}] if system else []
 
     def turn(text):
         history.append({"role": "user", "content": text})
-        reply = []
+        content, kind = [], None
         try:
-            for piece in m.chat_stream(history, **sampling):
-                reply.append(piece)
-                click.echo(piece, nl=False)
+            for d in m.chat_stream(history, **sampling):
+                if d.kind == "reasoning" and not hide_reasoning:
+                    click.echo(click.style(d.text, dim=True, italic=True), nl=False)
+                elif d.kind == "content":
+                    if kind == "reasoning" and not hide_reasoning:
+                        click.echo("\n")
+                    content.append(d.text)
+                    click.echo(d.text, nl=False)
+                elif d.kind == "done" and d.message.get("tool_calls"):
+                    for c in d.message["tool_calls"]:
+                        click.echo(f"[tool call] {c['function']['name']} {c['function']['arguments']}"
+                                   + (f"  ({c['error']})" if c.get("error") else ""), nl=False)
+                kind = d.kind if d.kind != "done" else kind
         except KeyboardInterrupt:
             click.echo(" [interrupted]", nl=False)
         click.echo()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history.append({"role": "assistant", "content": "".join(content)})
 
     if prompt is not None:
         turn(prompt)

@@ -17,6 +17,8 @@ from .config import GlmConfig
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
 from .session import OrtDecoder
+from .agent import SEARCH_SYSTEM_PROMPT, ToolRun, document_messages, resolve_citations, run_tools
+from .reply import ASSISTANT, THINK_CLOSE, THINK_OPEN, parse_reply, to_glm_messages
 from .template import builtin_template, read_template, render
 from .tokenizer import Tokenizer
 
@@ -104,24 +106,113 @@ class Model:
 
     # ---- chat ------------------------------------------------------------------------------
     def render_prompt(self, messages, tools=None, add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's own chat template makes (as transformers renders it)."""
-        return render(self.chat_template, messages, tools=tools,
+        """The prompt text the model's own chat template makes (as transformers renders it).
+        OpenAI-shaped tool calls and tool results are turned into GLM's form first."""
+        return render(self.chat_template, to_glm_messages(messages), tools=tools,
                       add_generation_prompt=add_generation_prompt,
                       special_tokens=self.tokenizer.template_tokens())
 
-    def chat_stream(self, messages, tools=None, *, result: Generation | None = None,
-                    **kwargs) -> Iterator[str]:
-        """Yield the reply's text in pieces that are whole UTF-8 characters."""
-        ids = self.tokenizer.encode(self.render_prompt(messages, tools))
-        dec = self.tokenizer.stream()
-        for token in self.stream(ids, result=result, **kwargs):
-            if piece := dec.push(token):
-                yield piece
-        if tail := dec.flush():
-            yield tail
+    def chat_stream(self, messages, tools=None, **kwargs) -> Iterator[Delta]:
+        """Yield Delta("reasoning" | "content", text) as the reply is written (whole UTF-8
+        characters; a possible tool call is held back until it is complete), then one
+        Delta("done", message=...) with the parsed assistant message (see chat)."""
+        prompt = self.render_prompt(messages, tools)
+        thinking = prompt.rstrip().endswith(THINK_OPEN)
+        res = Generation([])
+        dec = self.tokenizer.stream(skip_special=False)
+        split = _Splitter(thinking)
+        for token in self.stream(self.tokenizer.encode(prompt), result=res, **kwargs):
+            yield from split.feed(dec.push(token))
+        yield from split.feed(dec.flush())
+        reply = parse_reply(split.text, tools, thinking=thinking,
+                            truncated=res.finish_reason == "length")
+        yield from split.finish(reply)
+        yield Delta("done", message={**reply.as_message(), "finish_reason": res.finish_reason})
 
     def chat(self, messages, tools=None, **kwargs) -> dict:
-        """The assistant's reply as a message dict {"role": "assistant", "content": ...}."""
-        res = Generation([])
-        text = "".join(self.chat_stream(messages, tools, result=res, **kwargs))
-        return {"role": "assistant", "content": text, "finish_reason": res.finish_reason}
+        """The assistant's reply: {"role": "assistant", "content", "finish_reason"} plus
+        "reasoning_content" (GLM-Z1) and "tool_calls" (OpenAI shape: id, type, function
+        {name, arguments}; an "error" key when a call cannot be run as written)."""
+        for delta in self.chat_stream(messages, tools, **kwargs):
+            pass
+        return delta.message
+
+    def run_tools(self, messages, functions: dict, tools=None, *, max_rounds: int = 4,
+                  **kwargs) -> ToolRun:
+        """Chat, run the Python callables the model calls, feed results back, until it answers
+        in text or after `max_rounds` rounds of calls. Specs come from the callables'
+        signatures unless `tools` gives them."""
+        return run_tools(self.chat, messages, functions, tools, max_rounds, **kwargs)
+
+    def search_answer(self, question: str, documents, *, system: str = SEARCH_SYSTEM_PROMPT,
+                      **kwargs) -> dict:
+        """Answer from documents [{id, title, url, content}] passed as observations; the
+        reply gains "citations": each 【n†source】 marker with the document it names."""
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": question}] + document_messages(documents)
+        reply = self.chat(messages, **kwargs)
+        reply["citations"] = resolve_citations(reply["content"], documents)
+        return reply
+
+
+@dataclasses.dataclass
+class Delta:
+    kind: str                  # "reasoning", "content" or "done"
+    text: str = ""
+    message: dict | None = None
+
+
+class _Splitter:
+    """Turns the growing reply text into reasoning and content deltas as they become certain.
+
+    Reasoning runs until </think> (held back while a tag may be forming). Content that does
+    not start with whitespace may be a marker-less tool call, so it is held until the end;
+    leading and trailing whitespace is held so the deltas join to the parsed content."""
+
+    def __init__(self, thinking: bool):
+        self.text = ""
+        self.thinking = thinking
+        self.sent = {"reasoning": 0, "content": 0}
+
+    def _views(self):
+        body, content = self.text, ""
+        reasoning = None
+        if self.thinking:
+            if body.lstrip().startswith(THINK_OPEN):
+                body = body.lstrip()[len(THINK_OPEN):]
+            if THINK_CLOSE in body:
+                reasoning, content = body.split(THINK_CLOSE, 1)
+            else:
+                reasoning = _hold_partial_tag(body, THINK_CLOSE)
+        else:
+            content = body
+        return reasoning, content
+
+    def feed(self, piece: str):
+        if not piece:
+            return
+        self.text += piece
+        reasoning, content = self._views()
+        if reasoning is not None:
+            yield from self._emit("reasoning", reasoning.strip())
+        if content[:1].isspace():
+            visible = _hold_partial_tag(content.split(ASSISTANT, 1)[0], ASSISTANT).strip()
+            yield from self._emit("content", visible)
+
+    def _emit(self, kind: str, visible: str):
+        if len(visible) > self.sent[kind]:
+            yield Delta(kind, visible[self.sent[kind]:])
+            self.sent[kind] = len(visible)
+
+    def finish(self, reply):
+        if reply.reasoning is not None:
+            yield from self._emit("reasoning", reply.reasoning)
+        yield from self._emit("content", reply.content)
+
+
+def _hold_partial_tag(text: str, tag: str) -> str:
+    """text without a trailing prefix of `tag` (it may be the start of the tag)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return text[:-n]
+    return text

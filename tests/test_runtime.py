@@ -105,9 +105,12 @@ def test_chat_renders_template_and_streams(model):
     ids = m.tokenizer.encode(prompt)
     assert ids[:2] == [m.tokenizer.id_of("[gMASK]"), m.tokenizer.id_of("<sop>")]
     reply = m.chat(msgs, max_new_tokens=12)
-    assert reply["role"] == "assistant"
-    assert reply["content"] == m.tokenizer.decode(m.generate(ids, max_new_tokens=12))
-    assert "".join(m.chat_stream(msgs, max_new_tokens=12)) == reply["content"]
+    assert reply["role"] == "assistant" and reply["finish_reason"] == "length"
+    text = m.tokenizer.decode(m.generate(ids, max_new_tokens=12), skip_special=False)
+    assert reply == {**glmrt.parse_reply(text, truncated=True).as_message(), "finish_reason": "length"}
+    deltas = list(m.chat_stream(msgs, max_new_tokens=12))
+    assert deltas[-1].kind == "done" and deltas[-1].message == reply
+    assert "".join(d.text for d in deltas if d.kind == "content") == reply["content"]
 
 
 def test_concurrent_calls_each_get_their_own_output(model):
