@@ -73,17 +73,21 @@ class Model:
     def stream(self, token_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, seed: int | None = None,
-               result: Generation | None = None) -> Iterator[int]:
+               logits_processor=None, result: Generation | None = None) -> Iterator[int]:
         """Yield new token ids one by one until an end token (not yielded) or the length
-        limit. Pass `result` to learn the finish reason."""
+        limit. Pass `result` to learn the finish reason. `logits_processor(ids, logits)`
+        may return changed logits (V,) before sampling; ids are the prompt and output so far."""
         ids = self._ids(token_ids)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        if logits_processor is not None and not callable(logits_processor):
+            raise InputError("logits_processor must be callable (ids, logits) -> logits")
         return self._run(ids, params, min(max_new_tokens, self.max_context - ids.size),
-                         result if result is not None else Generation([]))
+                         result if result is not None else Generation([]), logits_processor)
 
-    def _run(self, ids: np.ndarray, params: SamplingParams, budget: int, res: Generation):
+    def _run(self, ids: np.ndarray, params: SamplingParams, budget: int, res: Generation,
+             processor):
         sample = Sampler(params)
         history = list(ids)
         cache = self.decoder.empty_cache()
@@ -91,7 +95,10 @@ class Model:
         res.finish_reason = "length"
         for _ in range(budget):
             logits, cache = self.decoder.step(step_ids, cache)            # (1, 1, V)
-            token = sample(logits[0, -1], np.asarray(history))
+            row = logits[0, -1]
+            if processor is not None:
+                row = np.asarray(processor(np.asarray(history), row.copy()), np.float32)
+            token = sample(row, np.asarray(history))
             if token in self.eos_ids:
                 res.finish_reason, res.stop_token = "stop", token
                 return
