@@ -64,6 +64,16 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
 
 
+def convert(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Checkpoint block (BF16 as uint16 / F16 / F32) -> numpy array holding dst's bytes."""
+    if src == "BF16" and dst == "bfloat16":
+        return np.ascontiguousarray(raw)
+    f = bf16_to_f32(raw) if src == "BF16" else raw.astype(np.float32)
+    if dst == "bfloat16":
+        return f32_to_bf16(f)
+    return f.astype(dst)
+
+
 class Shard:
     """One safetensors file: header validated, data memory-mapped lazily."""
 

@@ -24,9 +24,11 @@ import numpy as np
 from tqdm import tqdm
 
 from glmrt.config import GlmConfig
+from glmrt.errors import GlmrtError
 from glmrt.contract import io_contract, past_key, past_value, present_key, present_value
 
-from .checkpoint import Checkpoint, bf16_to_f32, f32_to_bf16
+from .checkpoint import Checkpoint, convert
+from .quant import WeightSource
 from .onnx_builder import ONNX_DTYPE, GraphBuilder
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -36,12 +38,19 @@ MASK_MIN = float(np.finfo(np.float32).min)
 @dataclasses.dataclass(frozen=True)
 class Precision:
     name: str
-    weights: str      # dtype of matmul / embedding weights in the graph
-    compute: str      # dtype matmuls run in
+    weights: str      # dtype of float matmul / embedding weights in the graph
+    compute: str      # dtype matmuls run in (and of norm weights, biases, quantization scales)
     kv: str           # dtype of the KV cache
+    scheme: object = None            # a quantization scheme (export/quant.py) or None
+    target: str = "onnxruntime"      # onnxruntime | tensorrt: which graph form
+    quantize_lm_head: bool = False   # the embedding always stays float
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"quantization": None}
+        d = {k: getattr(self, k) for k in ("name", "weights", "compute", "kv", "target")}
+        d["quantization"] = None if self.scheme is None else {
+            **self.scheme.params(), "lm_head": "quantized" if self.quantize_lm_head else "float",
+            "embed_tokens": "float"}
+        return d
 
 
 # bf16: ONNX Runtime's CPU provider has no bf16 MatMul, so bf16 weights are cast to float32
@@ -51,21 +60,49 @@ PRECISIONS = {
     "fp16": Precision("fp16", "float16", "float16", "float16"),
     "bf16": Precision("bf16", "bfloat16", "float32", "float32"),
 }
+QUANTIZED = ("int4", "int8", "fp8")
+TARGETS = ("onnxruntime", "tensorrt")
 
 
-def convert(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Checkpoint block (BF16 as uint16 / F16 / F32) -> numpy array holding dst's bytes."""
-    if src == "BF16" and dst == "bfloat16":
-        return np.ascontiguousarray(raw)
-    f = bf16_to_f32(raw) if src == "BF16" else raw.astype(np.float32)
-    if dst == "bfloat16":
-        return f32_to_bf16(f)
-    return f.astype(dst)
+def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | None = None,
+                  symmetric: bool = True, activations: str | None = None,
+                  quantize_lm_head: bool = False) -> Precision:
+    """The Precision for a name and target; quantized forms follow their consumer's rules."""
+    from .quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits
+    if target not in TARGETS:
+        raise GlmrtError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    if name in PRECISIONS:
+        if block_size is not None or quantize_lm_head:
+            raise GlmrtError(f"--block-size and --quantize-lm-head apply to {'/'.join(QUANTIZED)}, not {name}")
+        return dataclasses.replace(PRECISIONS[name], target=target)
+    if name not in QUANTIZED:
+        raise GlmrtError(f"precision {name!r} is not one of {', '.join([*PRECISIONS, *QUANTIZED])}")
+    act = {"fp32": "float32", "fp16": "float16", None: None}[activations]
+    act = act or ("float16" if target == "tensorrt" else "float32")
+    try:
+        if name == "fp8":
+            scheme = Fp8QDQ(act)
+        elif target == "onnxruntime":
+            scheme = MatMulNBits(4 if name == "int4" else 8, block_size or 32, symmetric, act)
+        elif not symmetric:
+            raise ValueError(f"TensorRT's {name} is symmetric only")
+        elif name == "int4":
+            scheme = Int4QDQ(block_size or 128, act)
+        else:
+            if block_size is not None:
+                raise ValueError("TensorRT's int8 form is per output channel: no block size")
+            scheme = Int8QDQ(act)
+    except ValueError as e:
+        raise GlmrtError(f"--precision {name} --target {target}: {e}") from None
+    return Precision(name, act, act, act, scheme, target, quantize_lm_head)
 
 
 class DecoderEmitter:
-    def __init__(self, g: GraphBuilder, ckpt: Checkpoint, prec: Precision, block_rows: int = 256):
+    def __init__(self, g: GraphBuilder, ckpt: Checkpoint, prec: Precision,
+                 act_amax: dict | None = None, block_rows: int = 256):
         self.g, self.ckpt, self.cfg, self.prec = g, ckpt, ckpt.cfg, prec
+        self.act_amax = act_amax or {}        # calibrated |input| max per linear (FP8)
+        self.qerrors: dict[str, list] = {}    # per quantized weight: chunk error reports
         self.block_rows = block_rows
 
     # ---- weights -------------------------------------------------------------------------
@@ -88,16 +125,23 @@ class DecoderEmitter:
                 yield convert(np.concatenate(cols, axis=1), "F32", dst)  # (rows, n_out)
         return self.g.weight_blocks(name, (k_in, n_out), dst, blocks())
 
-    def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None) -> str:
-        """x (b, s, in) in compute dtype -> (b, s, out) in compute dtype."""
+    def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None,
+               reuse: bool = False) -> str:
+        """x (b, s, in) in compute dtype -> (b, s, out) in compute dtype. Checkpoint matrices
+        [out_j, in] are stacked along out (fused q/k/v); float weights are stored as W^T."""
         g, p = self.g, self.prec
         with g.under(name):
-            w = self.matrix_t(f"{'/'.join(g.scope[1:])}.weight", keys)
-            w = g.cast(w, p.weights, p.compute)
-            y = g.op("MatMul", [x, w])
+            wname = "/".join(g.scope[1:])                       # e.g. layers.3/attn/qkv_proj
+            scheme = p.scheme if name != "lm_head" or p.quantize_lm_head else None
+            if scheme is None:
+                w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse), p.weights, p.compute)
+                y = g.op("MatMul", [x, w])
+            else:
+                src = WeightSource([(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys])
+                y = scheme.emit(g, x, wname, src, self.qerrors, self.act_amax.get(wname))
             if bias_keys:
                 vecs = [convert(self.ckpt.take_raw(k), self.ckpt.dtype(k), p.compute) for k in bias_keys]
-                b = g.weight(f"{'/'.join(g.scope[1:])}.bias", np.concatenate(vecs), p.compute)
+                b = g.weight(f"{wname}.bias", np.concatenate(vecs), p.compute)
                 y = g.op("Add", [y, b], name="BiasAdd")
         return y
 
@@ -219,12 +263,9 @@ class DecoderEmitter:
                      name="KeepLast")                                                 # (b, kept, H)
             x = self.rms_norm(x, "float32", "model.norm.weight", "norm")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        with g.under("lm_head"):
-            # tied embeddings are read a second time, transposed
-            w = g.cast(self.matrix_t("lm_head.weight_t", [head], reuse=cfg.tie_word_embeddings),
-                       p.weights, p.compute)
-            logits = g.op("MatMul", [x, w])                                          # (b, kept, V)
-            g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
+        # tied embeddings are read a second time, transposed
+        logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)  # (b, kept, V)
+        g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
         return contract
 
     def _embed_blocks(self) -> str:

@@ -21,7 +21,9 @@ from glmrt.contract import contract_to_dict
 from glmrt.errors import CheckpointError, GlmrtError
 
 from .checkpoint import Checkpoint
-from .decoder import PRECISIONS, DecoderEmitter
+from .calibrate import activation_amax, default_prompts
+from .decoder import DecoderEmitter, precision_for
+from .quant import combine
 from .onnx_builder import GraphBuilder, WeightFile
 
 GRAPH, WEIGHTS = "model.onnx", "model.onnx.data"
@@ -30,11 +32,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32",
+                 target: str = "onnxruntime", block_size: int | None = None,
+                 symmetric: bool = True, activations: str | None = None,
+                 quantize_lm_head: bool = False, calibration_prompts: int = 32,
                  overwrite: bool = False, progress: bool = True) -> Path:
-    """Export `checkpoint` to the model folder `out`; returns `out`."""
-    if precision not in PRECISIONS:
-        raise GlmrtError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    prec = PRECISIONS[precision]
+    """Export `checkpoint` to the model folder `out`; returns `out`.
+
+    precision: fp32 | fp16 | bf16 | int4 | int8 | fp8; target: onnxruntime (MatMulNBits for
+    int4/int8) | tensorrt (standard Q/DQ ops only). block_size / symmetric apply to int4/int8,
+    activations (fp32 | fp16) to the quantized forms; FP8 calibrates activation scales on
+    `calibration_prompts` prompts."""
+    prec = precision_for(precision, target=target, block_size=block_size, symmetric=symmetric,
+                         activations=activations, quantize_lm_head=quantize_lm_head)
     out = Path(out)
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -44,6 +53,10 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
                               "checkpoint's tokenizer files)")
     generation = _generation(ckpt)
+    act_amax = None
+    if precision == "fp8":
+        prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
+        act_amax = activation_amax(ckpt, prompts)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -54,10 +67,11 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
     try:
         weights = WeightFile(tmp, WEIGHTS)
         g = GraphBuilder(weights)
-        contract = DecoderEmitter(g, ckpt, prec).emit(progress=progress)
+        emitter = DecoderEmitter(g, ckpt, prec, act_amax)
+        contract = emitter.emit(progress=progress)
         ckpt.assert_all_taken()
         weights.close()
-        model = g.model(contract["inputs"], contract["outputs"],
+        model = g.model(contract["inputs"], contract["outputs"], contrib=target == "onnxruntime",
                         doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         del model
@@ -70,7 +84,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         manifest.write(tmp, {
             "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
             "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),
-            "precision": prec.to_dict(), "graph": GRAPH, "tokenizer": "tokenizer.json",
+            "precision": _precision_record(prec, emitter, act_amax, calibration_prompts),
+            "graph": GRAPH, "tokenizer": "tokenizer.json",
             "chat_template": template, "generation": generation, "files": files,
             "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
                          "numpy": np.__version__, "python": platform.python_version()},
@@ -87,6 +102,19 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return out
+
+
+def _precision_record(prec, emitter, act_amax, n_prompts) -> dict:
+    """The manifest's precision: the scheme, each weight's measured error, FP8 scales."""
+    d = prec.to_dict()
+    if d["quantization"] is not None:
+        errors = {k: combine(v) for k, v in emitter.qerrors.items()}
+        d["quantization"]["errors"] = errors
+        d["quantization"]["mean_rel_rmse"] = float(np.mean([e["rel_rmse"] for e in errors.values()]))
+        if act_amax is not None:
+            d["quantization"]["calibration"] = {"prompts": n_prompts, "source": "pydoc_data topics",
+                                                "input_amax": act_amax}
+    return d
 
 
 def _main_thread() -> bool:

@@ -135,13 +135,15 @@ class GraphBuilder:
     def cast(self, x: str, src: str, dst: str, name: str = "Cast") -> str:
         return x if src == dst else self.op("Cast", [x], name=name, to=ONNX_DTYPE[dst])
 
-    def model(self, inputs, outputs, doc: str) -> onnx.ModelProto:
+    def model(self, inputs, outputs, doc: str, contrib: bool = True) -> onnx.ModelProto:
         def vi(spec):
             return helper.make_tensor_value_info(spec.name, ONNX_DTYPE[spec.dtype], list(spec.dims))
         graph = helper.make_graph(self.nodes, "glm4_decoder", [vi(s) for s in inputs],
                                   [vi(s) for s in outputs], self.initializers)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)],
+        opsets = [helper.make_opsetid("", OPSET)]
+        if contrib:      # ONNX Runtime's contrib ops (MatMulNBits); never for TensorRT
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        m = helper.make_model(graph, opset_imports=opsets,
                               producer_name="glmrt", doc_string=doc)
         m.ir_version = 10
         return m

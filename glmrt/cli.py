@@ -34,15 +34,28 @@ def main():
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(), help="Model folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
-              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int4", "int8", "fp8"]),
+              default="fp32", show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Graph form: ONNX Runtime (MatMulNBits) or TensorRT (Q/DQ only).")
+@click.option("--block-size", type=int, default=None,
+              help="int4/int8 block along K (default 32 for onnxruntime, 128 for tensorrt int4).")
+@click.option("--asymmetric", is_flag=True, help="int4/int8 with zero points (onnxruntime only).")
+@click.option("--activations", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Activation dtype of quantized forms (default fp32 onnxruntime, fp16 tensorrt).")
+@click.option("--quantize-lm-head", is_flag=True, help="Quantize lm_head too (default keeps it float).")
+@click.option("--calibration-prompts", default=32, show_default=True, help="FP8 calibration prompts.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @clean_errors
-def export(checkpoint, out, precision, overwrite):
+def export(checkpoint, out, precision, target, block_size, asymmetric, activations,
+           quantize_lm_head, calibration_prompts, overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
-    path = export_model(checkpoint, out, precision=precision, overwrite=overwrite)
-    click.echo(f"exported {checkpoint} -> {path} ({precision})")
+    path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
+                        symmetric=not asymmetric, activations=activations,
+                        quantize_lm_head=quantize_lm_head, calibration_prompts=calibration_prompts,
+                        overwrite=overwrite)
+    click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
 
 
 @main.command()

@@ -39,6 +39,9 @@ class OrtDecoder:
             raise GlmrtError(f"device={device!r}; expected 'cpu' or 'cuda'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # ORT fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations
+        # (accuracy level 4) unless told otherwise: keep the exported numerics.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             so.intra_op_num_threads = threads
         graph = folder / manifest["graph"]

@@ -1,0 +1,291 @@
+"""Weight quantization schemes. Each is one small class:
+  quantize(w)      w (N, K) float32, rows = output features, K = input features (blocks run along K)
+  dequantize(q)    the numpy inverse, float64, (N, K)
+  error(w, q)      its own error report
+  emit(...)        the ONNX form its consumer runs (shared/TENSORRT.md), streamed in chunks
+
+Forms:
+  MatMulNBits   ONNX Runtime contrib op (CPU and CUDA kernels), int4/int8, block-wise,
+                unsigned codes with zero point 2^(bits-1) when symmetric, or stored zero points.
+  Int4QDQ       TensorRT: DequantizeLinear(signed int4 W^T (K, N), blocked 64/128 along K,
+                symmetric) -> MatMul. Codes equal MatMulNBits' symmetric codes minus 8.
+  Int8QDQ       TensorRT: DequantizeLinear(int8 W^T, per output channel, symmetric) -> MatMul.
+  Fp8QDQ        TensorRT FP8: Q/DQ on both MatMul inputs, per-tensor scales; the activation
+                scale comes from calibration (export/calibrate.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .checkpoint import convert
+from .onnx_builder import GraphBuilder
+
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass
+class QTensor:
+    codes: np.ndarray             # (N, Kp) integer codes, or float8 values for FP8
+    scales: np.ndarray            # (N, Kp / block) or (N,) or () in the scale dtype
+    zeros: np.ndarray | None      # (N, Kp / block) unsigned zero points (asymmetric only)
+    k: int                        # the unpadded K
+
+
+class WeightSource:
+    """Checkpoint matrices [out_j, K] stacked along out, read in chunks (never whole)."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, str]], chunk: int = 4096):
+        self.parts, self.chunk = parts, chunk
+        self.n = sum(p.shape[0] for p, _ in parts)
+        self.k = parts[0][0].shape[1]
+
+    def rows(self):
+        """(r, K) float32 row chunks of W (N, K)."""
+        for p, src in self.parts:
+            for r in range(0, p.shape[0], self.chunk):
+                yield convert(p[r:r + self.chunk], src, "float32")
+
+    def cols(self, multiple: int):
+        """(N, kc) float32 column chunks, kc a multiple of `multiple` (but the last)."""
+        kc = max(multiple, (1 << 20) // max(self.n, 1) // multiple * multiple)
+        for c in range(0, self.k, kc):
+            yield np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
+
+    def row_amax(self) -> np.ndarray:
+        return np.concatenate([np.abs(w).max(1) for w in self.rows()])        # (N,)
+
+
+def report(w: np.ndarray, deq: np.ndarray) -> dict:
+    """A round trip's error: relative RMS, max abs, and the sums that let chunks combine."""
+    w64 = w.astype(np.float64)
+    d = deq - w64
+    sq_err, sq_norm = float((d * d).sum()), float((w64 * w64).sum())
+    return {"rel_rmse": (sq_err / sq_norm) ** 0.5 if sq_norm else 0.0,
+            "max_abs": float(np.abs(d).max()) if d.size else 0.0,
+            "sq_err": sq_err, "sq_norm": sq_norm}
+
+
+def combine(reports: list[dict]) -> dict:
+    """One report for a tensor quantized in chunks."""
+    sq_err, sq_norm = sum(r["sq_err"] for r in reports), sum(r["sq_norm"] for r in reports)
+    return {"rel_rmse": (sq_err / sq_norm) ** 0.5 if sq_norm else 0.0,
+            "max_abs": max(r["max_abs"] for r in reports)}
+
+
+def _round_scale(s: np.ndarray, dtype: str) -> np.ndarray:
+    """Scales as stored (fp16 or fp32); zero scales (all-zero blocks) become 1."""
+    s = np.where(s == 0, 1.0, s).astype(dtype)
+    return np.where(np.isfinite(s) & (s != 0), s, np.asarray(1.0, dtype))
+
+
+class BlockInt:
+    """Block-wise integer quantization along K, shared by MatMulNBits and Int4QDQ."""
+
+    def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"block size must be a power of two >= 16, got {block}")
+        self.bits, self.block, self.symmetric, self.scale_dtype = bits, block, symmetric, scale_dtype
+
+    def quantize(self, w: np.ndarray) -> QTensor:
+        n, k = w.shape
+        pad = -k % self.block
+        wp = np.pad(w.astype(np.float32), ((0, 0), (0, pad)))
+        blocks = wp.reshape(n, -1, self.block)                       # (N, kb, block)
+        levels = (1 << self.bits) - 1
+        if self.symmetric:
+            qmax = (1 << (self.bits - 1)) - 1                         # 7 or 127
+            scale = _round_scale(np.abs(blocks).max(-1) / qmax, self.scale_dtype)
+            q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -qmax, qmax)
+            codes = (q + (1 << (self.bits - 1))).astype(np.uint8)     # unsigned, zero point 2^(b-1)
+            return QTensor(codes.reshape(n, -1), scale, None, k)
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scale = _round_scale((hi - lo) / levels, self.scale_dtype)
+        s32 = scale.astype(np.float32)
+        zp = np.clip(np.rint(-lo / s32), 0, levels).astype(np.uint8)
+        codes = np.clip(np.rint(blocks / s32[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+        return QTensor(codes.reshape(n, -1), scale, zp, k)
+
+    def dequantize(self, q: QTensor) -> np.ndarray:
+        n = q.codes.shape[0]
+        zp = q.zeros if q.zeros is not None else np.full(q.scales.shape, 1 << (self.bits - 1))
+        blocks = q.codes.reshape(n, -1, self.block).astype(np.float64) - zp[..., None]
+        return (blocks * q.scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :q.k]
+
+    def error(self, w: np.ndarray, q: QTensor) -> dict:
+        return report(w, self.dequantize(q))
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """(..., 2m) values in 0..15 -> (..., m) bytes, even index in the low nibble."""
+    c = codes.astype(np.uint8) & 0xF
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+class MatMulNBits(BlockInt):
+    name = "matmulnbits"
+
+    def params(self) -> dict:
+        return {"form": self.name, "bits": self.bits, "block_size": self.block,
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
+             act_amax=None) -> str:
+        """x (b, s, K) -> (b, s, N), quantized row chunk by row chunk."""
+        n, k = src.n, src.k
+        kb = -(-k // self.block)
+        scales, zeros = [], []
+
+        def packed():
+            for w in src.rows():
+                q = self.quantize(w)
+                errors.setdefault(wname, []).append(self.error(w, q))
+                scales.append(q.scales)
+                if q.zeros is not None:
+                    zeros.append(q.zeros)
+                c = q.codes.reshape(w.shape[0], kb, self.block)
+                yield pack_nibbles(c) if self.bits == 4 else c      # (r, kb, block*bits/8)
+        b = g.weight_blocks(wname + ".qweight", (n, kb, self.block * self.bits // 8), "uint8", packed())
+        s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
+        inputs = [x, b, s]
+        if zeros:
+            z = np.concatenate(zeros)                                      # (N, kb)
+            if self.bits == 4:
+                z = pack_nibbles(np.pad(z, ((0, 0), (0, kb % 2)), constant_values=8))
+            inputs.append(g.weight(wname + ".zero_points", z, "uint8"))
+        return g.op("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=self.bits,
+                    block_size=self.block)
+
+
+class Int4QDQ(BlockInt):
+    """Signed int4, symmetric, blocked along K on W^T (K, N): TensorRT's weight-only INT4."""
+    name = "int4-qdq"
+
+    def __init__(self, block: int, scale_dtype: str):
+        if block not in (64, 128):
+            raise ValueError(f"TensorRT's INT4 needs block size 64 or 128, got {block}")
+        super().__init__(4, block, True, scale_dtype)
+
+    def params(self) -> dict:
+        return {"form": self.name, "bits": 4, "block_size": self.block, "symmetric": True,
+                "scale_dtype": self.scale_dtype}
+
+    def signed_codes(self, q: QTensor) -> np.ndarray:
+        return q.codes.astype(np.int8) - 8                                # in [-7, 7]
+
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
+             act_amax=None) -> str:
+        """W^T (K, N) written K-chunk by K-chunk (each a multiple of the block)."""
+        n, k = src.n, src.k
+        if n % 2:
+            raise ValueError(f"{wname}: TensorRT's INT4 needs an even last dimension, N={n}")
+        scales = []
+
+        def packed():
+            for w in src.cols(self.block):
+                q = self.quantize(w)
+                errors.setdefault(wname, []).append(self.error(w, q))
+                scales.append(q.scales.T)                                  # (kc/block, N)
+                yield pack_nibbles(self.signed_codes(q)[:, :w.shape[1]].T)  # (kc, N/2)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "int4", packed())
+        s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
+        w = g.op("DequantizeLinear", [wq, s], axis=0, block_size=self.block)       # (K, N)
+        return g.op("MatMul", [x, w])
+
+
+class Int8QDQ:
+    """Signed int8, symmetric, per output channel, on W^T (K, N)."""
+    name = "int8-qdq"
+
+    def __init__(self, scale_dtype: str):
+        self.scale_dtype = scale_dtype
+
+    def params(self) -> dict:
+        return {"form": self.name, "bits": 8, "per_channel": True, "symmetric": True,
+                "scale_dtype": self.scale_dtype}
+
+    def quantize(self, w: np.ndarray, amax: np.ndarray | None = None) -> QTensor:
+        amax = np.abs(w).max(1) if amax is None else amax                 # (N,)
+        scale = _round_scale(amax / 127.0, self.scale_dtype)
+        codes = np.clip(np.rint(w / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+        return QTensor(codes, scale, None, w.shape[1])
+
+    def dequantize(self, q: QTensor) -> np.ndarray:
+        return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
+
+    def error(self, w, q) -> dict:
+        return report(w, self.dequantize(q))
+
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
+             act_amax=None) -> str:
+        n, k = src.n, src.k
+        amax = src.row_amax()                                                # a first pass
+        scale = None
+
+        def codes():
+            nonlocal scale
+            for w in src.cols(1):
+                q = self.quantize(w, amax)
+                errors.setdefault(wname, []).append(self.error(w, q))
+                scale = q.scales
+                yield np.ascontiguousarray(q.codes.T)                        # (kc, N)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "int8", codes())
+        s = g.weight(wname + ".scales", scale, self.scale_dtype)
+        w = g.op("DequantizeLinear", [wq, s], axis=1)                        # (K, N)
+        return g.op("MatMul", [x, w])
+
+
+class Fp8QDQ:
+    """FP8 e4m3 weights and activations, per-tensor scales (TensorRT's FP8 GEMM pattern)."""
+    name = "fp8-qdq"
+
+    def __init__(self, scale_dtype: str):
+        self.scale_dtype = scale_dtype
+
+    def params(self) -> dict:
+        return {"form": self.name, "format": "float8e4m3fn", "per_tensor": True,
+                "scale_dtype": self.scale_dtype}
+
+    def quantize(self, w: np.ndarray, amax: float) -> QTensor:
+        import ml_dtypes
+        scale = _round_scale(np.asarray(amax / FP8_MAX), self.scale_dtype)
+        v = np.clip(w / np.float32(scale), -FP8_MAX, FP8_MAX)
+        return QTensor(v.astype(ml_dtypes.float8_e4m3fn), scale, None, w.shape[1])
+
+    def dequantize(self, q: QTensor) -> np.ndarray:
+        return q.codes.astype(np.float64) * float(q.scales)
+
+    def error(self, w, q) -> dict:
+        return report(w, self.dequantize(q))
+
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
+             act_amax: float = None) -> str:
+        """x -> Q/DQ(x, act scale) ; W^T fp8 -> DQ ; MatMul."""
+        if act_amax is None:
+            raise ValueError(f"{wname}: FP8 needs the activation's calibrated range")
+        n, k = src.n, src.k
+        amax = float(src.row_amax().max())                                   # a first pass
+        scale = None
+
+        def codes():
+            nonlocal scale
+            for w in src.cols(1):
+                q = self.quantize(w, amax)
+                errors.setdefault(wname, []).append(self.error(w, q))
+                scale = q.scales
+                yield np.ascontiguousarray(q.codes.T).view(np.uint8)        # (kc, N)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn", codes())
+        ws = g.weight(wname + ".scale", np.asarray(scale).reshape(()), self.scale_dtype)
+        xs = g.weight(wname + ".input_scale",
+                      _round_scale(np.asarray(act_amax / FP8_MAX), self.scale_dtype).reshape(()),
+                      self.scale_dtype)
+        zero = g.weight(wname + ".input_zero", np.zeros((), np.uint8), "float8e4m3fn")
+        xq = g.op("QuantizeLinear", [x, xs, zero], name="QuantizeInput")
+        xd = g.op("DequantizeLinear", [xq, xs, zero], name="DequantizeInput")
+        w = g.op("DequantizeLinear", [wq, ws], name="DequantizeWeight")
+        return g.op("MatMul", [xd, w])
+
