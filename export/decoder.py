@@ -31,7 +31,6 @@ from .checkpoint import Checkpoint, convert
 from .quant import WeightSource
 from .onnx_builder import ONNX_DTYPE, GraphBuilder
 
-INT64_MAX = np.iinfo(np.int64).max
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
@@ -258,9 +257,7 @@ class DecoderEmitter:
                                   "post_mlp_layernorm")
                 x = g.op("Add", [x, g.cast(m, p.compute, "float32")], name="ResidualMlp")
         with g.under("final"):
-            keep = g.op("Neg", ["logits_to_keep"])
-            x = g.op("Slice", [x, keep, g.const([INT64_MAX], "int64"), g.const([1], "int64")],
-                     name="KeepLast")                                                 # (b, kept, H)
+            x = g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")  # (b, kept, H)
             x = self.rms_norm(x, "float32", "model.norm.weight", "norm")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         # tied embeddings are read a second time, transposed

@@ -64,9 +64,10 @@ def hf_config(sizes: dict, eos: list[int], pad: int, layout: str = "4.5x", **ext
     return c
 
 
-def make_tokenizer(vocab: int = TINY_BPE_VOCAB):
+def make_tokenizer(vocab: int = TINY_BPE_VOCAB, texts=None):
     """A byte-level BPE like GLM-4's, trained on Python's own docs (pydoc_data), deterministic."""
     from pydoc_data.topics import topics
+    texts = [topics[k] for k in sorted(topics)] if texts is None else texts
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -75,9 +76,30 @@ def make_tokenizer(vocab: int = TINY_BPE_VOCAB):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
+
+
+def write_tokenizer_files(folder: Path, tok, template: str = "glm4", template_in: str = "file",
+                          max_length: int = 2048) -> None:
+    """tokenizer.json, tokenizer_config.json and the chat template, laid out as the published
+    checkpoints lay them out (template in its own file or in tokenizer_config.json)."""
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    tok.save(str(folder / "tokenizer.json"))
+    chat_template = (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "model_max_length": max_length, "padding_side": "left",
+            "do_lower_case": False, "remove_space": False,
+            "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False,
+                                              "rstrip": False, "normalized": False,
+                                              "single_word": False} for t, i in ids.items()}}
+    if template_in == "tokenizer_config":
+        tcfg["chat_template"] = chat_template
+    else:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple]], produce) -> None:
@@ -134,21 +156,7 @@ def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shard
         {"eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
          "temperature": 0.6, "top_p": 0.95, "top_k": 40}, indent=2))
 
-    # tokenizer files, as the published checkpoints lay them out
-    tok.save(str(tmp / "tokenizer.json"))
-    chat_template = (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-            "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-            "model_max_length": sizes["max_position_embeddings"], "padding_side": "left",
-            "do_lower_case": False, "remove_space": False,
-            "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False,
-                                              "rstrip": False, "normalized": False,
-                                              "single_word": False} for t, i in ids.items()}}
-    if template_in == "tokenizer_config":
-        tcfg["chat_template"] = chat_template
-    else:
-        (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
+    write_tokenizer_files(tmp, tok, template, template_in, sizes["max_position_embeddings"])
 
     # weights: bf16, split into `shards` files by layer, streamed tensor by tensor
     want = expected_tensors(cfg)

@@ -2,23 +2,36 @@
 
 The exporter writes it into the graph and the manifest, the engine builder derives optimization
 profiles from its symbolic dims, and the runtime binds buffers from it. One graph serves
-prefill (seq > 1, past_seq = 0) and decode (seq = 1).
+prefill (seq > 1) and decode (seq = 1). Two attention forms:
 
+"concat" (standard ONNX ops; CPU and TensorRT): the cache grows by Concat.
   input_ids                    int64   (batch, seq)
   attention_mask               int64   (batch, total_seq)    1 = attend, 0 = padding
   position_ids                 int64   (batch, seq)          RoPE positions
-  logits_to_keep               int64   (1,)                  logits for the last k positions
+  logits_index                 int64   (kept,)               positions of this step to score
   past_key_values.{i}.key      kv      (batch, kv_heads, past_seq, head_dim)   K after RoPE
   past_key_values.{i}.value    kv      (batch, kv_heads, past_seq, head_dim)
   logits                       float32 (batch, kept, vocab)
   present.{i}.key|value        kv      (batch, kv_heads, total_seq, head_dim)
-total_seq = past_seq + seq.
+  total_seq = past_seq + seq
+
+"gqa" (ONNX Runtime's GroupQueryAttention; CUDA): past and present are one preallocated
+buffer of max_seq positions, updated in place when bound to the same device memory.
+  input_ids                    int64   (batch, seq)
+  seqlens_k                    int32   (batch,)              tokens in the cache after this step - 1
+  total_sequence_length        int32   ()                    on the host
+  logits_index                 int64   (kept,)
+  past_key_values.{i}.key|value kv     (batch, kv_heads, max_seq, head_dim)
+  logits                       float32 (batch, kept, vocab)
+  present.{i}.key|value        kv      (batch, kv_heads, max_seq, head_dim)
 """
 from __future__ import annotations
 
 import dataclasses
 
 from .config import GlmConfig
+
+FORMS = ("concat", "gqa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,25 +60,36 @@ def present_value(i: int) -> str:
     return f"present.{i}.value"
 
 
-def io_contract(cfg: GlmConfig, kv_dtype: str) -> dict[str, list[TensorSpec]]:
+def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat") -> dict:
+    """{"form": form, "inputs": [TensorSpec], "outputs": [TensorSpec]}."""
     nkv, hd = cfg.num_key_value_heads, cfg.head_dim
-    inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
-              TensorSpec("attention_mask", "int64", ("batch", "total_seq")),
-              TensorSpec("position_ids", "int64", ("batch", "seq")),
-              TensorSpec("logits_to_keep", "int64", (1,))]
+    if form == "concat":
+        inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
+                  TensorSpec("attention_mask", "int64", ("batch", "total_seq")),
+                  TensorSpec("position_ids", "int64", ("batch", "seq")),
+                  TensorSpec("logits_index", "int64", ("kept",))]
+        past_len, present_len = "past_seq", "total_seq"
+    elif form == "gqa":
+        inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
+                  TensorSpec("seqlens_k", "int32", ("batch",)),
+                  TensorSpec("total_sequence_length", "int32", ()),
+                  TensorSpec("logits_index", "int64", ("kept",))]
+        past_len = present_len = "max_seq"
+    else:
+        raise ValueError(f"attention form {form!r} is not one of {FORMS}")
     outputs = [TensorSpec("logits", "float32", ("batch", "kept", cfg.vocab_size))]
     for i in range(cfg.num_hidden_layers):
-        inputs += [TensorSpec(past_key(i), kv_dtype, ("batch", nkv, "past_seq", hd)),
-                   TensorSpec(past_value(i), kv_dtype, ("batch", nkv, "past_seq", hd))]
-        outputs += [TensorSpec(present_key(i), kv_dtype, ("batch", nkv, "total_seq", hd)),
-                    TensorSpec(present_value(i), kv_dtype, ("batch", nkv, "total_seq", hd))]
-    return {"inputs": inputs, "outputs": outputs}
+        inputs += [TensorSpec(past_key(i), kv_dtype, ("batch", nkv, past_len, hd)),
+                   TensorSpec(past_value(i), kv_dtype, ("batch", nkv, past_len, hd))]
+        outputs += [TensorSpec(present_key(i), kv_dtype, ("batch", nkv, present_len, hd)),
+                    TensorSpec(present_value(i), kv_dtype, ("batch", nkv, present_len, hd))]
+    return {"form": form, "inputs": inputs, "outputs": outputs}
 
 
-def contract_to_dict(c: dict[str, list[TensorSpec]]) -> dict:
-    return {k: [t.to_dict() for t in v] for k, v in c.items()}
+def contract_to_dict(c: dict) -> dict:
+    return {"form": c["form"], **{k: [t.to_dict() for t in c[k]] for k in ("inputs", "outputs")}}
 
 
-def contract_from_dict(d: dict) -> dict[str, list[TensorSpec]]:
-    return {k: [TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[k]]
-            for k in ("inputs", "outputs")}
+def contract_from_dict(d: dict) -> dict:
+    return {"form": d["form"], **{k: [TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[k]]
+                                  for k in ("inputs", "outputs")}}

@@ -70,7 +70,7 @@ class OrtDecoder:
         feeds = {"input_ids": ids,
                  "attention_mask": np.ones((batch, past + seq), np.int64),
                  "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)),
-                 "logits_to_keep": np.array([keep], np.int64)}
+                 "logits_index": np.arange(seq - keep, seq, dtype=np.int64)}
         for i in range(self.layers):
             feeds[past_key(i)], feeds[past_value(i)] = cache[2 * i], cache[2 * i + 1]
         out = self.session.run(self.output_names, feeds)
