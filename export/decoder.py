@@ -60,7 +60,7 @@ PRECISIONS = {
     "bf16": Precision("bf16", "bfloat16", "float32", "float32"),
 }
 QUANTIZED = ("int4", "int8", "fp8")
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "cuda")
 
 
 def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | None = None,
@@ -70,6 +70,9 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
     from .quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits
     if target not in TARGETS:
         raise GlmrtError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    if target == "cuda" and name not in ("fp16", "int4", "int8"):
+        raise GlmrtError(f"target cuda (ONNX Runtime's fused CUDA kernels) takes fp16, int4 or int8, "
+                         f"not {name}")
     if name in PRECISIONS:
         if block_size is not None or quantize_lm_head:
             raise GlmrtError(f"--block-size and --quantize-lm-head apply to {'/'.join(QUANTIZED)}, not {name}")
@@ -77,11 +80,13 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
     if name not in QUANTIZED:
         raise GlmrtError(f"precision {name!r} is not one of {', '.join([*PRECISIONS, *QUANTIZED])}")
     act = {"fp32": "float32", "fp16": "float16", None: None}[activations]
-    act = act or ("float16" if target == "tensorrt" else "float32")
+    act = act or ("float32" if target == "onnxruntime" else "float16")
+    if target == "cuda" and act != "float16":
+        raise GlmrtError("target cuda runs fp16 activations")
     try:
         if name == "fp8":
             scheme = Fp8QDQ(act)
-        elif target == "onnxruntime":
+        elif target in ("onnxruntime", "cuda"):
             scheme = MatMulNBits(4 if name == "int4" else 8, block_size or 32, symmetric, act)
         elif not symmetric:
             raise ValueError(f"TensorRT's {name} is symmetric only")
@@ -271,3 +276,75 @@ class DecoderEmitter:
         rows = 4096
         return self.g.weight_blocks(key, raw.shape, dst,
                                     (convert(raw[r:r + rows], src, dst) for r in range(0, raw.shape[0], rows)))
+
+
+class GqaDecoderEmitter(DecoderEmitter):
+    """The CUDA form: ONNX Runtime's fused kernels, fp16 activations.
+
+    GroupQueryAttention does RoPE (interleaved, partial: cos/sin caches rot/2 wide), GQA and
+    the in-place KV cache update; RMSNorms are SimplifiedLayerNormalization (float32 inside);
+    each residual add is fused into the next norm by SkipSimplifiedLayerNormalization:
+
+      x ──> SLN/Skip ─> qkv ─> GQA ─> o_proj ─> SLN(post_self_attn) ─┐
+      └───────────────────────────────────────────────────> Skip(+x, post_attention) ─> gate_up
+                                      ─> silu*up ─> down ─> SLN(post_mlp) ─> next layer's Skip
+    The residual stream is fp16 here (the CPU form keeps it fp32).
+    """
+
+    def sln(self, x: str, key: str, name: str) -> str:
+        return self.g.op("SimplifiedLayerNormalization", [x, self.small(key, self.prec.compute)],
+                         name=name, axis=-1, epsilon=self.cfg.rms_norm_eps, stash_type=1)
+
+    def skip_sln(self, x: str, residual: str, key: str, name: str):
+        """(norm(x + residual), x + residual)."""
+        out, _, _, total = self.g.op("SkipSimplifiedLayerNormalization",
+                                     [x, residual, self.small(key, self.prec.compute)], n_out=4,
+                                     unused=(1, 2), name=name, domain="com.microsoft",
+                                     epsilon=self.cfg.rms_norm_eps)
+        return out, total
+
+    def emit(self, progress: bool = True):
+        g, cfg, p = self.g, self.cfg, self.prec
+        if (cfg.rotary_dim // 2) % 8:
+            raise GlmrtError(f"target cuda: GroupQueryAttention needs rotary_dim/2 a multiple of 8; "
+                             f"this model has rotary_dim {cfg.rotary_dim}")
+        contract = io_contract(cfg, p.kv, "gqa")
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        inv_freq, scale = cfg.rope_inv_freq()
+        ang = np.arange(cfg.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq  # (P, rot/2)
+        cos = g.weight("rotary.cos_cache", (np.cos(ang) * scale).astype(p.compute), p.compute)
+        sin = g.weight("rotary.sin_cache", (np.sin(ang) * scale).astype(p.compute), p.compute)
+        with g.under("embed_tokens"):
+            e = self._embed_blocks()
+            x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, p.compute)   # (b, s, H)
+        pending = None                      # the previous layer's post_mlp_layernorm output
+        for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
+                      disable=not progress):
+            ln = f"model.layers.{i}."
+            with g.under(f"layers.{i}"):
+                if pending is None:
+                    h = self.sln(x, ln + "input_layernorm.weight", "input_layernorm")
+                else:
+                    h, x = self.skip_sln(pending, x, ln + "input_layernorm.weight", "input_layernorm")
+                a = f"model.layers.{i}.self_attn."
+                with g.under("attn"):
+                    qkv = self.linear(h, "qkv_proj", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                                      [a + f"{n}_proj.bias" for n in "qkv"] if cfg.attention_bias else None)
+                    attn = f"/model/layers.{i}/attn/GroupQueryAttention/output_0"   # (b, s, nh*hd)
+                    g.output("GroupQueryAttention",
+                             [qkv, "", "", past_key(i), past_value(i), "seqlens_k",
+                              "total_sequence_length", cos, sin],
+                             [attn, present_key(i), present_value(i)], domain="com.microsoft",
+                             num_heads=nh, kv_num_heads=nkv, scale=hd ** -0.5, do_rotary=1,
+                             rotary_interleaved=1)
+                    o = self.linear(attn, "o_proj", [a + "o_proj.weight"])
+                o = self.sln(o, ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
+                h, x = self.skip_sln(o, x, ln + "post_attention_layernorm.weight", "post_attention_layernorm")
+                pending = self.sln(self.mlp(i, h), ln + "post_mlp_layernorm.weight", "post_mlp_layernorm")
+        with g.under("final"):
+            x, _ = self.skip_sln(pending, x, "model.norm.weight", "norm")
+            x = g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")      # (b, kept, H)
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)
+        g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
+        return contract

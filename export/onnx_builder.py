@@ -94,17 +94,21 @@ class GraphBuilder:
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
-           domain: str = "", **attrs):
+           domain: str = "", unused: tuple = (), **attrs):
+        """Add a node; returns its output name(s). Outputs listed in `unused` stay unnamed."""
         node_name = self._unique("/" + "/".join(self.scope) + "/" + (name or op_type))
-        outs = [f"{node_name}/output_{i}" for i in range(n_out)]
+        outs = ["" if i in unused else f"{node_name}/output_{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None,
                                            **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def output(self, op_type: str, inputs: list[str], out: str, name: str | None = None, **attrs) -> str:
-        """A node writing to a fixed graph output name."""
+    def output(self, op_type: str, inputs: list[str], out, name: str | None = None,
+               domain: str = "", **attrs):
+        """A node writing to fixed graph output name(s) (a name or a list of names)."""
         node_name = self._unique("/" + "/".join(self.scope) + "/" + (name or op_type))
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
+        outs = [out] if isinstance(out, str) else list(out)
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name,
+                                           domain=domain or None, **attrs))
         return out
 
     def const(self, value, dtype: str) -> str:

@@ -1,8 +1,9 @@
 """The Python API products embed: load once, then logits / generate / stream / chat.
 
-Thread safety: a Model holds no per-generation state. Every call keeps its own KV cache and
-sampler, and ONNX Runtime's InferenceSession.run is thread-safe, so concurrent calls from
-several threads run side by side and each gets the output it would get alone.
+Thread safety: every call gets the output it would get alone. With the CPU ("concat") form a
+Model holds no per-generation state: each call keeps its own KV cache and sampler and calls
+run side by side (InferenceSession.run is thread-safe). With the device-cache ("gqa") form the
+cache buffers are the model's: calls take turns, one generation at a time.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from . import manifest as manifest_io
 from .config import GlmConfig
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
-from .session import OrtDecoder
+from .session import make_decoder
 from .agent import SEARCH_SYSTEM_PROMPT, ToolRun, document_messages, resolve_citations, run_tools
 from .reply import ASSISTANT, THINK_CLOSE, THINK_OPEN, parse_reply, to_glm_messages
 from .template import builtin_template, read_template, render
@@ -35,7 +36,8 @@ class Generation:
 
 class Model:
     def __init__(self, path: str | Path, *, device: str = "cpu", verify: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, max_context: int | None = None,
+                 cuda_graph: bool = True):
         self.folder = Path(path)
         self.manifest = manifest_io.read(self.folder, verify=verify)
         self.config = GlmConfig.from_dict(self.manifest["config"])
@@ -43,8 +45,8 @@ class Model:
         self.chat_template = read_template(self.folder, self.manifest["chat_template"]) \
             or builtin_template("glm4")
         self.eos_ids = frozenset(self.manifest["generation"]["eos_token_id"])
-        self.max_context = self.config.max_position_embeddings
-        self.decoder = OrtDecoder(self.folder, self.manifest, device=device, threads=threads)
+        self.decoder = make_decoder(self.folder, self.manifest, device, threads, max_context, cuda_graph)
+        self.max_context = getattr(self.decoder, "max_context", self.config.max_position_embeddings)
 
     # ---- tokens ----------------------------------------------------------------------------
     def _ids(self, token_ids) -> np.ndarray:
@@ -67,7 +69,8 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """Scores for every position: (seq, vocab) float32; row t predicts token t+1."""
         ids = self._ids(token_ids)
-        logits, _ = self.decoder.step(ids[None], self.decoder.empty_cache(), keep=ids.size)
+        with self.decoder.generation() as cache:
+            logits, _ = self.decoder.step(ids[None], cache, keep=ids.size)
         return logits[0]
 
     def stream(self, token_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -90,22 +93,22 @@ class Model:
              processor):
         sample = Sampler(params)
         history = list(ids)
-        cache = self.decoder.empty_cache()
         step_ids = ids[None]
         res.finish_reason = "length"
-        for _ in range(budget):
-            logits, cache = self.decoder.step(step_ids, cache)            # (1, 1, V)
-            row = logits[0, -1]
-            if processor is not None:
-                row = np.asarray(processor(np.asarray(history), row.copy()), np.float32)
-            token = sample(row, np.asarray(history))
-            if token in self.eos_ids:
-                res.finish_reason, res.stop_token = "stop", token
-                return
-            history.append(token)
-            res.tokens.append(token)
-            yield token
-            step_ids = np.array([[token]], np.int64)
+        with self.decoder.generation() as cache:
+            for _ in range(budget):
+                logits, cache = self.decoder.step(step_ids, cache)        # (1, 1, V)
+                row = logits[0, -1]
+                if processor is not None:
+                    row = np.asarray(processor(np.asarray(history), row.copy()), np.float32)
+                token = sample(row, np.asarray(history))
+                if token in self.eos_ids:
+                    res.finish_reason, res.stop_token = "stop", token
+                    return
+                history.append(token)
+                res.tokens.append(token)
+                yield token
+                step_ids = np.array([[token]], np.int64)
 
     def generate(self, token_ids, **kwargs) -> list[int]:
         """The new token ids (temperature 0 = greedy). Keywords as for `stream`."""

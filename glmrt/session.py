@@ -1,25 +1,75 @@
 """Drive an exported decoder graph through ONNX Runtime: one call per prefill or decode step.
 
-The IO contract in the manifest names every input and output; the KV cache is a list of
-numpy arrays owned by the caller, so one session serves many concurrent generations
-(InferenceSession.run is thread-safe in ONNX Runtime).
+Two decoders, picked by the manifest's attention form (glmrt.contract):
+  ConcatDecoder  the KV cache is a list of numpy arrays owned by each generation, so one session
+                 serves many concurrent generations (InferenceSession.run is thread-safe).
+  GqaDecoder     the KV cache is one preallocated buffer per layer on the device, bound with
+                 IOBinding as both past and present so GroupQueryAttention updates it in place;
+                 only the scored logits come back to the host. Decode steps can be replayed as a
+                 CUDA graph. Generations take turns on the buffers (a lock).
+Both offer `generation()` (a context that yields a fresh cache) and `step()`.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from .contract import contract_from_dict, past_key, past_value
+from .contract import contract_from_dict, past_key, past_value, present_key, present_value
 from .errors import ArtifactError, GlmrtError
 
-NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-class OrtDecoder:
+def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
+                 cuda_graph: bool = False):
+    import onnxruntime as ort
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise GlmrtError("device='cuda' needs onnxruntime-gpu with a CUDA device "
+                             "(pip install 'glmrt[gpu]'); this onnxruntime offers "
+                             f"{', '.join(ort.get_available_providers())}")
+        opts = {"enable_cuda_graph": "1"} if cuda_graph else {}
+        providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+    else:
+        raise GlmrtError(f"device={device!r}; expected 'cpu' or 'cuda'")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # ORT fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations
+    # (accuracy level 4) unless told otherwise: keep the exported numerics.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    graph = folder / manifest["graph"]
+    try:
+        session = ort.InferenceSession(str(graph), so, providers=providers)
+    except Exception as e:  # ORT raises its own pybind exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({first[:300]})") from None
+    contract = contract_from_dict(manifest["io"])
+    names = {i.name for i in session.get_inputs()}
+    want = {t.name for t in contract["inputs"]}
+    if names != want:
+        raise ArtifactError(f"{graph}: graph inputs do not match the manifest's IO contract "
+                            f"(differ on {sorted(names ^ want)[:4]})")
+    return session, contract
+
+
+def make_decoder(folder: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 max_context: int | None = None, cuda_graph: bool = True):
+    form = manifest["io"].get("form", "concat")
+    if form == "gqa":
+        return GqaDecoder(folder, manifest, device, threads, max_context, cuda_graph)
+    return ConcatDecoder(folder, manifest, device, threads)
+
+
+class ConcatDecoder:
     def __init__(self, folder: Path, manifest: dict, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-        self.contract = contract_from_dict(manifest["io"])
+        self.session, self.contract = make_session(folder, manifest, device, threads)
         self.layers = manifest["config"]["num_hidden_layers"]
         kv = next(t for t in self.contract["inputs"] if t.name == past_key(0))
         if kv.dtype not in NUMPY_DTYPE:
@@ -27,35 +77,11 @@ class OrtDecoder:
                                 f"on the {device} provider")
         self.kv_dtype = NUMPY_DTYPE[kv.dtype]
         self.kv_heads, self.head_dim = kv.dims[1], kv.dims[3]
-        if device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        elif device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise GlmrtError("device='cuda' needs onnxruntime-gpu with a CUDA device "
-                                 "(pip install 'glmrt[gpu]'); this onnxruntime offers "
-                                 f"{', '.join(ort.get_available_providers())}")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            raise GlmrtError(f"device={device!r}; expected 'cpu' or 'cuda'")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        # ORT fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations
-        # (accuracy level 4) unless told otherwise: keep the exported numerics.
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if threads:
-            so.intra_op_num_threads = threads
-        graph = folder / manifest["graph"]
-        try:
-            self.session = ort.InferenceSession(str(graph), so, providers=providers)
-        except Exception as e:  # ORT raises its own pybind exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({first[:300]})") from None
-        names = {i.name for i in self.session.get_inputs()}
-        want = {t.name for t in self.contract["inputs"]}
-        if names != want:
-            raise ArtifactError(f"{graph}: graph inputs do not match the manifest's IO contract "
-                                f"(differ on {sorted(names ^ want)[:4]})")
         self.output_names = [t.name for t in self.contract["outputs"]]
+
+    @contextlib.contextmanager
+    def generation(self):
+        yield self.empty_cache()
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         # per layer: key, value, each (batch, kv_heads, 0, head_dim)
@@ -75,3 +101,87 @@ class OrtDecoder:
             feeds[past_key(i)], feeds[past_value(i)] = cache[2 * i], cache[2 * i + 1]
         out = self.session.run(self.output_names, feeds)
         return out[0], out[1:]
+
+
+class GqaDecoder:
+    """Device-resident KV cache for the "gqa" form; see the module docstring."""
+
+    def __init__(self, folder: Path, manifest: dict, device: str, threads: int | None,
+                 max_context: int | None, cuda_graph: bool):
+        import onnxruntime as ort
+        self.ort = ort
+        self.device = device
+        self.cuda_graph = cuda_graph and device == "cuda"
+        self.session, self.contract = make_session(folder, manifest, device, threads, self.cuda_graph)
+        cfg = manifest["config"]
+        self.layers = cfg["num_hidden_layers"]
+        kv = next(t for t in self.contract["inputs"] if t.name == past_key(0))
+        self.kv_dtype = NUMPY_DTYPE[kv.dtype]
+        self.max_context = min(max_context or cfg["max_position_embeddings"], cfg["max_position_embeddings"])
+        shape = (1, kv.dims[1], self.max_context, kv.dims[3])     # (batch, kv_heads, max_seq, head_dim)
+        where = "cuda" if device == "cuda" else "cpu"
+        self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, where, 0)
+                   for _ in range(2 * self.layers)]
+        self.vocab = cfg["vocab_size"]
+        self.where = where
+        self.lock = threading.Lock()
+        # decode-step buffers at fixed addresses (what a CUDA graph replays)
+        self.d_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), where, 0)
+        self.d_seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32), where, 0)
+        self.d_total = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int32), "cpu", 0)
+        self.d_index = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64), where, 0)
+        self.d_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, where, 0)
+        self.decode_binding = self._bind(self.session.io_binding(), self.d_ids, self.d_seqlens,
+                                         self.d_total, self.d_index, self.d_logits)
+        self.graph_ready = False
+
+    def _bind(self, b, ids, seqlens, total, index, logits):
+        for name, v in (("input_ids", ids), ("seqlens_k", seqlens),
+                        ("total_sequence_length", total), ("logits_index", index)):
+            b.bind_ortvalue_input(name, v)
+        for i in range(self.layers):
+            b.bind_ortvalue_input(past_key(i), self.kv[2 * i])
+            b.bind_ortvalue_input(past_value(i), self.kv[2 * i + 1])
+            b.bind_ortvalue_output(present_key(i), self.kv[2 * i])
+            b.bind_ortvalue_output(present_value(i), self.kv[2 * i + 1])
+        b.bind_ortvalue_output("logits", logits)
+        return b
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Own the device cache for one generation; the cache handle is its length."""
+        with self.lock:
+            yield 0
+
+    def step(self, ids: np.ndarray, past: int, keep: int = 1):
+        """ids (1, seq) after `past` cached tokens -> host logits (1, keep, V), new length."""
+        ort = self.ort
+        batch, seq = ids.shape
+        total = past + seq
+        if batch != 1:
+            raise GlmrtError("the gqa form runs batch 1")
+        if total > self.max_context:
+            raise GlmrtError(f"{total} tokens exceed the cache of {self.max_context} positions "
+                             "(load with a larger max_context)")
+        if seq == 1 and keep == 1:
+            self.d_ids.update_inplace(ids.astype(np.int64))
+            self.d_seqlens.update_inplace(np.array([total - 1], np.int32))
+            self.d_total.update_inplace(np.array(total, np.int32))
+            ro = ort.RunOptions()
+            if self.cuda_graph:
+                ro.add_run_config_entry("gpu_graph_id", "1")
+            self.session.run_with_iobinding(self.decode_binding, ro)
+            return self.d_logits.numpy(), total
+        where = self.where
+        logits = ort.OrtValue.ortvalue_from_shape_and_type((1, keep, self.vocab), np.float32, where, 0)
+        b = self._bind(self.session.io_binding(),
+                       ort.OrtValue.ortvalue_from_numpy(ids.astype(np.int64), where, 0),
+                       ort.OrtValue.ortvalue_from_numpy(np.array([total - 1], np.int32), where, 0),
+                       ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32), "cpu", 0),
+                       ort.OrtValue.ortvalue_from_numpy(np.arange(seq - keep, seq, dtype=np.int64), where, 0),
+                       logits)
+        ro = ort.RunOptions()
+        if self.cuda_graph:
+            ro.add_run_config_entry("gpu_graph_id", "-1")        # prefill shapes vary: no graph
+        self.session.run_with_iobinding(b, ro)
+        return logits.numpy(), total
