@@ -54,7 +54,10 @@ def expected_tensors(cfg: GlmConfig) -> dict[str, tuple[int, ...]]:
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    return (u16.astype(np.uint32) << 16).view(np.float32)
+    """bf16 bits (uint16) -> float32, exactly: the bits become the high half of each word."""
+    out = np.zeros(u16.shape, np.uint32)
+    out.view(np.uint16).reshape(*u16.shape, 2)[..., 1 if np.little_endian else 0] = u16
+    return out.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

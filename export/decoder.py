@@ -29,6 +29,7 @@ from glmrt.contract import io_contract, past_key, past_value, present_key, prese
 
 from .checkpoint import Checkpoint, convert
 from .quant import WeightSource
+from .stream import ordered_map
 from .onnx_builder import ONNX_DTYPE, GraphBuilder
 
 MASK_MIN = float(np.finfo(np.float32).min)
@@ -123,11 +124,11 @@ class DecoderEmitter:
         n_out = sum(p.shape[0] for p in parts)
         dst = self.prec.weights
 
-        def blocks():
-            for r in range(0, k_in, self.block_rows):
-                cols = [convert(p[:, r:r + self.block_rows], s, "float32").T for p, s in zip(parts, src)]
-                yield convert(np.concatenate(cols, axis=1), "F32", dst)  # (rows, n_out)
-        return self.g.weight_blocks(name, (k_in, n_out), dst, blocks())
+        def block(r):
+            cols = [convert(p[:, r:r + self.block_rows], s, "float32").T for p, s in zip(parts, src)]
+            return convert(np.concatenate(cols, axis=1), "F32", dst)       # (rows, n_out)
+        return self.g.weight_blocks(name, (k_in, n_out), dst,
+                                    ordered_map(block, range(0, k_in, self.block_rows)))
 
     def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None,
                reuse: bool = False) -> str:
@@ -274,8 +275,8 @@ class DecoderEmitter:
         key = "model.embed_tokens.weight"
         raw, src, dst = self.ckpt.take_raw(key), self.ckpt.dtype(key), self.prec.weights
         rows = 4096
-        return self.g.weight_blocks(key, raw.shape, dst,
-                                    (convert(raw[r:r + rows], src, dst) for r in range(0, raw.shape[0], rows)))
+        return self.g.weight_blocks(key, raw.shape, dst, ordered_map(
+            lambda r: convert(raw[r:r + rows], src, dst), range(0, raw.shape[0], rows)))
 
 
 class GqaDecoderEmitter(DecoderEmitter):

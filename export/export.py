@@ -47,7 +47,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
     out = Path(out)
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
-    ckpt = Checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, out.parent / f".{out.name}.synthetic")
     ckpt.check()
     if not (ckpt.folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
@@ -88,9 +88,11 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
             "precision": _precision_record(prec, emitter, act_amax, calibration_prompts),
             "graph": GRAPH, "tokenizer": "tokenizer.json",
             "chat_template": template, "generation": generation, "files": files,
+            "streamed_bytes_per_token": _streamed_bytes(g),
             "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
                          "numpy": np.__version__, "python": platform.python_version()},
-            "source": {"checkpoint": str(ckpt.folder.resolve()),
+            "source": {"checkpoint": str(checkpoint) if str(checkpoint).startswith("synthetic:")
+                       else str(ckpt.folder.resolve()),
                        "config_sha256": manifest.sha256(ckpt.folder / "config.json")},
         })
         if out.exists():
@@ -100,9 +102,37 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        shutil.rmtree(out.parent / f".{out.name}.synthetic", ignore_errors=True)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return out
+
+
+def _streamed_bytes(g: GraphBuilder) -> int:
+    """Weight bytes a decode step reads: every external initializer but the embedding table
+    (one row is gathered) and the rotary caches (one row each)."""
+    total = 0
+    for t in g.initializers:
+        if t.data_location == onnx.TensorProto.EXTERNAL and not (
+                t.name == "model.embed_tokens.weight" or t.name.startswith("rotary.")):
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+    return total
+
+
+def open_checkpoint(source, scratch: Path):
+    """A checkpoint folder, or `synthetic:<shape>[:<layers>]` (random weights made on the fly;
+    its config and tokenizer files go to `scratch`)."""
+    text = str(source)
+    if text.startswith("synthetic:"):
+        from .synthetic import SyntheticCheckpoint
+        _, shape, *rest = text.split(":")
+        try:
+            layers = int(rest[0]) if rest else None
+        except ValueError:
+            raise GlmrtError(f"{text}: the layer count must be an integer") from None
+        shutil.rmtree(scratch, ignore_errors=True)
+        return SyntheticCheckpoint(scratch, shape, layers=layers)
+    return Checkpoint(source)
 
 
 def _precision_record(prec, emitter, act_amax, n_prompts) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .checkpoint import convert
 from .onnx_builder import GraphBuilder
+from .stream import ordered_map
 
 FP8_MAX = 448.0
 
@@ -54,14 +55,14 @@ class WeightSource:
             yield np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
 
     def row_amax(self) -> np.ndarray:
-        return np.concatenate([np.abs(w).max(1) for w in self.rows()])        # (N,)
+        return np.concatenate(list(ordered_map(lambda w: np.abs(w).max(1), self.rows())))  # (N,)
 
 
 def report(w: np.ndarray, deq: np.ndarray) -> dict:
     """A round trip's error: relative RMS, max abs, and the sums that let chunks combine."""
-    w64 = w.astype(np.float64)
-    d = deq - w64
-    sq_err, sq_norm = float((d * d).sum()), float((w64 * w64).sum())
+    w32 = np.asarray(w, np.float32).ravel()
+    d = (np.asarray(deq, np.float32).ravel() - w32)
+    sq_err, sq_norm = float(np.dot(d, d)), float(np.dot(w32, w32))
     return {"rel_rmse": (sq_err / sq_norm) ** 0.5 if sq_norm else 0.0,
             "max_abs": float(np.abs(d).max()) if d.size else 0.0,
             "sq_err": sq_err, "sq_norm": sq_norm}
@@ -140,15 +141,18 @@ class MatMulNBits(BlockInt):
         kb = -(-k // self.block)
         scales, zeros = [], []
 
+        def work(w):
+            q = self.quantize(w)
+            c = q.codes.reshape(w.shape[0], kb, self.block)
+            return q, self.error(w, q), pack_nibbles(c) if self.bits == 4 else c  # (r, kb, block*bits/8)
+
         def packed():
-            for w in src.rows():
-                q = self.quantize(w)
-                errors.setdefault(wname, []).append(self.error(w, q))
+            for q, err, data in ordered_map(work, src.rows()):
+                errors.setdefault(wname, []).append(err)
                 scales.append(q.scales)
                 if q.zeros is not None:
                     zeros.append(q.zeros)
-                c = q.codes.reshape(w.shape[0], kb, self.block)
-                yield pack_nibbles(c) if self.bits == 4 else c      # (r, kb, block*bits/8)
+                yield data
         b = g.weight_blocks(wname + ".qweight", (n, kb, self.block * self.bits // 8), "uint8", packed())
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         inputs = [x, b, s]
@@ -185,12 +189,15 @@ class Int4QDQ(BlockInt):
             raise ValueError(f"{wname}: TensorRT's INT4 needs an even last dimension, N={n}")
         scales = []
 
+        def work(w):
+            q = self.quantize(w)
+            return q, self.error(w, q), pack_nibbles(self.signed_codes(q)[:, :w.shape[1]].T)  # (kc, N/2)
+
         def packed():
-            for w in src.cols(self.block):
-                q = self.quantize(w)
-                errors.setdefault(wname, []).append(self.error(w, q))
+            for q, err, data in ordered_map(work, src.cols(self.block)):
+                errors.setdefault(wname, []).append(err)
                 scales.append(q.scales.T)                                  # (kc/block, N)
-                yield pack_nibbles(self.signed_codes(q)[:, :w.shape[1]].T)  # (kc, N/2)
+                yield data
         wq = g.weight_blocks(wname + ".qweight", (k, n), "int4", packed())
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=0, block_size=self.block)       # (K, N)
@@ -226,13 +233,16 @@ class Int8QDQ:
         amax = src.row_amax()                                                # a first pass
         scale = None
 
+        def work(w):
+            q = self.quantize(w, amax)
+            return q, self.error(w, q), np.ascontiguousarray(q.codes.T)        # (kc, N)
+
         def codes():
             nonlocal scale
-            for w in src.cols(1):
-                q = self.quantize(w, amax)
-                errors.setdefault(wname, []).append(self.error(w, q))
+            for q, err, data in ordered_map(work, src.cols(1)):
+                errors.setdefault(wname, []).append(err)
                 scale = q.scales
-                yield np.ascontiguousarray(q.codes.T)                        # (kc, N)
+                yield data
         wq = g.weight_blocks(wname + ".qweight", (k, n), "int8", codes())
         s = g.weight(wname + ".scales", scale, self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=1)                        # (K, N)
@@ -271,13 +281,16 @@ class Fp8QDQ:
         amax = float(src.row_amax().max())                                   # a first pass
         scale = None
 
+        def work(w):
+            q = self.quantize(w, amax)
+            return q, self.error(w, q), np.ascontiguousarray(q.codes.T).view(np.uint8)  # (kc, N)
+
         def codes():
             nonlocal scale
-            for w in src.cols(1):
-                q = self.quantize(w, amax)
-                errors.setdefault(wname, []).append(self.error(w, q))
+            for q, err, data in ordered_map(work, src.cols(1)):
+                errors.setdefault(wname, []).append(err)
                 scale = q.scales
-                yield np.ascontiguousarray(q.codes.T).view(np.uint8)        # (kc, N)
+                yield data
         wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn", codes())
         ws = g.weight(wname + ".scale", np.asarray(scale).reshape(()), self.scale_dtype)
         xs = g.weight(wname + ".input_scale",

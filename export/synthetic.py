@@ -16,7 +16,9 @@ import numpy as np
 
 import glmrt
 from glmrt.config import GlmConfig
-from .checkpoint import INDEX, expected_tensors, f32_to_bf16
+from glmrt.errors import CheckpointError
+
+from .checkpoint import INDEX, Checkpoint, expected_tensors, f32_to_bf16
 
 # GLM-4-0414's special tokens, in id order after the regular vocabulary (151329.. in the real
 # tokenizer; right after the tiny BPE vocabulary here). See shared/GLM4.md.
@@ -177,3 +179,62 @@ def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shard
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+class SyntheticCheckpoint(Checkpoint):
+    """A checkpoint of a named shape whose bf16 weights are made on the fly as the exporter
+    asks for them (nothing on disk but config and tokenizer files): for sizing a deployment
+    and benchmarking before downloading a model. Random, never zeros; deterministic per seed.
+
+    Each tensor is a window into a pool of random bf16 values of its own scale, so a 32B
+    model costs memory copies, not 32B random draws."""
+
+    POOL = 1 << 22
+
+    def __init__(self, folder: str | Path, shape: str, *, layers: int | None = None, seed: int = 0,
+                 scale: float = 2.0):
+        if shape not in SHAPES:
+            raise CheckpointError(f"synthetic shape {shape!r} is not one of {', '.join(SHAPES)}")
+        sizes = dict(SHAPES[shape])
+        if layers is not None:
+            sizes["num_hidden_layers"] = layers
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tok = make_tokenizer()
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        raw_cfg = hf_config(sizes, [ids[t] for t in STOP_TOKENS], ids["<|endoftext|>"])
+        (folder / "config.json").write_text(json.dumps(raw_cfg, indent=2))
+        write_tokenizer_files(folder, tok, "glm4", "file", sizes["max_position_embeddings"])
+        self.folder = folder
+        self.cfg = GlmConfig.from_hf(raw_cfg, source=f"synthetic:{shape}")
+        self.shapes = expected_tensors(self.cfg)
+        self.where = {k: "synthetic" for k in self.shapes}
+        self.taken: set[str] = set()
+        self.seed, self.scale = seed, scale
+        self.pools: dict = {}
+
+    def check(self) -> None:
+        pass
+
+    def dtype(self, key: str) -> str:
+        return "BF16"
+
+    def raw(self, key: str) -> np.ndarray:
+        if key not in self.shapes:
+            raise CheckpointError(f"synthetic checkpoint has no tensor {key!r}")
+        shape = self.shapes[key]
+        kind = ("norm" if key.endswith("norm.weight") else "bias" if key.endswith(".bias")
+                else "embed" if key == "model.embed_tokens.weight" else shape[1])
+        if kind not in self.pools:
+            rng = np.random.default_rng([self.seed, zlib_hash(str(kind))])
+            proto = {"norm": (1.0, 0.1), "bias": (0.0, 0.1), "embed": (0.0, 1.0)}
+            mean, std = proto.get(kind, (0.0, self.scale / np.sqrt(kind) if isinstance(kind, int) else 1.0))
+            self.pools[kind] = f32_to_bf16(mean + std * rng.standard_normal(self.POOL, dtype=np.float32))
+        n = int(np.prod(shape))
+        start = zlib_hash(key) % self.POOL
+        return np.resize(np.roll(self.pools[kind], -start), n).reshape(shape)
+
+
+def zlib_hash(text: str) -> int:
+    import zlib
+    return zlib.crc32(text.encode())

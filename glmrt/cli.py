@@ -32,12 +32,12 @@ def main():
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("checkpoint")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Model folder to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int4", "int8", "fp8"]),
               default="fp32", show_default=True)
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="Graph form: ONNX Runtime (MatMulNBits) or TensorRT (Q/DQ only).")
+@click.option("--target", type=click.Choice(["onnxruntime", "cuda", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Graph form: onnxruntime (CPU), cuda (ORT fused CUDA kernels, device KV cache), tensorrt (Q/DQ only).")
 @click.option("--block-size", type=int, default=None,
               help="int4/int8 block along K (default 32 for onnxruntime, 128 for tensorrt int4).")
 @click.option("--asymmetric", is_flag=True, help="int4/int8 with zero points (onnxruntime only).")
@@ -130,6 +130,33 @@ def chat(model, prompt, system, device, hide_reasoning, **sampling):
         if not text.strip():
             return
         turn(text)
+
+
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
+@click.option("--prompt-lengths", default="128,512,2048", show_default=True)
+@click.option("--contexts", default="128,2048,8192", show_default=True, help="Decode at these context lengths.")
+@click.option("--decode-steps", default=64, show_default=True)
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--bandwidth-tbps", default=4.22, show_default=True,
+              help="The memory-bandwidth ceiling (4.22: the H200's measured copy rate).")
+@click.option("--no-cuda-graph", is_flag=True)
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the figures here.")
+@clean_errors
+def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
+          no_cuda_graph, as_json):
+    """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling."""
+    from pathlib import Path
+
+    from .bench import bench as run_bench
+    from .bench import format_report, to_json
+    r = run_bench(model, device=device, prompt_lengths=[int(x) for x in prompt_lengths.split(",")],
+                  contexts=[int(x) for x in contexts.split(",")], decode_steps=decode_steps,
+                  repeats=repeats, bandwidth_tbps=bandwidth_tbps, cuda_graph=not no_cuda_graph)
+    click.echo(format_report(r))
+    if as_json:
+        Path(as_json).write_text(to_json(r))
 
 
 @main.command()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything glmrt measures on the GPU machine, one stage per call (a call runs at most 10 min):
+#   bash bench/gpu.sh install        join the onnxruntime-gpu wheel parts in /tmp/chunks, install
+#   bash bench/gpu.sh tests          the GPU tests (logits vs CPU fp32, greedy agreement)
+#   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
+#   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 of 61 layers)
+#   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
+# Logs and JSON go to $OUT (the device tool brings them back).
+set -uo pipefail
+stage=${1:?stage}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/work
+export PYTHONPATH=/tmp/site:/tmp/glmrt-site PYTHONUNBUFFERED=1
+W=/tmp/work
+run() { echo "+ $*"; "$@"; }
+
+case "$stage" in
+install)
+  whl=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  cat /tmp/chunks/part? > /tmp/$whl &&
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$whl &&
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/glmrt-site . &&
+  python3 -c "import onnxruntime as o, glmrt.export.export; print(o.__version__, o.get_available_providers())"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  ;;
+tests)
+  run python3 -m pytest -q -p no:cacheprovider tests/test_cuda_form.py -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  ;;
+9b|32b)
+  if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets="int4: fp16:"; else shape=glm-4-32b; sets="int4: fp16:8"; fi
+  for s in $sets; do
+    prec=${s%%:*}; layers=${s#*:}
+    src=synthetic:$shape${layers:+:$layers}
+    dir=$W/$shape-$prec
+    start=$(date +%s)
+    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda --overwrite 2>&1 | tail -1
+    echo "export $src $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    run python3 -m glmrt.cli bench "$dir" --json "$OUT/bench-$shape-$prec${layers:+-$layers}L.json" \
+      2>&1 | tee -a "$OUT/bench-$stage.log"
+    rm -rf "$dir"
+  done
+  ;;
+hf)
+  run python3 bench/hf_baseline.py --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
+  ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac

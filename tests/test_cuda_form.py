@@ -1,0 +1,107 @@
+"""The CUDA form (GroupQueryAttention, fused norms, device KV cache through IOBinding): its
+numerics on ONNX Runtime's CPU provider here, and on the GPU where onnxruntime-gpu is present
+(those tests skip cleanly elsewhere)."""
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import glmrt
+from glmrt import reference
+from glmrt.errors import GlmrtError
+from glmrt.export.checkpoint import Checkpoint
+from glmrt.export.export import export_model
+
+PROMPT = list(range(5, 300, 7))
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with a CUDA device")
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def cuda_form(exported):
+    def get(precision="fp16"):
+        return exported("quant", precision, target="cuda")
+    return get
+
+
+def test_fp16_cuda_form_matches_the_reference_on_cpu(checkpoint, cuda_form):
+    ck = Checkpoint(checkpoint("quant"))
+    w = ck.weights_f32()
+    m = glmrt.load(cuda_form("fp16"), max_context=256)
+    assert m.manifest["io"]["form"] == "gqa"
+    ref, cache = reference.forward(ck.cfg, w, PROMPT)
+    assert rel(m.logits(PROMPT), ref) < 1e-2          # fp16 weights and activations: ~7e-4
+    with m.decoder.generation() as n:
+        logits, n = m.decoder.step(np.array([PROMPT]), n)
+        for token in [17, 250, 3, 999]:                   # decode steps through the device cache
+            ref, cache = reference.forward(ck.cfg, w, [token], cache)
+            logits, n = m.decoder.step(np.array([[token]]), n)
+            assert rel(logits[0, -1], ref[-1]) < 1e-2
+        assert n == len(PROMPT) + 4
+
+
+def test_greedy_tokens_agree_with_the_fp32_cpu_form(cuda_form, model):
+    m = glmrt.load(cuda_form("fp16"), max_context=256)
+    assert m.generate(PROMPT, max_new_tokens=24) == model("quant").generate(PROMPT, max_new_tokens=24)
+
+
+def test_device_cache_generations_take_turns(cuda_form):
+    m = glmrt.load(cuda_form("int4"), max_context=256)
+    prompts = [PROMPT[:n] for n in (5, 9, 13, 17)]
+    want = [m.generate(p, max_new_tokens=8) for p in prompts]
+    got = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], max_new_tokens=8)))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+def test_cache_bound_is_a_clear_error(cuda_form):
+    m = glmrt.load(cuda_form("fp16"), max_context=64)
+    with pytest.raises(glmrt.InputError, match="longer than the model's context"):
+        m.logits(list(range(5, 100)))
+
+
+def test_cuda_target_refuses_what_it_cannot_run(checkpoint, tmp_path):
+    with pytest.raises(GlmrtError, match="target cuda .* takes fp16, int4 or int8, not fp32"):
+        export_model(checkpoint("quant"), tmp_path / "o", precision="fp32", target="cuda", progress=False)
+    with pytest.raises(GlmrtError, match="rotary_dim/2 a multiple of 8"):
+        export_model(checkpoint("tiny"), tmp_path / "o", precision="fp16", target="cuda", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_device_without_gpu_says_how_to_get_one(cuda_form):
+    if HAS_CUDA:
+        pytest.skip("a GPU is present")
+    with pytest.raises(GlmrtError, match=r"onnxruntime-gpu .*pip install 'glmrt\[gpu\]'"):
+        glmrt.load(cuda_form("fp16"), device="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("name", ["quant", "mqa-yarn"])
+def test_gpu_logits_match_cpu_fp32_within_fp16_tolerance(name, exported, model):
+    if name == "mqa-yarn":
+        pytest.skip("rotary_dim 8: GroupQueryAttention needs a multiple of 16")
+    m = glmrt.load(exported(name, "fp16", target="cuda"), device="cuda", max_context=512)
+    ref = model(name).logits(PROMPT)
+    got = m.logits(PROMPT)
+    assert rel(got, ref) < 1e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    assert m.generate(PROMPT, max_new_tokens=24) == model(name).generate(PROMPT, max_new_tokens=24)
+
+
+@gpu
+def test_gpu_int4_and_cuda_graph_decode(exported, model):
+    m = glmrt.load(exported("quant", "int4", target="cuda"), device="cuda", max_context=512)
+    cpu = glmrt.load(exported("quant", "int4", target="cuda"), device="cpu", max_context=512)
+    assert m.decoder.cuda_graph
+    assert m.generate(PROMPT, max_new_tokens=24) == cpu.generate(PROMPT, max_new_tokens=24)
+    assert m.generate(PROMPT[:9], max_new_tokens=24) == cpu.generate(PROMPT[:9], max_new_tokens=24)
