@@ -12,6 +12,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/work
 export PYTHONPATH=/tmp/site:/tmp/glmrt-site PYTHONUNBUFFERED=1
 W=/tmp/work
+REPO=$(pwd)
+cd "$W"     # not the checkout: its glmrt/ folder would shadow the installed package
 run() { echo "+ $*"; "$@"; }
 
 case "$stage" in
@@ -19,15 +21,15 @@ install)
   whl=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   cat /tmp/chunks/part? > /tmp/$whl &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$whl &&
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/glmrt-site . &&
+  rm -rf /tmp/glmrt-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/glmrt-site "$REPO" &&
   python3 -c "import onnxruntime as o, glmrt.export.export; print(o.__version__, o.get_available_providers())"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   ;;
 tests)
-  run python3 -m pytest -q -p no:cacheprovider tests/test_cuda_form.py -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
   ;;
 9b|32b)
-  if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets="int4: fp16:"; else shape=glm-4-32b; sets="int4: fp16:8"; fi
+  if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets=${SETS:-"int4: fp16:"}; else shape=glm-4-32b; sets="int4: fp16:8"; fi
   for s in $sets; do
     prec=${s%%:*}; layers=${s#*:}
     src=synthetic:$shape${layers:+:$layers}
@@ -35,13 +37,21 @@ tests)
     start=$(date +%s)
     python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda --overwrite 2>&1 | tail -1
     echo "export $src $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
-    run python3 -m glmrt.cli bench "$dir" --json "$OUT/bench-$shape-$prec${layers:+-$layers}L.json" \
+    run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$prec${layers:+-$layers}L.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
     rm -rf "$dir"
   done
   ;;
+diag)
+  python3 -m glmrt.cli tiny "$W/ck" >/dev/null
+  python3 -c "
+from glmrt.export.synthetic import make_checkpoint, TINY
+make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)"
+  python3 -m glmrt.cli export "$W/qck" -o "$W/q-int4" --precision int4 --target cuda --overwrite | tail -1
+  run python3 "$REPO/bench/graph_diag.py" "$W/q-int4" 2>&1 | tee "$OUT/graph-diag.log"
+  ;;
 hf)
-  run python3 bench/hf_baseline.py --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
+  run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

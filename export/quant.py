@@ -37,7 +37,7 @@ class QTensor:
 class WeightSource:
     """Checkpoint matrices [out_j, K] stacked along out, read in chunks (never whole)."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, str]], chunk: int = 4096):
+    def __init__(self, parts: list[tuple[np.ndarray, str]], chunk: int = 1024):
         self.parts, self.chunk = parts, chunk
         self.n = sum(p.shape[0] for p, _ in parts)
         self.k = parts[0][0].shape[1]

@@ -166,7 +166,9 @@ class GqaDecoder:
         if seq == 1 and keep == 1:
             self.d_ids.update_inplace(ids.astype(np.int64))
             self.d_seqlens.update_inplace(np.array([total - 1], np.int32))
-            self.d_total.update_inplace(np.array(total, np.int32))
+            # A CUDA graph replays host values as captured: give GroupQueryAttention the
+            # buffer's length, constant, and let seqlens_k (on the device) carry the position.
+            self.d_total.update_inplace(np.array(self.max_context if self.cuda_graph else total, np.int32))
             ro = ort.RunOptions()
             if self.cuda_graph:
                 ro.add_run_config_entry("gpu_graph_id", "1")

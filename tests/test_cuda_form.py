@@ -95,7 +95,12 @@ def test_gpu_logits_match_cpu_fp32_within_fp16_tolerance(name, exported, model):
     got = m.logits(PROMPT)
     assert rel(got, ref) < 1e-2
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
-    assert m.generate(PROMPT, max_new_tokens=24) == model(name).generate(PROMPT, max_new_tokens=24)
+    # greedy: exact against the same fp16 graph on the CPU provider; against fp32 until the
+    # random model's near-ties (seen on the H200: the 16th token differed by fp16 rounding)
+    gpu_tokens = m.generate(PROMPT, max_new_tokens=24)
+    cpu_fp16 = glmrt.load(exported(name, "fp16", target="cuda"), device="cpu", max_context=512)
+    assert gpu_tokens == cpu_fp16.generate(PROMPT, max_new_tokens=24)
+    assert gpu_tokens[:12] == model(name).generate(PROMPT, max_new_tokens=12)
 
 
 @gpu
