@@ -126,17 +126,20 @@ class Shard:
         for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise CheckpointError(f"{path}: tensors {k0!r} and {k1!r} overlap")
-        self._map = None
-
     def array(self, key: str) -> np.ndarray:
-        """A read-only view into the mapped file (bf16 as uint16)."""
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        """A read-only view into the file (bf16 as uint16), mapped for this tensor alone: the
+        mapping, and the pages it made resident, go away when the array is dropped, so the
+        exporter's resident memory does not grow with the model."""
         dtype, shape, begin, end = self.entries[key]
         np_dtype = DTYPES[dtype][0]
-        return np.frombuffer(self._map, dtype=np_dtype, count=(end - begin) // np.dtype(np_dtype).itemsize,
-                             offset=self.data_start + begin).reshape(shape)
+        start = self.data_start + begin
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        if end == begin:
+            return np.zeros(shape, np_dtype)
+        with open(self.path, "rb") as f:
+            m = mmap.mmap(f.fileno(), start + (end - begin) - base, access=mmap.ACCESS_READ, offset=base)
+        return np.frombuffer(m, dtype=np_dtype, count=(end - begin) // np.dtype(np_dtype).itemsize,
+                             offset=start - base).reshape(shape)
 
 
 class Checkpoint:

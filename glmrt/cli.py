@@ -61,11 +61,14 @@ def export(checkpoint, out, precision, target, block_size, asymmetric, activatio
 @main.command()
 @click.argument("out", type=click.Path())
 @click.option("--seed", default=0, show_default=True)
+@click.option("--shape", type=click.Choice(["tiny", "glm-z1-9b", "glm-4-32b"]), default="tiny",
+              show_default=True, help="Real shapes write 19 / 65 GB of random bf16 weights.")
+@click.option("--shards", default=2, show_default=True)
 @clean_errors
-def tiny(out, seed):
-    """Write the embedded default: a tiny random GLM-4-0414 checkpoint with the real layout."""
-    from glmrt.export.synthetic import make_checkpoint
-    click.echo(f"wrote {make_checkpoint(out, seed=seed)}")
+def tiny(out, seed, shape, shards):
+    """Write a random-weight GLM-4-0414 checkpoint with the real file layout (tiny by default)."""
+    from glmrt.export.synthetic import SHAPES, make_checkpoint
+    click.echo(f"wrote {make_checkpoint(out, SHAPES[shape], seed=seed, shards=shards)}")
 
 
 def sampling_options(fn):
@@ -157,6 +160,28 @@ def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwi
     click.echo(format_report(r))
     if as_json:
         Path(as_json).write_text(to_json(r))
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="UTF-8 text to score.")
+@click.option("--window", default=512, show_default=True, help="Tokens per scoring window.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@clean_errors
+def evaluate(model, text_file, window, device):
+    """Perplexity of a text under an exported MODEL (through the runtime's own logits)."""
+    from pathlib import Path
+
+    import glmrt
+
+    from .evaluate import perplexity
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise glmrt.InputError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
+    r = perplexity(glmrt.load(model, device=device), text, window=window)
+    click.echo(f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens (window {r['window']})")
 
 
 @main.command()

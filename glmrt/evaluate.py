@@ -1,0 +1,27 @@
+"""`glmrt eval`: perplexity of a text under a model, through Model.logits, in windows."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+
+
+def perplexity(model, text: str, window: int = 512) -> dict:
+    """exp(mean negative log-likelihood) of every token after the first of each window.
+    Windows do not overlap: each starts with no context, as a scoring run of that length."""
+    ids = model.tokenizer.encode(text)
+    window = min(window, model.max_context)
+    if window < 2 or len(ids) < 2:
+        raise InputError("perplexity needs a window of at least 2 tokens and a text of 2 or more tokens")
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        logits = model.logits(chunk).astype(np.float64)[:-1]              # (n-1, V)
+        logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        nll += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        count += len(chunk) - 1
+    return {"perplexity": math.exp(nll / count), "tokens": count, "window": window}
