@@ -1,4 +1,6 @@
-"""glmrt.engines: exported model -> an engine for one target GPU (TensorRT, ONNX Runtime).
+"""glmrt.engines: exported model -> an engine for one target (`glmrt build`).
 
-Not built yet: see the engines issue. Each engine will live in its own folder keyed by GPU and
-precision, with a manifest, and the runtime will load it through the same glmrt.load API."""
+build.py           folder naming, manifest, temp-folder-and-rename; dispatch by backend
+profiles.py        TensorRT optimization profiles from the IO contract
+tensorrt_build.py  TensorRT's Python API (10.x / 11.x): parse, configure, build, serialize
+The runtime side is glmrt.trt_runtime (TensorRT) and glmrt.session (ONNX Runtime)."""

@@ -162,6 +162,29 @@ def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwi
         Path(as_json).write_text(to_json(r))
 
 
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--backend", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True)
+@click.option("--gpu", default="auto", show_default=True, help="auto, or NAME@smXY.")
+@click.option("--precision", type=click.Choice(["fp16", "fp8", "int4", "int8"]), default=None,
+              help="Must match the exported model's (default: the model's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True,
+              help="onnxruntime backend: which provider to optimize for.")
+@click.option("--max-batch", default=1, show_default=True)
+@click.option("--max-prompt", default=2048, show_default=True)
+@click.option("--max-context", default=4096, show_default=True)
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimization level 0-5.")
+@click.option("--overwrite", is_flag=True)
+@clean_errors
+def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, overwrite):
+    """Build an engine for one target from an exported MODEL folder (stored inside it)."""
+    from glmrt.engines.build import build as run_build
+    out = run_build(model, backend=backend, gpu=gpu, precision=precision, device=device,
+                    max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
+                    opt_level=opt_level, overwrite=overwrite)
+    click.echo(f"built {out}")
+
+
 @main.command(name="eval")
 @click.argument("model", type=click.Path(file_okay=False))
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),

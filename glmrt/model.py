@@ -37,7 +37,7 @@ class Generation:
 class Model:
     def __init__(self, path: str | Path, *, device: str = "cpu", verify: bool = True,
                  threads: int | None = None, max_context: int | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, backend: str = "onnxruntime"):
         self.folder = Path(path)
         self.manifest = manifest_io.read(self.folder, verify=verify)
         self.config = GlmConfig.from_dict(self.manifest["config"])
@@ -45,7 +45,12 @@ class Model:
         self.chat_template = read_template(self.folder, self.manifest["chat_template"]) \
             or builtin_template("glm4")
         self.eos_ids = frozenset(self.manifest["generation"]["eos_token_id"])
-        self.decoder = make_decoder(self.folder, self.manifest, device, threads, max_context, cuda_graph)
+        if backend == "tensorrt":
+            self.decoder = _tensorrt_decoder(self.folder, self.manifest, verify)
+        elif backend == "onnxruntime":
+            self.decoder = make_decoder(self.folder, self.manifest, device, threads, max_context, cuda_graph)
+        else:
+            raise InputError(f"backend={backend!r}; expected 'onnxruntime' or 'tensorrt'")
         self.max_context = getattr(self.decoder, "max_context", self.config.max_position_embeddings)
 
     # ---- tokens ----------------------------------------------------------------------------
@@ -163,6 +168,21 @@ class Model:
         reply = self.chat(messages, **kwargs)
         reply["citations"] = resolve_citations(reply["content"], documents)
         return reply
+
+
+def _tensorrt_decoder(folder: Path, manifest: dict, verify: bool):
+    """The engine built for this GPU and the model's precision (glmrt build --backend tensorrt)."""
+    from .engine import engine_dir, read_engine
+    from .errors import ArtifactError
+    from .gpu import detect
+    from .trt_runtime import TrtDecoder
+    gpu = detect()
+    where = engine_dir(folder, "tensorrt", manifest["precision"]["name"], gpu_name=gpu.name,
+                       compute_capability=gpu.compute_capability)
+    if not where.is_dir():
+        raise ArtifactError(f"{where}: no TensorRT engine for {gpu.name} ({gpu.sm}); build one: "
+                            f"glmrt build {folder} --backend tensorrt")
+    return TrtDecoder(where, read_engine(where, verify), manifest)
 
 
 @dataclasses.dataclass

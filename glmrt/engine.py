@@ -1,0 +1,66 @@
+"""Engines: what `glmrt build` writes inside a model folder, and the checks the runtime makes
+before loading one. Shared by the builder (glmrt.engines) and the runtime.
+
+  MODEL/engines/<gpu-slug>-sm<major><minor>/<precision>/   (TensorRT)
+  MODEL/engines/onnxruntime-<device>/<precision>/          (ONNX Runtime optimized graph)
+each with manifest.json:
+  format, kind ("tensorrt-engine" | "onnxruntime-optimized"), backend, precision,
+  gpu {name, compute_capability}, tensorrt (version), profiles, source {model_manifest_sha256},
+  files {name: {sha256, bytes}}, versions.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import manifest as manifest_io
+from .errors import ArtifactError
+
+ENGINES = "engines"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200' (folder-safe, stable)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def engine_dir(model_dir: Path, backend: str, precision: str, *, gpu_name: str | None = None,
+               compute_capability: tuple[int, int] | None = None, device: str | None = None) -> Path:
+    if backend == "tensorrt":
+        major, minor = compute_capability
+        return Path(model_dir) / ENGINES / f"{gpu_slug(gpu_name)}-sm{major}{minor}" / precision
+    if backend == "onnxruntime":
+        return Path(model_dir) / ENGINES / f"onnxruntime-{device}" / precision
+    raise ArtifactError(f"backend {backend!r} is not one of tensorrt, onnxruntime")
+
+
+def check_compatible(engine_manifest: dict, *, gpu_name: str | None, compute_capability: tuple | None,
+                     tensorrt_version: str | None, where: Path) -> None:
+    """Refuse, saying which and how to rebuild, an engine made for another GPU or TensorRT."""
+    if engine_manifest.get("kind") != "tensorrt-engine":
+        return
+    want = engine_manifest["gpu"]
+    built_cc = tuple(want["compute_capability"])
+    rebuild = f"rebuild it here: glmrt build {where.parent.parent.parent} --backend tensorrt"
+    if tensorrt_version is not None and engine_manifest["tensorrt"] != tensorrt_version:
+        raise ArtifactError(f"{where}: engine built with TensorRT {engine_manifest['tensorrt']}, this is "
+                            f"TensorRT {tensorrt_version}; plans load only on the version that made them; "
+                            + rebuild)
+    if compute_capability is not None and built_cc != tuple(compute_capability):
+        raise ArtifactError(f"{where}: engine built for {want['name']} (sm{built_cc[0]}{built_cc[1]}), this "
+                            f"GPU is {gpu_name} (sm{compute_capability[0]}{compute_capability[1]}); " + rebuild)
+    if gpu_name is not None and gpu_slug(want["name"]) != gpu_slug(gpu_name):
+        raise ArtifactError(f"{where}: engine built for {want['name']}, this GPU is {gpu_name}; " + rebuild)
+
+
+def read_engine(engine_path: Path, verify: bool = True) -> dict:
+    m = manifest_io.read(engine_path, verify=verify)
+    if m.get("kind") not in ("tensorrt-engine", "onnxruntime-optimized"):
+        raise ArtifactError(f"{engine_path / manifest_io.MANIFEST}: not an engine manifest")
+    return m
+
+
+def source_matches(engine_manifest: dict, model_dir: Path) -> bool:
+    """The engine was built from this model folder's manifest (by checksum)."""
+    return engine_manifest["source"]["model_manifest_sha256"] == \
+        manifest_io.sha256(Path(model_dir) / manifest_io.MANIFEST)

@@ -1,0 +1,86 @@
+"""Which GPU is this, without torch: NVML (nvidia-ml-py), then the CUDA driver through
+cuda-python, then nvidia-smi. Also what each compute capability supports."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+
+from .errors import GlmrtError
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+# what TensorRT runs per precision, by compute capability (shared/TENSORRT.md)
+MIN_CC = {"fp16": (5, 3), "int8": (6, 1), "int4": (8, 0), "fp8": (8, 9)}
+
+
+def check_precision(precision: str, gpu: Gpu) -> None:
+    need = MIN_CC.get(precision)
+    if need is None:
+        raise GlmrtError(f"TensorRT engines are built for fp16, int8, int4 or fp8, not {precision}")
+    if gpu.compute_capability < need:
+        raise GlmrtError(f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
+                         f"(Ada, Hopper and later for fp8); {gpu.name} is "
+                         f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}")
+
+
+def parse_gpu(text: str) -> Gpu:
+    """'NAME@smXY' or 'NAME@X.Y' (a GPU named explicitly)."""
+    m = re.fullmatch(r"(.+)@(?:sm(\d)(\d+)|(\d+)\.(\d+))", text.strip())
+    if not m:
+        raise GlmrtError(f"--gpu {text!r}: expected 'auto' or NAME@smXY (for example 'NVIDIA H200@sm90')")
+    major, minor = (m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5))
+    return Gpu(m.group(1).strip(), (int(major), int(minor)))
+
+
+def detect(index: int = 0) -> Gpu:
+    for probe in (_nvml, _cuda_driver, _nvidia_smi):
+        try:
+            gpu = probe(index)
+        except Exception:  # each probe is optional; the next one is tried
+            gpu = None
+        if gpu is not None:
+            return gpu
+    raise GlmrtError("no NVIDIA GPU found (tried NVML, the CUDA driver and nvidia-smi); "
+                     "name one with --gpu NAME@smXY")
+
+
+def _nvml(index):
+    import pynvml
+    pynvml.nvmlInit()
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else name
+        return Gpu(name, tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)))
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _cuda_driver(index):
+    from cuda.bindings import driver as cu
+    (err,) = cu.cuInit(0)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        return None
+    err, dev = cu.cuDeviceGet(index)
+    err, raw = cu.cuDeviceGetName(256, dev)
+    _, major = cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    _, minor = cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    return Gpu(raw.split(b"\0")[0].decode(), (major, minor))
+
+
+def _nvidia_smi(index):
+    out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name,compute_cap",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    name, cc = out.stdout.strip().rsplit(",", 1)
+    major, minor = cc.strip().split(".")
+    return Gpu(name.strip(), (int(major), int(minor)))
