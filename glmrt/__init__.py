@@ -11,6 +11,7 @@ from .errors import ArtifactError, CheckpointError, ConfigError, GlmrtError, Inp
 
 
 from .reply import parse_reply  # noqa: E402,F401  (pure: usable without a model)
+from .sampling import SamplingParams  # noqa: E402,F401
 
 
 def load(path, **kwargs):

@@ -22,6 +22,10 @@ def clean_errors(fn):
         except GlmrtError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:          # disk full, permissions: name the file, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
     return wrapper
 
 
@@ -90,20 +94,25 @@ def sampling_options(fn):
 @click.option("--system", default=None, help="System message.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--hide-reasoning", is_flag=True, help="Do not show GLM-Z1's reasoning.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the model files' checksums on load.")
+@click.option("--truncate", is_flag=True, help="Drop the oldest turns when the chat outgrows the context.")
 @sampling_options
 @clean_errors
-def chat(model, prompt, system, device, hide_reasoning, **sampling):
+def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **sampling):
     """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D quits; Ctrl-C
     stops the reply being written and keeps what was written so far."""
     import glmrt
-    m = glmrt.load(model, device=device)
+    m = glmrt.load(model, device=device, verify=verify)
+    glmrt.SamplingParams(sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                         sampling["repetition_penalty"], sampling["seed"])   # fail before the first turn
     history = [{"role": "system", "content": system}] if system else []
 
     def turn(text):
         history.append({"role": "user", "content": text})
         content, kind = [], None
         try:
-            for d in m.chat_stream(history, **sampling):
+            for d in m.chat_stream(history, truncate=truncate, **sampling):
                 if d.kind == "reasoning" and not hide_reasoning:
                     click.echo(click.style(d.text, dim=True, italic=True), nl=False)
                 elif d.kind == "content":
@@ -130,9 +139,16 @@ def chat(model, prompt, system, device, hide_reasoning, **sampling):
         except (EOFError, KeyboardInterrupt):
             click.echo()
             return
+        except UnicodeDecodeError:
+            click.echo("error: that line is not valid UTF-8; type it again", err=True)
+            continue
         if not text.strip():
             return
-        turn(text)
+        try:
+            turn(text)
+        except GlmrtError as e:      # a bad turn is reported; the conversation goes on
+            history.pop()
+            click.echo(f"error: {e}", err=True)
 
 
 @main.command()

@@ -68,7 +68,7 @@ class Model:
                              f"[0, {self.config.vocab_size})")
         if ids.size > self.max_context:
             raise InputError(f"prompt of {ids.size} tokens is longer than the model's context "
-                             f"({self.max_context})")
+                             f"({self.max_context}); pass truncate=True to drop the oldest")
         return ids.astype(np.int64)
 
     def logits(self, token_ids) -> np.ndarray:
@@ -81,10 +81,15 @@ class Model:
     def stream(self, token_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, seed: int | None = None,
-               logits_processor=None, result: Generation | None = None) -> Iterator[int]:
+               logits_processor=None, truncate: bool = False,
+               result: Generation | None = None) -> Iterator[int]:
         """Yield new token ids one by one until an end token (not yielded) or the length
         limit. Pass `result` to learn the finish reason. `logits_processor(ids, logits)`
-        may return changed logits (V,) before sampling; ids are the prompt and output so far."""
+        may return changed logits (V,) before sampling; ids are the prompt and output so far.
+        truncate=True keeps only the newest prompt tokens that leave room for one new token
+        (otherwise a prompt over the context is an error)."""
+        if truncate:
+            token_ids = list(token_ids)[-(self.max_context - 1):]
         ids = self._ids(token_ids)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -123,20 +128,44 @@ class Model:
     def render_prompt(self, messages, tools=None, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's own chat template makes (as transformers renders it).
         OpenAI-shaped tool calls and tool results are turned into GLM's form first."""
-        return render(self.chat_template, to_glm_messages(messages), tools=tools,
-                      add_generation_prompt=add_generation_prompt,
-                      special_tokens=self.tokenizer.template_tokens())
+        return self.tokenizer.unshield(self._render(messages, tools, add_generation_prompt))
+
+    def _render(self, messages, tools=None, add_generation_prompt: bool = True) -> str:
+        """The prompt with user-typed special-token text shielded (see Tokenizer.shield)."""
+        tok = self.tokenizer
+        return render(self.chat_template, tok.shield(to_glm_messages(messages)), tools=tok.shield(tools),
+                      add_generation_prompt=add_generation_prompt, special_tokens=tok.template_tokens())
+
+    def prompt_ids(self, messages, tools=None, *, truncate: bool = False, room: int = 1) -> list[int]:
+        """Token ids of the rendered prompt. Special-token text inside messages stays text:
+        only the template's own markers become control tokens. truncate=True drops the
+        oldest non-system messages until the prompt leaves `room` tokens of context."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError("messages must be a non-empty list of {'role', 'content'} dicts")
+        messages = list(messages)
+        while True:
+            ids = self.tokenizer.encode_shielded(self._render(messages, tools))
+            if not truncate or len(ids) + room <= self.max_context:
+                return ids
+            drop = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
+            if drop is None:
+                raise InputError(f"the last message alone ({len(ids)} tokens with the template) "
+                                 f"does not fit the context ({self.max_context})")
+            del messages[drop]
 
     def chat_stream(self, messages, tools=None, **kwargs) -> Iterator[Delta]:
         """Yield Delta("reasoning" | "content", text) as the reply is written (whole UTF-8
         characters; a possible tool call is held back until it is complete), then one
         Delta("done", message=...) with the parsed assistant message (see chat)."""
-        prompt = self.render_prompt(messages, tools)
-        thinking = prompt.rstrip().endswith(THINK_OPEN)
+        truncate = kwargs.pop("truncate", False)
+        new = kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        room = min(new, 64) if isinstance(new, int) and not isinstance(new, bool) and new > 0 else 1
+        ids = self.prompt_ids(messages, tools, truncate=truncate, room=room)
+        thinking = self._render(messages, tools).rstrip().endswith(THINK_OPEN)
         res = Generation([])
         dec = self.tokenizer.stream(skip_special=False)
         split = _Splitter(thinking)
-        for token in self.stream(self.tokenizer.encode(prompt), result=res, **kwargs):
+        for token in self.stream(ids, result=res, **kwargs):
             yield from split.feed(dec.push(token))
         yield from split.feed(dec.flush())
         reply = parse_reply(split.text, tools, thinking=thinking,

@@ -73,6 +73,11 @@ def check_messages(messages) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise InputError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"messages[{i}].content is not valid UTF-8 text "
+                             f"(an unpaired surrogate at position {e.start})") from None
         out.append({**m, "content": content})
     return out
 

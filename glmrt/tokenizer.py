@@ -3,9 +3,13 @@ decoder that only emits text once it decodes cleanly at a UTF-8 boundary."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .errors import ArtifactError
+
+
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
 class Tokenizer:
@@ -19,6 +23,8 @@ class Tokenizer:
         self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()
                         if t.special}
         self.special_ids = set(self.special.values())
+        self.special_sorted = sorted(self.special, key=len, reverse=True)   # longest first
+        self._literal = None
         tc = folder / "tokenizer_config.json"
         self.config = {}
         if tc.is_file():
@@ -41,6 +47,42 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Encode rendered prompt text; special-token strings in it become control tokens."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Encode text in which special-token strings are plain characters (user input)."""
+        if self._literal is None:
+            from tokenizers import Tokenizer as HfTokenizer
+            self._literal = HfTokenizer.from_str(self.tok.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    # -- keeping user-typed special-token text out of the control channel ------------------
+    # Before rendering, each special-token string inside message or tool text is swapped for
+    # a private-use placeholder; after rendering, the template's own special tokens are
+    # encoded as control tokens and the placeholders as the literal characters they stand for.
+    def shield(self, value):
+        """Replace special-token strings in every string of a JSON-like value."""
+        if isinstance(value, str):
+            for i, tok in enumerate(self.special_sorted):
+                if tok in value:
+                    value = value.replace(tok, f"\ue000{i}\ue001")
+            return value
+        if isinstance(value, list):
+            return [self.shield(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.shield(v) for k, v in value.items()}
+        return value
+
+    def unshield(self, text: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: self.special_sorted[int(m.group(1))], text)
+
+    def encode_shielded(self, text: str) -> list[int]:
+        ids, pos = [], 0
+        for m in _PLACEHOLDER.finditer(text):
+            ids += self.encode(text[pos:m.start()])
+            ids += self.encode_literal(self.special_sorted[int(m.group(1))])
+            pos = m.end()
+        return ids + self.encode(text[pos:])
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
