@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from pathlib import Path
 
 import glmrt
@@ -107,11 +106,7 @@ def _onnxruntime(model_dir: Path, man: dict, device: str, overwrite: bool) -> Pa
 def _write(model_dir: Path, man: dict, out: Path, make, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already built (pass --overwrite to rebuild)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with manifest_io.staged(out) as tmp:
         entry = make(tmp)
         files = {n: manifest_io.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
         manifest_io.write(tmp, {
@@ -120,10 +115,4 @@ def _write(model_dir: Path, man: dict, out: Path, make, overwrite: bool) -> Path
                        "model_manifest_sha256": manifest_io.sha256(model_dir / manifest_io.MANIFEST)},
             "files": files,
             "versions": {"glmrt": glmrt.__version__, "python": platform.python_version()}})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -47,60 +47,49 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
     out = Path(out)
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
-    ckpt = open_checkpoint(checkpoint, out.parent / f".{out.name}.synthetic")
-    ckpt.check()
-    if not (ckpt.folder / "tokenizer.json").is_file():
-        raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
-                              "checkpoint's tokenizer files)")
-    generation = _generation(ckpt)
-    act_amax = None
-    if precision == "fp8":
-        prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
-        act_amax = activation_amax(ckpt, prompts)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) \
-        if _main_thread() else None
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        weights = WeightFile(tmp, WEIGHTS)
-        g = GraphBuilder(weights)
-        emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax)
-        contract = emitter.emit(progress=progress)
-        ckpt.assert_all_taken()
-        weights.close()
-        model = g.model(contract["inputs"], contract["outputs"], contrib=target != "tensorrt",
-                        doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
-        (tmp / GRAPH).write_bytes(model.SerializeToString())
-        del model
-        if target != "cuda":    # the cuda form uses ORT-only ops the checker does not know
-            onnx.checker.check_model(str(tmp / GRAPH))
-        for name in TOKENIZER_FILES:
-            if (ckpt.folder / name).is_file():
-                shutil.copy2(ckpt.folder / name, tmp / name)
-        template = _template_source(ckpt.folder)
-        files = {n: manifest.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
-        manifest.write(tmp, {
-            "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
-            "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),
-            "precision": _precision_record(prec, emitter, act_amax, calibration_prompts),
-            "graph": GRAPH, "tokenizer": "tokenizer.json",
-            "chat_template": template, "generation": generation, "files": files,
-            "streamed_bytes_per_token": _streamed_bytes(g),
-            "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
-                         "numpy": np.__version__, "python": platform.python_version()},
-            "source": {"checkpoint": str(checkpoint) if str(checkpoint).startswith("synthetic:")
-                       else str(ckpt.folder.resolve()),
-                       "config_sha256": manifest.sha256(ckpt.folder / "config.json")},
-        })
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ckpt = open_checkpoint(checkpoint, out.parent / f".{out.name}.synthetic")
+        ckpt.check()
+        if not (ckpt.folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
+                                  "checkpoint's tokenizer files)")
+        generation = _generation(ckpt)
+        act_amax = None
+        if precision == "fp8":
+            prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
+            act_amax = activation_amax(ckpt, prompts)
+        with manifest.staged(out) as tmp:
+            weights = WeightFile(tmp, WEIGHTS)
+            g = GraphBuilder(weights)
+            emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax)
+            contract = emitter.emit(progress=progress)
+            ckpt.assert_all_taken()
+            weights.close()
+            model = g.model(contract["inputs"], contract["outputs"], contrib=target != "tensorrt",
+                            doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
+            (tmp / GRAPH).write_bytes(model.SerializeToString())
+            del model
+            if target != "cuda":    # the cuda form uses ORT-only ops the checker does not know
+                onnx.checker.check_model(str(tmp / GRAPH))
+            for name in TOKENIZER_FILES:
+                if (ckpt.folder / name).is_file():
+                    shutil.copy2(ckpt.folder / name, tmp / name)
+            template = _template_source(ckpt.folder)
+            files = {n: manifest.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
+            manifest.write(tmp, {
+                "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
+                "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),
+                "precision": _precision_record(prec, emitter, act_amax, calibration_prompts),
+                "graph": GRAPH, "tokenizer": "tokenizer.json",
+                "chat_template": template, "generation": generation, "files": files,
+                "streamed_bytes_per_token": _streamed_bytes(g),
+                "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
+                             "numpy": np.__version__, "python": platform.python_version()},
+                "source": {"checkpoint": str(checkpoint) if str(checkpoint).startswith("synthetic:")
+                           else str(ckpt.folder.resolve()),
+                           "config_sha256": manifest.sha256(ckpt.folder / "config.json")},
+            })
     finally:
         shutil.rmtree(out.parent / f".{out.name}.synthetic", ignore_errors=True)
         if old_term is not None:

@@ -58,6 +58,16 @@ class WeightSource:
         return np.concatenate(list(ordered_map(lambda w: np.abs(w).max(1), self.rows())))  # (N,)
 
 
+def stream_quantized(chunks, work, errors: dict, wname: str, keep):
+    """Run `work(chunk) -> (QTensor, error report, bytes to write)` over chunks on the thread
+    pool, in order; record each chunk's error under `wname`, hand each QTensor to `keep`, and
+    yield the bytes for the weight file."""
+    for q, err, data in ordered_map(work, chunks):
+        errors.setdefault(wname, []).append(err)
+        keep(q)
+        yield data
+
+
 def report(w: np.ndarray, deq: np.ndarray) -> dict:
     """A round trip's error: relative RMS, max abs, and the sums that let chunks combine."""
     w32 = np.asarray(w, np.float32).ravel()
@@ -146,14 +156,12 @@ class MatMulNBits(BlockInt):
             c = q.codes.reshape(w.shape[0], kb, self.block)
             return q, self.error(w, q), pack_nibbles(c) if self.bits == 4 else c  # (r, kb, block*bits/8)
 
-        def packed():
-            for q, err, data in ordered_map(work, src.rows()):
-                errors.setdefault(wname, []).append(err)
-                scales.append(q.scales)
-                if q.zeros is not None:
-                    zeros.append(q.zeros)
-                yield data
-        b = g.weight_blocks(wname + ".qweight", (n, kb, self.block * self.bits // 8), "uint8", packed())
+        def keep(q):
+            scales.append(q.scales)
+            if q.zeros is not None:
+                zeros.append(q.zeros)
+        b = g.weight_blocks(wname + ".qweight", (n, kb, self.block * self.bits // 8), "uint8",
+                            stream_quantized(src.rows(), work, errors, wname, keep))
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         inputs = [x, b, s]
         if zeros:
@@ -193,12 +201,8 @@ class Int4QDQ(BlockInt):
             q = self.quantize(w)
             return q, self.error(w, q), pack_nibbles(self.signed_codes(q)[:, :w.shape[1]].T)  # (kc, N/2)
 
-        def packed():
-            for q, err, data in ordered_map(work, src.cols(self.block)):
-                errors.setdefault(wname, []).append(err)
-                scales.append(q.scales.T)                                  # (kc/block, N)
-                yield data
-        wq = g.weight_blocks(wname + ".qweight", (k, n), "int4", packed())
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "int4", stream_quantized(
+            src.cols(self.block), work, errors, wname, lambda q: scales.append(q.scales.T)))  # (kc/block, N)
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=0, block_size=self.block)       # (K, N)
         return g.op("MatMul", [x, w])
@@ -231,20 +235,14 @@ class Int8QDQ:
              act_amax=None) -> str:
         n, k = src.n, src.k
         amax = src.row_amax()                                                # a first pass
-        scale = None
+        last = []
 
         def work(w):
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T)        # (kc, N)
-
-        def codes():
-            nonlocal scale
-            for q, err, data in ordered_map(work, src.cols(1)):
-                errors.setdefault(wname, []).append(err)
-                scale = q.scales
-                yield data
-        wq = g.weight_blocks(wname + ".qweight", (k, n), "int8", codes())
-        s = g.weight(wname + ".scales", scale, self.scale_dtype)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "int8",
+                             stream_quantized(src.cols(1), work, errors, wname, last.append))
+        s = g.weight(wname + ".scales", last[-1].scales, self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=1)                        # (K, N)
         return g.op("MatMul", [x, w])
 
@@ -279,20 +277,14 @@ class Fp8QDQ:
             raise ValueError(f"{wname}: FP8 needs the activation's calibrated range")
         n, k = src.n, src.k
         amax = float(src.row_amax().max())                                   # a first pass
-        scale = None
+        last = []
 
         def work(w):
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T).view(np.uint8)  # (kc, N)
-
-        def codes():
-            nonlocal scale
-            for q, err, data in ordered_map(work, src.cols(1)):
-                errors.setdefault(wname, []).append(err)
-                scale = q.scales
-                yield data
-        wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn", codes())
-        ws = g.weight(wname + ".scale", np.asarray(scale).reshape(()), self.scale_dtype)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn",
+                             stream_quantized(src.cols(1), work, errors, wname, last.append))
+        ws = g.weight(wname + ".scale", np.asarray(last[-1].scales).reshape(()), self.scale_dtype)
         xs = g.weight(wname + ".input_scale",
                       _round_scale(np.asarray(act_amax / FP8_MAX), self.scale_dtype).reshape(()),
                       self.scale_dtype)

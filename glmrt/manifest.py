@@ -15,8 +15,11 @@ Written by the exporter (and engine builder), read and checked by the runtime:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -69,3 +72,23 @@ def read(folder: Path, verify: bool = True) -> dict:
             raise ArtifactError(f"{f}: checksum does not match the manifest (corrupted); "
                                 "re-export, or load with verify=False to skip the check")
     return m
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """Yield a hidden temporary folder beside `out`; when the block completes, it replaces
+    `out` by a rename. On any failure or interruption it is removed: a folder that looks
+    complete (named `out`, with a manifest) only ever exists whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -16,6 +16,7 @@ import json
 import re
 
 from .errors import InputError
+from .template import message_list
 
 ASSISTANT = "<|assistant|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -144,12 +145,8 @@ def to_glm_messages(messages) -> list[dict]:
     assistant + tool_calls -> one {"role": "assistant", "metadata": name, "content": args}
     per call (after any text), role "tool" -> {"role": "observation"}, reasoning_content
     dropped (the template keeps only answers in history)."""
-    if not isinstance(messages, (list, tuple)):
-        raise InputError(f"messages must be a list of dicts, got {type(messages).__name__}")
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InputError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+    for i, m in enumerate(message_list(messages)):
         role = m.get("role")
         if role == "tool":
             out.append({"role": "observation", "content": _text(m.get("content"), i)})

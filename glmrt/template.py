@@ -58,14 +58,20 @@ def _compile(source: str):
         raise ArtifactError(f"chat template: syntax error line {e.lineno}: {e.message}") from None
 
 
-def check_messages(messages) -> list[dict]:
-    """OpenAI-style messages -> plain dicts; a clear error naming the bad message otherwise."""
+def message_list(messages) -> list[dict]:
+    """The messages as a list of dicts, or an error naming what is not."""
     if not isinstance(messages, (list, tuple)):
         raise InputError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise InputError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+    return list(messages)
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI-style messages -> plain dicts; a clear error naming the bad message otherwise."""
+    out = []
+    for i, m in enumerate(message_list(messages)):
         if m.get("role") not in ROLES:
             raise InputError(f"messages[{i}].role is {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         content = m.get("content")
