@@ -28,7 +28,9 @@ VARIANTS = [  # label, export options
     ("int8 Q/DQ per-channel (TensorRT)", dict(precision="int8", target="tensorrt", activations="fp32")),
     ("int4 MatMulNBits b32 sym", dict(precision="int4")),
     ("int4 MatMulNBits b32 asym", dict(precision="int4", symmetric=False)),
+    ("int4 MatMulNBits b32 sym + AWQ", dict(precision="int4", awq=True)),
     ("int4 MatMulNBits b128 sym", dict(precision="int4", block_size=128)),
+    ("int4 MatMulNBits b128 sym + AWQ", dict(precision="int4", block_size=128, awq=True)),
     ("int4 Q/DQ b64 (TensorRT)", dict(precision="int4", target="tensorrt", block_size=64, activations="fp32")),
     ("fp8 e4m3 Q/DQ (TensorRT)", dict(precision="fp8", target="tensorrt", activations="fp32")),
 ]

@@ -33,13 +33,20 @@ def default_prompts(tokenizer_file: Path, count: int = 32, length: int = 64) -> 
     return out
 
 
-def activation_amax(ckpt: Checkpoint, prompts: list[list[int]]) -> dict[str, float]:
-    """{linear name (layers.3/attn/qkv_proj, ..., lm_head): max |input|} over all prompts."""
+def activation_stats(ckpt: Checkpoint, prompts: list[list[int]], sample_rows: int = 0) -> dict:
+    """{linear name (layers.3/attn/qkv_proj, ..., lm_head): {"amax": max |input|,
+    "mean_abs": (K,) mean |input| per channel, "sample": (<=sample_rows, K) input rows}}."""
     cfg = ckpt.cfg
-    amax: dict[str, float] = {}
+    stats: dict[str, dict] = {}
+    rng = np.random.default_rng(0)
 
     def observe(name, x):
-        amax[name] = max(amax.get(name, 0.0), float(np.abs(x).max()))
+        s = stats.setdefault(name, {"amax": 0.0, "sum_abs": 0.0, "rows": 0, "sample": []})
+        s["amax"] = max(s["amax"], float(np.abs(x).max()))
+        s["sum_abs"] = s["sum_abs"] + np.abs(x).sum(0)
+        s["rows"] += x.shape[0]
+        if sample_rows:
+            s["sample"].append(x[rng.permutation(x.shape[0])[:max(1, sample_rows // len(prompts))]])
 
     def w(key):
         return convert(ckpt.raw(key), ckpt.dtype(key), "float32")
@@ -60,4 +67,11 @@ def activation_amax(ckpt: Checkpoint, prompts: list[list[int]]) -> dict[str, flo
     norm = w("model.norm.weight")
     for x in xs:     # lm_head's input is the final norm's output; its logits are not needed
         observe("lm_head", reference.rms_norm(x, norm, cfg.rms_norm_eps))
-    return amax
+    return {name: {"amax": s["amax"], "mean_abs": s["sum_abs"] / s["rows"],
+                   "sample": np.concatenate(s["sample"])[:sample_rows] if sample_rows else None}
+            for name, s in stats.items()}
+
+
+def activation_amax(ckpt: Checkpoint, prompts: list[list[int]]) -> dict[str, float]:
+    """{linear name: max |input|} over all prompts (FP8's activation scales)."""
+    return {name: s["amax"] for name, s in activation_stats(ckpt, prompts).items()}

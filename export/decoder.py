@@ -104,16 +104,32 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
 
 class DecoderEmitter:
     def __init__(self, g: GraphBuilder, ckpt: Checkpoint, prec: Precision,
-                 act_amax: dict | None = None, block_rows: int = 256):
+                 act_amax: dict | None = None, awq_stats: dict | None = None, block_rows: int = 256):
         self.g, self.ckpt, self.cfg, self.prec = g, ckpt, ckpt.cfg, prec
         self.act_amax = act_amax or {}        # calibrated |input| max per linear (FP8)
+        self.awq_stats = awq_stats            # calibration activations (AWQ) or None
+        self.awq: dict = {}                   # the current layer's AWQ scales
+        self.awq_report: dict = {}
         self.qerrors: dict[str, list] = {}    # per quantized weight: chunk error reports
         self.block_rows = block_rows
 
     # ---- weights -------------------------------------------------------------------------
     def small(self, key: str, dtype: str) -> str:
-        """A vector (norm weight, bias) in `dtype`, named after its checkpoint key."""
-        return self.g.weight(key, convert(self.ckpt.take_raw(key), self.ckpt.dtype(key), dtype), dtype)
+        """A vector (norm weight, bias) in `dtype`, named after its checkpoint key; a norm
+        feeding AWQ-scaled weights is divided by their scales."""
+        v = convert(self.ckpt.take_raw(key), self.ckpt.dtype(key), "float32")
+        if key in self.awq:
+            v = v / self.awq[key]
+        return self.g.weight(key, v.astype(np.float32), "float32") if dtype == "float32" else \
+            self.g.weight(key, convert(v, "F32", dtype), dtype)
+
+    def prepare_layer(self, i: int) -> None:
+        """Before layer i is emitted: its AWQ scales, when asked for."""
+        if self.awq_stats is None or self.prec.scheme is None:
+            return
+        from .awq import layer_scales
+        self.awq, report = layer_scales(self.prec.scheme, self.ckpt, i, self.awq_stats)
+        self.awq_report.update(report)
 
     def matrix_t(self, name: str, keys: list[str], reuse: bool = False) -> str:
         """W^T (in, sum of outs) of checkpoint matrices [out_j, in] stacked along out,
@@ -142,7 +158,11 @@ class DecoderEmitter:
                 w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse), p.weights, p.compute)
                 y = g.op("MatMul", [x, w])
             else:
-                src = WeightSource([(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys])
+                tag = name if name in ("qkv_proj", "gate_up_proj", "down_proj") else None
+                cols = self.awq.get(f"{tag[:-5]}_cols") if tag else None     # qkv_cols, ...
+                rows = self.awq.get("gate_up_rows") if tag == "gate_up_proj" else None
+                src = WeightSource([(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys],
+                                   col_scale=cols, row_scale=rows)
                 y = scheme.emit(g, x, wname, src, self.qerrors, self.act_amax.get(wname))
             if bias_keys:
                 vecs = [convert(self.ckpt.take_raw(k), self.ckpt.dtype(k), p.compute) for k in bias_keys]
@@ -252,6 +272,7 @@ class DecoderEmitter:
         for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
                       disable=not progress):
             ln = f"model.layers.{i}."
+            self.prepare_layer(i)
             with g.under(f"layers.{i}"):
                 h = self.rms_norm(x, "float32", ln + "input_layernorm.weight", "input_layernorm")
                 a = self.rms_norm(self.attention(i, h, cos, sin, mask), p.compute,
@@ -322,6 +343,7 @@ class GqaDecoderEmitter(DecoderEmitter):
         for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
                       disable=not progress):
             ln = f"model.layers.{i}."
+            self.prepare_layer(i)
             with g.under(f"layers.{i}"):
                 if pending is None:
                     h = self.sln(x, ln + "input_layernorm.weight", "input_layernorm")

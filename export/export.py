@@ -21,7 +21,7 @@ from glmrt.contract import contract_to_dict
 from glmrt.errors import CheckpointError, GlmrtError
 
 from .checkpoint import Checkpoint
-from .calibrate import activation_amax, default_prompts
+from .calibrate import activation_amax, activation_stats, default_prompts
 from .decoder import DecoderEmitter, GqaDecoderEmitter, precision_for
 from .quant import combine
 from .onnx_builder import GraphBuilder, WeightFile
@@ -34,16 +34,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32",
                  target: str = "onnxruntime", block_size: int | None = None,
                  symmetric: bool = True, activations: str | None = None,
-                 quantize_lm_head: bool = False, calibration_prompts: int = 32,
+                 quantize_lm_head: bool = False, calibration_prompts: int = 32, awq: bool = False,
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Export `checkpoint` to the model folder `out`; returns `out`.
 
     precision: fp32 | fp16 | bf16 | int4 | int8 | fp8; target: onnxruntime (MatMulNBits for
     int4/int8) | tensorrt (standard Q/DQ ops only). block_size / symmetric apply to int4/int8,
     activations (fp32 | fp16) to the quantized forms; FP8 calibrates activation scales on
-    `calibration_prompts` prompts."""
+    `calibration_prompts` prompts, and awq=True (int4/int8) searches activation-aware weight
+    scales on them (export/awq.py)."""
     prec = precision_for(precision, target=target, block_size=block_size, symmetric=symmetric,
                          activations=activations, quantize_lm_head=quantize_lm_head)
+    if awq and precision not in ("int4", "int8"):
+        raise GlmrtError(f"--awq applies to int4 and int8 weights, not {precision}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -55,14 +58,18 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
             raise CheckpointError(f"{ckpt.folder / 'tokenizer.json'}: not found (glmrt needs the "
                                   "checkpoint's tokenizer files)")
         generation = _generation(ckpt)
-        act_amax = None
-        if precision == "fp8":
+        act_amax = awq_stats = None
+        if precision == "fp8" or awq:
             prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
-            act_amax = activation_amax(ckpt, prompts)
+            if awq:
+                awq_stats = activation_stats(ckpt, prompts, sample_rows=256)
+            else:
+                act_amax = activation_amax(ckpt, prompts)
         with manifest.staged(out) as tmp:
             weights = WeightFile(tmp, WEIGHTS)
             g = GraphBuilder(weights)
-            emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax)
+            emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax,
+                                                                                  awq_stats)
             contract = emitter.emit(progress=progress)
             ckpt.assert_all_taken()
             weights.close()
@@ -134,6 +141,13 @@ def _precision_record(prec, emitter, act_amax, n_prompts) -> dict:
         if act_amax is not None:
             d["quantization"]["calibration"] = {"prompts": n_prompts, "source": "pydoc_data topics",
                                                 "input_amax": act_amax}
+        d["quantization"]["method"] = "awq" if emitter.awq_report else "round-to-nearest"
+        if emitter.awq_report:
+            r = emitter.awq_report
+            d["quantization"]["awq"] = {
+                "prompts": n_prompts, "source": "pydoc_data topics", "linears": r,
+                "mean_output_error_rtn": float(np.mean([v["rtn"] for v in r.values()])),
+                "mean_output_error_awq": float(np.mean([v["awq"] for v in r.values()]))}
     return d
 
 

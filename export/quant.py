@@ -37,22 +37,34 @@ class QTensor:
 class WeightSource:
     """Checkpoint matrices [out_j, K] stacked along out, read in chunks (never whole)."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, str]], chunk: int = 1024):
+    def __init__(self, parts: list[tuple[np.ndarray, str]], chunk: int = 1024,
+                 col_scale: np.ndarray | None = None, row_scale: np.ndarray | None = None):
         self.parts, self.chunk = parts, chunk
         self.n = sum(p.shape[0] for p, _ in parts)
         self.k = parts[0][0].shape[1]
+        self.col_scale, self.row_scale = col_scale, row_scale     # AWQ (export/awq.py)
+
+    def _scaled(self, w, r0, c0):
+        if self.col_scale is not None:
+            w = w * self.col_scale[None, c0:c0 + w.shape[1]]
+        if self.row_scale is not None:
+            w = w * self.row_scale[r0:r0 + w.shape[0], None]
+        return w
 
     def rows(self):
         """(r, K) float32 row chunks of W (N, K)."""
+        r0 = 0
         for p, src in self.parts:
             for r in range(0, p.shape[0], self.chunk):
-                yield convert(p[r:r + self.chunk], src, "float32")
+                yield self._scaled(convert(p[r:r + self.chunk], src, "float32"), r0 + r, 0)
+            r0 += p.shape[0]
 
     def cols(self, multiple: int):
         """(N, kc) float32 column chunks, kc a multiple of `multiple` (but the last)."""
         kc = max(multiple, (1 << 20) // max(self.n, 1) // multiple * multiple)
         for c in range(0, self.k, kc):
-            yield np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
+            w = np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
+            yield self._scaled(w, 0, c)
 
     def row_amax(self) -> np.ndarray:
         return np.concatenate(list(ordered_map(lambda w: np.abs(w).max(1), self.rows())))  # (N,)

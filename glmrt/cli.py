@@ -48,17 +48,19 @@ def main():
 @click.option("--activations", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Activation dtype of quantized forms (default fp32 onnxruntime, fp16 tensorrt).")
 @click.option("--quantize-lm-head", is_flag=True, help="Quantize lm_head too (default keeps it float).")
-@click.option("--calibration-prompts", default=32, show_default=True, help="FP8 calibration prompts.")
+@click.option("--calibration-prompts", default=32, show_default=True,
+              help="Calibration prompts (FP8 activation scales, --awq).")
+@click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @clean_errors
 def export(checkpoint, out, precision, target, block_size, asymmetric, activations,
-           quantize_lm_head, calibration_prompts, overwrite):
+           quantize_lm_head, calibration_prompts, awq, overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
     path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
                         symmetric=not asymmetric, activations=activations,
                         quantize_lm_head=quantize_lm_head, calibration_prompts=calibration_prompts,
-                        overwrite=overwrite)
+                        awq=awq, overwrite=overwrite)
     click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
 
 

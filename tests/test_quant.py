@@ -191,3 +191,27 @@ def test_bad_quantization_options(checkpoint, tmp_path, kwargs, match):
     with pytest.raises(GlmrtError, match=match):
         export_model(checkpoint("quant"), tmp_path / "o", progress=False, **kwargs)
     assert not (tmp_path / "o").exists()
+
+
+def test_awq_folds_its_scales_exactly_and_never_raises_calibration_error(exported, model):
+    """int8 is nearly lossless, so an int8 AWQ export far from fp32 would mean the scales were
+    folded wrong (norm weights divided, up rows divided, weight columns multiplied)."""
+    ids = list(range(5, 900, 3))
+    ref = model("quant").logits(ids)
+    for precision, bound in (("int8", 0.03), ("int4", 0.3)):
+        got = model("quant", precision, awq=True).logits(ids)
+        assert np.abs(got - ref).max() / np.abs(ref).max() < bound
+    q = json.loads((exported("quant", "int4", awq=True) / "manifest.json").read_text())["precision"]["quantization"]
+    assert q["method"] == "awq"
+    lin = q["awq"]["linears"]
+    assert set(lin) == {f"layers.{i}/{n}" for i in range(2) for n in ("attn/qkv_proj", "mlp/gate_up_proj", "mlp/down_proj")}
+    assert all(v["awq"] <= v["rtn"] for v in lin.values())
+    assert q["awq"]["mean_output_error_awq"] < q["awq"]["mean_output_error_rtn"]
+    plain = json.loads((exported("quant", "int4") / "manifest.json").read_text())["precision"]["quantization"]
+    assert plain["method"] == "round-to-nearest" and "awq" not in plain
+
+
+def test_awq_only_for_weight_only_integers(checkpoint, tmp_path):
+    with pytest.raises(GlmrtError, match="--awq applies to int4 and int8"):
+        export_model(checkpoint("quant"), tmp_path / "o", precision="fp8", target="tensorrt", awq=True,
+                     progress=False)
