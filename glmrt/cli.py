@@ -246,6 +246,10 @@ def info(model, verify):
     click.echo(f"made by    {json.dumps(m['versions'])}")
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))
+    for em_path in sorted(Path(model).glob("engines/*/*/manifest.json")):
+        em = json.loads(em_path.read_text())
+        click.echo(f"engine     {em_path.parent.relative_to(model)}  {em.get('kind')}"
+                   + (f"  TensorRT {em['tensorrt']}" if em.get("tensorrt") else ""))
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
-    graph = folder / manifest["graph"]
+    graph = optimized_graph(folder, manifest, device) or folder / manifest["graph"]
     try:
         session = ort.InferenceSession(str(graph), so, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types
@@ -56,7 +56,19 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
     if names != want:
         raise ArtifactError(f"{graph}: graph inputs do not match the manifest's IO contract "
                             f"(differ on {sorted(names ^ want)[:4]})")
+    session.graph_path = graph
     return session, contract
+
+
+def optimized_graph(folder: Path, manifest: dict, device: str):
+    """The graph `glmrt build --backend onnxruntime --device DEVICE` saved for this model, if
+    one exists and was built from this very export (by manifest checksum)."""
+    from .engine import engine_dir, read_engine, source_matches
+    where = engine_dir(folder, "onnxruntime", manifest["precision"]["name"], device=device)
+    if not (where / "manifest.json").is_file():
+        return None
+    em = read_engine(where, verify=False)
+    return where / em["graph"] if source_matches(em, folder) else None
 
 
 def make_decoder(folder: Path, manifest: dict, device: str = "cpu", threads: int | None = None,

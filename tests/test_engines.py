@@ -133,8 +133,11 @@ def test_onnxruntime_build_writes_an_optimized_graph_that_runs(exported, tmp_pat
     assert {i.name for i in s.get_inputs()} >= {"input_ids", "logits_index"}
     with pytest.raises(GlmrtError, match="already built"):
         build(model, backend="onnxruntime", device="cpu")
-    # the model folder still verifies: the engine lives beside, not inside, its checked files
-    glmrt.load(model)
+    # the model folder still verifies, and loading it on the cpu now uses the optimized graph
+    m = glmrt.load(model)
+    assert m.decoder.session.graph_path == out / "model.opt.onnx"
+    assert m.generate([5, 6, 7], max_new_tokens=6) == glmrt.load(exported("quant", "int4")).generate(
+        [5, 6, 7], max_new_tokens=6)
 
 
 @needs_trt
