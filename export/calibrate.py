@@ -8,6 +8,7 @@ keeps calibration within the exporter's memory bound, with the same math the gra
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +56,9 @@ def activation_stats(ckpt: Checkpoint, prompts: list[list[int]], sample_rows: in
     src = ckpt.dtype("model.embed_tokens.weight")
     xs = [convert(embed[np.asarray(ids)], src, "float32") for ids in prompts]     # (seq, H) each
     for i in range(cfg.num_hidden_layers):
-        cache: dict[str, np.ndarray] = {}
-
-        def layer_w(key):           # this layer's weights, each converted once
-            if key not in cache:
-                cache[key] = w(key)
-            return cache[key]
+        layer_w = functools.lru_cache(maxsize=None)(w)     # this layer's weights, converted once
         xs = [reference.layer(cfg, layer_w, i, x, np.arange(x.shape[0]), observe=observe)[0]
               for x in xs]
-        del cache
     norm = w("model.norm.weight")
     for x in xs:     # lm_head's input is the final norm's output; its logits are not needed
         observe("lm_head", reference.rms_norm(x, norm, cfg.rms_norm_eps))

@@ -23,7 +23,6 @@ import dataclasses
 import numpy as np
 from tqdm import tqdm
 
-from glmrt.config import GlmConfig
 from glmrt.errors import GlmrtError
 from glmrt.contract import io_contract, past_key, past_value, present_key, present_value
 

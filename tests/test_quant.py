@@ -7,13 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
 
 from glmrt.contract import TensorSpec
 from glmrt.errors import GlmrtError
 from glmrt.export.export import export_model
 from glmrt.export.onnx_builder import GraphBuilder, WeightFile
-from glmrt.export.quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits, WeightSource, pack_nibbles
+from glmrt.export.quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits, WeightSource
 from glmrt.export.checkpoint import bf16_to_f32, f32_to_bf16
 
 RNG = np.random.default_rng(0)
