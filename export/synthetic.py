@@ -186,8 +186,9 @@ class SyntheticCheckpoint(Checkpoint):
     asks for them (nothing on disk but config and tokenizer files): for sizing a deployment
     and benchmarking before downloading a model. Random, never zeros; deterministic per seed.
 
-    Each tensor is a window into a pool of random bf16 values of its own scale, so a 32B
-    model costs memory copies, not 32B random draws."""
+    Each tensor is a strided read-only view into a pool of random bf16 values of its own
+    scale (rows start a few values apart), so a 32B model costs neither 32B random draws nor
+    memory: like a mapped checkpoint, only the chunk being converted is materialized."""
 
     POOL = 1 << 22
 
@@ -230,9 +231,17 @@ class SyntheticCheckpoint(Checkpoint):
             proto = {"norm": (1.0, 0.1), "bias": (0.0, 0.1), "embed": (0.0, 1.0)}
             mean, std = proto.get(kind, (0.0, self.scale / np.sqrt(kind) if isinstance(kind, int) else 1.0))
             self.pools[kind] = f32_to_bf16(mean + std * rng.standard_normal(self.POOL, dtype=np.float32))
-        n = int(np.prod(shape))
-        start = zlib_hash(key) % self.POOL
-        return np.resize(np.roll(self.pools[kind], -start), n).reshape(shape)
+        pool = self.pools[kind]
+        if len(shape) == 1:
+            start = zlib_hash(key) % (self.POOL - shape[0])
+            return pool[start:start + shape[0]]
+        rows, cols = shape
+        step = max(1, (self.POOL - cols) // max(rows - 1, 1))        # rows overlap, shifted
+        start = zlib_hash(key) % max(1, self.POOL - cols - (rows - 1) * step)
+        view = np.lib.stride_tricks.as_strided(pool[start:], shape=(rows, cols),
+                                               strides=(step * pool.itemsize, pool.itemsize))
+        view.flags.writeable = False
+        return view
 
 
 def zlib_hash(text: str) -> int:
