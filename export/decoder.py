@@ -119,8 +119,7 @@ class DecoderEmitter:
         v = convert(self.ckpt.take_raw(key), self.ckpt.dtype(key), "float32")
         if key in self.awq:
             v = v / self.awq[key]
-        return self.g.weight(key, v.astype(np.float32), "float32") if dtype == "float32" else \
-            self.g.weight(key, convert(v, "F32", dtype), dtype)
+        return self.g.weight(key, convert(v, "F32", dtype), dtype)
 
     def prepare_layer(self, i: int) -> None:
         """Before layer i is emitted: its AWQ scales, when asked for."""
