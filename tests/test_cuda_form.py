@@ -95,11 +95,12 @@ def test_gpu_logits_match_cpu_fp32_within_fp16_tolerance(name, exported, model):
     got = m.logits(PROMPT)
     assert rel(got, ref) < 1e-2
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
-    # greedy: exact against the same fp16 graph on the CPU provider; against fp32 until the
-    # random model's near-ties (seen on the H200: the 16th token differed by fp16 rounding)
+    # greedy: every token the GPU picks is the fp32 CPU path's best or within fp16 noise of it
+    # (exact equality breaks on this random model's near-ties: seen on the H200 at token 16)
     gpu_tokens = m.generate(PROMPT, max_new_tokens=24)
-    cpu_fp16 = glmrt.load(exported(name, "fp16", target="cuda"), device="cpu", max_context=512)
-    assert gpu_tokens == cpu_fp16.generate(PROMPT, max_new_tokens=24)
+    full = model(name).logits(PROMPT + gpu_tokens)[len(PROMPT) - 1:-1]          # (24, V) fp32
+    gap = full.max(-1) - full[np.arange(len(gpu_tokens)), gpu_tokens]
+    assert (gap <= 1e-2 * np.abs(full).max()).all(), gap
     assert gpu_tokens[:12] == model(name).generate(PROMPT, max_new_tokens=12)
 
 
