@@ -140,13 +140,18 @@ class Model:
         """Token ids of the rendered prompt. Special-token text inside messages stays text:
         only the template's own markers become control tokens. truncate=True drops the
         oldest non-system messages until the prompt leaves `room` tokens of context."""
+        return self._prompt(messages, tools, truncate, room)[1]
+
+    def _prompt(self, messages, tools, truncate: bool, room: int) -> tuple[str, list[int]]:
+        """(shielded prompt text, its token ids); see prompt_ids."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {'role', 'content'} dicts")
         messages = list(messages)
         while True:
-            ids = self.tokenizer.encode_shielded(self._render(messages, tools))
+            text = self._render(messages, tools)
+            ids = self.tokenizer.encode_shielded(text)
             if not truncate or len(ids) + room <= self.max_context:
-                return ids
+                return text, ids
             drop = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
             if drop is None:
                 raise InputError(f"the last message alone ({len(ids)} tokens with the template) "
@@ -160,8 +165,8 @@ class Model:
         truncate = kwargs.pop("truncate", False)
         new = kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         room = min(new, 64) if isinstance(new, int) and not isinstance(new, bool) and new > 0 else 1
-        ids = self.prompt_ids(messages, tools, truncate=truncate, room=room)
-        thinking = self._render(messages, tools).rstrip().endswith(THINK_OPEN)
+        text, ids = self._prompt(messages, tools, truncate, room)
+        thinking = text.rstrip().endswith(THINK_OPEN)
         res = Generation([])
         dec = self.tokenizer.stream(skip_special=False)
         split = _Splitter(thinking)
