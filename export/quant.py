@@ -247,14 +247,14 @@ class Int8QDQ:
              act_amax=None) -> str:
         n, k = src.n, src.k
         amax = src.row_amax()                                                # a first pass
-        last = []
+        scales = []                 # every chunk's (N,) scales are the same: amax is per row
 
         def work(w):
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T)        # (kc, N)
-        wq = g.weight_blocks(wname + ".qweight", (k, n), "int8",
-                             stream_quantized(src.cols(1), work, errors, wname, last.append))
-        s = g.weight(wname + ".scales", last[-1].scales, self.scale_dtype)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "int8", stream_quantized(
+            src.cols(1), work, errors, wname, lambda q: scales.append(q.scales)))
+        s = g.weight(wname + ".scales", scales[-1], self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=1)                        # (K, N)
         return g.op("MatMul", [x, w])
 
@@ -289,14 +289,14 @@ class Fp8QDQ:
             raise ValueError(f"{wname}: FP8 needs the activation's calibrated range")
         n, k = src.n, src.k
         amax = float(src.row_amax().max())                                   # a first pass
-        last = []
+        scales = []                 # one per-tensor scale, the same for every chunk
 
         def work(w):
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T).view(np.uint8)  # (kc, N)
-        wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn",
-                             stream_quantized(src.cols(1), work, errors, wname, last.append))
-        ws = g.weight(wname + ".scale", np.asarray(last[-1].scales).reshape(()), self.scale_dtype)
+        wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn", stream_quantized(
+            src.cols(1), work, errors, wname, lambda q: scales.append(q.scales)))
+        ws = g.weight(wname + ".scale", np.asarray(scales[-1]).reshape(()), self.scale_dtype)
         xs = g.weight(wname + ".input_scale",
                       _round_scale(np.asarray(act_amax / FP8_MAX), self.scale_dtype).reshape(()),
                       self.scale_dtype)
