@@ -2,9 +2,14 @@
 # Everything glmrt measures on the GPU machine, one stage per call (a call runs at most 10 min):
 #   bash bench/gpu.sh install        join the onnxruntime-gpu wheel parts in /tmp/chunks, install
 #   bash bench/gpu.sh tests          the GPU tests (logits vs CPU fp32, greedy agreement)
+#   bash bench/gpu.sh ncu            Nsight Compute per-kernel breakdown of a decode step
+#                                    (GLM-Z1-9B shapes, 8 layers, int4 and fp16)
+#   bash bench/gpu.sh sweep          decode-speed variants on 8 GLM-Z1-9B layers (bench/sweep.py);
+#                                    writes /tmp/work/best.sh, which the stages below source
 #   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
-#   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 of 61 layers)
+#   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 and 24 of 61 layers)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
+# SETS="int4: fp16:8" picks precisions (and layer counts) for 9b/32b.
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 stage=${1:?stage}
@@ -28,15 +33,34 @@ install)
 tests)
   run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
   ;;
+ncu)
+  for prec in int4 fp16; do
+    dir=$W/glm-z1-9b-8L-$prec
+    python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision $prec --target cuda --overwrite 2>&1 | tail -1
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    run "$NCU" --profile-from-start off --clock-control none --csv --print-units base \
+      --print-kernel-base function --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      --log-file "$OUT/ncu-9b-8L-$prec.csv" python3 "$REPO/bench/kernels.py" run "$dir" --steps 3 2>&1 | tail -3
+    python3 "$REPO/bench/kernels.py" report "$OUT/ncu-9b-8L-$prec.csv" --steps 3 --layers 8 \
+      --title "GLM-Z1-9B shapes, 8 of 40 layers, $prec, context 128" --json "$OUT/ncu-9b-8L-$prec.json" \
+      | tee "$OUT/kernels-9b-8L-$prec.md"
+  done
+  ;;
+sweep)
+  run python3 "$REPO/bench/sweep.py" --shape glm-z1-9b --layers 8 --work "$W" --json "$OUT/sweep-9b-8L.json" \
+    --best "$W/best.sh" ${ONLY:+--only "$ONLY"} 2>&1 | tee "$OUT/sweep-9b-8L.log"
+  ;;
 9b|32b)
-  if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets=${SETS:-"int4: fp16:"}; else shape=glm-4-32b; sets="int4: fp16:8"; fi
+  [ -f "$W/best.sh" ] && { cat "$W/best.sh"; . "$W/best.sh"; }
+  if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets=${SETS:-"int4: fp16:"}; else shape=glm-4-32b; sets=${SETS:-"int4: fp16:8 fp16:24"}; fi
   for s in $sets; do
     prec=${s%%:*}; layers=${s#*:}
     src=synthetic:$shape${layers:+:$layers}
     dir=$W/$shape-$prec
+    flags=""; [ "$prec" = fp16 ] && flags=${FP16_FLAGS:-}
     start=$(date +%s)
-    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda --overwrite 2>&1 | tail -1
-    echo "export $src $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
+    echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
     run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$prec${layers:+-$layers}L.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
     rm -rf "$dir"

@@ -111,6 +111,7 @@ class DecoderEmitter:
         self.awq_report: dict = {}
         self.qerrors: dict[str, list] = {}    # per quantized weight: chunk error reports
         self.block_rows = block_rows
+        self.float_layout = "kn"              # float weights as W^T (in, out) for MatMul
 
     # ---- weights -------------------------------------------------------------------------
     def small(self, key: str, dtype: str) -> str:
@@ -144,6 +145,16 @@ class DecoderEmitter:
         return self.g.weight_blocks(name, (k_in, n_out), dst,
                                     ordered_map(block, range(0, k_in, self.block_rows)))
 
+    def matrix_nk(self, name: str, keys: list[str], reuse: bool = False) -> str:
+        """Checkpoint matrices [out_j, in] stacked along out, as stored (no transpose): the
+        layout a GEMV reads along contiguous rows. Written in blocks of output rows."""
+        parts = [(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys]
+        k_in, n_out = parts[0][0].shape[1], sum(p.shape[0] for p, _ in parts)
+        dst = self.prec.weights
+        spans = [(p, s, r) for p, s in parts for r in range(0, p.shape[0], self.block_rows)]
+        return self.g.weight_blocks(name, (n_out, k_in), dst, ordered_map(
+            lambda t: convert(t[0][t[2]:t[2] + self.block_rows], t[1], dst), spans))
+
     def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None,
                reuse: bool = False) -> str:
         """x (b, s, in) in compute dtype -> (b, s, out) in compute dtype. Checkpoint matrices
@@ -152,7 +163,10 @@ class DecoderEmitter:
         with g.under(name):
             wname = "/".join(g.scope[1:])                       # e.g. layers.3/attn/qkv_proj
             scheme = p.scheme if name != "lm_head" or p.quantize_lm_head else None
-            if scheme is None:
+            if scheme is None and self.float_layout == "nk":
+                w = self.matrix_nk(f"{wname}.weight", keys, reuse)            # (out, in)
+                y = g.op("FusedMatMul", [x, w], domain="com.microsoft", transB=1)
+            elif scheme is None:
                 w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse), p.weights, p.compute)
                 y = g.op("MatMul", [x, w])
             else:

@@ -35,16 +35,19 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                  target: str = "onnxruntime", block_size: int | None = None,
                  symmetric: bool = True, activations: str | None = None,
                  quantize_lm_head: bool = False, calibration_prompts: int = 32, awq: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> Path:
+                 float_layout: str = "kn", overwrite: bool = False, progress: bool = True) -> Path:
     """Export `checkpoint` to the model folder `out`; returns `out`.
 
     precision: fp32 | fp16 | bf16 | int4 | int8 | fp8; target: onnxruntime (MatMulNBits for
     int4/int8) | tensorrt (standard Q/DQ ops only). block_size / symmetric apply to int4/int8,
     activations (fp32 | fp16) to the quantized forms; FP8 calibrates activation scales on
     `calibration_prompts` prompts, and awq=True (int4/int8) searches activation-aware weight
-    scales on them (export/awq.py)."""
+    scales on them (export/awq.py). float_layout (target cuda): float weights stored as W^T for
+    MatMul ("kn") or as the checkpoint stores them, read by FusedMatMul transB=1 ("nk")."""
     prec = precision_for(precision, target=target, block_size=block_size, symmetric=symmetric,
                          activations=activations, quantize_lm_head=quantize_lm_head)
+    if float_layout not in ("kn", "nk") or (float_layout == "nk" and target != "cuda"):
+        raise GlmrtError(f"float layout {float_layout!r}: 'kn', or 'nk' with target cuda")
     if awq and precision not in ("int4", "int8"):
         raise GlmrtError(f"--awq applies to int4 and int8 weights, not {precision}")
     out = Path(out)
@@ -70,6 +73,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
             g = GraphBuilder(weights)
             emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax,
                                                                                   awq_stats)
+            emitter.float_layout = float_layout
             contract = emitter.emit(progress=progress)
             ckpt.assert_all_taken()
             weights.close()

@@ -51,16 +51,18 @@ def main():
 @click.option("--calibration-prompts", default=32, show_default=True,
               help="Calibration prompts (FP8 activation scales, --awq).")
 @click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
+@click.option("--float-layout", type=click.Choice(["kn", "nk"]), default="kn", show_default=True,
+              help="Target cuda, float weights: W^T for MatMul (kn) or as stored, FusedMatMul transB (nk).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @clean_errors
 def export(checkpoint, out, precision, target, block_size, asymmetric, activations,
-           quantize_lm_head, calibration_prompts, awq, overwrite):
+           quantize_lm_head, calibration_prompts, awq, float_layout, overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
     path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
                         symmetric=not asymmetric, activations=activations,
                         quantize_lm_head=quantize_lm_head, calibration_prompts=calibration_prompts,
-                        awq=awq, overwrite=overwrite)
+                        awq=awq, float_layout=float_layout, overwrite=overwrite)
     click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
 
 

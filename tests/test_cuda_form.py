@@ -24,15 +24,16 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def cuda_form(exported):
-    def get(precision="fp16"):
-        return exported("quant", precision, target="cuda")
+    def get(precision="fp16", float_layout="kn"):
+        return exported("quant", precision, target="cuda", float_layout=float_layout)
     return get
 
 
-def test_fp16_cuda_form_matches_the_reference_on_cpu(checkpoint, cuda_form):
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_fp16_cuda_form_matches_the_reference_on_cpu(checkpoint, cuda_form, layout):
     ck = Checkpoint(checkpoint("quant"))
     w = ck.weights_f32()
-    m = glmrt.load(cuda_form("fp16"), max_context=256)
+    m = glmrt.load(cuda_form("fp16", layout), max_context=256)
     assert m.manifest["io"]["form"] == "gqa"
     ref, cache = reference.forward(ck.cfg, w, PROMPT)
     assert rel(m.logits(PROMPT), ref) < 1e-2          # fp16 weights and activations: ~7e-4
@@ -86,11 +87,12 @@ def test_cuda_device_without_gpu_says_how_to_get_one(cuda_form):
 
 
 @gpu
-@pytest.mark.parametrize("name", ["quant", "mqa-yarn"])
-def test_gpu_logits_match_cpu_fp32_within_fp16_tolerance(name, exported, model):
+@pytest.mark.parametrize("name,layout", [("quant", "kn"), ("quant", "nk"), ("mqa-yarn", "kn")])
+def test_gpu_logits_match_cpu_fp32_within_fp16_tolerance(name, layout, exported, model):
     if name == "mqa-yarn":
         pytest.skip("rotary_dim 8: GroupQueryAttention needs a multiple of 16")
-    m = glmrt.load(exported(name, "fp16", target="cuda"), device="cuda", max_context=512)
+    m = glmrt.load(exported(name, "fp16", target="cuda", float_layout=layout), device="cuda",
+                   max_context=512)
     ref = model(name).logits(PROMPT)
     got = m.logits(PROMPT)
     assert rel(got, ref) < 1e-2
