@@ -6,10 +6,11 @@
 #                                    (GLM-Z1-9B shapes, 8 layers, int4 and fp16)
 #   bash bench/gpu.sh sweep          decode-speed variants on 8 GLM-Z1-9B layers (bench/sweep.py);
 #                                    writes /tmp/work/best.sh, which the stages below source
+#   bash bench/gpu.sh ab             A/B: residual-free norms on the SkipSLN kernel or the plain one
 #   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
 #   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 and 24 of 61 layers)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
-# SETS="int4: fp16:8" picks precisions (and layer counts) for 9b/32b.
+# SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 stage=${1:?stage}
@@ -54,16 +55,29 @@ sweep)
   [ -f "$W/best.sh" ] && { cat "$W/best.sh"; . "$W/best.sh"; }
   if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets=${SETS:-"int4: fp16:"}; else shape=glm-4-32b; sets=${SETS:-"int4: fp16:8 fp16:24"}; fi
   for s in $sets; do
-    prec=${s%%:*}; layers=${s#*:}
+    prec=${s%%:*}; layers=${s#*:}; flags=""; name=$prec
+    case $prec in *+lmh) prec=${prec%+lmh}; flags="--quantize-lm-head";; esac     # int4+lmh: int4 lm_head too
     src=synthetic:$shape${layers:+:$layers}
     dir=$W/$shape-$prec
-    flags=""; [ "$prec" = fp16 ] && flags=${FP16_FLAGS:-}
+    [ "$prec" = fp16 ] && flags=${FP16_FLAGS:-}
     start=$(date +%s)
     python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
     echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
-    run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$prec${layers:+-$layers}L.json" \
+    run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
     rm -rf "$dir"
+  done
+  ;;
+ab)   # the two residual-free norms on the SkipSLN kernel (y/2 + y/2) or on the plain SLN kernel
+  for v in False True; do
+    d=$W/ab-$v
+    python3 -c "from glmrt.export import decoder; decoder.GqaDecoderEmitter.SLN_AS_SKIP = $v
+from glmrt.export.export import export_model
+export_model('synthetic:glm-z1-9b:8', '$d', precision='int4', target='cuda', overwrite=True, progress=False)"
+    echo "SLN_AS_SKIP=$v" | tee -a "$OUT/ab.log"
+    python3 -m glmrt.cli bench "$d" --prompt-lengths 128 --contexts 128,2048 --repeats 3 \
+      --json "$OUT/ab-9b-8L-int4-sln-as-skip-$v.json" | grep decode | tee -a "$OUT/ab.log"
+    rm -rf "$d"
   done
   ;;
 diag)
