@@ -6,7 +6,6 @@
 #                                    (GLM-Z1-9B shapes, 8 layers, int4 and fp16)
 #   bash bench/gpu.sh sweep          decode-speed variants on 8 GLM-Z1-9B layers (bench/sweep.py);
 #                                    writes /tmp/work/best.sh, which the stages below source
-#   bash bench/gpu.sh ab             A/B: residual-free norms on the SkipSLN kernel or the plain one
 #   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
 #   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 and 24 of 61 layers)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
@@ -66,18 +65,6 @@ sweep)
     run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
     rm -rf "$dir"
-  done
-  ;;
-ab)   # the two residual-free norms on the SkipSLN kernel (y/2 + y/2) or on the plain SLN kernel
-  for v in False True; do
-    d=$W/ab-$v
-    python3 -c "from glmrt.export import decoder; decoder.GqaDecoderEmitter.SLN_AS_SKIP = $v
-from glmrt.export.export import export_model
-export_model('synthetic:glm-z1-9b:8', '$d', precision='int4', target='cuda', overwrite=True, progress=False)"
-    echo "SLN_AS_SKIP=$v" | tee -a "$OUT/ab.log"
-    python3 -m glmrt.cli bench "$d" --prompt-lengths 128 --contexts 128,2048 --repeats 3 \
-      --json "$OUT/ab-9b-8L-int4-sln-as-skip-$v.json" | grep decode | tee -a "$OUT/ab.log"
-    rm -rf "$d"
   done
   ;;
 diag)

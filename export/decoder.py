@@ -130,7 +130,7 @@ class DecoderEmitter:
         self.awq, report = layer_scales(self.prec.scheme, self.ckpt, i, self.awq_stats)
         self.awq_report.update(report)
 
-    def matrix_t(self, name: str, keys: list[str], reuse: bool = False, scale: float = 1.0) -> str:
+    def matrix_t(self, name: str, keys: list[str], reuse: bool = False) -> str:
         """W^T (in, sum of outs) of checkpoint matrices [out_j, in] stacked along out,
         written in blocks of input rows so no full copy is ever made."""
         parts = [self.ckpt.take_raw(k, reuse) for k in keys]       # each (out_j, in)
@@ -141,11 +141,11 @@ class DecoderEmitter:
 
         def block(r):
             cols = [convert(p[:, r:r + self.block_rows], s, "float32").T for p, s in zip(parts, src)]
-            return convert(np.concatenate(cols, axis=1) * np.float32(scale), "F32", dst)  # (rows, n_out)
+            return convert(np.concatenate(cols, axis=1), "F32", dst)       # (rows, n_out)
         return self.g.weight_blocks(name, (k_in, n_out), dst,
                                     ordered_map(block, range(0, k_in, self.block_rows)))
 
-    def matrix_nk(self, name: str, keys: list[str], reuse: bool = False, scale: float = 1.0) -> str:
+    def matrix_nk(self, name: str, keys: list[str], reuse: bool = False) -> str:
         """Checkpoint matrices [out_j, in] stacked along out, as stored (no transpose): the
         layout a GEMV reads along contiguous rows. Written in blocks of output rows."""
         parts = [(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys]
@@ -153,23 +153,21 @@ class DecoderEmitter:
         dst = self.prec.weights
         spans = [(p, s, r) for p, s in parts for r in range(0, p.shape[0], self.block_rows)]
         return self.g.weight_blocks(name, (n_out, k_in), dst, ordered_map(
-            lambda t: convert(convert(t[0][t[2]:t[2] + self.block_rows], t[1], "float32") * np.float32(scale),
-                              "F32", dst), spans))
+            lambda t: convert(t[0][t[2]:t[2] + self.block_rows], t[1], dst), spans))
 
     def linear(self, x: str, name: str, keys: list[str], bias_keys: list[str] | None = None,
-               reuse: bool = False, out_scale: float = 1.0) -> str:
+               reuse: bool = False) -> str:
         """x (b, s, in) in compute dtype -> (b, s, out) in compute dtype. Checkpoint matrices
-        [out_j, in] are stacked along out (fused q/k/v); float weights are stored as W^T.
-        out_scale (a power of two, so exact) scales the output through the weights."""
+        [out_j, in] are stacked along out (fused q/k/v); float weights are stored as W^T."""
         g, p = self.g, self.prec
         with g.under(name):
             wname = "/".join(g.scope[1:])                       # e.g. layers.3/attn/qkv_proj
             scheme = p.scheme if name != "lm_head" or p.quantize_lm_head else None
             if scheme is None and self.float_layout == "nk":
-                w = self.matrix_nk(f"{wname}.weight", keys, reuse, out_scale)  # (out, in)
+                w = self.matrix_nk(f"{wname}.weight", keys, reuse)            # (out, in)
                 y = g.op("FusedMatMul", [x, w], domain="com.microsoft", transB=1)
             elif scheme is None:
-                w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse, out_scale), p.weights, p.compute)
+                w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse), p.weights, p.compute)
                 y = g.op("MatMul", [x, w])
             else:
                 tag = name if name in ("qkv_proj", "gate_up_proj", "down_proj") else None
@@ -177,12 +175,9 @@ class DecoderEmitter:
                 rows = self.awq.get("gate_up_rows") if tag == "gate_up_proj" else None
                 src = WeightSource([(self.ckpt.take_raw(k, reuse), self.ckpt.dtype(k)) for k in keys],
                                    col_scale=cols, row_scale=rows)
-                if out_scale != 1.0:        # exact: codes unchanged, scales times a power of two
-                    src.row_scale = (np.ones(src.n, np.float32) if rows is None else rows) * np.float32(out_scale)
                 y = scheme.emit(g, x, wname, src, self.qerrors, self.act_amax.get(wname))
             if bias_keys:
-                vecs = [convert(convert(self.ckpt.take_raw(k), self.ckpt.dtype(k), "float32") * np.float32(out_scale),
-                                "F32", p.compute) for k in bias_keys]
+                vecs = [convert(self.ckpt.take_raw(k), self.ckpt.dtype(k), p.compute) for k in bias_keys]
                 b = g.weight(f"{wname}.bias", np.concatenate(vecs), p.compute)
                 y = g.op("Add", [y, b], name="BiasAdd")
         return y
@@ -247,13 +242,13 @@ class DecoderEmitter:
             ctx = g.cast(g.op("Reshape", [ctx, g.const([0, 0, nh * hd], "int64")]), p.kv, p.compute)
             return self.linear(ctx, "o_proj", [a + "o_proj.weight"])
 
-    def mlp(self, i: int, h: str, out_scale: float = 1.0) -> str:
+    def mlp(self, i: int, h: str) -> str:
         g, m = self.g, f"model.layers.{i}.mlp."
         with g.under("mlp"):
             gate, up = g.op("Split", [self.linear(h, "gate_up_proj", [m + "gate_up_proj.weight"])],
                             n_out=2, axis=2, num_outputs=2)                      # (b, s, I) each
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])], name="SiLU"), up])
-            return self.linear(act, "down_proj", [m + "down_proj.weight"], out_scale=out_scale)
+            return self.linear(act, "down_proj", [m + "down_proj.weight"])
 
     # ---- the whole graph -----------------------------------------------------------------
     def emit(self, progress: bool = True):
@@ -328,21 +323,7 @@ class GqaDecoderEmitter(DecoderEmitter):
       └───────────────────────────────────────────────────> Skip(+x, post_attention) ─> gate_up
                                       ─> silu*up ─> down ─> SLN(post_mlp) ─> next layer's Skip
     The residual stream is fp16 here (the CPU form keeps it fp32).
-
-    The two norms that have no residual to add (post_self_attn, post_mlp) run on the
-    SkipSimplifiedLayerNormalization kernel too, which ONNX Runtime makes about half as long as
-    the plain one at batch 1 (3.1 vs 5.7 µs, bench/h200/kernels-*.md): o_proj and down_proj
-    write y/2 (their weights or int4 scales times 0.5, exact) and the norm adds y/2 to itself.
-    y/2 + y/2 == y bit for bit in fp16, so the norm sees the same input as before.
     """
-
-    SLN_AS_SKIP = True
-
-    def half_norm(self, y_half: str, key: str, name: str) -> str:
-        """RMSNorm(y) from y/2 (see the class docstring), else the plain op on y."""
-        if not self.SLN_AS_SKIP:
-            return self.sln(y_half, key, name)
-        return self.skip_sln(y_half, y_half, key, name)[0]
 
     def sln(self, x: str, key: str, name: str) -> str:
         return self.g.op("SimplifiedLayerNormalization", [x, self.small(key, self.prec.compute)],
@@ -371,7 +352,6 @@ class GqaDecoderEmitter(DecoderEmitter):
             e = self._embed_blocks()
             x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, p.compute)   # (b, s, H)
         pending = None                      # the previous layer's post_mlp_layernorm output
-        half = 0.5 if self.SLN_AS_SKIP else 1.0
         for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
                       disable=not progress):
             ln = f"model.layers.{i}."
@@ -392,11 +372,10 @@ class GqaDecoderEmitter(DecoderEmitter):
                              [attn, present_key(i), present_value(i)], domain="com.microsoft",
                              num_heads=nh, kv_num_heads=nkv, scale=hd ** -0.5, do_rotary=1,
                              rotary_interleaved=1)
-                    o = self.linear(attn, "o_proj", [a + "o_proj.weight"], out_scale=half)
-                o = self.half_norm(o, ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
+                    o = self.linear(attn, "o_proj", [a + "o_proj.weight"])
+                o = self.sln(o, ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
                 h, x = self.skip_sln(o, x, ln + "post_attention_layernorm.weight", "post_attention_layernorm")
-                pending = self.half_norm(self.mlp(i, h, out_scale=half), ln + "post_mlp_layernorm.weight",
-                                         "post_mlp_layernorm")
+                pending = self.sln(self.mlp(i, h), ln + "post_mlp_layernorm.weight", "post_mlp_layernorm")
         with g.under("final"):
             x, _ = self.skip_sln(pending, x, "model.norm.weight", "norm")
             x = g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")      # (b, kept, H)
