@@ -27,12 +27,12 @@ METRICS = "gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
 
 # class of work, by kernel name (first match wins)
 CLASSES = [
-    ("int4 GEMV (MatMulNBits)", r"(?i)nbits|4bit|int4|fpA_intB|Float4|weight_only|WeightOnly"),
-    ("fp16 GEMM/GEMV (cuBLAS)", r"(?i)gemv|gemm|xmma|cutlass|cublas|splitKreduce"),
-    ("RMSNorm (SLN / SkipSLN)", r"(?i)layernorm|LayerNorm|skip"),
-    ("attention (GQA: RoPE, KV append, flash decode)",
-     r"(?i)flash|fmha|attention|rotary|concat|unpackqkv|seqlens|posid|kv"),
-    ("elementwise (split, SiLU*up, bias, cast, gather)",
+    ("int4 GEMV (MatMulNBits)", r"(?i)nbits|4bits|int4|fpA_intB|weight_only|WeightOnly"),
+    ("fp16 GEMV (cuBLAS)", r"(?i)nvjet|gemv|gemm|xmma|cutlass|cublas|splitKreduce"),
+    ("RMSNorm (SLN / SkipSLN)", r"(?i)layernorm"),
+    ("attention (GQA: seqlens, RoPE + KV append, decode kernel)",
+     r"(?i)flash|fmha|_mha|attention|rotary|rope|concat|unpackqkv|seqlens|sequencelengths|posid"),
+    ("elementwise (split, SiLU, mul, bias, gather)",
      r"(?i)elementwise|quickgelu|gelu|split|cast|gather|add|mul|copy|fill|memset"),
 ]
 
