@@ -102,7 +102,9 @@ class Model:
     def _run(self, ids: np.ndarray, params: SamplingParams, budget: int, res: Generation,
              processor):
         sample = Sampler(params)
-        history = list(ids)
+        history = np.empty(ids.size + budget, np.int64)      # prompt + output, filled as it grows
+        history[:ids.size] = ids
+        n = ids.size
         step_ids = ids[None]
         res.finish_reason = "length"
         with self.decoder.generation() as cache:
@@ -110,12 +112,13 @@ class Model:
                 logits, cache = self.decoder.step(step_ids, cache)        # (1, 1, V)
                 row = logits[0, -1]
                 if processor is not None:
-                    row = np.asarray(processor(np.asarray(history), row.copy()), np.float32)
-                token = sample(row, np.asarray(history))
+                    row = np.asarray(processor(history[:n].copy(), row.copy()), np.float32)
+                token = sample(row, history[:n])
                 if token in self.eos_ids:
                     res.finish_reason, res.stop_token = "stop", token
                     return
-                history.append(token)
+                history[n] = token
+                n += 1
                 res.tokens.append(token)
                 yield token
                 step_ids = np.array([[token]], np.int64)

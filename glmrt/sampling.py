@@ -40,6 +40,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
         """logits (V,) float32; history: token ids so far (prompt + generated)."""
+        if self.p.temperature == 0.0 and self.p.repetition_penalty == 1.0:
+            return int(np.argmax(logits))       # what the float64 path picks, without the copy
         x = logits.astype(np.float64)
         if self.p.repetition_penalty != 1.0 and len(history):
             seen = np.unique(history)
