@@ -382,4 +382,5 @@ class GqaDecoderEmitter(DecoderEmitter):
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)
         g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
+        g.output("ArgMax", ["logits"], "next_token", axis=-1, keepdims=0)   # first max, as numpy
         return contract

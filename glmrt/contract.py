@@ -23,6 +23,7 @@ buffer of max_seq positions, updated in place when bound to the same device memo
   logits_index                 int64   (kept,)
   past_key_values.{i}.key|value kv     (batch, kv_heads, max_seq, head_dim)
   logits                       float32 (batch, kept, vocab)
+  next_token                   int64   (batch, kept)         argmax of logits (greedy on the device)
   present.{i}.key|value        kv      (batch, kv_heads, max_seq, head_dim)
 """
 from __future__ import annotations
@@ -78,6 +79,8 @@ def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat") -> dict:
     else:
         raise ValueError(f"attention form {form!r} is not one of {FORMS}")
     outputs = [TensorSpec("logits", "float32", ("batch", "kept", cfg.vocab_size))]
+    if form == "gqa":           # greedy decoding copies one id to the host instead of the logits
+        outputs.append(TensorSpec("next_token", "int64", ("batch", "kept")))
     for i in range(cfg.num_hidden_layers):
         inputs += [TensorSpec(past_key(i), kv_dtype, ("batch", nkv, past_len, hd)),
                    TensorSpec(past_value(i), kv_dtype, ("batch", nkv, past_len, hd))]

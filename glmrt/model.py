@@ -107,13 +107,19 @@ class Model:
         n = ids.size
         step_ids = ids[None]
         res.finish_reason = "length"
+        # plain greedy on a device-cache decoder: the argmax is taken on the device
+        greedy = getattr(self.decoder, "step_greedy", None) if (
+            processor is None and params.temperature == 0.0 and params.repetition_penalty == 1.0) else None
         with self.decoder.generation() as cache:
             for _ in range(budget):
-                logits, cache = self.decoder.step(step_ids, cache)        # (1, 1, V)
-                row = logits[0, -1]
-                if processor is not None:
-                    row = np.asarray(processor(history[:n].copy(), row.copy()), np.float32)
-                token = sample(row, history[:n])
+                if greedy is not None:
+                    token, cache = greedy(step_ids, cache)
+                else:
+                    logits, cache = self.decoder.step(step_ids, cache)        # (1, 1, V)
+                    row = logits[0, -1]
+                    if processor is not None:
+                        row = np.asarray(processor(history[:n].copy(), row.copy()), np.float32)
+                    token = sample(row, history[:n])
                 if token in self.eos_ids:
                     res.finish_reason, res.stop_token = "stop", token
                     return

@@ -5,7 +5,8 @@ Two decoders, picked by the manifest's attention form (glmrt.contract):
                  serves many concurrent generations (InferenceSession.run is thread-safe).
   GqaDecoder     the KV cache is one preallocated buffer per layer on the device, bound with
                  IOBinding as both past and present so GroupQueryAttention updates it in place;
-                 only the scored logits come back to the host. Decode steps can be replayed as a
+                 only the scored logits come back to the host, or for greedy decoding
+                 (`step_greedy`) only the chosen id, argmax taken in the graph. Decode steps can be replayed as a
                  CUDA graph. Generations take turns on the buffers (a lock).
 Both offer `generation()` (a context that yields a fresh cache) and `step()`.
 """
@@ -143,11 +144,13 @@ class GqaDecoder:
         self.d_total = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int32), "cpu", 0)
         self.d_index = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64), where, 0)
         self.d_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, where, 0)
+        # exports since the device argmax: greedy steps copy one id back, not the logits
+        self.device_greedy = any(t.name == "next_token" for t in self.contract["outputs"])
+        self.d_next = ort.OrtValue.ortvalue_from_shape_and_type((1, 1), np.int64, where, 0)
         self.decode_binding = self._bind(self.session.io_binding(), self.d_ids, self.d_seqlens,
-                                         self.d_total, self.d_index, self.d_logits)
-        self.graph_ready = False
+                                         self.d_total, self.d_index, self.d_logits, self.d_next)
 
-    def _bind(self, b, ids, seqlens, total, index, logits):
+    def _bind(self, b, ids, seqlens, total, index, logits, next_token):
         for name, v in (("input_ids", ids), ("seqlens_k", seqlens),
                         ("total_sequence_length", total), ("logits_index", index)):
             b.bind_ortvalue_input(name, v)
@@ -157,6 +160,8 @@ class GqaDecoder:
             b.bind_ortvalue_output(present_key(i), self.kv[2 * i])
             b.bind_ortvalue_output(present_value(i), self.kv[2 * i + 1])
         b.bind_ortvalue_output("logits", logits)
+        if self.device_greedy:
+            b.bind_ortvalue_output("next_token", next_token)
         return b
 
     @contextlib.contextmanager
@@ -167,6 +172,19 @@ class GqaDecoder:
 
     def step(self, ids: np.ndarray, past: int, keep: int = 1):
         """ids (1, seq) after `past` cached tokens -> host logits (1, keep, V), new length."""
+        out, total = self._run(ids, past, keep)
+        return out[0].numpy(), total
+
+    def step_greedy(self, ids: np.ndarray, past: int) -> tuple[int, int]:
+        """Like step, but only the argmax of the last position comes back: (token id, new
+        length). The logits stay on the device (exports without `next_token`: host argmax)."""
+        out, total = self._run(ids, past, 1)
+        if not self.device_greedy:
+            return int(np.argmax(out[0].numpy()[0, -1])), total
+        return int(out[1].numpy()[0, -1]), total
+
+    def _run(self, ids: np.ndarray, past: int, keep: int):
+        """One prefill or decode step; ([logits, next_token] as device values, new length)."""
         ort = self.ort
         batch, seq = ids.shape
         total = past + seq
@@ -185,17 +203,18 @@ class GqaDecoder:
             if self.cuda_graph:
                 ro.add_run_config_entry("gpu_graph_id", "1")
             self.session.run_with_iobinding(self.decode_binding, ro)
-            return self.d_logits.numpy(), total
+            return [self.d_logits, self.d_next], total
         where = self.where
         logits = ort.OrtValue.ortvalue_from_shape_and_type((1, keep, self.vocab), np.float32, where, 0)
+        next_token = ort.OrtValue.ortvalue_from_shape_and_type((1, keep), np.int64, where, 0)
         b = self._bind(self.session.io_binding(),
                        ort.OrtValue.ortvalue_from_numpy(ids.astype(np.int64), where, 0),
                        ort.OrtValue.ortvalue_from_numpy(np.array([total - 1], np.int32), where, 0),
                        ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32), "cpu", 0),
                        ort.OrtValue.ortvalue_from_numpy(np.arange(seq - keep, seq, dtype=np.int64), where, 0),
-                       logits)
+                       logits, next_token)
         ro = ort.RunOptions()
         if self.cuda_graph:
             ro.add_run_config_entry("gpu_graph_id", "-1")        # prefill shapes vary: no graph
         self.session.run_with_iobinding(b, ro)
-        return logits.numpy(), total
+        return [logits, next_token], total

@@ -113,3 +113,24 @@ def test_gpu_int4_and_cuda_graph_decode(exported, model):
     assert m.decoder.cuda_graph
     assert m.generate(PROMPT, max_new_tokens=24) == cpu.generate(PROMPT, max_new_tokens=24)
     assert m.generate(PROMPT[:9], max_new_tokens=24) == cpu.generate(PROMPT[:9], max_new_tokens=24)
+
+
+def test_greedy_steps_take_the_argmax_in_the_graph(cuda_form):
+    """step_greedy returns the graph's next_token (ArgMax of the logits, first max on ties) and
+    generate uses it; an export without next_token falls back to the host argmax."""
+    m = glmrt.load(cuda_form("int4"), max_context=256)
+    dec = m.decoder
+    assert dec.device_greedy
+    with dec.generation() as n:
+        logits, _ = dec.step(np.array([PROMPT]), n)
+    with dec.generation() as n:
+        token, n = dec.step_greedy(np.array([PROMPT]), n)
+        assert token == int(np.argmax(logits[0, -1])) and n == len(PROMPT)
+        for _ in range(6):                               # decode steps: compare with the logits path
+            with_logits, _ = dec.step(np.array([[token]]), n)     # same position, overwritten below
+            nxt, n = dec.step_greedy(np.array([[token]]), n)
+            assert nxt == int(np.argmax(with_logits[0, -1]))
+            token = nxt
+    via_device = m.generate(PROMPT, max_new_tokens=12)
+    dec.device_greedy = False
+    assert m.generate(PROMPT, max_new_tokens=12) == via_device
