@@ -6,6 +6,7 @@
 #                                    (GLM-Z1-9B shapes, 8 layers, int4 and fp16)
 #   bash bench/gpu.sh sweep          decode-speed variants on 8 GLM-Z1-9B layers (bench/sweep.py);
 #                                    writes /tmp/work/best.sh, which the stages below source
+#                                    when BEST=1 (the ORT switches and fp16 layout it found fastest)
 #   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
 #   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 and 24 of 61 layers)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
@@ -51,7 +52,7 @@ sweep)
     --best "$W/best.sh" ${ONLY:+--only "$ONLY"} 2>&1 | tee "$OUT/sweep-9b-8L.log"
   ;;
 9b|32b)
-  [ -f "$W/best.sh" ] && { cat "$W/best.sh"; . "$W/best.sh"; }
+  [ "${BEST:-0}" = 1 ] && [ -f "$W/best.sh" ] && { cat "$W/best.sh"; . "$W/best.sh"; }
   if [ "$stage" = 9b ]; then shape=glm-z1-9b; sets=${SETS:-"int4: fp16:"}; else shape=glm-4-32b; sets=${SETS:-"int4: fp16:8 fp16:24"}; fi
   for s in $sets; do
     prec=${s%%:*}; layers=${s#*:}; flags=""; name=$prec
