@@ -6,8 +6,9 @@ Two decoders, picked by the manifest's attention form (glmrt.contract):
   GqaDecoder     the KV cache is one preallocated buffer per layer on the device, bound with
                  IOBinding as both past and present so GroupQueryAttention updates it in place;
                  only the scored logits come back to the host, or for greedy decoding
-                 (`step_greedy`) only the chosen id, argmax taken in the graph. Decode steps can be replayed as a
-                 CUDA graph. Generations take turns on the buffers (a lock).
+                 (`step_greedy`) only the chosen id, the argmax taken in the graph. Decode
+                 steps can be replayed as a CUDA graph. Generations take turns on the buffers
+                 (a lock).
 Both offer `generation()` (a context that yields a fresh cache) and `step()`.
 """
 from __future__ import annotations
