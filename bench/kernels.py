@@ -86,12 +86,12 @@ def run(args):
 
 
 def load_csv(path):
-    """ncu --csv rows -> [(id, kernel name, {metric: value})] in launch order."""
+    """ncu --csv rows -> [(id, kernel name, {metric: value, "grid": launch grid})] in launch order."""
     kernels = OrderedDict()
     with open(path, newline="") as f:
         lines = [ln for ln in f if ln.startswith('"')]           # skip ncu's own log lines
     for row in csv.DictReader(lines):
-        k = kernels.setdefault(int(row["ID"]), (row["Kernel Name"], {}))
+        k = kernels.setdefault(int(row["ID"]), (row["Kernel Name"], {"grid": row.get("Grid Size", "")}))
         try:
             k[1][row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
         except ValueError:
@@ -134,6 +134,20 @@ def report(args):
     for label, (c, ns, rd) in sorted(cls.items(), key=lambda kv: -kv[1][1]):
         out.append(f"| {label} | {c / steps:g} | {ns / steps / 1e3:.1f} | {100 * ns / steps / total_ns:.1f}% | "
                    f"{rd / steps / 1e6:.1f} MB | {rd / ns / 1e3:.2f} TB/s |")
+    # the weight-reading kernels by launch grid and bytes read: one row per matrix shape
+    shapes = OrderedDict()
+    for _, name, m in ks:
+        if classify(name).startswith(("int4", "fp16")) and m.get("dram__bytes_read.sum", 0) > 1e6:
+            size = round(m["dram__bytes_read.sum"] / 4e6)              # same grid, other K
+            q = shapes.setdefault((name, m["grid"], size), [0, 0.0, 0.0])
+            q[0] += 1
+            q[1] += m.get("gpu__time_duration.sum", 0.0)
+            q[2] += m.get("dram__bytes_read.sum", 0.0)
+    out += ["", "| weight-reading kernel | grid | launches per step | µs each | MB each | read rate |",
+            "|---|---|---|---|---|---|"]
+    for (name, grid, _), (c, ns, rd) in shapes.items():
+        out.append(f"| `{name[:60]}` | {grid} | {c / steps:g} | {ns / c / 1e3:.2f} | {rd / c / 1e6:.1f} | "
+                   f"{rd / ns / 1e3:.2f} TB/s |")
     text = "\n".join(out)
     print(text)
     if args.json:
