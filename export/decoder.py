@@ -141,7 +141,8 @@ class DecoderEmitter:
 
         def block(r):
             cols = [convert(p[:, r:r + self.block_rows], s, "float32").T for p, s in zip(parts, src)]
-            return convert(np.concatenate(cols, axis=1), "F32", dst)       # (rows, n_out)
+            # C order here, on the worker: the transpose copy is the costly part of a block
+            return np.ascontiguousarray(convert(np.concatenate(cols, axis=1), "F32", dst))  # (rows, n_out)
         return self.g.weight_blocks(name, (k_in, n_out), dst,
                                     ordered_map(block, range(0, k_in, self.block_rows)))
 

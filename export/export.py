@@ -87,7 +87,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                 if (ckpt.folder / name).is_file():
                     shutil.copy2(ckpt.folder / name, tmp / name)
             template = _template_source(ckpt.folder)
-            files = {n: manifest.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
+            files = {n: manifest.file_entry(tmp / n, weights.sha256 if n == WEIGHTS else None)
+                     for n in sorted(os.listdir(tmp))}
             manifest.write(tmp, {
                 "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
                 "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),

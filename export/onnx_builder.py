@@ -22,21 +22,36 @@ ALIGN = 64
 
 
 class WeightFile:
-    """Appends tensors to one external data file and returns initializers pointing into it."""
+    """Appends tensors to one external data file and returns initializers pointing into it.
+    The file's sha256 is computed from the bytes as they are written (`sha256` after close),
+    so the manifest need not read back tens of gigabytes."""
 
     def __init__(self, folder: Path, location: str):
+        import hashlib
         self.location = location
         self.f = open(folder / location, "wb")
         self.offset = 0
+        self.hash = hashlib.sha256()
+        self.sha256: str | None = None
+
+    def _write(self, data) -> None:
+        """Append a C-contiguous array or bytes (no extra copy); hashing releases the GIL, so
+        the quantizing threads keep working meanwhile."""
+        buf = memoryview(data).cast("B") if isinstance(data, np.ndarray) else data
+        self.f.write(buf)
+        self.hash.update(buf)
+
+    def _align(self) -> None:
+        pad = -self.offset % ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+            self.offset += pad
 
     def add(self, name: str, data: np.ndarray, dtype: str) -> TensorProto:
         # data holds the raw bytes (bf16 as uint16, packed int4 as uint8); dims given by dtype
         data = np.ascontiguousarray(data)
-        pad = -self.offset % ALIGN
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.offset += pad
-        self.f.write(data.tobytes())
+        self._align()
+        self._write(data)
         t = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=list(data.shape))
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.location), ("offset", str(self.offset)),
@@ -47,13 +62,10 @@ class WeightFile:
 
     def add_blocks(self, name: str, shape: tuple, dtype: str, blocks) -> TensorProto:
         """Write a tensor given as consecutive row blocks (each a C-contiguous array)."""
-        pad = -self.offset % ALIGN
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.offset += pad
+        self._align()
         start = self.offset
         for b in blocks:
-            self.f.write(np.ascontiguousarray(b).tobytes())
+            self._write(np.ascontiguousarray(b))
             self.offset += b.nbytes
         t = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
@@ -67,6 +79,7 @@ class WeightFile:
         import os
         os.fsync(self.f.fileno())
         self.f.close()
+        self.sha256 = self.hash.hexdigest()
 
 
 class GraphBuilder:

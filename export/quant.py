@@ -16,6 +16,7 @@ Forms:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -51,30 +52,43 @@ class WeightSource:
             w = w * self.row_scale[r0:r0 + w.shape[0], None]
         return w
 
-    def rows(self):
-        """(r, K) float32 row chunks of W (N, K)."""
+    def row_jobs(self):
+        """Zero-argument callables, each making one (r, K) float32 row chunk of W (N, K), so
+        the bf16 -> float32 conversion runs on the worker threads too."""
         r0 = 0
         for p, src in self.parts:
             for r in range(0, p.shape[0], self.chunk):
-                yield self._scaled(convert(p[r:r + self.chunk], src, "float32"), r0 + r, 0)
+                yield functools.partial(self._rows, p, src, r, r0 + r)
             r0 += p.shape[0]
 
-    def cols(self, multiple: int):
-        """(N, kc) float32 column chunks, kc a multiple of `multiple` (but the last)."""
+    def _rows(self, p, src, r, at):
+        return self._scaled(convert(p[r:r + self.chunk], src, "float32"), at, 0)
+
+    def col_jobs(self, multiple: int):
+        """Callables making (N, kc) float32 column chunks, kc a multiple of `multiple` (but the last)."""
         kc = max(multiple, (1 << 20) // max(self.n, 1) // multiple * multiple)
         for c in range(0, self.k, kc):
-            w = np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
-            yield self._scaled(w, 0, c)
+            yield functools.partial(self._cols, c, kc)
+
+    def _cols(self, c, kc):
+        w = np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
+        return self._scaled(w, 0, c)
+
+    def rows(self):
+        return (job() for job in self.row_jobs())
+
+    def cols(self, multiple: int):
+        return (job() for job in self.col_jobs(multiple))
 
     def row_amax(self) -> np.ndarray:
-        return np.concatenate(list(ordered_map(lambda w: np.abs(w).max(1), self.rows())))  # (N,)
+        return np.concatenate(list(ordered_map(lambda job: np.abs(job()).max(1), self.row_jobs())))  # (N,)
 
 
-def stream_quantized(chunks, work, errors: dict, wname: str, keep):
-    """Run `work(chunk) -> (QTensor, error report, bytes to write)` over chunks on the thread
-    pool, in order; record each chunk's error under `wname`, hand each QTensor to `keep`, and
-    yield the bytes for the weight file."""
-    for q, err, data in ordered_map(work, chunks):
+def stream_quantized(jobs, work, errors: dict, wname: str, keep):
+    """Run `work(job()) -> (QTensor, error report, bytes to write)` over chunk-making jobs on
+    the thread pool, in order; record each chunk's error under `wname`, hand each QTensor to
+    `keep`, and yield the bytes for the weight file."""
+    for q, err, data in ordered_map(lambda job: work(job()), jobs):
         errors.setdefault(wname, []).append(err)
         keep(q)
         yield data
@@ -173,7 +187,7 @@ class MatMulNBits(BlockInt):
             if q.zeros is not None:
                 zeros.append(q.zeros)
         b = g.weight_blocks(wname + ".qweight", (n, kb, self.block * self.bits // 8), "uint8",
-                            stream_quantized(src.rows(), work, errors, wname, keep))
+                            stream_quantized(src.row_jobs(), work, errors, wname, keep))
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         inputs = [x, b, s]
         if zeros:
@@ -214,7 +228,7 @@ class Int4QDQ(BlockInt):
             return q, self.error(w, q), pack_nibbles(self.signed_codes(q)[:, :w.shape[1]].T)  # (kc, N/2)
 
         wq = g.weight_blocks(wname + ".qweight", (k, n), "int4", stream_quantized(
-            src.cols(self.block), work, errors, wname, lambda q: scales.append(q.scales.T)))  # (kc/block, N)
+            src.col_jobs(self.block), work, errors, wname, lambda q: scales.append(q.scales.T)))  # (kc/block, N)
         s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=0, block_size=self.block)       # (K, N)
         return g.op("MatMul", [x, w])
@@ -253,7 +267,7 @@ class Int8QDQ:
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T)        # (kc, N)
         wq = g.weight_blocks(wname + ".qweight", (k, n), "int8", stream_quantized(
-            src.cols(1), work, errors, wname, lambda q: scales.append(q.scales)))
+            src.col_jobs(1), work, errors, wname, lambda q: scales.append(q.scales)))
         s = g.weight(wname + ".scales", scales[-1], self.scale_dtype)
         w = g.op("DequantizeLinear", [wq, s], axis=1)                        # (K, N)
         return g.op("MatMul", [x, w])
@@ -295,7 +309,7 @@ class Fp8QDQ:
             q = self.quantize(w, amax)
             return q, self.error(w, q), np.ascontiguousarray(q.codes.T).view(np.uint8)  # (kc, N)
         wq = g.weight_blocks(wname + ".qweight", (k, n), "float8e4m3fn", stream_quantized(
-            src.cols(1), work, errors, wname, lambda q: scales.append(q.scales)))
+            src.col_jobs(1), work, errors, wname, lambda q: scales.append(q.scales)))
         ws = g.weight(wname + ".scale", np.asarray(scales[-1]).reshape(()), self.scale_dtype)
         xs = g.weight(wname + ".input_scale",
                       _round_scale(np.asarray(act_amax / FP8_MAX), self.scale_dtype).reshape(()),

@@ -36,8 +36,9 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def file_entry(path: Path) -> dict:
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+def file_entry(path: Path, known_sha256: str | None = None) -> dict:
+    """{"sha256", "bytes"}; known_sha256 (hashed while the file was written) skips a re-read."""
+    return {"sha256": known_sha256 or sha256(path), "bytes": path.stat().st_size}
 
 
 def write(folder: Path, manifest: dict) -> None:
