@@ -1,0 +1,81 @@
+"""`glmrt bench` and the GPU-machine report tooling, on the CPU provider: what they report is
+consistent with itself (medians, rates, the bandwidth ceiling) and with the model's manifest."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from glmrt.bench import bench, format_report
+from glmrt.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_report(r, manifest_bytes):
+    for n, p in r["prefill"].items():
+        assert p["ms"] > 0 and p["tok_s"] == pytest.approx(int(n) / (p["ms"] / 1e3))
+    assert r["ttft_ms"] == r["prefill"][min(r["prefill"])]["ms"]
+    c = r["ceiling"]
+    assert c["bytes_per_token"] == manifest_bytes
+    assert c["ms"] == pytest.approx(1e3 * manifest_bytes / (c["tbps"] * 1e12))
+    for d in r["decode"].values():
+        assert d["tok_s"] == pytest.approx(1e3 / d["ms"])
+        assert d["pct_of_ceiling"] == pytest.approx(100 * c["ms"] / d["ms"])
+
+
+def test_bench_on_the_cpu_form(exported):
+    folder = exported("tiny")
+    r = bench(folder, device="cpu", prompt_lengths=(8, 16), contexts=(8, 32), decode_steps=4, repeats=2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert r["form"] == "concat" and r["greedy"] == "host argmax" and not r["cuda_graph"]
+    assert set(r["prefill"]) == {8, 16} and set(r["decode"]) == {8, 32}
+    assert "decode_host_logits" not in r
+    check_report(r, manifest["streamed_bytes_per_token"])
+    assert "greedy: host argmax" in format_report(r)
+
+
+def test_bench_on_the_cuda_form_times_both_greedy_paths(exported, tmp_path):
+    folder = exported("quant", "int4", target="cuda")
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(folder), "--device", "cpu", "--prompt-lengths", "8",
+                                    "--contexts", "8,16", "--decode-steps", "4", "--repeats", "1",
+                                    "--json", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "greedy: device argmax" in res.output and "logits copied to the host" in res.output
+    r = json.loads(out.read_text())
+    assert r["form"] == "gqa" and r["greedy"] == "device argmax"
+    assert r["decode_host_logits"]["context"] == 8 and r["decode_host_logits"]["ms"] > 0
+    r["prefill"] = {int(k): v for k, v in r["prefill"].items()}
+    check_report(r, json.loads((folder / "manifest.json").read_text())["streamed_bytes_per_token"])
+
+
+def load_bench_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_report_from_an_ncu_csv(tmp_path, capsys):
+    """Two steps of three kernels: per-kernel, per-class and per-matrix rows add up."""
+    kernels = load_bench_script("kernels")
+    rows = ['"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"']
+    launches = [("MatMulFloat4BitsKernelM1", "(576, 1, 1)", 8000, 10_600_000),
+                ("SkipLayerNormKernelSmall", "(1, 1, 1)", 3000, 16_000),
+                ("MatMulFloat4BitsKernelM1", "(3424, 1, 1)", 25000, 63_100_000)] * 2
+    for i, (name, grid, ns, read) in enumerate(launches):
+        rows.append(f'"{i}","{name}","{grid}","gpu__time_duration.sum","ns","{ns:,}"')
+        rows.append(f'"{i}","{name}","{grid}","dram__bytes_read.sum","byte","{read:,}"')
+    csv = tmp_path / "k.csv"
+    csv.write_text("==PROF== a log line ncu writes\n" + "\n".join(rows) + "\n")
+    kernels.report(type("A", (), {"csv": csv, "steps": 2, "layers": 1, "title": "t",
+                                  "json": str(tmp_path / "k.json")})())
+    text = capsys.readouterr().out
+    assert "GPU-busy time per step 36.0 µs" in text
+    assert "| int4 GEMV (MatMulNBits) | 2 | 33.0 |" in text              # per class, per step
+    assert "| `MatMulFloat4BitsKernelM1` | (576, 1, 1) | 1 | 8.00 | 10.6 | 1.32 TB/s |" in text
+    assert "| `MatMulFloat4BitsKernelM1` | (3424, 1, 1) | 1 | 25.00 | 63.1 | 2.52 TB/s |" in text
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert saved["busy_us_per_step"] == pytest.approx(36.0)
