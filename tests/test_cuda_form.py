@@ -71,6 +71,15 @@ def test_cache_bound_is_a_clear_error(cuda_form):
         m.logits(list(range(5, 100)))
 
 
+def test_float_layout_is_checked(checkpoint, tmp_path):
+    with pytest.raises(GlmrtError, match="float layout 'nk': 'kn', or 'nk' with target cuda"):
+        export_model(checkpoint("quant"), tmp_path / "o", precision="fp16", float_layout="nk", progress=False)
+    with pytest.raises(GlmrtError, match="float layout 'mk'"):
+        export_model(checkpoint("quant"), tmp_path / "o", precision="fp16", target="cuda",
+                     float_layout="mk", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_cuda_target_refuses_what_it_cannot_run(checkpoint, tmp_path):
     with pytest.raises(GlmrtError, match="target cuda .* takes fp16, int4 or int8, not fp32"):
         export_model(checkpoint("quant"), tmp_path / "o", precision="fp32", target="cuda", progress=False)
