@@ -117,7 +117,21 @@ def _round_scale(s: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(s) & (s != 0), s, np.asarray(1.0, dtype))
 
 
-class BlockInt:
+class Scheme:
+    """What every quantization scheme shares: a chunk's error is its own round trip."""
+
+    def error(self, w: np.ndarray, q: QTensor) -> dict:
+        return report(w, self.dequantize(q))
+
+
+class TensorScaledQDQ(Scheme):
+    """The Q/DQ schemes scaled per output channel or per tensor: only the scale dtype to choose."""
+
+    def __init__(self, scale_dtype: str):
+        self.scale_dtype = scale_dtype
+
+
+class BlockInt(Scheme):
     """Block-wise integer quantization along K, shared by MatMulNBits and Int4QDQ."""
 
     def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str):
@@ -152,9 +166,6 @@ class BlockInt:
         zp = q.zeros if q.zeros is not None else np.full(q.scales.shape, 1 << (self.bits - 1))
         blocks = q.codes.reshape(n, -1, self.block).astype(np.float64) - zp[..., None]
         return (blocks * q.scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :q.k]
-
-    def error(self, w: np.ndarray, q: QTensor) -> dict:
-        return report(w, self.dequantize(q))
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -234,12 +245,9 @@ class Int4QDQ(BlockInt):
         return g.op("MatMul", [x, w])
 
 
-class Int8QDQ:
+class Int8QDQ(TensorScaledQDQ):
     """Signed int8, symmetric, per output channel, on W^T (K, N)."""
     name = "int8-qdq"
-
-    def __init__(self, scale_dtype: str):
-        self.scale_dtype = scale_dtype
 
     def params(self) -> dict:
         return {"form": self.name, "bits": 8, "per_channel": True, "symmetric": True,
@@ -253,9 +261,6 @@ class Int8QDQ:
 
     def dequantize(self, q: QTensor) -> np.ndarray:
         return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
-
-    def error(self, w, q) -> dict:
-        return report(w, self.dequantize(q))
 
     def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
              act_amax=None) -> str:
@@ -273,12 +278,9 @@ class Int8QDQ:
         return g.op("MatMul", [x, w])
 
 
-class Fp8QDQ:
+class Fp8QDQ(TensorScaledQDQ):
     """FP8 e4m3 weights and activations, per-tensor scales (TensorRT's FP8 GEMM pattern)."""
     name = "fp8-qdq"
-
-    def __init__(self, scale_dtype: str):
-        self.scale_dtype = scale_dtype
 
     def params(self) -> dict:
         return {"form": self.name, "format": "float8e4m3fn", "per_tensor": True,
@@ -292,9 +294,6 @@ class Fp8QDQ:
 
     def dequantize(self, q: QTensor) -> np.ndarray:
         return q.codes.astype(np.float64) * float(q.scales)
-
-    def error(self, w, q) -> dict:
-        return report(w, self.dequantize(q))
 
     def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
              act_amax: float = None) -> str:
