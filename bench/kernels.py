@@ -99,17 +99,25 @@ def load_csv(path):
     return [(i, name, m) for i, (name, m) in kernels.items()]
 
 
+def tally(ks, key) -> OrderedDict:
+    """key(name, metrics) -> [launches, ns, bytes read] summed over the kernels (None: skipped)."""
+    groups = OrderedDict()
+    for _, name, m in ks:
+        k = key(name, m)
+        if k is not None:
+            g = groups.setdefault(k, [0, 0.0, 0.0])
+            g[0] += 1
+            g[1] += m.get("gpu__time_duration.sum", 0.0)
+            g[2] += m.get("dram__bytes_read.sum", 0.0)
+    return groups
+
+
 def report(args):
     ks = load_csv(args.csv)
     steps = args.steps
     if not ks:
         sys.exit(f"{args.csv}: no kernels")
-    per = OrderedDict()                     # kernel name -> [count, ns, bytes read]
-    for _, name, m in ks:
-        p = per.setdefault(name, [0, 0.0, 0.0])
-        p[0] += 1
-        p[1] += m.get("gpu__time_duration.sum", 0.0)
-        p[2] += m.get("dram__bytes_read.sum", 0.0)
+    per = tally(ks, lambda name, m: name)
     total_ns = sum(p[1] for p in per.values()) / steps
     out = [f"# Decode-step kernels: {args.title}", "",
            f"{len(ks)} kernels over {steps} steps ({len(ks) / steps:.0f} per step); "
@@ -123,26 +131,17 @@ def report(args):
         short = name if len(name) <= 70 else name[:67] + "..."
         out.append(f"| `{short}` | {classify(name)} | {c / steps:g} | {ns / steps / 1e3:.1f} | "
                    f"{each / 1e3:.2f} | {100 * ns / steps / total_ns:.1f}% | {rd / steps / 1e6:.1f} MB | {rate} |")
-    cls = OrderedDict()
-    for name, (c, ns, rd) in per.items():
-        q = cls.setdefault(classify(name), [0, 0.0, 0.0])
-        q[0] += c
-        q[1] += ns
-        q[2] += rd
+    cls = tally(ks, lambda name, m: classify(name))
     out += ["", "| class of work | kernels per step | µs per step | % of step | DRAM read per step | read rate |",
             "|---|---|---|---|---|---|"]
     for label, (c, ns, rd) in sorted(cls.items(), key=lambda kv: -kv[1][1]):
         out.append(f"| {label} | {c / steps:g} | {ns / steps / 1e3:.1f} | {100 * ns / steps / total_ns:.1f}% | "
                    f"{rd / steps / 1e6:.1f} MB | {rd / ns / 1e3:.2f} TB/s |")
-    # the weight-reading kernels by launch grid and bytes read: one row per matrix shape
-    shapes = OrderedDict()
-    for _, name, m in ks:
-        if classify(name).startswith(("int4", "fp16")) and m.get("dram__bytes_read.sum", 0) > 1e6:
-            size = round(m["dram__bytes_read.sum"] / 4e6)              # same grid, other K
-            q = shapes.setdefault((name, m["grid"], size), [0, 0.0, 0.0])
-            q[0] += 1
-            q[1] += m.get("gpu__time_duration.sum", 0.0)
-            q[2] += m.get("dram__bytes_read.sum", 0.0)
+    # the weight-reading kernels by launch grid and bytes read (same grid, other K): one row
+    # per matrix shape
+    shapes = tally(ks, lambda name, m: (name, m["grid"], round(m["dram__bytes_read.sum"] / 4e6))
+                   if classify(name).startswith(("int4", "fp16")) and m.get("dram__bytes_read.sum", 0) > 1e6
+                   else None)
     out += ["", "| weight-reading kernel | grid | launches per step | µs each | MB each | read rate |",
             "|---|---|---|---|---|---|"]
     for (name, grid, _), (c, ns, rd) in shapes.items():
