@@ -6,8 +6,8 @@ in its own process (ORT reads the switches when it builds its kernels), CUDA gra
 
   python3 bench/sweep.py --shape glm-z1-9b --layers 8 --work /tmp/work --json OUT.json
 
-Also measures what a decode step costs on the host: the step as `glmrt` runs it (logits
-copied to the host) against the bare `run_with_iobinding` replay.
+Also measures what a decode step costs on the host: a step that copies the logits back and
+takes the argmax there (what sampling pays) against the bare `run_with_iobinding` replay.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def sh(cmd, env=None):
 
 
 def host_overhead(model_dir, steps=64):
-    """Median decode step as glmrt runs it vs the bare graph replay (no host copy)."""
+    """Median decode step with the logits copied to the host vs the bare graph replay."""
     import numpy as np
     import glmrt
     m = glmrt.load(model_dir, device="cuda", max_context=512)

@@ -74,12 +74,6 @@ class WeightSource:
         w = np.concatenate([convert(p[:, c:c + kc], src, "float32") for p, src in self.parts])
         return self._scaled(w, 0, c)
 
-    def rows(self):
-        return (job() for job in self.row_jobs())
-
-    def cols(self, multiple: int):
-        return (job() for job in self.col_jobs(multiple))
-
     def row_amax(self) -> np.ndarray:
         return np.concatenate(list(ordered_map(lambda job: np.abs(job()).max(1), self.row_jobs())))  # (N,)
 
