@@ -9,7 +9,8 @@
 #                                    when BEST=1 (the ORT switches and fp16 layout it found fastest)
 #   bash bench/gpu.sh 9b             GLM-Z1-9B shapes, synthetic weights: int4 + fp16 export, bench
 #   bash bench/gpu.sh 32b            GLM-4-32B shapes: int4 (61 layers), fp16 (8 and 24 of 61 layers)
-#   bash bench/gpu.sh gemv           how fast a plain int4 GEMV reads the MatMulNBits layout (CuPy)
+#   bash bench/gpu.sh gemv           how fast a plain int4 GEMV reads the MatMulNBits layout
+#                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # Logs and JSON go to $OUT (the device tool brings them back).
@@ -77,8 +78,8 @@ make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384,
   python3 -m glmrt.cli export "$W/qck" -o "$W/q-int4" --precision int4 --target cuda --overwrite | tail -1
   run python3 "$REPO/bench/graph_diag.py" "$W/q-int4" 2>&1 | tee "$OUT/graph-diag.log"
   ;;
-gemv)  # bench/gemv_probe.py: a plain int4 GEMV on the MatMulNBits layout, with CuPy (in the image)
-  run python3 "$REPO/bench/gemv_probe.py" --json "$OUT/gemv-probe.json" 2>&1 | tee "$OUT/gemv-probe.log"
+gemv)  # bench/gemv_probe.py: a plain int4 GEMV on the MatMulNBits layout (cubins built here: carry build/gemv)
+  run python3 "$REPO/bench/gemv_probe.py" run --cubins "$REPO/build/gemv" --json "$OUT/gemv-probe.json" 2>&1 | tee "$OUT/gemv-probe.log"
   ;;
 hf)
   run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
