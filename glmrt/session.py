@@ -7,8 +7,11 @@ Two decoders, picked by the manifest's attention form (glmrt.contract):
                  IOBinding as both past and present so GroupQueryAttention updates it in place;
                  only the scored logits come back to the host, or for greedy decoding
                  (`step_greedy`) only the chosen id, the argmax taken in the graph. Decode
-                 steps can be replayed as a CUDA graph. Generations take turns on the buffers
-                 (a lock).
+                 steps can be replayed as a CUDA graph. Greedy decoding can run in bursts
+                 (`greedy_burst`): several steps queued back to back, each fed on the device
+                 the id the step before chose, with one synchronization per burst, so the
+                 device does not wait on the host between tokens. Generations take turns on
+                 the buffers (a lock).
 Both offer `generation()` (a context that yields a fresh cache) and `step()`.
 """
 from __future__ import annotations
@@ -74,10 +77,10 @@ def optimized_graph(folder: Path, manifest: dict, device: str):
 
 
 def make_decoder(folder: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 max_context: int | None = None, cuda_graph: bool = True):
+                 max_context: int | None = None, cuda_graph: bool = True, burst: int | None = None):
     form = manifest["io"].get("form", "concat")
     if form == "gqa":
-        return GqaDecoder(folder, manifest, device, threads, max_context, cuda_graph)
+        return GqaDecoder(folder, manifest, device, threads, max_context, cuda_graph, burst)
     return ConcatDecoder(folder, manifest, device, threads)
 
 
@@ -121,7 +124,7 @@ class GqaDecoder:
     """Device-resident KV cache for the "gqa" form; see the module docstring."""
 
     def __init__(self, folder: Path, manifest: dict, device: str, threads: int | None,
-                 max_context: int | None, cuda_graph: bool):
+                 max_context: int | None, cuda_graph: bool, burst: int | None = None):
         import onnxruntime as ort
         self.ort = ort
         self.device = device
@@ -150,11 +153,26 @@ class GqaDecoder:
         self.d_next = ort.OrtValue.ortvalue_from_shape_and_type((1, 1), np.int64, where, 0)
         self.decode_binding = self._bind(self.session.io_binding(), self.d_ids, self.d_seqlens,
                                          self.d_total, self.d_index, self.d_logits, self.d_next)
+        # Greedy bursts (exports with next_token): steps per burst; 1 = a sync per token. On
+        # the CPU provider every step runs to completion anyway, so bursts only delay tokens.
+        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+            raise GlmrtError(f"burst={burst!r}; expected a positive number of decode steps")
+        self.burst = (burst or (8 if device == "cuda" else 1)) if self.device_greedy else 1
+        self._bursts = None                     # the per-step bindings, made on first use
 
     def _bind(self, b, ids, seqlens, total, index, logits, next_token):
+        """Bind one step's inputs and outputs: OrtValues, or (address, shape, dtype) of a slot
+        inside a bigger buffer (the greedy bursts chain steps through such slots)."""
+        def bind(name, v, output=False):
+            if isinstance(v, tuple):
+                ptr, shape, dtype = v
+                (b.bind_output if output else b.bind_input)(name, self.where, 0, dtype, shape, ptr)
+            else:
+                (b.bind_ortvalue_output if output else b.bind_ortvalue_input)(name, v)
+
         for name, v in (("input_ids", ids), ("seqlens_k", seqlens),
                         ("total_sequence_length", total), ("logits_index", index)):
-            b.bind_ortvalue_input(name, v)
+            bind(name, v)
         for i in range(self.layers):
             b.bind_ortvalue_input(past_key(i), self.kv[2 * i])
             b.bind_ortvalue_input(past_value(i), self.kv[2 * i + 1])
@@ -162,8 +180,54 @@ class GqaDecoder:
             b.bind_ortvalue_output(present_value(i), self.kv[2 * i + 1])
         b.bind_ortvalue_output("logits", logits)
         if self.device_greedy:
-            b.bind_ortvalue_output("next_token", next_token)
+            bind("next_token", next_token, output=True)
         return b
+
+    def _make_bursts(self):
+        """One binding per step of a burst. Step i reads its input id from slot i-1 of one
+        (burst,) int64 device buffer and writes its argmax into slot i, so each step feeds the
+        next without the host (step 0 reads the last slot, which the host fills); its seqlens_k
+        is slot i of a (burst,) int32 buffer the host fills once per burst. Fixed addresses,
+        one CUDA graph per step."""
+        ort, k = self.ort, self.burst
+        self.b_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros(k, np.int64), self.where, 0)
+        self.b_seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(k, np.int32), self.where, 0)
+        # total_sequence_length lives on the host: constant under a CUDA graph (see _run)
+        self.b_total = [ort.OrtValue.ortvalue_from_numpy(np.array(self.max_context, np.int32), "cpu", 0)
+                        for _ in range(k)]
+        ids, seq = self.b_ids.data_ptr(), self.b_seqlens.data_ptr()
+        return [self._bind(self.session.io_binding(), (ids + 8 * ((i - 1) % k), [1, 1], np.int64),
+                           (seq + 4 * i, [1], np.int32), self.b_total[i], self.d_index, self.d_logits,
+                           (ids + 8 * i, [1, 1], np.int64))
+                for i in range(k)]
+
+    def greedy_burst(self, last: int, past: int, n: int) -> list[int]:
+        """n greedy decode steps (1 <= n <= burst) after `past` cached tokens, the first fed
+        `last`: the n chosen ids. The steps are queued without waiting on the device and the
+        host synchronizes once, after the last; steps past a stop token only write cache
+        positions beyond the text, which a later write overwrites."""
+        if not 1 <= n <= self.burst:
+            raise GlmrtError(f"a burst of {n} steps; this decoder runs 1 to {self.burst}")
+        if past + n > self.max_context:
+            raise GlmrtError(f"{past + n} tokens exceed the cache of {self.max_context} positions "
+                             "(load with a larger max_context)")
+        if self._bursts is None:
+            self._bursts = self._make_bursts()
+        k = self.burst
+        ids = np.zeros(k, np.int64)
+        ids[k - 1] = last
+        self.b_ids.update_inplace(ids)
+        self.b_seqlens.update_inplace(np.arange(past, past + k, dtype=np.int32))  # step i: length past+i+1
+        for i in range(n):
+            ro = self.ort.RunOptions()
+            if self.cuda_graph:
+                ro.add_run_config_entry("gpu_graph_id", str(2 + i))
+            else:
+                self.b_total[i].update_inplace(np.array(past + i + 1, np.int32))
+            if i < n - 1:       # return once queued; the last step's run waits for all of them
+                ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self.session.run_with_iobinding(self._bursts[i], ro)
+        return self.b_ids.numpy()[:n].tolist()
 
     @contextlib.contextmanager
     def generation(self):

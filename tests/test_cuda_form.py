@@ -143,3 +143,34 @@ def test_greedy_steps_take_the_argmax_in_the_graph(cuda_form):
     via_device = m.generate(PROMPT, max_new_tokens=12)
     dec.device_greedy = False
     assert m.generate(PROMPT, max_new_tokens=12) == via_device
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_greedy_bursts_give_the_step_by_step_tokens(cuda_form, device):
+    """Bursts chain each step's argmax into the next step's input on the device, and come
+    back once per burst: the same tokens as one step at a time, for lengths that end
+    mid-burst, with a stop token inside a burst, and with the cache bound checked."""
+    path = cuda_form("int4")
+    one = glmrt.load(path, max_context=256, burst=1)
+    assert one.decoder.burst == 1
+    m = glmrt.load(path, device=device, max_context=256, burst=3)
+    assert m.decoder.burst == 3
+    for prompt, new in ((PROMPT, 13), (PROMPT[:9], 7), (PROMPT[:4], 1)):
+        want = one.generate(prompt, max_new_tokens=new)
+        assert m.generate(prompt, max_new_tokens=new) == want
+    want = one.generate(PROMPT, max_new_tokens=20)
+    stop = want[7]                                       # a stop token in the middle of a burst
+    first = want.index(stop)
+    for mm in (one, m):
+        mm.eos_ids = frozenset({stop})
+    res = glmrt.model.Generation([])
+    assert m.generate(PROMPT, max_new_tokens=20, result=res) == want[:first]
+    assert res.finish_reason == "stop" and res.stop_token == stop
+    assert m.generate(PROMPT, max_new_tokens=20) == one.generate(PROMPT, max_new_tokens=20)
+    with m.decoder.generation() as n:                   # the bound: no step past max_context
+        with pytest.raises(GlmrtError, match="exceed the cache of 256"):
+            m.decoder.greedy_burst(5, 254, 3)
+        with pytest.raises(GlmrtError, match="1 to 3"):
+            m.decoder.greedy_burst(5, n, 4)
+    with pytest.raises(GlmrtError, match="burst=0"):
+        glmrt.load(path, max_context=256, burst=0)
