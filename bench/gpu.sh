@@ -13,6 +13,7 @@
 #                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
+# TAG=name is added to the JSON names (for A/B runs under different ORT_* switches).
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 stage=${1:?stage}
@@ -65,7 +66,7 @@ sweep)
     start=$(date +%s)
     python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
     echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
-    run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L.json" \
+    run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L${TAG:+-$TAG}.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
     rm -rf "$dir"
   done

@@ -4,7 +4,10 @@ decode comes to the memory-bandwidth ceiling (weights read once per token).
 Every figure is a median over repeats after a warm-up. Each timed step ends with its result on
 the host, so the device is synchronized inside the timing: a greedy decode step ends with the
 chosen id (argmax on the device where the export has `next_token`, else on the host after the
-logits are copied back); the copy-the-logits path is timed too, as sampling pays it.
+logits are copied back); the copy-the-logits path is timed too, as sampling pays it. Where the
+decoder runs greedy bursts (several steps per host synchronization, what `generate` does on
+CUDA), decode is timed per burst and divided by its steps, and one-sync-per-token is timed
+beside it.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ H200_TBPS = 4.22     # device-to-device copy on the H200 (shared/GPU.md): the ce
 
 def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
           contexts=(128, 2048, 8192), decode_steps: int = 64, repeats: int = 5,
-          bandwidth_tbps: float = H200_TBPS, cuda_graph: bool = True) -> dict:
+          bandwidth_tbps: float = H200_TBPS, cuda_graph: bool = True, burst: int | None = None) -> dict:
     from .model import Model
-    need = max(max(prompt_lengths), max(contexts)) + decode_steps + 8
-    m = Model(model_dir, device=device, verify=False, max_context=need, cuda_graph=cuda_graph)
+    need = max(max(prompt_lengths), max(contexts)) + decode_steps + 3 * (burst or 8) + 8
+    m = Model(model_dir, device=device, verify=False, max_context=need, cuda_graph=cuda_graph, burst=burst)
     dec = m.decoder
+    k = getattr(dec, "burst", 1)
     vocab = min(m.config.vocab_size, 1000)
     rng = np.random.default_rng(0)
 
@@ -38,7 +42,7 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
             int(np.argmax(logits[0, -1]))
             return time.perf_counter() - t
 
-    out = {"model": str(model_dir), "device": device, "precision": m.manifest["precision"]["name"],
+    out = {"model": str(model_dir), "device": device, "burst": k, "precision": m.manifest["precision"]["name"],
            "form": m.manifest["io"]["form"], "cuda_graph": bool(getattr(dec, "cuda_graph", False)),
            "prefill": {}, "decode": {}}
     prefill_time(min(prompt_lengths))                                   # warm-up
@@ -54,6 +58,15 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
         with dec.generation() as cache:
             logits, cache = dec.step(prompt(ctx), cache)
             token = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
+            if on_device and k > 1:           # bursts; 3 to warm up (one CUDA graph per step)
+                for i in range(3 + max(1, decode_steps // k)):
+                    t = time.perf_counter()
+                    tok = dec.greedy_burst(int(token[0, 0]), cache, k)[-1]
+                    cache += k
+                    token = np.array([[tok]], np.int64)
+                    if i >= 3:
+                        steps.append((time.perf_counter() - t) / k)
+                return float(np.median(steps))
             for i in range(decode_steps + 8):
                 t = time.perf_counter()
                 if on_device:                                   # only the chosen id comes back
@@ -69,6 +82,11 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
     for ctx in contexts:
         med = decode_time(ctx, greedy is not None)
         out["decode"][ctx] = {"ms": 1e3 * med, "tok_s": 1.0 / med}
+    if k > 1:                                  # the same without bursts: one sync per token
+        saved, k = k, 1
+        med = decode_time(min(contexts), True)
+        k = saved
+        out["decode_sync_per_token"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
     if out["greedy"] == "device argmax":        # what a sampled token pays: logits to the host
         med = decode_time(min(contexts), False)
         out["decode_host_logits"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
@@ -102,6 +120,10 @@ def format_report(r: dict) -> str:
     for ctx, d in r["decode"].items():
         pct = f"  {d['pct_of_ceiling']:.0f}% of ceiling" if "pct_of_ceiling" in d else ""
         lines.append(f"decode at context {ctx:>6}: {d['ms']:6.3f} ms/token  {d['tok_s']:7.1f} tok/s{pct}")
+    if "decode_sync_per_token" in r:
+        d = r["decode_sync_per_token"]
+        lines.append(f"decode at context {d['context']:>6}, one sync per token: {d['ms']:6.3f} ms/token "
+                     f"{d['tok_s']:7.1f} tok/s (bursts of {r['burst']} above)")
     if "decode_host_logits" in r:
         d = r["decode_host_logits"]
         lines.append(f"decode at context {d['context']:>6}, logits copied to the host: {d['ms']:6.3f} ms/token "

@@ -165,10 +165,12 @@ def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **samp
 @click.option("--bandwidth-tbps", default=4.22, show_default=True,
               help="The memory-bandwidth ceiling (4.22: the H200's measured copy rate).")
 @click.option("--no-cuda-graph", is_flag=True)
+@click.option("--burst", type=click.IntRange(min=1), default=None,
+              help="Greedy steps per host synchronization (default: 8 on cuda, 1 on cpu).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the figures here.")
 @clean_errors
 def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
-          no_cuda_graph, as_json):
+          no_cuda_graph, burst, as_json):
     """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling."""
     from pathlib import Path
 
@@ -176,7 +178,8 @@ def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwi
     from .bench import format_report, to_json
     r = run_bench(model, device=device, prompt_lengths=[int(x) for x in prompt_lengths.split(",")],
                   contexts=[int(x) for x in contexts.split(",")], decode_steps=decode_steps,
-                  repeats=repeats, bandwidth_tbps=bandwidth_tbps, cuda_graph=not no_cuda_graph)
+                  repeats=repeats, bandwidth_tbps=bandwidth_tbps, cuda_graph=not no_cuda_graph,
+                  burst=burst)
     click.echo(format_report(r))
     if as_json:
         Path(as_json).write_text(to_json(r))

@@ -36,16 +36,18 @@ def test_bench_on_the_cpu_form(exported):
     assert "greedy: host argmax" in format_report(r)
 
 
-def test_bench_on_the_cuda_form_times_both_greedy_paths(exported, tmp_path):
+def test_bench_on_the_cuda_form_times_bursts_and_both_greedy_paths(exported, tmp_path):
     folder = exported("quant", "int4", target="cuda")
     out = tmp_path / "b.json"
     res = CliRunner().invoke(main, ["bench", str(folder), "--device", "cpu", "--prompt-lengths", "8",
                                     "--contexts", "8,16", "--decode-steps", "4", "--repeats", "1",
-                                    "--json", str(out)], catch_exceptions=False)
+                                    "--burst", "2", "--json", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "greedy: device argmax" in res.output and "logits copied to the host" in res.output
+    assert "one sync per token" in res.output and "(bursts of 2 above)" in res.output
     r = json.loads(out.read_text())
-    assert r["form"] == "gqa" and r["greedy"] == "device argmax"
+    assert r["form"] == "gqa" and r["greedy"] == "device argmax" and r["burst"] == 2
+    assert r["decode_sync_per_token"]["context"] == 8 and r["decode_sync_per_token"]["ms"] > 0
     assert r["decode_host_logits"]["context"] == 8 and r["decode_host_logits"]["ms"] > 0
     r["prefill"] = {int(k): v for k, v in r["prefill"].items()}
     check_report(r, json.loads((folder / "manifest.json").read_text())["streamed_bytes_per_token"])
