@@ -44,6 +44,7 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
 
     out = {"model": str(model_dir), "device": device, "burst": k, "precision": m.manifest["precision"]["name"],
            "form": m.manifest["io"]["form"], "cuda_graph": bool(getattr(dec, "cuda_graph", False)),
+           "ort_settings": getattr(getattr(dec, "session", None), "ort_settings", {}),
            "prefill": {}, "decode": {}}
     prefill_time(min(prompt_lengths))                                   # warm-up
     for n in prompt_lengths:
@@ -113,7 +114,8 @@ def _device_memory_mib():
 
 def format_report(r: dict) -> str:
     lines = [f"{r['model']}  {r['precision']} ({r['form']} form) on {r['device']}"
-             + ("  cuda graph" if r["cuda_graph"] else ""),
+             + ("  cuda graph" if r["cuda_graph"] else "")
+             + "".join(f"  {k}={v}" for k, v in r.get("ort_settings", {}).items()),
              f"time to first token ({min(r['prefill'])} tokens): {r['ttft_ms']:.1f} ms"]
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n:>6} tokens: {p['ms']:8.2f} ms  {p['tok_s']:10.0f} tok/s")

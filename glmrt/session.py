@@ -17,6 +17,7 @@ Both offer `generation()` (a context that yields a fresh cache) and `step()`.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from pathlib import Path
 
@@ -26,6 +27,25 @@ from .contract import contract_from_dict, past_key, past_value, present_key, pre
 from .errors import ArtifactError, GlmrtError
 
 NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+# ONNX Runtime switches glmrt picks for CUDA sessions unless the environment already sets them.
+# ORT_ENABLE_XQA=0: GroupQueryAttention's decode step on ORT's flash path instead of its XQA
+# kernel, 8 us per layer faster on the H200 with GLM-Z1-9B shapes at every context measured
+# (same on GLM-4-32B shapes; bench/RESULTS.md). ORT reads them when a session makes its kernels.
+CUDA_ORT_DEFAULTS = {"ORT_ENABLE_XQA": "0"}
+
+
+@contextlib.contextmanager
+def ort_settings(defaults: dict):
+    """Set each default the environment leaves unset, for the duration of session creation
+    only; yields the values in force (the environment's own where it sets them)."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield {k: os.environ[k] for k in defaults}
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
@@ -51,7 +71,8 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
         so.intra_op_num_threads = threads
     graph = optimized_graph(folder, manifest, device) or folder / manifest["graph"]
     try:
-        session = ort.InferenceSession(str(graph), so, providers=providers)
+        with ort_settings(CUDA_ORT_DEFAULTS if device == "cuda" else {}) as settings:
+            session = ort.InferenceSession(str(graph), so, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({first[:300]})") from None
@@ -62,6 +83,7 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
         raise ArtifactError(f"{graph}: graph inputs do not match the manifest's IO contract "
                             f"(differ on {sorted(names ^ want)[:4]})")
     session.graph_path = graph
+    session.ort_settings = settings
     return session, contract
 
 

@@ -1,6 +1,7 @@
 """The CUDA form (GroupQueryAttention, fused norms, device KV cache through IOBinding): its
 numerics on ONNX Runtime's CPU provider here, and on the GPU where onnxruntime-gpu is present
 (those tests skip cleanly elsewhere)."""
+import os
 import threading
 
 import numpy as np
@@ -174,3 +175,25 @@ def test_greedy_bursts_give_the_step_by_step_tokens(cuda_form, device):
             m.decoder.greedy_burst(5, n, 4)
     with pytest.raises(GlmrtError, match="burst=0"):
         glmrt.load(path, max_context=256, burst=0)
+
+
+def test_ort_switches_are_defaults_scoped_to_session_creation(monkeypatch):
+    """glmrt's ORT switch defaults hold only while a session is made, and never override
+    what the user's environment sets."""
+    from glmrt.session import CUDA_ORT_DEFAULTS, ort_settings
+    monkeypatch.delenv("ORT_ENABLE_XQA", raising=False)
+    with ort_settings(CUDA_ORT_DEFAULTS) as s:
+        assert os.environ["ORT_ENABLE_XQA"] == "0" and s == {"ORT_ENABLE_XQA": "0"}
+    assert "ORT_ENABLE_XQA" not in os.environ
+    monkeypatch.setenv("ORT_ENABLE_XQA", "1")
+    with ort_settings(CUDA_ORT_DEFAULTS) as s:
+        assert s == {"ORT_ENABLE_XQA": "1"}
+    assert os.environ["ORT_ENABLE_XQA"] == "1"
+
+
+@gpu
+def test_gpu_session_records_the_ort_switches_it_ran_with(cuda_form, monkeypatch):
+    monkeypatch.delenv("ORT_ENABLE_XQA", raising=False)
+    m = glmrt.load(cuda_form("int4"), device="cuda", max_context=64)
+    assert m.decoder.session.ort_settings == {"ORT_ENABLE_XQA": "0"}
+    assert glmrt.load(cuda_form("int4"), max_context=64).decoder.session.ort_settings == {}
