@@ -7,9 +7,9 @@ our own, this measures a straightforward one on the very same layout:
   python3 bench/gemv_probe.py build --out build/gemv     # here: nvcc -> one cubin per variant
   python3 bench/gemv_probe.py run --cubins build/gemv --json OUT.json    # on the GPU machine
 
-The GPU machine has no nvcc and no CuPy; it has torch (CUDA build) and the driver, so the
-cubins are compiled here for sm_90, loaded there with the driver API through ctypes, and
-launched on torch's stream inside a torch CUDA graph.
+The cubins are compiled here for sm_90 (nvcc), loaded there with the driver API through ctypes
+and launched on torch's stream inside a torch CUDA graph: the GPU machine needs only torch and
+the driver, nothing compiled there.
 
 Layout (MatMulNBits, bits 4, block 32, symmetric): B (N, K/32, 16) uint8, two codes per byte,
 the even k in the low nibble, value (q - 8) * scale; scales (N, K/32) fp16; x (K,) fp16 ->

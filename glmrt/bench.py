@@ -136,7 +136,8 @@ def format_report(r: dict) -> str:
         lines.append(f"ceiling: {c['bytes_per_token'] / 1e9:.2f} GB/token at {c['tbps']} TB/s = "
                      f"{c['ms']:.3f} ms ({c['tok_s']:.0f} tok/s)")
     if r.get("device_memory_mib") is not None:
-        lines.append(f"device memory in use: {r['device_memory_mib']} MiB")
+        lines.append(f"device memory in use after the runs: {r['device_memory_mib']} MiB "
+                     "(ONNX Runtime's arena keeps its peak)")
     return "\n".join(lines)
 
 
