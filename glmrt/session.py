@@ -33,19 +33,21 @@ NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "int64": np.int64, 
 # kernel, 8 us per layer faster on the H200 with GLM-Z1-9B shapes at every context measured
 # (same on GLM-4-32B shapes; bench/RESULTS.md). ORT reads them when a session makes its kernels.
 CUDA_ORT_DEFAULTS = {"ORT_ENABLE_XQA": "0"}
+_ENV_LOCK = threading.Lock()            # models loaded from several threads set them in turn
 
 
 @contextlib.contextmanager
 def ort_settings(defaults: dict):
     """Set each default the environment leaves unset, for the duration of session creation
     only; yields the values in force (the environment's own where it sets them)."""
-    added = {k: v for k, v in defaults.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield {k: os.environ[k] for k in defaults}
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
+    with _ENV_LOCK:
+        added = {k: v for k, v in defaults.items() if k not in os.environ}
+        os.environ.update(added)
+        try:
+            yield {k: os.environ[k] for k in defaults}
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
 
 
 def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
