@@ -54,19 +54,19 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
     greedy = getattr(dec, "step_greedy", None)
     out["greedy"] = "device argmax" if getattr(dec, "device_greedy", False) else "host argmax"
 
-    def decode_time(ctx, on_device):
+    def decode_time(ctx, on_device, burst=1):
         steps = []
         with dec.generation() as cache:
             logits, cache = dec.step(prompt(ctx), cache)
             token = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
-            if on_device and k > 1:           # bursts; 3 to warm up (one CUDA graph per step)
-                for i in range(3 + max(1, decode_steps // k)):
+            if on_device and burst > 1:       # bursts; 3 to warm up (one CUDA graph per step)
+                for i in range(3 + max(1, decode_steps // burst)):
                     t = time.perf_counter()
-                    tok = dec.greedy_burst(int(token[0, 0]), cache, k)[-1]
-                    cache += k
+                    tok = dec.greedy_burst(int(token[0, 0]), cache, burst)[-1]
+                    cache += burst
                     token = np.array([[tok]], np.int64)
                     if i >= 3:
-                        steps.append((time.perf_counter() - t) / k)
+                        steps.append((time.perf_counter() - t) / burst)
                 return float(np.median(steps))
             for i in range(decode_steps + 8):
                 t = time.perf_counter()
@@ -81,12 +81,10 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
         return float(np.median(steps))
 
     for ctx in contexts:
-        med = decode_time(ctx, greedy is not None)
+        med = decode_time(ctx, greedy is not None, k)
         out["decode"][ctx] = {"ms": 1e3 * med, "tok_s": 1.0 / med}
     if k > 1:                                  # the same without bursts: one sync per token
-        saved, k = k, 1
         med = decode_time(min(contexts), True)
-        k = saved
         out["decode_sync_per_token"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
     if out["greedy"] == "device argmax":        # what a sampled token pays: logits to the host
         med = decode_time(min(contexts), False)

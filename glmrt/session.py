@@ -207,6 +207,11 @@ class GqaDecoder:
             bind("next_token", next_token, output=True)
         return b
 
+    def _check_room(self, total: int) -> None:
+        if total > self.max_context:
+            raise GlmrtError(f"{total} tokens exceed the cache of {self.max_context} positions "
+                             "(load with a larger max_context)")
+
     def _make_bursts(self):
         """One binding per step of a burst. Step i reads its input id from slot i-1 of one
         (burst,) int64 device buffer and writes its argmax into slot i, so each step feeds the
@@ -232,9 +237,7 @@ class GqaDecoder:
         positions beyond the text, which a later write overwrites."""
         if not 1 <= n <= self.burst:
             raise GlmrtError(f"a burst of {n} steps; this decoder runs 1 to {self.burst}")
-        if past + n > self.max_context:
-            raise GlmrtError(f"{past + n} tokens exceed the cache of {self.max_context} positions "
-                             "(load with a larger max_context)")
+        self._check_room(past + n)
         if self._bursts is None:
             self._bursts = self._make_bursts()
         k = self.burst
@@ -279,9 +282,7 @@ class GqaDecoder:
         total = past + seq
         if batch != 1:
             raise GlmrtError("the gqa form runs batch 1")
-        if total > self.max_context:
-            raise GlmrtError(f"{total} tokens exceed the cache of {self.max_context} positions "
-                             "(load with a larger max_context)")
+        self._check_room(total)
         if seq == 1 and keep == 1:
             self.d_ids.update_inplace(ids.astype(np.int64))
             self.d_seqlens.update_inplace(np.array([total - 1], np.int32))
