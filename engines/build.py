@@ -14,7 +14,7 @@ from pathlib import Path
 import glmrt
 from glmrt import manifest as manifest_io
 from glmrt.contract import contract_from_dict
-from glmrt.engine import ENGINES, engine_dir
+from glmrt.engine import ENGINE_KINDS, ENGINES, engine_dir
 from glmrt.errors import GlmrtError
 
 from glmrt.gpu import Gpu, check_precision, detect, parse_gpu
@@ -106,6 +106,8 @@ def _onnxruntime(model_dir: Path, man: dict, device: str, overwrite: bool) -> Pa
 def _write(model_dir: Path, man: dict, out: Path, make, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already built (pass --overwrite to rebuild)")
+    manifest_io.check_output(out, overwrite=overwrite, what="glmrt build",
+                             owned=manifest_io.owned_by_manifest(ENGINE_KINDS))
     with manifest_io.staged(out) as tmp:
         entry = make(tmp)
         files = {n: manifest_io.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}

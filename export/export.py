@@ -51,8 +51,10 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
     if awq and precision not in ("int4", "int8"):
         raise GlmrtError(f"--awq applies to int4 and int8 weights, not {precision}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise GlmrtError(f"{out}: already exists (pass --overwrite to replace it)")
+    synthetic = str(checkpoint).startswith("synthetic:")
+    manifest.check_output(out, overwrite=overwrite, what="glmrt export",
+                          owned=manifest.owned_by_manifest(("onnx-model",), subfolders=("engines",)),
+                          protect=() if synthetic else (checkpoint,))
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         ckpt = open_checkpoint(checkpoint, out.parent / f".{out.name}.synthetic")
@@ -98,7 +100,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                 "streamed_bytes_per_token": _streamed_bytes(g),
                 "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
                              "numpy": np.__version__, "python": platform.python_version()},
-                "source": {"checkpoint": str(checkpoint) if str(checkpoint).startswith("synthetic:")
+                "source": {"checkpoint": str(checkpoint) if synthetic
                            else str(ckpt.folder.resolve()),
                            "config_sha256": manifest.sha256(ckpt.folder / "config.json")},
             })

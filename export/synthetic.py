@@ -8,6 +8,7 @@ and GLM-4-32B shapes for benchmarks (weights are generated tensor by tensor, nev
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import glmrt
+from glmrt import manifest
 from glmrt.config import GlmConfig
 from glmrt.errors import CheckpointError
 
@@ -135,20 +137,30 @@ def random_tensor(key: str, shape: tuple, rng: np.random.Generator, scale: float
 
 def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shards: int = 2,
                     layout: str = "4.5x", scale: float = 2.0, template: str = "glm4",
-                    rope_scaling: dict | None = None, template_in: str = "file") -> Path:
+                    rope_scaling: dict | None = None, template_in: str = "file",
+                    overwrite: bool = False) -> Path:
     """Write a complete checkpoint folder with random bf16 weights. Returns the folder.
+    An existing non-empty `out` is refused unless `overwrite`, and even then only when it
+    holds nothing but the files this function writes.
 
     template: 'glm4' or 'glm-z1' (the reconstructions in glmrt/templates);
     template_in: 'file' (chat_template.jinja) or 'tokenizer_config' (its chat_template key)."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    manifest.check_output(out, overwrite=overwrite, owned=lambda folder: _checkpoint_file,
+                          what="glmrt tiny")
     tok = make_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if max(ids.values()) >= sizes["vocab_size"]:
         raise ValueError(f"vocab_size {sizes['vocab_size']} is smaller than the tokenizer's "
                          f"{max(ids.values()) + 1} tokens")
+    with manifest.staged(out) as tmp:
+        _write_checkpoint(tmp, tok, ids, sizes, seed, shards, layout, scale, template, rope_scaling,
+                          template_in)
+    return out
+
+
+def _write_checkpoint(tmp: Path, tok, ids: dict, sizes: dict, seed: int, shards: int, layout: str,
+                      scale: float, template: str, rope_scaling: dict | None, template_in: str) -> None:
     eos = [ids[t] for t in STOP_TOKENS]
     extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
     raw_cfg = hf_config(sizes, eos, ids["<|endoftext|>"], layout, **extra)
@@ -176,9 +188,16 @@ def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shard
             total += 2 * int(np.prod(want[k]))
     (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                          "weight_map": weight_map}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+
+CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|tokenizer(_config)?\.json|"
+                             r"chat_template\.jinja|model\.safetensors\.index\.json|"
+                             r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _checkpoint_file(rel: str) -> bool:
+    """The files make_checkpoint writes (what `glmrt tiny --overwrite` may replace)."""
+    return CHECKPOINT_FILE.fullmatch(rel) is not None
 
 
 class SyntheticCheckpoint(Checkpoint):

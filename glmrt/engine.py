@@ -17,6 +17,7 @@ from . import manifest as manifest_io
 from .errors import ArtifactError
 
 ENGINES = "engines"
+ENGINE_KINDS = ("tensorrt-engine", "onnxruntime-optimized")
 
 
 def gpu_slug(name: str) -> str:
@@ -55,7 +56,7 @@ def check_compatible(engine_manifest: dict, *, gpu_name: str | None, compute_cap
 
 def read_engine(engine_path: Path, verify: bool = True) -> dict:
     m = manifest_io.read(engine_path, verify=verify)
-    if m.get("kind") not in ("tensorrt-engine", "onnxruntime-optimized"):
+    if m.get("kind") not in ENGINE_KINDS:
         raise ArtifactError(f"{engine_path / manifest_io.MANIFEST}: not an engine manifest")
     return m
 

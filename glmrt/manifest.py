@@ -75,6 +75,56 @@ def read(folder: Path, verify: bool = True) -> dict:
     return m
 
 
+def owned_by_manifest(kinds: tuple[str, ...], subfolders: tuple[str, ...] = ()):
+    """For `check_output`: folder -> a predicate telling which relative paths there a manifest
+    of one of `kinds` accounts for (itself, the files it lists, anything under `subfolders`,
+    such as the engines `glmrt build` puts inside a model folder), or None where the folder
+    has no such manifest."""
+    def owned(folder: Path):
+        try:
+            m = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+            listed = set(m["files"]) | {MANIFEST}
+            if m.get("kind") not in kinds:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None
+        return lambda rel: rel in listed or rel.split("/", 1)[0] in subfolders
+    return owned
+
+
+def check_output(out: Path, *, overwrite: bool, owned, what: str, protect=()) -> None:
+    """Refuse, in one line, to write the folder `out` where that could destroy something
+    glmrt did not write. `owned(folder)` returns a predicate over relative file paths saying
+    which files the command owns there (None: nothing, not its folder); `protect` are source
+    paths that `out` may not be, contain or lie inside, whatever `overwrite` says."""
+    out = Path(out)
+    here = out.resolve()
+    for src in protect:
+        src = Path(src).resolve()
+        if here == src or src in here.parents or here in src.parents:
+            rel = "is" if here == src else "lies inside" if src in here.parents else "contains"
+            raise ArtifactError(f"{out}: the output {rel} the source {src}; write to another folder "
+                                "(--overwrite never replaces a source)")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ArtifactError(f"{out}: exists and is not a folder; choose another output path")
+    if not any(out.iterdir()):
+        return                                       # an empty folder is free to use
+    if not overwrite:
+        raise ArtifactError(f"{out}: already exists (pass --overwrite to replace it)")
+    mine = owned(out)
+    if mine is None:
+        raise ArtifactError(f"{out}: not a folder {what} wrote; --overwrite replaces only those "
+                            "(move it away or choose another output path)")
+    foreign = sorted(rel for p in out.rglob("*")
+                     if not p.is_dir() and not mine(rel := p.relative_to(out).as_posix()))
+    if foreign:
+        raise ArtifactError(f"{out}: holds {foreign[0]!r}, which {what} did not write"
+                            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                            + "; --overwrite would delete it: move it away first")
+
+
 @contextlib.contextmanager
 def staged(out: Path):
     """Yield a hidden temporary folder beside `out`; when the block completes, it replaces
