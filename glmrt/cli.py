@@ -53,7 +53,9 @@ def main():
 @click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
 @click.option("--float-layout", type=click.Choice(["kn", "nk"]), default="kn", show_default=True,
               help="Target cuda, float weights: W^T for MatMul (kn) or as stored, FusedMatMul transB (nk).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a model folder glmrt exported (never the checkpoint, never "
+                   "a folder holding other files).")
 @clean_errors
 def export(checkpoint, out, precision, target, block_size, asymmetric, activations,
            quantize_lm_head, calibration_prompts, awq, float_layout, overwrite):
@@ -72,11 +74,13 @@ def export(checkpoint, out, precision, target, block_size, asymmetric, activatio
 @click.option("--shape", type=click.Choice(["tiny", "glm-z1-9b", "glm-4-32b"]), default="tiny",
               show_default=True, help="Real shapes write 19 / 65 GB of random bf16 weights.")
 @click.option("--shards", default=2, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it holds a checkpoint this command wrote (and nothing else).")
 @clean_errors
-def tiny(out, seed, shape, shards):
+def tiny(out, seed, shape, shards, overwrite):
     """Write a random-weight GLM-4-0414 checkpoint with the real file layout (tiny by default)."""
     from glmrt.export.synthetic import SHAPES, make_checkpoint
-    click.echo(f"wrote {make_checkpoint(out, SHAPES[shape], seed=seed, shards=shards)}")
+    click.echo(f"wrote {make_checkpoint(out, SHAPES[shape], seed=seed, shards=shards, overwrite=overwrite)}")
 
 
 def sampling_options(fn):
@@ -106,37 +110,64 @@ def sampling_options(fn):
 def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **sampling):
     """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D quits; Ctrl-C
     stops the reply being written and keeps what was written so far."""
+    import warnings
+
     import glmrt
+    from .errors import ContextOverflowError, InputError, TruncationWarning
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty; give the text to answer (or leave --prompt out to chat)")
+    if sampling["max_new_tokens"] < 1:
+        raise InputError(f"--max-new-tokens {sampling['max_new_tokens']}: must be at least 1")
     m = glmrt.load(model, device=device, verify=verify)
     glmrt.SamplingParams(sampling["temperature"], sampling["top_k"], sampling["top_p"],
                          sampling["repetition_penalty"], sampling["seed"])   # fail before the first turn
     history = [{"role": "system", "content": system}] if system else []
 
+    def note(text):
+        click.echo(click.style(f"[{text}]", dim=True), err=True)
+
     def turn(text):
         history.append({"role": "user", "content": text})
         content, kind = [], None
-        try:
-            for d in m.chat_stream(history, truncate=truncate, **sampling):
-                if d.kind == "reasoning" and not hide_reasoning:
-                    click.echo(click.style(d.text, dim=True, italic=True), nl=False)
-                elif d.kind == "content":
-                    if kind == "reasoning" and not hide_reasoning:
-                        click.echo("\n")
-                    content.append(d.text)
-                    click.echo(d.text, nl=False)
-                elif d.kind == "done" and d.message.get("tool_calls"):
-                    for c in d.message["tool_calls"]:
-                        click.echo(f"[tool call] {c['function']['name']} {c['function']['arguments']}"
-                                   + (f"  ({c['error']})" if c.get("error") else ""), nl=False)
-                kind = d.kind if d.kind != "done" else kind
-        except KeyboardInterrupt:
-            click.echo(" [interrupted]", nl=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            try:
+                for d in m.chat_stream(history, truncate=truncate, **sampling):
+                    for w in caught:
+                        note(f"note: {w.message}")
+                    caught.clear()
+                    if d.kind == "reasoning" and not hide_reasoning:
+                        click.echo(click.style(d.text, dim=True, italic=True), nl=False)
+                    elif d.kind == "content":
+                        if kind == "reasoning" and not hide_reasoning:
+                            click.echo("\n")
+                        content.append(d.text)
+                        click.echo(d.text, nl=False)
+                    elif d.kind == "done":
+                        for c in d.message.get("tool_calls", []):
+                            click.echo(f"[tool call] {c['function']['name']} {c['function']['arguments']}"
+                                       + (f"  ({c['error']})" if c.get("error") else ""), nl=False)
+                        if d.message["finish_reason"] == "length":
+                            click.echo()
+                            n = d.usage["completion_tokens"]
+                            note(f"the reply stopped at --max-new-tokens {n}" if n >= sampling["max_new_tokens"]
+                                 else f"the reply stopped after {n} tokens: the context "
+                                      f"({m.max_context} tokens) is full")
+                    kind = d.kind if d.kind != "done" else kind
+            except KeyboardInterrupt:
+                click.echo(" [interrupted]", nl=False)
+            except ContextOverflowError as e:
+                raise InputError(e.cli_message()) from None
         click.echo()
         history.append({"role": "assistant", "content": "".join(content)})
 
     if prompt is not None:
         turn(prompt)
         return
+    p = m.manifest["precision"]
+    click.echo(f"glmrt chat: {m.folder} ({p['name']}, {m.config.num_hidden_layers} layers, "
+               f"context {m.max_context}) on {device}. Empty line or Ctrl-D quits; Ctrl-C stops a reply.",
+               err=True)
     while True:
         try:
             text = input("> ")
@@ -227,34 +258,50 @@ def evaluate(model, text_file, window, device):
     except (OSError, UnicodeDecodeError) as e:
         raise glmrt.InputError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
     r = perplexity(glmrt.load(model, device=device), text, window=window)
-    click.echo(f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens (window {r['window']})")
+    if r["window"] < r["window_asked"]:
+        click.echo(f"warning: --window {r['window_asked']} is longer than the model's context; "
+                   f"scored in windows of {r['window']}", err=True)
+    click.echo(f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens (window {r['window']}; "
+               f"a uniform guess over the vocabulary scores {r['vocab_size']})")
 
 
 @main.command()
 @click.argument("model", type=click.Path(file_okay=False))
 @click.option("--verify/--no-verify", default=False, help="Check every file's checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (and engines) as JSON.")
 @clean_errors
-def info(model, verify):
+def info(model, verify, as_json):
     """Show what an exported MODEL folder's manifest says."""
     from pathlib import Path
 
     from . import manifest
     m = manifest.read(Path(model), verify=verify)
-    c = m["config"]
+    engines = {str(p.parent.relative_to(model)): json.loads(p.read_text())
+               for p in sorted(Path(model).glob("engines/*/*/manifest.json"))}
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "checksums_verified": verify, "manifest": m,
+                               "engines": engines}, indent=2, ensure_ascii=False))
+        return
+    c, p = m["config"], m["precision"]
+    q = p.get("quantization") or {}
     click.echo(f"model      {model}")
     click.echo(f"layers     {c['num_hidden_layers']}  hidden {c['hidden_size']}  heads "
                f"{c['num_attention_heads']}/{c['num_key_value_heads']}  head_dim {c['head_dim']}  "
                f"vocab {c['vocab_size']}  context {c['max_position_embeddings']}")
-    click.echo(f"precision  {json.dumps(m['precision'])}")
+    click.echo(f"form       {m['io']['form']} (target {p['target']})")
+    click.echo(f"precision  {p['name']}: weights {p['weights']}, compute {p['compute']}, kv {p['kv']}")
+    if q:
+        shown = {k: v for k, v in q.items() if k not in ("errors", "awq", "calibration")}
+        click.echo("quantized  " + "  ".join(f"{k} {v}" for k, v in shown.items()))
     click.echo(f"stop ids   {m['generation']['eos_token_id']}")
     click.echo(f"template   {m['chat_template']}")
-    click.echo(f"made by    {json.dumps(m['versions'])}")
+    click.echo(f"made by    " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))
-    for em_path in sorted(Path(model).glob("engines/*/*/manifest.json")):
-        em = json.loads(em_path.read_text())
-        click.echo(f"engine     {em_path.parent.relative_to(model)}  {em.get('kind')}"
+    for where, em in engines.items():
+        click.echo(f"engine     {where}  {em.get('kind')}"
                    + (f"  TensorRT {em['tensorrt']}" if em.get("tensorrt") else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,11 @@ from .errors import InputError
 
 def perplexity(model, text: str, window: int = 512) -> dict:
     """exp(mean negative log-likelihood) of every token after the first of each window.
-    Windows do not overlap: each starts with no context, as a scoring run of that length."""
+    Windows do not overlap: each starts with no context, as a scoring run of that length.
+    A window longer than the model's context is cut to it ("window" says what was used,
+    "window_asked" what was asked)."""
     ids = model.tokenizer.encode(text)
+    asked = window
     window = min(window, model.max_context)
     if window < 2 or len(ids) < 2:
         raise InputError("perplexity needs a window of at least 2 tokens and a text of 2 or more tokens")
@@ -24,4 +27,5 @@ def perplexity(model, text: str, window: int = 512) -> dict:
         logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
         nll += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
         count += len(chunk) - 1
-    return {"perplexity": math.exp(nll / count), "tokens": count, "window": window}
+    return {"perplexity": math.exp(nll / count), "tokens": count, "window": window,
+            "window_asked": asked, "vocab_size": model.config.vocab_size}

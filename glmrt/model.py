@@ -8,6 +8,7 @@ cache buffers are the model's: calls take turns, one generation at a time.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import manifest as manifest_io
 from .config import GlmConfig
-from .errors import InputError
+from .errors import ContextOverflowError, InputError, TruncationWarning
 from .sampling import Sampler, SamplingParams
 from .session import make_decoder
 from .agent import SEARCH_SYSTEM_PROMPT, ToolRun, document_messages, resolve_citations, run_tools
@@ -70,8 +71,7 @@ class Model:
             raise InputError(f"token id {int(ids[bad][0])} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
         if ids.size > self.max_context:
-            raise InputError(f"prompt of {ids.size} tokens is longer than the model's context "
-                             f"({self.max_context}); pass truncate=True to drop the oldest")
+            raise ContextOverflowError("prompt", int(ids.size), self.max_context)
         return ids.astype(np.int64)
 
     def logits(self, token_ids) -> np.ndarray:
@@ -161,24 +161,44 @@ class Model:
     def prompt_ids(self, messages, tools=None, *, truncate: bool = False, room: int = 1) -> list[int]:
         """Token ids of the rendered prompt. Special-token text inside messages stays text:
         only the template's own markers become control tokens. truncate=True drops the
-        oldest non-system messages until the prompt leaves `room` tokens of context."""
+        oldest non-system messages until the prompt leaves `room` tokens of context, and if
+        the last message alone is still too long, keeps only its newest tokens (each step is
+        reported as a TruncationWarning)."""
         return self._prompt(messages, tools, truncate, room)[1]
 
     def _prompt(self, messages, tools, truncate: bool, room: int) -> tuple[str, list[int]]:
         """(shielded prompt text, its token ids); see prompt_ids."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {'role', 'content'} dicts")
-        messages = list(messages)
+        messages, dropped = list(messages), 0
         while True:
             text = self._render(messages, tools)
             ids = self.tokenizer.encode_shielded(text)
             if not truncate or len(ids) + room <= self.max_context:
-                return text, ids
+                break                  # too long without truncate: stream() says so
             drop = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
             if drop is None:
-                raise InputError(f"the last message alone ({len(ids)} tokens with the template) "
-                                 f"does not fit the context ({self.max_context})")
+                messages[-1] = self._cut_last(messages[-1], len(ids) + room - self.max_context)
+                continue
             del messages[drop]
+            dropped += 1
+        if dropped:
+            warnings.warn(f"dropped the {dropped} oldest message(s) to fit the context "
+                          f"({self.max_context} tokens)", TruncationWarning, stacklevel=3)
+        return text, ids
+
+    def _cut_last(self, message: dict, excess: int) -> dict:
+        """The message with the oldest tokens of its content cut so the prompt shrinks by at
+        least `excess` tokens (re-rendering checks the result)."""
+        content = message.get("content")
+        tokens = self.tokenizer.encode_literal(content) if isinstance(content, str) else []
+        keep = len(tokens) - excess
+        if keep <= 0:
+            raise InputError(f"the system message, tools and template leave no room in the context "
+                             f"({self.max_context} tokens) for the last message; shorten them")
+        warnings.warn(f"the last message was cut to its newest {keep} of {len(tokens)} tokens to fit "
+                      f"the context ({self.max_context} tokens)", TruncationWarning, stacklevel=4)
+        return {**message, "content": self.tokenizer.decode(tokens[-keep:], skip_special=False)}
 
     def chat_stream(self, messages, tools=None, **kwargs) -> Iterator[Delta]:
         """Yield Delta("reasoning" | "content", text) as the reply is written (whole UTF-8
@@ -198,7 +218,9 @@ class Model:
         reply = parse_reply(split.text, tools, thinking=thinking,
                             truncated=res.finish_reason == "length")
         yield from split.finish(reply)
-        yield Delta("done", message={**reply.as_message(), "finish_reason": res.finish_reason})
+        yield Delta("done", message={**reply.as_message(), "finish_reason": res.finish_reason},
+                    usage={"prompt_tokens": len(ids), "completion_tokens": len(res.tokens)
+                           + (res.stop_token is not None)})
 
     def chat(self, messages, tools=None, **kwargs) -> dict:
         """The assistant's reply: {"role": "assistant", "content", "finish_reason"} plus
@@ -245,7 +267,8 @@ def _tensorrt_decoder(folder: Path, manifest: dict, verify: bool):
 class Delta:
     kind: str                  # "reasoning", "content" or "done"
     text: str = ""
-    message: dict | None = None
+    message: dict | None = None    # done: the parsed assistant message and its finish_reason
+    usage: dict | None = None      # done: prompt_tokens, completion_tokens (a stop token counts)
 
 
 class _Splitter:

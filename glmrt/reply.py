@@ -59,11 +59,15 @@ def parse_reply(text: str, tools=None, *, thinking: bool = False, truncated: boo
     """Split generated text (decoded with special tokens kept, stop token excluded).
 
     thinking: the prompt ended inside `<think>` (GLM-Z1), so the text starts with reasoning.
+    Without it, text before a lone `</think>` (one with no `<think>` before it) is reasoning
+    too, as the servers users know treat it (vLLM's DeepSeek-R1-style parser): GLM-Z1 answers
+    begin inside the reasoning, and the prompt that made them may not be at hand.
     truncated: generation hit the length limit; a call in progress is reported as cut off.
     tools: OpenAI tool specs; a call to a name not among them carries an error."""
     reasoning = None
     rest = text
-    if thinking or rest.lstrip().startswith(THINK_OPEN):
+    lone_close = THINK_CLOSE in rest and THINK_OPEN not in rest.split(THINK_CLOSE, 1)[0]
+    if thinking or lone_close or rest.lstrip().startswith(THINK_OPEN):
         body = rest.lstrip()[len(THINK_OPEN):] if rest.lstrip().startswith(THINK_OPEN) else rest
         if THINK_CLOSE in body:
             reasoning, rest = body.split(THINK_CLOSE, 1)
