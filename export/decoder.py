@@ -1,11 +1,17 @@
 """Emit the GLM-4-0414 decoder as one ONNX graph (prefill and decode), layer by layer.
 
-Weights stream from the checkpoint into the external data file as each layer is emitted;
-only one tensor (or one block of it) is in memory at a time. Numerics: the residual stream,
-norms, RoPE, attention scores and softmax are float32 whatever the precision; matmuls run in
-the precision's compute dtype.
+`Emitter` is the skeleton every form shares: weights, linears (float or quantized by the
+precision's scheme), the MLP, and the order of the whole graph. A form overrides its attention
+and its norms: `ConcatEmitter` (below, the CPU and TensorRT forms: standard ops, cache grown by
+Concat) and `GqaEmitter` (export/gqa.py, the CUDA form).
 
-Per layer (shared/GLM4.md, "sandwich norms"):
+Weights stream from the checkpoint into the external data file as each layer is emitted;
+only one tensor (or one block of it) is in memory at a time. Numerics of the concat form: the
+residual stream, norms, RoPE, attention scores and softmax are float32 whatever the precision;
+matmuls run in the precision's compute dtype.
+
+Per layer (GLM-4-0414's "sandwich norms": transformers' Glm4DecoderLayer normalizes each
+sublayer's output again before adding it to the residual stream):
 
    x (f32) ──┬─> input_layernorm ─> qkv_proj ─> split ─> RoPE(q,k) ─> attention ─> o_proj
              │                                             │ concat past K/V -> present
@@ -18,90 +24,24 @@ Per layer (shared/GLM4.md, "sandwich norms"):
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from tqdm import tqdm
 
-from glmrt.errors import GlmrtError
 from glmrt.contract import io_contract, past_key, past_value, present_key, present_value
+from glmrt.precision import TARGETS
 
 from .checkpoint import Checkpoint, convert
 from .quant import WeightSource
 from .stream import ordered_map
 from .onnx_builder import ONNX_DTYPE, GraphBuilder
+from .precision import Precision
 
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    name: str
-    weights: str      # dtype of float matmul / embedding weights in the graph
-    compute: str      # dtype matmuls run in (and of norm weights, biases, quantization scales)
-    kv: str           # dtype of the KV cache
-    scheme: object = None            # a quantization scheme (export/quant.py) or None
-    target: str = "onnxruntime"      # onnxruntime | tensorrt: which graph form
-    quantize_lm_head: bool = False   # the embedding always stays float
+class Emitter:
+    """The skeleton: see the module docstring. Subclasses define the form's hooks."""
 
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "weights", "compute", "kv", "target")}
-        d["quantization"] = None if self.scheme is None else {
-            **self.scheme.params(), "lm_head": "quantized" if self.quantize_lm_head else "float",
-            "embed_tokens": "float"}
-        return d
-
-
-# bf16: ONNX Runtime's CPU provider has no bf16 MatMul, so bf16 weights are cast to float32
-# (ORT folds the cast at load); the GPU target may compute in bf16 directly.
-PRECISIONS = {
-    "fp32": Precision("fp32", "float32", "float32", "float32"),
-    "fp16": Precision("fp16", "float16", "float16", "float16"),
-    "bf16": Precision("bf16", "bfloat16", "float32", "float32"),
-}
-QUANTIZED = ("int4", "int8", "fp8")
-TARGETS = ("onnxruntime", "tensorrt", "cuda")
-
-
-def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | None = None,
-                  symmetric: bool = True, activations: str | None = None,
-                  quantize_lm_head: bool = False) -> Precision:
-    """The Precision for a name and target; quantized forms follow their consumer's rules."""
-    from .quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits
-    if target not in TARGETS:
-        raise GlmrtError(f"target {target!r} is not one of {', '.join(TARGETS)}")
-    if target == "cuda" and name not in ("fp16", "int4", "int8"):
-        raise GlmrtError(f"target cuda (ONNX Runtime's fused CUDA kernels) takes fp16, int4 or int8, "
-                         f"not {name}")
-    if name in PRECISIONS:
-        if block_size is not None or quantize_lm_head:
-            raise GlmrtError(f"--block-size and --quantize-lm-head apply to {'/'.join(QUANTIZED)}, not {name}")
-        return dataclasses.replace(PRECISIONS[name], target=target)
-    if name not in QUANTIZED:
-        raise GlmrtError(f"precision {name!r} is not one of {', '.join([*PRECISIONS, *QUANTIZED])}")
-    act = {"fp32": "float32", "fp16": "float16", None: None}[activations]
-    act = act or ("float32" if target == "onnxruntime" else "float16")
-    if target == "cuda" and act != "float16":
-        raise GlmrtError("target cuda runs fp16 activations")
-    try:
-        if name == "fp8":
-            scheme = Fp8QDQ(act)
-        elif target in ("onnxruntime", "cuda"):
-            scheme = MatMulNBits(4 if name == "int4" else 8, block_size or 32, symmetric, act)
-        elif not symmetric:
-            raise ValueError(f"TensorRT's {name} is symmetric only")
-        elif name == "int4":
-            scheme = Int4QDQ(block_size or 128, act)
-        else:
-            if block_size is not None:
-                raise ValueError("TensorRT's int8 form is per output channel: no block size")
-            scheme = Int8QDQ(act)
-    except ValueError as e:
-        raise GlmrtError(f"--precision {name} --target {target}: {e}") from None
-    return Precision(name, act, act, act, scheme, target, quantize_lm_head)
-
-
-class DecoderEmitter:
     def __init__(self, g: GraphBuilder, ckpt: Checkpoint, prec: Precision,
                  act_amax: dict | None = None, awq_stats: dict | None = None, block_rows: int = 256):
         self.g, self.ckpt, self.cfg, self.prec = g, ckpt, ckpt.cfg, prec
@@ -183,6 +123,138 @@ class DecoderEmitter:
                 y = g.op("Add", [y, b], name="BiasAdd")
         return y
 
+    def mlp(self, i: int, h: str) -> str:
+        g, m = self.g, f"model.layers.{i}.mlp."
+        with g.under("mlp"):
+            gate, up = g.op("Split", [self.linear(h, "gate_up_proj", [m + "gate_up_proj.weight"])],
+                            n_out=2, axis=2, num_outputs=2)                      # (b, s, I) each
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])], name="SiLU"), up])
+            return self.linear(act, "down_proj", [m + "down_proj.weight"])
+
+    # ---- the form's hooks ----------------------------------------------------------------
+    form = None                     # the IO contract's attention form
+    residual_dtype = "float32"      # dtype of the residual stream
+
+    def prepare(self):
+        """Graph-wide inputs of attention (rotary tables, masks), made before the embedding."""
+        raise NotImplementedError
+
+    def attention(self, i: int, h: str, ctx) -> str:
+        """Layer i's attention on the normed h: (b, s, H) in compute dtype, o_proj applied."""
+        raise NotImplementedError
+
+    def input_norm(self, x: str, pending: str | None, key: str, name: str) -> tuple[str, str]:
+        """(norm of the residual stream, the stream); `pending` is what the form deferred
+        adding to the stream (None where it adds each sublayer as it goes)."""
+        raise NotImplementedError
+
+    def norm(self, y: str, key: str, name: str) -> str:
+        """A sublayer output's own (sandwich) norm, in compute dtype."""
+        raise NotImplementedError
+
+    def add_norm(self, x: str, y: str, key: str, name: str, residual: str) -> tuple[str, str]:
+        """(norm(x + y), x + y): the attention output joins the stream, the MLP's input norm."""
+        raise NotImplementedError
+
+    def residual_mlp(self, x: str, m: str) -> tuple[str, str | None]:
+        """(stream, pending) after the MLP's normed output m: added now, or deferred."""
+        raise NotImplementedError
+
+    def final_norm(self, x: str, pending: str | None) -> str:
+        """The final norm of the kept positions (logits_index): (b, kept, H)."""
+        raise NotImplementedError
+
+    def outputs(self) -> None:
+        """Graph outputs after `logits` (which the skeleton makes)."""
+
+    # ---- the whole graph -----------------------------------------------------------------
+    def emit(self, progress: bool = True):
+        g, cfg, p = self.g, self.cfg, self.prec
+        contract = io_contract(cfg, p.kv, self.form)
+        ctx = self.prepare()
+        with g.under("embed_tokens"):
+            e = self._embed_blocks()
+            x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, self.residual_dtype)  # (b, s, H)
+        pending = None
+        for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
+                      disable=not progress):
+            ln = f"model.layers.{i}."
+            self.prepare_layer(i)
+            with g.under(f"layers.{i}"):
+                h, x = self.input_norm(x, pending, ln + "input_layernorm.weight", "input_layernorm")
+                a = self.norm(self.attention(i, h, ctx), ln + "post_self_attn_layernorm.weight",
+                              "post_self_attn_layernorm")
+                h, x = self.add_norm(x, a, ln + "post_attention_layernorm.weight", "post_attention_layernorm",
+                                     "ResidualAttn")
+                m = self.norm(self.mlp(i, h), ln + "post_mlp_layernorm.weight", "post_mlp_layernorm")
+                x, pending = self.residual_mlp(x, m)
+        with g.under("final"):
+            x = self.final_norm(x, pending)                                  # (b, kept, H)
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        # tied embeddings are read a second time, transposed
+        logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)  # (b, kept, V)
+        g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
+        self.outputs()
+        return contract
+
+    def _embed_blocks(self) -> str:
+        key = "model.embed_tokens.weight"
+        raw, src, dst = self.ckpt.take_raw(key), self.ckpt.dtype(key), self.prec.weights
+        rows = 4096
+        return self.g.weight_blocks(key, raw.shape, dst, ordered_map(
+            lambda r: convert(raw[r:r + rows], src, dst), range(0, raw.shape[0], rows)))
+
+
+class ConcatEmitter(Emitter):
+    """The concat form (targets onnxruntime and tensorrt): standard ops, the residual stream
+    float32, RoPE and attention written out, past K/V concatenated with this step's."""
+    form = "concat"
+
+    def prepare(self):
+        g, cfg = self.g, self.cfg
+        with g.under("rotary"):
+            inv_freq, scale = cfg.rope_inv_freq()
+            pos = g.cast("position_ids", "int64", "float32")
+            freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1], "int64")]),
+                                 g.const(inv_freq.astype(np.float32), "float32")])  # (b, s, rot/2)
+            shape5 = g.const([1, 4], "int64")                                   # -> (b,1,s,rot/2,1)
+            cos = g.op("Unsqueeze", [g.op("Cos", [freqs]), shape5])
+            sin = g.op("Unsqueeze", [g.op("Sin", [freqs]), shape5])
+            if scale != 1.0:
+                cos = g.op("Mul", [cos, g.const(scale, "float32")], name="YarnScaleCos")
+                sin = g.op("Mul", [sin, g.const(scale, "float32")], name="YarnScaleSin")
+        with g.under("attn_mask"):
+            # slot j is visible to query i (slot past+i) when j <= past+i and attention_mask[j]
+            total = g.op("Shape", ["attention_mask"], start=1, end=2)            # (1,) T
+            seq = g.op("Shape", ["input_ids"], start=1, end=2)                   # (1,) s
+            one = g.const(1, "int64")
+            kpos = g.op("Range", [g.const(0, "int64"), g.op("Squeeze", [total]), one])       # (T,)
+            qpos = g.op("Range", [g.op("Squeeze", [g.op("Sub", [total, seq])]),
+                                  g.op("Squeeze", [total]), one])                            # (s,)
+            causal = g.op("LessOrEqual", [kpos, g.op("Unsqueeze", [qpos, g.const([1], "int64")])])  # (s,T)
+            pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=9), g.const([1], "int64")])  # (b,1,T)
+            allowed = g.op("And", [causal, pad])                                             # (b,s,T)
+            mask = g.op("Where", [allowed, g.const(0.0, "float32"), g.const(MASK_MIN, "float32")])
+            mask = g.op("Unsqueeze", [mask, g.const([1, 2], "int64")])                       # (b,1,1,s,T)
+        return cos, sin, mask
+
+    def input_norm(self, x, pending, key, name):
+        return self.rms_norm(x, "float32", key, name), x
+
+    def norm(self, y, key, name):
+        return self.rms_norm(y, self.prec.compute, key, name)
+
+    def add_norm(self, x, y, key, name, residual):
+        x = self.g.op("Add", [x, self.g.cast(y, self.prec.compute, "float32")], name=residual)
+        return self.rms_norm(x, "float32", key, name), x
+
+    def residual_mlp(self, x, m):
+        return self.g.op("Add", [x, self.g.cast(m, self.prec.compute, "float32")], name="ResidualMlp"), None
+
+    def final_norm(self, x, pending):
+        x = self.g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")  # (b, kept, H)
+        return self.rms_norm(x, "float32", "model.norm.weight", "norm")
+
     # ---- building blocks -----------------------------------------------------------------
     def rms_norm(self, x: str, x_dtype: str, key: str, name: str) -> str:
         """RMSNorm in float32, cast to compute dtype, times the weight (transformers Glm4RMSNorm)."""
@@ -196,7 +268,7 @@ class DecoderEmitter:
             return g.op("Mul", [y, self.small(key, c)], name="Scale")
 
     def rope(self, x: str, heads: int, cos: str, sin: str) -> str:
-        """Interleaved partial RoPE on x (b, heads, s, hd) float32 (GLM4.md, 'RoPE').
+        """Interleaved partial RoPE on x (b, heads, s, hd) float32 (docs/GLM4.md, the decoder layer).
         cos/sin: (b, 1, s, rot/2, 1)."""
         g, rot, hd = self.g, self.cfg.rotary_dim, self.cfg.head_dim
         with g.under("rope"):
@@ -212,7 +284,8 @@ class DecoderEmitter:
             x_pass = g.op("Slice", [x, g.const([rot], "int64"), g.const([hd], "int64"), axes3])
             return g.op("Concat", [o, x_pass], axis=3)                                # (b,h,s,hd)
 
-    def attention(self, i: int, h: str, cos: str, sin: str, mask: str) -> str:
+    def attention(self, i: int, h: str, ctx) -> str:
+        cos, sin, mask = ctx
         g, cfg, p = self.g, self.cfg, self.prec
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = f"model.layers.{i}.self_attn."
@@ -242,146 +315,3 @@ class DecoderEmitter:
             ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])
             ctx = g.cast(g.op("Reshape", [ctx, g.const([0, 0, nh * hd], "int64")]), p.kv, p.compute)
             return self.linear(ctx, "o_proj", [a + "o_proj.weight"])
-
-    def mlp(self, i: int, h: str) -> str:
-        g, m = self.g, f"model.layers.{i}.mlp."
-        with g.under("mlp"):
-            gate, up = g.op("Split", [self.linear(h, "gate_up_proj", [m + "gate_up_proj.weight"])],
-                            n_out=2, axis=2, num_outputs=2)                      # (b, s, I) each
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])], name="SiLU"), up])
-            return self.linear(act, "down_proj", [m + "down_proj.weight"])
-
-    # ---- the whole graph -----------------------------------------------------------------
-    def emit(self, progress: bool = True):
-        g, cfg, p = self.g, self.cfg, self.prec
-        contract = io_contract(cfg, p.kv)
-        with g.under("rotary"):
-            inv_freq, scale = cfg.rope_inv_freq()
-            pos = g.cast("position_ids", "int64", "float32")
-            freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1], "int64")]),
-                                 g.const(inv_freq.astype(np.float32), "float32")])  # (b, s, rot/2)
-            shape5 = g.const([1, 4], "int64")                                   # -> (b,1,s,rot/2,1)
-            cos = g.op("Unsqueeze", [g.op("Cos", [freqs]), shape5])
-            sin = g.op("Unsqueeze", [g.op("Sin", [freqs]), shape5])
-            if scale != 1.0:
-                cos = g.op("Mul", [cos, g.const(scale, "float32")], name="YarnScaleCos")
-                sin = g.op("Mul", [sin, g.const(scale, "float32")], name="YarnScaleSin")
-        with g.under("attn_mask"):
-            # slot j is visible to query i (slot past+i) when j <= past+i and attention_mask[j]
-            total = g.op("Shape", ["attention_mask"], start=1, end=2)            # (1,) T
-            seq = g.op("Shape", ["input_ids"], start=1, end=2)                   # (1,) s
-            one = g.const(1, "int64")
-            kpos = g.op("Range", [g.const(0, "int64"), g.op("Squeeze", [total]), one])       # (T,)
-            qpos = g.op("Range", [g.op("Squeeze", [g.op("Sub", [total, seq])]),
-                                  g.op("Squeeze", [total]), one])                            # (s,)
-            causal = g.op("LessOrEqual", [kpos, g.op("Unsqueeze", [qpos, g.const([1], "int64")])])  # (s,T)
-            pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=9), g.const([1], "int64")])  # (b,1,T)
-            allowed = g.op("And", [causal, pad])                                             # (b,s,T)
-            mask = g.op("Where", [allowed, g.const(0.0, "float32"), g.const(MASK_MIN, "float32")])
-            mask = g.op("Unsqueeze", [mask, g.const([1, 2], "int64")])                       # (b,1,1,s,T)
-        with g.under("embed_tokens"):
-            e = self._embed_blocks()
-            x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, "float32")   # (b, s, H)
-        for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
-                      disable=not progress):
-            ln = f"model.layers.{i}."
-            self.prepare_layer(i)
-            with g.under(f"layers.{i}"):
-                h = self.rms_norm(x, "float32", ln + "input_layernorm.weight", "input_layernorm")
-                a = self.rms_norm(self.attention(i, h, cos, sin, mask), p.compute,
-                                  ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
-                x = g.op("Add", [x, g.cast(a, p.compute, "float32")], name="ResidualAttn")
-                h = self.rms_norm(x, "float32", ln + "post_attention_layernorm.weight",
-                                  "post_attention_layernorm")
-                m = self.rms_norm(self.mlp(i, h), p.compute, ln + "post_mlp_layernorm.weight",
-                                  "post_mlp_layernorm")
-                x = g.op("Add", [x, g.cast(m, p.compute, "float32")], name="ResidualMlp")
-        with g.under("final"):
-            x = g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")  # (b, kept, H)
-            x = self.rms_norm(x, "float32", "model.norm.weight", "norm")
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        # tied embeddings are read a second time, transposed
-        logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)  # (b, kept, V)
-        g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
-        return contract
-
-    def _embed_blocks(self) -> str:
-        key = "model.embed_tokens.weight"
-        raw, src, dst = self.ckpt.take_raw(key), self.ckpt.dtype(key), self.prec.weights
-        rows = 4096
-        return self.g.weight_blocks(key, raw.shape, dst, ordered_map(
-            lambda r: convert(raw[r:r + rows], src, dst), range(0, raw.shape[0], rows)))
-
-
-class GqaDecoderEmitter(DecoderEmitter):
-    """The CUDA form: ONNX Runtime's fused kernels, fp16 activations.
-
-    GroupQueryAttention does RoPE (interleaved, partial: cos/sin caches rot/2 wide), GQA and
-    the in-place KV cache update; RMSNorms are SimplifiedLayerNormalization (float32 inside);
-    each residual add is fused into the next norm by SkipSimplifiedLayerNormalization:
-
-      x ──> SLN/Skip ─> qkv ─> GQA ─> o_proj ─> SLN(post_self_attn) ─┐
-      └───────────────────────────────────────────────────> Skip(+x, post_attention) ─> gate_up
-                                      ─> silu*up ─> down ─> SLN(post_mlp) ─> next layer's Skip
-    The residual stream is fp16 here (the CPU form keeps it fp32).
-    """
-
-    def sln(self, x: str, key: str, name: str) -> str:
-        return self.g.op("SimplifiedLayerNormalization", [x, self.small(key, self.prec.compute)],
-                         name=name, axis=-1, epsilon=self.cfg.rms_norm_eps, stash_type=1)
-
-    def skip_sln(self, x: str, residual: str, key: str, name: str):
-        """(norm(x + residual), x + residual)."""
-        out, _, _, total = self.g.op("SkipSimplifiedLayerNormalization",
-                                     [x, residual, self.small(key, self.prec.compute)], n_out=4,
-                                     unused=(1, 2), name=name, domain="com.microsoft",
-                                     epsilon=self.cfg.rms_norm_eps)
-        return out, total
-
-    def emit(self, progress: bool = True):
-        g, cfg, p = self.g, self.cfg, self.prec
-        if (cfg.rotary_dim // 2) % 8:
-            raise GlmrtError(f"target cuda: GroupQueryAttention needs rotary_dim/2 a multiple of 8; "
-                             f"this model has rotary_dim {cfg.rotary_dim}")
-        contract = io_contract(cfg, p.kv, "gqa")
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        inv_freq, scale = cfg.rope_inv_freq()
-        ang = np.arange(cfg.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq  # (P, rot/2)
-        cos = g.weight("rotary.cos_cache", (np.cos(ang) * scale).astype(p.compute), p.compute)
-        sin = g.weight("rotary.sin_cache", (np.sin(ang) * scale).astype(p.compute), p.compute)
-        with g.under("embed_tokens"):
-            e = self._embed_blocks()
-            x = g.cast(g.op("Gather", [e, "input_ids"], axis=0), p.weights, p.compute)   # (b, s, H)
-        pending = None                      # the previous layer's post_mlp_layernorm output
-        for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", unit="layer",
-                      disable=not progress):
-            ln = f"model.layers.{i}."
-            self.prepare_layer(i)
-            with g.under(f"layers.{i}"):
-                if pending is None:
-                    h = self.sln(x, ln + "input_layernorm.weight", "input_layernorm")
-                else:
-                    h, x = self.skip_sln(pending, x, ln + "input_layernorm.weight", "input_layernorm")
-                a = f"model.layers.{i}.self_attn."
-                with g.under("attn"):
-                    qkv = self.linear(h, "qkv_proj", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                                      [a + f"{n}_proj.bias" for n in "qkv"] if cfg.attention_bias else None)
-                    attn = f"/model/layers.{i}/attn/GroupQueryAttention/output_0"   # (b, s, nh*hd)
-                    g.output("GroupQueryAttention",
-                             [qkv, "", "", past_key(i), past_value(i), "seqlens_k",
-                              "total_sequence_length", cos, sin],
-                             [attn, present_key(i), present_value(i)], domain="com.microsoft",
-                             num_heads=nh, kv_num_heads=nkv, scale=hd ** -0.5, do_rotary=1,
-                             rotary_interleaved=1)
-                    o = self.linear(attn, "o_proj", [a + "o_proj.weight"])
-                o = self.sln(o, ln + "post_self_attn_layernorm.weight", "post_self_attn_layernorm")
-                h, x = self.skip_sln(o, x, ln + "post_attention_layernorm.weight", "post_attention_layernorm")
-                pending = self.sln(self.mlp(i, h), ln + "post_mlp_layernorm.weight", "post_mlp_layernorm")
-        with g.under("final"):
-            x, _ = self.skip_sln(pending, x, "model.norm.weight", "norm")
-            x = g.op("Gather", [x, "logits_index"], axis=1, name="KeepPositions")      # (b, kept, H)
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        logits = self.linear(x, "lm_head", [head], reuse=cfg.tie_word_embeddings)
-        g.output("Cast", [logits], "logits", to=ONNX_DTYPE["float32"])
-        g.output("ArgMax", ["logits"], "next_token", axis=-1, keepdims=0)   # first max, as numpy
-        return contract

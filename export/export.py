@@ -19,14 +19,19 @@ import glmrt
 from glmrt import manifest
 from glmrt.contract import contract_to_dict
 from glmrt.errors import CheckpointError, GlmrtError
+from glmrt.precision import PRECISIONS, TARGETS
+from glmrt.precision import precision as spec
 
 from .checkpoint import Checkpoint
 from .calibrate import activation_amax, activation_stats, default_prompts
-from .decoder import DecoderEmitter, GqaDecoderEmitter, precision_for
+from .decoder import ConcatEmitter
+from .gqa import GqaEmitter
+from .precision import precision_for
 from .quant import combine
 from .onnx_builder import GraphBuilder, WeightFile
 
 GRAPH, WEIGHTS = "model.onnx", "model.onnx.data"
+EMITTERS = {"concat": ConcatEmitter, "gqa": GqaEmitter}     # by the target's attention form
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json", "config.json")
 
@@ -48,8 +53,9 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                          activations=activations, quantize_lm_head=quantize_lm_head)
     if float_layout not in ("kn", "nk") or (float_layout == "nk" and target != "cuda"):
         raise GlmrtError(f"float layout {float_layout!r}: 'kn', or 'nk' with target cuda")
-    if awq and precision not in ("int4", "int8"):
-        raise GlmrtError(f"--awq applies to int4 and int8 weights, not {precision}")
+    if awq and not spec(precision).awq:
+        raise GlmrtError(f"--awq applies to {' and '.join(n for n, p in PRECISIONS.items() if p.awq)} "
+                         f"weights, not {precision}")
     out = Path(out)
     synthetic = str(checkpoint).startswith("synthetic:")
     manifest.check_output(out, overwrite=overwrite, what="glmrt export",
@@ -64,7 +70,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                                   "checkpoint's tokenizer files)")
         generation = _generation(ckpt)
         act_amax = awq_stats = None
-        if precision == "fp8" or awq:
+        if spec(precision).calibration or awq:
             prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
             if awq:
                 awq_stats = activation_stats(ckpt, prompts, sample_rows=256)
@@ -73,17 +79,16 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         with manifest.staged(out) as tmp:
             weights = WeightFile(tmp, WEIGHTS)
             g = GraphBuilder(weights)
-            emitter = (GqaDecoderEmitter if target == "cuda" else DecoderEmitter)(g, ckpt, prec, act_amax,
-                                                                                  awq_stats)
+            emitter = EMITTERS[TARGETS[target].form](g, ckpt, prec, act_amax, awq_stats)
             emitter.float_layout = float_layout
             contract = emitter.emit(progress=progress)
             ckpt.assert_all_taken()
             weights.close()
-            model = g.model(contract["inputs"], contract["outputs"], contrib=target != "tensorrt",
+            model = g.model(contract["inputs"], contract["outputs"], contrib=TARGETS[target].contrib_ops,
                             doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
             (tmp / GRAPH).write_bytes(model.SerializeToString())
             del model
-            if target != "cuda":    # the cuda form uses ORT-only ops the checker does not know
+            if emitter.form == "concat":    # the gqa form uses ORT-only ops the checker does not know
                 onnx.checker.check_model(str(tmp / GRAPH))
             for name in TOKENIZER_FILES:
                 if (ckpt.folder / name).is_file():

@@ -2,7 +2,7 @@
   quantize(w)      w (N, K) float32, rows = output features, K = input features (blocks run along K)
   dequantize(q)    the numpy inverse, float64, (N, K)
   error(w, q)      its own error report
-  emit(...)        the ONNX form its consumer runs (shared/TENSORRT.md), streamed in chunks
+  emit(...)        the ONNX form its consumer runs (docs/FORMATS.md), streamed in chunks
 
 Forms:
   MatMulNBits   ONNX Runtime contrib op (CPU and CUDA kernels), int4/int8, block-wise,
@@ -15,6 +15,7 @@ Forms:
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 
@@ -111,10 +112,36 @@ def _round_scale(s: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(s) & (s != 0), s, np.asarray(1.0, dtype))
 
 
-class Scheme:
-    """What every quantization scheme shares: a chunk's error is its own round trip."""
+class Scheme(abc.ABC):
+    """A quantization form: how one weight matrix is stored, run and checked. Every form
+    glmrt.precision's registry names is one subclass, listed in SCHEMES by its `name`."""
+    name: str                    # the registry's form name, recorded in the manifest
+
+    @classmethod
+    @abc.abstractmethod
+    def for_export(cls, *, bits: int, block_size: int | None, symmetric: bool, activations: str,
+                   target: str) -> "Scheme":
+        """The scheme for export options; ValueError names an option this form cannot take."""
+
+    @abc.abstractmethod
+    def params(self) -> dict:
+        """What the manifest records about the form (precision.quantization)."""
+
+    @abc.abstractmethod
+    def quantize(self, w: np.ndarray, *args) -> QTensor:
+        """w (N, K) float32 -> codes and scales."""
+
+    @abc.abstractmethod
+    def dequantize(self, q: QTensor) -> np.ndarray:
+        """The numpy inverse: (N, K) float64."""
+
+    @abc.abstractmethod
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: "WeightSource", errors: dict,
+             act_amax=None) -> str:
+        """x (b, s, K) -> the graph's y = x W^T (b, s, N), weights streamed from `src`."""
 
     def error(self, w: np.ndarray, q: QTensor) -> dict:
+        """A chunk's error is its own round trip."""
         return report(w, self.dequantize(q))
 
 
@@ -171,6 +198,10 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 class MatMulNBits(BlockInt):
     name = "matmulnbits"
 
+    @classmethod
+    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+        return cls(bits, block_size or 32, symmetric, activations)
+
     def params(self) -> dict:
         return {"form": self.name, "bits": self.bits, "block_size": self.block,
                 "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
@@ -213,6 +244,12 @@ class Int4QDQ(BlockInt):
             raise ValueError(f"TensorRT's INT4 needs block size 64 or 128, got {block}")
         super().__init__(4, block, True, scale_dtype)
 
+    @classmethod
+    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+        if not symmetric:
+            raise ValueError("TensorRT's int4 is symmetric only")
+        return cls(block_size or 128, activations)
+
     def params(self) -> dict:
         return {"form": self.name, "bits": 4, "block_size": self.block, "symmetric": True,
                 "scale_dtype": self.scale_dtype}
@@ -242,6 +279,14 @@ class Int4QDQ(BlockInt):
 class Int8QDQ(TensorScaledQDQ):
     """Signed int8, symmetric, per output channel, on W^T (K, N)."""
     name = "int8-qdq"
+
+    @classmethod
+    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+        if not symmetric:
+            raise ValueError("TensorRT's int8 is symmetric only")
+        if block_size is not None:
+            raise ValueError("TensorRT's int8 form is per output channel: no block size")
+        return cls(activations)
 
     def params(self) -> dict:
         return {"form": self.name, "bits": 8, "per_channel": True, "symmetric": True,
@@ -275,6 +320,10 @@ class Int8QDQ(TensorScaledQDQ):
 class Fp8QDQ(TensorScaledQDQ):
     """FP8 e4m3 weights and activations, per-tensor scales (TensorRT's FP8 GEMM pattern)."""
     name = "fp8-qdq"
+
+    @classmethod
+    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+        return cls(activations)
 
     def params(self) -> dict:
         return {"form": self.name, "format": "float8e4m3fn", "per_tensor": True,
@@ -313,3 +362,6 @@ class Fp8QDQ(TensorScaledQDQ):
         w = g.op("DequantizeLinear", [wq, ws], name="DequantizeWeight")
         return g.op("MatMul", [xd, w])
 
+
+# the quantization forms glmrt.precision's registry names, by name
+SCHEMES = {cls.name: cls for cls in (MatMulNBits, Int4QDQ, Int8QDQ, Fp8QDQ)}

@@ -1,5 +1,6 @@
 """Which GPU is this, without torch: NVML (nvidia-ml-py), then the CUDA driver through
-cuda-python, then nvidia-smi. Also what each compute capability supports."""
+cuda-python, then nvidia-smi. The one place glmrt asks; what each compute capability runs is
+declared in glmrt/precision.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,18 +20,10 @@ class Gpu:
         return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
 
 
-# what TensorRT runs per precision, by compute capability (shared/TENSORRT.md)
-MIN_CC = {"fp16": (5, 3), "int8": (6, 1), "int4": (8, 0), "fp8": (8, 9)}
-
-
-def check_precision(precision: str, gpu: Gpu) -> None:
-    need = MIN_CC.get(precision)
-    if need is None:
-        raise GlmrtError(f"TensorRT engines are built for fp16, int8, int4 or fp8, not {precision}")
-    if gpu.compute_capability < need:
-        raise GlmrtError(f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
-                         f"(Ada, Hopper and later for fp8); {gpu.name} is "
-                         f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}")
+def check_precision(precision: str, gpu: Gpu, backend: str = "tensorrt") -> None:
+    """Refuse a GPU too old to run `precision` on `backend` (glmrt.precision's registry)."""
+    from .precision import precision as spec
+    spec(precision).check_gpu(backend, gpu)
 
 
 def parse_gpu(text: str) -> Gpu:

@@ -125,17 +125,17 @@ def test_missing_tokenizer(ckpt, tmp_path):
 def test_export_never_leaves_a_partial_folder_when_interrupted(ckpt, tmp_path, monkeypatch):
     from glmrt.export import decoder
     calls = {"n": 0}
-    real = decoder.DecoderEmitter.mlp
+    real = decoder.Emitter.mlp
 
     def boom(self, i, h):
         calls["n"] += 1
         raise KeyboardInterrupt
-    monkeypatch.setattr(decoder.DecoderEmitter, "mlp", boom)
+    monkeypatch.setattr(decoder.Emitter, "mlp", boom)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         export_model(ckpt, out, progress=False)
     assert calls["n"] == 1 and not out.exists() and not list(tmp_path.glob(".out.partial*"))
-    monkeypatch.setattr(decoder.DecoderEmitter, "mlp", real)
+    monkeypatch.setattr(decoder.Emitter, "mlp", real)
     assert (export_model(ckpt, out, progress=False) / "manifest.json").is_file()
 
 

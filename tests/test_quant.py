@@ -214,3 +214,29 @@ def test_awq_only_for_weight_only_integers(checkpoint, tmp_path):
     with pytest.raises(GlmrtError, match="--awq applies to int4 and int8"):
         export_model(checkpoint("quant"), tmp_path / "o", precision="fp8", target="tensorrt", awq=True,
                      progress=False)
+
+
+@pytest.mark.parametrize("precision,target", [("fp32", "tensorrt"), ("bf16", "tensorrt"), ("fp32", "cuda"),
+                                              ("bf16", "cuda"), ("fp8", "cuda")])
+def test_each_target_takes_only_the_precisions_the_registry_declares(checkpoint, tmp_path, precision, target):
+    from glmrt.precision import PRECISIONS
+    assert target not in PRECISIONS[precision].forms
+    with pytest.raises(GlmrtError, match=f"target {target} .* takes .*, not {precision}"):
+        export_model(checkpoint("quant"), tmp_path / "o", precision=precision, target=target, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_registry_drives_the_cli_choices_and_the_gpu_checks():
+    from glmrt.cli import build, export
+    from glmrt.gpu import Gpu
+    from glmrt.precision import PRECISIONS, TARGETS, precision
+    opts = {p.name: p for p in export.params}
+    assert list(opts["precision"].type.choices) == list(PRECISIONS)
+    assert list(opts["target"].type.choices) == list(TARGETS)
+    built = {p.name: p for p in build.params}["precision"].type.choices
+    assert set(built) == {n for n, p in PRECISIONS.items() if "tensorrt" in dict(p.min_cc)}
+    for name, spec in PRECISIONS.items():
+        for backend, cc in spec.min_cc:
+            precision(name).check_gpu(backend, Gpu("new", cc))
+            with pytest.raises(GlmrtError, match="needs compute capability"):
+                precision(name).check_gpu(backend, Gpu("old", (cc[0], cc[1] - 1) if cc[1] else (cc[0] - 1, 9)))

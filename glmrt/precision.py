@@ -1,0 +1,105 @@
+"""The precision registry: every stage reads it (CLI choices, export checks, the engine
+builders' and the GPU checks), nobody matches precision names itself.
+
+A precision says how weights are stored and how matmuls compute. Each entry declares, for
+every export target it supports, the quantization form it takes there ("float": none; the
+others are scheme classes in export/quant.py, looked up by that name), whether it needs
+calibration prompts, whether AWQ applies, and the oldest compute capability each GPU backend
+runs it on. Targets (export --target) are declared beside them: the graph form each one
+emits and the activation dtypes it accepts.
+
+Adding a precision is one scheme class (if it quantizes), one line in PRECISIONS, one test row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import GlmrtError
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str                    # export --target
+    form: str                    # the IO contract's attention form (glmrt/contract.py)
+    activations: tuple           # activation dtypes of quantized forms; the first is the default
+    contrib_ops: bool            # may use ONNX Runtime's com.microsoft ops
+    what: str                    # one line for --help and the architecture page
+
+
+TARGETS = {t.name: t for t in (
+    Target("onnxruntime", "concat", ("float32", "float16"), True,
+           "standard ops + MatMulNBits, cache grown by Concat; ONNX Runtime CPU (and CUDA)"),
+    Target("cuda", "gqa", ("float16",), True,
+           "GroupQueryAttention, fused norms, device KV cache updated in place; ONNX Runtime CUDA"),
+    Target("tensorrt", "concat", ("float16", "float32"), False,
+           "standard ops only, weights as Q/DQ; TensorRT (and ONNX Runtime CPU)"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    forms: dict                  # target -> quantization form ("float" for float weights)
+    weights: str | None = None   # float precisions: dtype of matmul / embedding weights in the graph
+    compute: str | None = None   # float precisions: dtype matmuls run in (norm weights, biases too)
+    kv: str | None = None        # float precisions: KV cache dtype (quantized: the activation dtype)
+    bits: int | None = None      # quantized weight bits
+    calibration: bool = False    # needs calibration prompts (activation scales)
+    awq: bool = False            # activation-aware weight scales apply
+    min_cc: tuple = ()           # ((backend, (major, minor)), ...): oldest GPU that runs it
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def form(self, target: str) -> str:
+        """The quantization form on `target`, or an error naming the targets it has."""
+        if target not in TARGETS:
+            raise GlmrtError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+        if target not in self.forms:
+            have = [t for t, p in PRECISIONS.items() if target in p.forms]
+            raise GlmrtError(f"target {target} ({TARGETS[target].what.split(';')[0]}) takes "
+                             f"{', '.join(have[:-1])} or {have[-1]}, not {self.name}")
+        return self.forms[target]
+
+    def check_gpu(self, backend: str, gpu) -> None:
+        """Refuse a GPU too old for this precision on `backend` (glmrt.gpu.Gpu)."""
+        need = dict(self.min_cc).get(backend)
+        if need is None:
+            have = [n for n, p in PRECISIONS.items() if backend in dict(p.min_cc)]
+            raise GlmrtError(f"{backend} engines are built for {', '.join(have[:-1])} or {have[-1]}, "
+                             f"not {self.name}")
+        if gpu.compute_capability < need:
+            raise GlmrtError(f"{self.name} needs compute capability {need[0]}.{need[1]} or newer "
+                             f"(Ada, Hopper and later for fp8); {gpu.name} is "
+                             f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}")
+
+
+# What TensorRT runs per precision, by compute capability (its support matrix: FP16 from 5.3,
+# INT8 from 6.1, INT4 weight-only from 8.0, FP8 from 8.9).
+PRECISIONS = {p.name: p for p in (
+    PrecisionSpec("fp32", {"onnxruntime": "float"}, "float32", "float32", "float32"),
+    PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},
+                  "float16", "float16", "float16", min_cc=(("tensorrt", (5, 3)),)),
+    # ONNX Runtime's CPU provider has no bf16 MatMul: bf16 weights are cast to float32 there
+    # (ORT folds the cast at load)
+    PrecisionSpec("bf16", {"onnxruntime": "float"}, "bfloat16", "float32", "float32"),
+    PrecisionSpec("int4", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int4-qdq"},
+                  bits=4, awq=True, min_cc=(("tensorrt", (8, 0)),)),
+    PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int8-qdq"},
+                  bits=8, awq=True, min_cc=(("tensorrt", (6, 1)),)),
+    PrecisionSpec("fp8", {"onnxruntime": "fp8-qdq", "tensorrt": "fp8-qdq"},
+                  bits=8, calibration=True, min_cc=(("tensorrt", (8, 9)),)),
+)}
+
+
+def precision(name: str) -> PrecisionSpec:
+    if name not in PRECISIONS:
+        raise GlmrtError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def names(target: str | None = None, backend: str | None = None) -> list[str]:
+    """Precision names, all or those a target exports / a GPU backend builds (CLI choices)."""
+    return [n for n, p in PRECISIONS.items()
+            if (target is None or target in p.forms) and (backend is None or backend in dict(p.min_cc))]
