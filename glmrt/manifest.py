@@ -92,11 +92,12 @@ def owned_by_manifest(kinds: tuple[str, ...], subfolders: tuple[str, ...] = ()):
     return owned
 
 
-def check_output(out: Path, *, overwrite: bool, owned, what: str, protect=()) -> None:
+def check_output(out: Path, *, overwrite: bool, owned, what: str, protect=(), empty_ok: bool = False) -> None:
     """Refuse, in one line, to write the folder `out` where that could destroy something
     glmrt did not write. `owned(folder)` returns a predicate over relative file paths saying
     which files the command owns there (None: nothing, not its folder); `protect` are source
-    paths that `out` may not be, contain or lie inside, whatever `overwrite` says."""
+    paths that `out` may not be, contain or lie inside, whatever `overwrite` says. An existing
+    empty folder is used with `overwrite` (or always, with `empty_ok`)."""
     out = Path(out)
     here = out.resolve()
     for src in protect:
@@ -109,8 +110,8 @@ def check_output(out: Path, *, overwrite: bool, owned, what: str, protect=()) ->
         return
     if not out.is_dir() or out.is_symlink():
         raise ArtifactError(f"{out}: exists and is not a folder; choose another output path")
-    if not any(out.iterdir()):
-        return                                       # an empty folder is free to use
+    if not any(out.iterdir()) and (overwrite or empty_ok):
+        return                                       # an empty folder holds nothing to lose
     if not overwrite:
         raise ArtifactError(f"{out}: already exists (pass --overwrite to replace it)")
     mine = owned(out)

@@ -72,7 +72,8 @@ def test_export_overwrite_replaces_only_its_own_folders(ckpt, tmp_path):
     assert cli("export", ckpt, "-o", out, "--overwrite").returncode == 0
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli("export", ckpt, "-o", empty).returncode == 0 and (empty / "manifest.json").is_file()
+    assert_refused(cli("export", ckpt, "-o", empty), "already exists")
+    assert cli("export", ckpt, "-o", empty, "--overwrite").returncode == 0 and (empty / "manifest.json").is_file()
     # a file where the folder should go
     f = tmp_path / "file"
     f.write_text("x")
@@ -134,7 +135,7 @@ def test_chat_says_what_it_is_and_when_a_reply_was_cut(exported):
     p = cli("chat", exported(), "--max-new-tokens", "3", input="hello\n\n")
     assert p.returncode == 0
     head = p.stderr.splitlines()[0]
-    assert "glmrt chat:" in head and "fp32" in head and "on cpu" in head and "quits" in head
+    assert "glmrt chat:" in head and "fp32" in head and "on onnxruntime/cpu" in head and "quits" in head
     assert "stopped at --max-new-tokens 3" in p.stderr
 
 
