@@ -1,6 +1,8 @@
-"""glmrt.engines: exported model -> an engine for one target (`glmrt build`).
+"""glmrt.engines: exported model -> an engine for one backend (`glmrt build`).
 
-build.py           folder naming, manifest, temp-folder-and-rename; dispatch by backend
-profiles.py        TensorRT optimization profiles from the IO contract
-tensorrt_build.py  TensorRT's Python API (10.x / 11.x): parse, configure, build, serialize
-The runtime side is glmrt.trt_runtime (TensorRT) and glmrt.session (ONNX Runtime)."""
+build.py             the command: dispatch through the backend registry (glmrt/backends),
+                     folder naming, manifest, temp-folder-and-rename
+tensorrt_build.py    TensorRT's Python API (10.x / 11.x): parse, configure, build, serialize
+profiles.py          TensorRT optimization profiles from the IO contract
+onnxruntime_build.py ONNX Runtime's optimized graph for one provider
+The runtime side of each is its decoder in glmrt/backends."""

@@ -1,5 +1,5 @@
 """Build a TensorRT engine from the TensorRT form of an exported model (standard ONNX ops, Q/DQ
-for int4/int8/fp8), through TensorRT's Python API, 10.x and 11.x (shared/TENSORRT.md):
+for int4/int8/fp8), through TensorRT's Python API, 10.x and 11.x (docs/FORMATS.md):
 
   Builder -> network (strongly typed: 10.x asks for the flag, 11.x always is) -> OnnxParser
   (with the graph's path, for external weights) -> config: workspace, optimization profiles,
@@ -11,11 +11,55 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from glmrt.contract import contract_from_dict
+from glmrt.engine import ENGINES, engine_dir
 from glmrt.errors import GlmrtError
+from glmrt.gpu import check_precision, detect, parse_gpu
+
+from .profiles import Limits, profiles
+
+TIMING_CACHE = "timing.cache"
 
 INSTALL_HINT = ("TensorRT is not installed: pip install 'glmrt[tensorrt]' on a machine with an "
                 "NVIDIA GPU and driver (TensorRT's wheels come from NVIDIA's package index; see "
                 "NVIDIA's TensorRT installation guide), or use --backend onnxruntime")
+
+
+def plan(model_dir: Path, man: dict, options):
+    """The engine folder for the GPU named (or found) and how to fill it."""
+    detected = options.gpu == "auto"
+    target = detect() if detected else parse_gpu(options.gpu)
+    limits = Limits(options.max_batch, options.max_prompt, options.max_context)
+    opt_level = options.opt_level
+    precision = man["precision"]["name"]
+    standard_ops = man["io"]["form"] == "concat" and (
+        man["precision"]["target"] == "tensorrt" or man["precision"]["quantization"] is None)
+    if not standard_ops:
+        raise GlmrtError(f"{model_dir} was exported for {man['precision']['target']} (ONNX Runtime's "
+                         f"own ops); TensorRT needs standard ops only: export with --target tensorrt")
+    check_precision(precision, target, "tensorrt")
+    import_tensorrt()                       # a clear message before any work when it is absent
+    limits.check(man["config"]["max_position_embeddings"])
+    profs = profiles(contract_from_dict(man["io"]), limits)
+    if not detected:
+        here = detect()
+        if here.compute_capability != target.compute_capability:
+            raise GlmrtError(f"TensorRT builds for the GPU it runs on: this is {here.name} "
+                             f"({here.sm}), not {target.name} ({target.sm})")
+    out = engine_dir(model_dir, "tensorrt", precision, gpu_name=target.name,
+                     compute_capability=target.compute_capability)
+
+    def make(tmp: Path) -> dict:
+        info = build_engine(model_dir / man["graph"], tmp / "engine.plan", profs,
+                            timing_cache=model_dir / ENGINES / TIMING_CACHE, opt_level=opt_level)
+        return {"kind": "tensorrt-engine", "backend": "tensorrt", "plan": "engine.plan",
+                "tensorrt": info["tensorrt"], "build": info,
+                "gpu": {"name": target.name, "compute_capability": list(target.compute_capability)},
+                "limits": vars(limits),
+                "profiles": [{"name": p["name"], "shapes": {k: [list(s) for s in v]
+                                                            for k, v in p["shapes"].items()}}
+                             for p in profs]}
+    return out, make
 
 
 def import_tensorrt():

@@ -3,11 +3,14 @@ decode comes to the memory-bandwidth ceiling (weights read once per token).
 
 Every figure is a median over repeats after a warm-up. Each timed step ends with its result on
 the host, so the device is synchronized inside the timing: a greedy decode step ends with the
-chosen id (argmax on the device where the export has `next_token`, else on the host after the
-logits are copied back); the copy-the-logits path is timed too, as sampling pays it. Where the
-decoder runs greedy bursts (several steps per host synchronization, what `generate` does on
-CUDA), decode is timed per burst and divided by its steps, and one-sync-per-token is timed
-beside it.
+chosen id (argmax on the device where the decoder can, else on the host after the logits are
+copied back); the copy-the-logits path is timed too, as sampling pays it. Where the decoder
+runs greedy bursts (several steps per host synchronization, what `generate` does on CUDA),
+decode is timed per burst and divided by its steps, and one-sync-per-token is timed beside it.
+
+The ceiling: the bytes the export streams per token over a bandwidth that is given, known for
+the GPU (the H200's measured device copy rate) or, on the CPU, measured here (the host's copy
+rate with the bench's threads). Where none applies, no ceiling is printed.
 """
 from __future__ import annotations
 
@@ -17,17 +20,81 @@ import time
 
 import numpy as np
 
-H200_TBPS = 4.22     # device-to-device copy on the H200 (shared/GPU.md): the ceiling used here
+from .errors import InputError
+
+# measured device-to-device copy rates (read + write), the ceiling glmrt uses per GPU name
+KNOWN_TBPS = {"NVIDIA H200": 4.22}
+DEFAULT_PROMPTS = (128, 512, 2048)
+DEFAULT_CONTEXTS = (128, 2048, 8192)
+FILL_CHUNK = 512          # the concat form fills a context in prefill steps of this many tokens
 
 
-def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
-          contexts=(128, 2048, 8192), decode_steps: int = 64, repeats: int = 5,
-          bandwidth_tbps: float = H200_TBPS, cuda_graph: bool = True, burst: int | None = None) -> dict:
+def best_device(backend: str = "onnxruntime") -> str:
+    """cuda where ONNX Runtime offers it (or the backend runs only there), else cpu."""
+    from .backends import backend as lookup
+    devices = lookup(backend).devices
+    if "cpu" not in devices:
+        return devices[0]
+    import onnxruntime as ort
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() and "cuda" in devices else "cpu"
+
+
+def plan(model_max: int, prompt_lengths, contexts, decode_steps: int, burst: int) -> tuple[list, list]:
+    """The prompt lengths and contexts to time: defaults cut to what the model holds, given
+    values checked (a clear error naming the value that cannot run)."""
+    room = decode_steps + 3 * burst + 8                 # decode steps and warm-up after a context
+
+    def check(values, name, need):
+        if values is None:
+            return None
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise InputError(f"--{name} {','.join(map(str, values))}: expected positive token counts")
+        for v in values:
+            if v + need > model_max:
+                raise InputError(f"--{name} {v}: {v + need} positions with "
+                                 f"{'the decode steps' if need else 'the prompt'}, the model holds {model_max}")
+        return sorted(set(values))
+    prompts = check(prompt_lengths, "prompt-lengths", 0) or [n for n in DEFAULT_PROMPTS if n <= model_max]
+    ctxs = check(contexts, "contexts", room) or [n for n in DEFAULT_CONTEXTS if n + room <= model_max]
+    if not prompts or not ctxs:
+        raise InputError(f"the model holds {model_max} positions: pass --prompt-lengths and --contexts "
+                         "that fit it")
+    return prompts, ctxs
+
+
+def check_memory(form: str, heads: int, prompts, contexts) -> None:
+    """The concat form materializes attention scores (heads, seq, total) in float32 in a
+    prefill step (scores, their mask sum, probabilities): refuse what the host cannot hold."""
+    from .host import available_bytes
+    avail = available_bytes()
+    if form != "concat" or avail is None:
+        return
+    for name, seq, total in [("prompt-lengths", n, n) for n in prompts] + \
+                            [("contexts", min(FILL_CHUNK, c), c) for c in contexts]:
+        need = 3 * 4 * heads * seq * total
+        if need > 0.8 * avail:
+            raise InputError(f"--{name} {total}: a prefill step needs about {need / 1e9:.1f} GB for "
+                             f"attention scores on the concat form; {avail / 1e9:.1f} GB are available")
+
+
+def bench(model_dir, *, device: str | None = None, backend: str = "onnxruntime", prompt_lengths=None,
+          contexts=None, decode_steps: int = 64, repeats: int = 5, bandwidth_tbps: float | None = None,
+          cuda_graph: bool = True, burst: int | None = None, threads: int | None = None) -> dict:
+    from . import manifest as manifest_io
+    from .host import physical_cores
     from .model import Model
-    need = max(max(prompt_lengths), max(contexts)) + decode_steps + 3 * (burst or 8) + 8
-    m = Model(model_dir, device=device, verify=False, max_context=need, cuda_graph=cuda_graph, burst=burst)
+    device = device or best_device(backend)
+    if device == "cpu" and threads is None:
+        threads = physical_cores()
+    man = manifest_io.read(model_dir, verify=False)
+    model_max = man["config"]["max_position_embeddings"]
+    prompt_lengths, contexts = plan(model_max, prompt_lengths, contexts, decode_steps, burst or 8)
+    check_memory(man["io"]["form"], man["config"]["num_attention_heads"], prompt_lengths, contexts)
+    need = max(max(prompt_lengths), max(contexts) + decode_steps + 3 * (burst or 8) + 8)
+    m = Model(model_dir, device=device, backend=backend, verify=False, max_context=min(need, model_max),
+              cuda_graph=cuda_graph, burst=burst, threads=threads)
     dec = m.decoder
-    k = getattr(dec, "burst", 1)
+    k = dec.caps.burst
     vocab = min(m.config.vocab_size, 1000)
     rng = np.random.default_rng(0)
 
@@ -38,66 +105,84 @@ def bench(model_dir, *, device: str = "cuda", prompt_lengths=(128, 512, 2048),
         ids = prompt(n)
         with dec.generation() as cache:
             t = time.perf_counter()
-            logits, _ = dec.step(ids, cache)
-            int(np.argmax(logits[0, -1]))
+            int(np.argmax(dec.step(ids, cache)[0, -1]))
             return time.perf_counter() - t
 
-    out = {"model": str(model_dir), "device": device, "burst": k, "precision": m.manifest["precision"]["name"],
-           "form": m.manifest["io"]["form"], "cuda_graph": bool(getattr(dec, "cuda_graph", False)),
-           "ort_settings": getattr(getattr(dec, "session", None), "ort_settings", {}),
+    desc = dec.describe()
+    out = {"model": str(model_dir), "device": device, "backend": backend, "burst": k,
+           "precision": m.manifest["precision"]["name"], "form": desc["form"],
+           "cuda_graph": desc["cuda_graph"], "ort_settings": desc["settings"], "threads": threads,
+           "greedy": "device argmax" if dec.caps.device_argmax else "host argmax",
            "prefill": {}, "decode": {}}
     prefill_time(min(prompt_lengths))                                   # warm-up
     for n in prompt_lengths:
         times = [prefill_time(n) for _ in range(repeats)]
         out["prefill"][n] = {"ms": 1e3 * float(np.median(times)), "tok_s": n / float(np.median(times))}
     out["ttft_ms"] = out["prefill"][min(prompt_lengths)]["ms"]
-    greedy = getattr(dec, "step_greedy", None)
-    out["greedy"] = "device argmax" if getattr(dec, "device_greedy", False) else "host argmax"
 
     def decode_time(ctx, on_device, burst=1):
         steps = []
         with dec.generation() as cache:
-            logits, cache = dec.step(prompt(ctx), cache)
-            token = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
+            ids = prompt(ctx)
+            chunk = FILL_CHUNK if desc["form"] == "concat" else ctx   # concat: bound the scores' memory
+            for s in range(0, ctx, chunk):                            # fill the context
+                logits = dec.step(ids[:, s:s + chunk], cache)
+            token = int(np.argmax(logits[0, -1]))
             if on_device and burst > 1:       # bursts; 3 to warm up (one CUDA graph per step)
                 for i in range(3 + max(1, decode_steps // burst)):
                     t = time.perf_counter()
-                    tok = dec.greedy_burst(int(token[0, 0]), cache, burst)[-1]
-                    cache += burst
-                    token = np.array([[tok]], np.int64)
+                    token = dec.greedy_burst(token, cache, burst)[-1]
                     if i >= 3:
                         steps.append((time.perf_counter() - t) / burst)
                 return float(np.median(steps))
             for i in range(decode_steps + 8):
                 t = time.perf_counter()
+                step_ids = np.array([[token]], np.int64)
                 if on_device:                                   # only the chosen id comes back
-                    tok, cache = greedy(token, cache)
+                    token = dec.step_greedy(step_ids, cache)
                 else:                                           # the logits come back
-                    logits, cache = dec.step(token, cache)
-                    tok = int(np.argmax(logits[0, -1]))
-                token = np.array([[tok]], np.int64)
+                    token = int(np.argmax(dec.step(step_ids, cache)[0, -1]))
                 if i >= 8:                                              # warm-up (and graph capture)
                     steps.append(time.perf_counter() - t)
         return float(np.median(steps))
 
     for ctx in contexts:
-        med = decode_time(ctx, greedy is not None, k)
+        med = decode_time(ctx, dec.caps.device_argmax, k)
         out["decode"][ctx] = {"ms": 1e3 * med, "tok_s": 1.0 / med}
     if k > 1:                                  # the same without bursts: one sync per token
         med = decode_time(min(contexts), True)
         out["decode_sync_per_token"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
-    if out["greedy"] == "device argmax":        # what a sampled token pays: logits to the host
+    if dec.caps.device_argmax:                 # what a sampled token pays: logits to the host
         med = decode_time(min(contexts), False)
         out["decode_host_logits"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
     streamed = m.manifest.get("streamed_bytes_per_token")
-    if streamed:
-        ceiling_s = streamed / (bandwidth_tbps * 1e12)
-        out["ceiling"] = {"bytes_per_token": streamed, "tbps": bandwidth_tbps,
+    tbps, source = _ceiling(device, bandwidth_tbps, threads)
+    if streamed and tbps:
+        ceiling_s = streamed / (tbps * 1e12)
+        out["ceiling"] = {"bytes_per_token": streamed, "tbps": tbps, "source": source,
                           "ms": 1e3 * ceiling_s, "tok_s": 1.0 / ceiling_s}
-        for ctx, d in out["decode"].items():
+        for d in out["decode"].values():
             d["pct_of_ceiling"] = 100.0 * ceiling_s / (d["ms"] / 1e3)
     out["device_memory_mib"] = _device_memory_mib() if device == "cuda" else None
     return out
+
+
+def _ceiling(device: str, given: float | None, threads: int | None) -> tuple[float | None, str]:
+    """(TB/s, where the figure comes from), or (None, why there is none)."""
+    if given is not None:
+        return given, "given (--bandwidth-tbps)"
+    if device == "cpu":
+        from .host import copy_rate_gbps
+        n = threads or 1
+        return copy_rate_gbps(n) / 1e3, f"this host's memory copy rate, measured with {n} thread(s)"
+    try:
+        from .gpu import detect
+        gpu = detect()
+    except Exception:           # no GPU query available: no ceiling rather than a wrong one
+        return None, "unknown GPU"
+    if gpu.name in KNOWN_TBPS:
+        return KNOWN_TBPS[gpu.name], f"{gpu.name}'s measured device copy rate"
+    return None, f"no measured bandwidth for {gpu.name} (pass --bandwidth-tbps)"
 
 
 def _device_memory_mib():
@@ -111,7 +196,8 @@ def _device_memory_mib():
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['model']}  {r['precision']} ({r['form']} form) on {r['device']}"
+    lines = [f"{r['model']}  {r['precision']} ({r['form']} form) on {r['backend']}/{r['device']}"
+             + (f"  {r['threads']} threads" if r.get("threads") else "")
              + ("  cuda graph" if r["cuda_graph"] else "")
              + "".join(f"  {k}={v}" for k, v in r.get("ort_settings", {}).items()),
              f"time to first token ({min(r['prefill'])} tokens): {r['ttft_ms']:.1f} ms"]
@@ -131,8 +217,10 @@ def format_report(r: dict) -> str:
     lines.append(f"greedy: {r['greedy']}")
     if "ceiling" in r:
         c = r["ceiling"]
-        lines.append(f"ceiling: {c['bytes_per_token'] / 1e9:.2f} GB/token at {c['tbps']} TB/s = "
-                     f"{c['ms']:.3f} ms ({c['tok_s']:.0f} tok/s)")
+        lines.append(f"ceiling: {c['bytes_per_token'] / 1e9:.3f} GB/token at {c['tbps'] * 1e3:.1f} GB/s "
+                     f"({c['source']}) = {c['ms']:.3f} ms ({c['tok_s']:.0f} tok/s)")
+    else:
+        lines.append("ceiling: not shown (no bandwidth figure for this device; pass --bandwidth-tbps)")
     if r.get("device_memory_mib") is not None:
         lines.append(f"device memory in use after the runs: {r['device_memory_mib']} MiB "
                      "(ONNX Runtime's arena keeps its peak)")

@@ -10,8 +10,10 @@ import sys
 
 import click
 
+from .backends import BACKENDS, DEVICES
 from .errors import GlmrtError
 from .model import DEFAULT_MAX_NEW_TOKENS
+from .precision import PRECISIONS, TARGETS, names
 
 
 def clean_errors(fn):
@@ -38,10 +40,10 @@ def main():
 @main.command()
 @click.argument("checkpoint")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Model folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int4", "int8", "fp8"]),
-              default="fp32", show_default=True)
-@click.option("--target", type=click.Choice(["onnxruntime", "cuda", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="Graph form: onnxruntime (CPU), cuda (ORT fused CUDA kernels, device KV cache), tensorrt (Q/DQ only).")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+              help="; ".join(f"{n}: targets {', '.join(p.forms)}" for n, p in PRECISIONS.items()) + ".")
+@click.option("--target", type=click.Choice(list(TARGETS)), default="onnxruntime", show_default=True,
+              help="The graph form: " + "; ".join(f"{n}: {t.what}" for n, t in TARGETS.items()) + ".")
 @click.option("--block-size", type=int, default=None,
               help="int4/int8 block along K (default 32 for onnxruntime, 128 for tensorrt int4).")
 @click.option("--asymmetric", is_flag=True, help="int4/int8 with zero points (onnxruntime only).")
@@ -83,6 +85,24 @@ def tiny(out, seed, shape, shards, overwrite):
     click.echo(f"wrote {make_checkpoint(out, SHAPES[shape], seed=seed, shards=shards, overwrite=overwrite)}")
 
 
+def load_options(default_device: str | None = None):
+    """--backend, --device, --threads: the same on every command that loads a model."""
+    def add(fn):
+        for opt in reversed([
+            click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime",
+                         show_default=True, help="What runs the model (glmrt/backends)."),
+            click.option("--device", type=click.Choice(list(DEVICES)), default=default_device,
+                         show_default=default_device is not None,
+                         help="Default: " + (default_device or "the best one present")
+                         + " (the backend's first device where it has one)."),
+            click.option("--threads", type=click.IntRange(min=1), default=None,
+                         help="CPU threads (default: the physical cores)."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return add
+
+
 def sampling_options(fn):
     for opt in reversed([
         click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True),
@@ -100,14 +120,14 @@ def sampling_options(fn):
 @click.argument("model", type=click.Path(file_okay=False))
 @click.option("--prompt", default=None, help="Answer one prompt and exit.")
 @click.option("--system", default=None, help="System message.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@load_options()
 @click.option("--hide-reasoning", is_flag=True, help="Do not show GLM-Z1's reasoning.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the model files' checksums on load.")
 @click.option("--truncate", is_flag=True, help="Drop the oldest turns when the chat outgrows the context.")
 @sampling_options
 @clean_errors
-def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **sampling):
+def chat(model, prompt, system, backend, device, threads, hide_reasoning, verify, truncate, **sampling):
     """Chat with an exported MODEL folder (streaming). Empty line or Ctrl-D quits; Ctrl-C
     stops the reply being written and keeps what was written so far."""
     import warnings
@@ -118,7 +138,7 @@ def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **samp
         raise InputError("--prompt is empty; give the text to answer (or leave --prompt out to chat)")
     if sampling["max_new_tokens"] < 1:
         raise InputError(f"--max-new-tokens {sampling['max_new_tokens']}: must be at least 1")
-    m = glmrt.load(model, device=device, verify=verify)
+    m = glmrt.load(model, backend=backend, device=device, threads=threads, verify=verify)
     glmrt.SamplingParams(sampling["temperature"], sampling["top_k"], sampling["top_p"],
                          sampling["repetition_penalty"], sampling["seed"])   # fail before the first turn
     history = [{"role": "system", "content": system}] if system else []
@@ -165,9 +185,10 @@ def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **samp
         turn(prompt)
         return
     p = m.manifest["precision"]
+    d = m.decoder.describe()
     click.echo(f"glmrt chat: {m.folder} ({p['name']}, {m.config.num_hidden_layers} layers, "
-               f"context {m.max_context}) on {device}. Empty line or Ctrl-D quits; Ctrl-C stops a reply.",
-               err=True)
+               f"context {m.max_context}) on {d['backend']}/{d['device']}. Empty line or Ctrl-D quits; "
+               "Ctrl-C stops a reply.", err=True)
     while True:
         try:
             text = input("> ")
@@ -188,41 +209,54 @@ def chat(model, prompt, system, device, hide_reasoning, verify, truncate, **samp
 
 @main.command()
 @click.argument("model", type=click.Path(file_okay=False))
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
-@click.option("--prompt-lengths", default="128,512,2048", show_default=True)
-@click.option("--contexts", default="128,2048,8192", show_default=True, help="Decode at these context lengths.")
-@click.option("--decode-steps", default=64, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--bandwidth-tbps", default=4.22, show_default=True,
-              help="The memory-bandwidth ceiling (4.22: the H200's measured copy rate).")
+@load_options()
+@click.option("--prompt-lengths", default=None,
+              help="Prefill these prompt lengths (default 128,512,2048: those the model holds).")
+@click.option("--contexts", default=None,
+              help="Decode at these context lengths (default 128,2048,8192: those the model holds).")
+@click.option("--decode-steps", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--bandwidth-tbps", type=float, default=None,
+              help="The memory-bandwidth ceiling (default: measured on the CPU, known per GPU).")
 @click.option("--no-cuda-graph", is_flag=True)
 @click.option("--burst", type=click.IntRange(min=1), default=None,
               help="Greedy steps per host synchronization (default: 8 on cuda, 1 on cpu).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the figures here.")
 @clean_errors
-def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
+def bench(model, backend, device, threads, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
           no_cuda_graph, burst, as_json):
     """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling."""
     from pathlib import Path
 
-    from .bench import bench as run_bench
-    from .bench import format_report, to_json
-    r = run_bench(model, device=device, prompt_lengths=[int(x) for x in prompt_lengths.split(",")],
-                  contexts=[int(x) for x in contexts.split(",")], decode_steps=decode_steps,
-                  repeats=repeats, bandwidth_tbps=bandwidth_tbps, cuda_graph=not no_cuda_graph,
-                  burst=burst)
+    from .benchmark import bench as run_bench
+    from .benchmark import format_report, to_json
+    r = run_bench(model, backend=backend, device=device, threads=threads,
+                  prompt_lengths=_token_counts(prompt_lengths, "prompt-lengths"),
+                  contexts=_token_counts(contexts, "contexts"), decode_steps=decode_steps,
+                  repeats=repeats, bandwidth_tbps=bandwidth_tbps, cuda_graph=not no_cuda_graph, burst=burst)
     click.echo(format_report(r))
     if as_json:
         Path(as_json).write_text(to_json(r))
 
 
+def _token_counts(text: str | None, name: str):
+    """'128,512' -> [128, 512]; None stays None (the defaults)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise GlmrtError(f"--{name} {text!r}: expected comma-separated token counts, like 128,512") from None
+
+
 @main.command()
 @click.argument("model", type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True)
+@click.option("--backend", type=click.Choice([n for n, b in BACKENDS.items() if b.builder]),
+              default="tensorrt", show_default=True)
 @click.option("--gpu", default="auto", show_default=True, help="auto, or NAME@smXY.")
-@click.option("--precision", type=click.Choice(["fp16", "fp8", "int4", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(names(backend="tensorrt")), default=None,
               help="Must match the exported model's (default: the model's).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True,
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cuda", show_default=True,
               help="onnxruntime backend: which provider to optimize for.")
 @click.option("--max-batch", default=1, show_default=True)
 @click.option("--max-prompt", default=2048, show_default=True)
@@ -231,11 +265,10 @@ def bench(model, device, prompt_lengths, contexts, decode_steps, repeats, bandwi
 @click.option("--overwrite", is_flag=True)
 @clean_errors
 def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, overwrite):
-    """Build an engine for one target from an exported MODEL folder (stored inside it)."""
+    """Build an engine for one backend from an exported MODEL folder (stored inside it)."""
     from glmrt.engines.build import build as run_build
-    out = run_build(model, backend=backend, gpu=gpu, precision=precision, device=device,
-                    max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
-                    opt_level=opt_level, overwrite=overwrite)
+    out = run_build(model, backend=backend, precision=precision, overwrite=overwrite, gpu=gpu, device=device,
+                    max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, opt_level=opt_level)
     click.echo(f"built {out}")
 
 
@@ -244,9 +277,9 @@ def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_con
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
               help="UTF-8 text to score.")
 @click.option("--window", default=512, show_default=True, help="Tokens per scoring window.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@load_options()
 @clean_errors
-def evaluate(model, text_file, window, device):
+def evaluate(model, text_file, window, backend, device, threads):
     """Perplexity of a text under an exported MODEL (through the runtime's own logits)."""
     from pathlib import Path
 
@@ -257,7 +290,7 @@ def evaluate(model, text_file, window, device):
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise glmrt.InputError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
-    r = perplexity(glmrt.load(model, device=device), text, window=window)
+    r = perplexity(glmrt.load(model, backend=backend, device=device, threads=threads), text, window=window)
     if r["window"] < r["window_asked"]:
         click.echo(f"warning: --window {r['window_asked']} is longer than the model's context; "
                    f"scored in windows of {r['window']}", err=True)
@@ -269,18 +302,27 @@ def evaluate(model, text_file, window, device):
 @click.argument("model", type=click.Path(file_okay=False))
 @click.option("--verify/--no-verify", default=False, help="Check every file's checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (and engines) as JSON.")
+@click.option("--load", is_flag=True, help="Also load the model with --backend/--device and show what "
+                                           "its decoder can do.")
+@load_options()
 @clean_errors
-def info(model, verify, as_json):
-    """Show what an exported MODEL folder's manifest says."""
+def info(model, verify, as_json, load, backend, device, threads):
+    """Show what an exported MODEL folder's manifest says (and, with --load, its decoder)."""
+    import dataclasses
     from pathlib import Path
 
     from . import manifest
     m = manifest.read(Path(model), verify=verify)
+    runs = None
+    if load:
+        import glmrt
+        dec = glmrt.load(model, backend=backend, device=device, threads=threads, verify=False).decoder
+        runs = {**dec.describe(), "capabilities": dataclasses.asdict(dec.caps)}
     engines = {str(p.parent.relative_to(model)): json.loads(p.read_text())
                for p in sorted(Path(model).glob("engines/*/*/manifest.json"))}
     if as_json:
         click.echo(json.dumps({"model": str(model), "checksums_verified": verify, "manifest": m,
-                               "engines": engines}, indent=2, ensure_ascii=False))
+                               "engines": engines, "decoder": runs}, indent=2, ensure_ascii=False))
         return
     c, p = m["config"], m["precision"]
     q = p.get("quantization") or {}
@@ -301,6 +343,9 @@ def info(model, verify, as_json):
     for where, em in engines.items():
         click.echo(f"engine     {where}  {em.get('kind')}"
                    + (f"  TensorRT {em['tensorrt']}" if em.get("tensorrt") else ""))
+    if runs:
+        caps = "  ".join(f"{k} {v}" for k, v in runs["capabilities"].items())
+        click.echo(f"decoder    {runs['backend']}/{runs['device']} ({runs['form']} form)  {caps}")
 
 
 if __name__ == "__main__":

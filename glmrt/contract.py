@@ -33,6 +33,8 @@ import dataclasses
 from .config import GlmConfig
 
 FORMS = ("concat", "gqa")
+# the contract's dtype names as numpy dtypes: the one map the runtime binds buffers with
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,12 @@ def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat") -> dict:
         outputs += [TensorSpec(present_key(i), kv_dtype, ("batch", nkv, present_len, hd)),
                     TensorSpec(present_value(i), kv_dtype, ("batch", nkv, present_len, hd))]
     return {"form": form, "inputs": inputs, "outputs": outputs}
+
+
+def numpy_dtype(name: str):
+    """The numpy dtype a contract dtype binds as, or None (bfloat16: numpy has none)."""
+    import numpy as np
+    return np.dtype(NUMPY_DTYPES[name]).type if name in NUMPY_DTYPES else None
 
 
 def contract_to_dict(c: dict) -> dict:

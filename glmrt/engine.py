@@ -1,5 +1,6 @@
-"""Engines: what `glmrt build` writes inside a model folder, and the checks the runtime makes
-before loading one. Shared by the builder (glmrt.engines) and the runtime.
+"""Engine folders: what `glmrt build` writes inside a model folder (an engine is a backend's
+artifact for one GPU or device, made from the export), and the checks the runtime makes before
+loading one. Shared by the builders (glmrt.engines) and the backends (glmrt.backends).
 
   MODEL/engines/<gpu-slug>-sm<major><minor>/<precision>/   (TensorRT)
   MODEL/engines/onnxruntime-<device>/<precision>/          (ONNX Runtime optimized graph)
@@ -27,12 +28,16 @@ def gpu_slug(name: str) -> str:
 
 def engine_dir(model_dir: Path, backend: str, precision: str, *, gpu_name: str | None = None,
                compute_capability: tuple[int, int] | None = None, device: str | None = None) -> Path:
-    if backend == "tensorrt":
+    """Where `glmrt build --backend BACKEND` puts its engine for this precision: named by the GPU
+    and its compute capability, or by the device, as the backend's registry entry declares."""
+    from .backends import backend as lookup
+    naming = lookup(backend).engine_folder
+    if naming == "gpu":
         major, minor = compute_capability
         return Path(model_dir) / ENGINES / f"{gpu_slug(gpu_name)}-sm{major}{minor}" / precision
-    if backend == "onnxruntime":
-        return Path(model_dir) / ENGINES / f"onnxruntime-{device}" / precision
-    raise ArtifactError(f"backend {backend!r} is not one of tensorrt, onnxruntime")
+    if naming == "device":
+        return Path(model_dir) / ENGINES / f"{backend}-{device}" / precision
+    raise ArtifactError(f"backend {backend!r} builds no engines")
 
 
 def check_compatible(engine_manifest: dict, *, gpu_name: str | None, compute_capability: tuple | None,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from glmrt.bench import bench, format_report
+from glmrt.benchmark import bench, format_report
 from glmrt.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +81,28 @@ def test_kernel_report_from_an_ncu_csv(tmp_path, capsys):
     assert "| `MatMulFloat4BitsKernelM1` | (3424, 1, 1) | 1 | 25.00 | 63.1 | 2.52 TB/s |" in text
     saved = json.loads((tmp_path / "k.json").read_text())
     assert saved["busy_us_per_step"] == pytest.approx(36.0)
+
+
+def test_bench_picks_the_device_present_and_checks_its_lengths(exported, monkeypatch):
+    """Without --device, bench runs where it can (the CPU here); lengths the model cannot hold
+    are one clear line naming the value; the defaults are cut to what the model holds; the
+    CPU ceiling is this host's measured copy rate, said as such."""
+    import onnxruntime as ort
+
+    from glmrt.benchmark import best_device, plan
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert best_device() == "cpu"
+    folder = exported("tiny")                                    # 2048 positions
+    runner = CliRunner()
+    for args, needle in ((["--prompt-lengths", "8,x"], "--prompt-lengths '8,x'"),
+                         (["--prompt-lengths", "0"], "positive token counts"),
+                         (["--contexts", "9000"], "--contexts 9000"),
+                         (["--prompt-lengths", "4096"], "the model holds 2048")):
+        r = runner.invoke(main, ["bench", str(folder), *args])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert plan(2048, None, None, 64, 8) == ([128, 512, 2048], [128])
+    r = bench(folder, prompt_lengths=[8], contexts=[8], decode_steps=4, repeats=1)
+    assert r["device"] == "cpu" and r["threads"] >= 1
+    assert r["ceiling"]["source"].startswith("this host's memory copy rate, measured with")
+    assert 0.001 < r["ceiling"]["tbps"] < 10
+    assert "GB/s (this host's memory copy rate" in format_report(r)

@@ -39,12 +39,12 @@ def test_fp16_cuda_form_matches_the_reference_on_cpu(checkpoint, cuda_form, layo
     ref, cache = reference.forward(ck.cfg, w, PROMPT)
     assert rel(m.logits(PROMPT), ref) < 1e-2          # fp16 weights and activations: ~7e-4
     with m.decoder.generation() as n:
-        logits, n = m.decoder.step(np.array([PROMPT]), n)
+        logits = m.decoder.step(np.array([PROMPT]), n)
         for token in [17, 250, 3, 999]:                   # decode steps through the device cache
             ref, cache = reference.forward(ck.cfg, w, [token], cache)
-            logits, n = m.decoder.step(np.array([[token]]), n)
+            logits = m.decoder.step(np.array([[token]]), n)
             assert rel(logits[0, -1], ref[-1]) < 1e-2
-        assert n == len(PROMPT) + 4
+        assert n.length == len(PROMPT) + 4
 
 
 def test_greedy_tokens_agree_with_the_fp32_cpu_form(cuda_form, model):
@@ -130,15 +130,16 @@ def test_greedy_steps_take_the_argmax_in_the_graph(cuda_form):
     generate uses it; an export without next_token falls back to the host argmax."""
     m = glmrt.load(cuda_form("int4"), max_context=256)
     dec = m.decoder
-    assert dec.device_greedy
+    assert dec.device_greedy and dec.caps.device_argmax
     with dec.generation() as n:
-        logits, _ = dec.step(np.array([PROMPT]), n)
+        logits = dec.step(np.array([PROMPT]), n)
     with dec.generation() as n:
-        token, n = dec.step_greedy(np.array([PROMPT]), n)
-        assert token == int(np.argmax(logits[0, -1])) and n == len(PROMPT)
+        token = dec.step_greedy(np.array([PROMPT]), n)
+        assert token == int(np.argmax(logits[0, -1])) and n.length == len(PROMPT)
         for _ in range(6):                               # decode steps: compare with the logits path
-            with_logits, _ = dec.step(np.array([[token]]), n)     # same position, overwritten below
-            nxt, n = dec.step_greedy(np.array([[token]]), n)
+            with_logits = dec.step(np.array([[token]]), n)        # same position, overwritten below
+            n.length -= 1
+            nxt = dec.step_greedy(np.array([[token]]), n)
             assert nxt == int(np.argmax(with_logits[0, -1]))
             token = nxt
     via_device = m.generate(PROMPT, max_new_tokens=12)
@@ -153,9 +154,9 @@ def test_greedy_bursts_give_the_step_by_step_tokens(cuda_form, device):
     mid-burst, with a stop token inside a burst, and with the cache bound checked."""
     path = cuda_form("int4")
     one = glmrt.load(path, max_context=256, burst=1)
-    assert one.decoder.burst == 1
+    assert one.decoder.caps.burst == 1
     m = glmrt.load(path, device=device, max_context=256, burst=3)
-    assert m.decoder.burst == 3
+    assert m.decoder.caps.burst == 3
     for prompt, new in ((PROMPT, 13), (PROMPT[:9], 7), (PROMPT[:4], 1)):
         want = one.generate(prompt, max_new_tokens=new)
         assert m.generate(prompt, max_new_tokens=new) == want
@@ -169,8 +170,10 @@ def test_greedy_bursts_give_the_step_by_step_tokens(cuda_form, device):
     assert res.finish_reason == "stop" and res.stop_token == stop
     assert m.generate(PROMPT, max_new_tokens=20) == one.generate(PROMPT, max_new_tokens=20)
     with m.decoder.generation() as n:                   # the bound: no step past max_context
+        n.length = 254
         with pytest.raises(GlmrtError, match="exceed the cache of 256"):
-            m.decoder.greedy_burst(5, 254, 3)
+            m.decoder.greedy_burst(5, n, 3)
+        n.length = 0
         with pytest.raises(GlmrtError, match="1 to 3"):
             m.decoder.greedy_burst(5, n, 4)
     with pytest.raises(GlmrtError, match="burst=0"):
@@ -180,7 +183,7 @@ def test_greedy_bursts_give_the_step_by_step_tokens(cuda_form, device):
 def test_ort_switches_are_defaults_scoped_to_session_creation(monkeypatch):
     """glmrt's ORT switch defaults hold only while a session is made, and never override
     what the user's environment sets."""
-    from glmrt.session import CUDA_ORT_DEFAULTS, ort_settings
+    from glmrt.backends.ort_session import CUDA_ORT_DEFAULTS, ort_settings
     monkeypatch.delenv("ORT_ENABLE_XQA", raising=False)
     with ort_settings(CUDA_ORT_DEFAULTS) as s:
         assert os.environ["ORT_ENABLE_XQA"] == "0" and s == {"ORT_ENABLE_XQA": "0"}
@@ -195,5 +198,5 @@ def test_ort_switches_are_defaults_scoped_to_session_creation(monkeypatch):
 def test_gpu_session_records_the_ort_switches_it_ran_with(cuda_form, monkeypatch):
     monkeypatch.delenv("ORT_ENABLE_XQA", raising=False)
     m = glmrt.load(cuda_form("int4"), device="cuda", max_context=64)
-    assert m.decoder.session.ort_settings == {"ORT_ENABLE_XQA": "0"}
-    assert glmrt.load(cuda_form("int4"), max_context=64).decoder.session.ort_settings == {}
+    assert m.decoder.describe()["settings"] == {"ORT_ENABLE_XQA": "0"}
+    assert "ORT_ENABLE_XQA" not in glmrt.load(cuda_form("int4"), max_context=64).decoder.describe()["settings"]

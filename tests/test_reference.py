@@ -24,15 +24,16 @@ def test_logits_and_cache_against_float64_reference(name, precision, checkpoint,
     weights = ck.weights_f32()
     m = model(name, precision)
     ref, ref_cache = reference.forward(ck.cfg, weights, PROMPT)
-    logits, cache = m.decoder.step(np.array([PROMPT]), m.decoder.empty_cache(), keep=len(PROMPT))
-    assert rel(logits[0], ref) < TOL[precision]
-    # the cache holds K after RoPE, V as projected: (batch, kv_heads, seq, head_dim)
-    assert rel(cache[0][0], ref_cache[0][0]) < TOL[precision]
-    assert rel(cache[1][0], ref_cache[0][1]) < TOL[precision]
-    for token in [5, 77, 901, 12, 640, 33]:
-        ref, ref_cache = reference.forward(ck.cfg, weights, [token], ref_cache)
-        logits, cache = m.decoder.step(np.array([[token]]), cache)
-        assert rel(logits[0, -1], ref[-1]) < TOL[precision]
+    with m.decoder.generation() as cache:
+        logits = m.decoder.step(np.array([PROMPT]), cache, keep=len(PROMPT))
+        assert rel(logits[0], ref) < TOL[precision]
+        # the cache holds K after RoPE, V as projected: (batch, kv_heads, seq, head_dim)
+        assert rel(cache.kv[0][0], ref_cache[0][0]) < TOL[precision]
+        assert rel(cache.kv[1][0], ref_cache[0][1]) < TOL[precision]
+        for token in [5, 77, 901, 12, 640, 33]:
+            ref, ref_cache = reference.forward(ck.cfg, weights, [token], ref_cache)
+            logits = m.decoder.step(np.array([[token]]), cache)
+            assert rel(logits[0, -1], ref[-1]) < TOL[precision]
 
 
 def test_reference_rope_is_interleaved_not_rotate_half(checkpoint):

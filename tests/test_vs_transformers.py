@@ -49,12 +49,13 @@ def test_prefill_and_decode_steps_match_transformers(name, checkpoint, model):
     assert rel(m.logits(PROMPT), ref) < FP32_RTOL
 
     want_tokens, want_rows = hf_greedy(hf, PROMPT, STEPS)
-    cache, ids, got_tokens = m.decoder.empty_cache(), np.array([PROMPT]), []
-    for step in range(STEPS):
-        logits, cache = m.decoder.step(ids, cache)
-        assert rel(logits[0, -1], want_rows[step]) < FP32_RTOL, f"decode step {step}"
-        got_tokens.append(int(logits[0, -1].argmax()))
-        ids = np.array([[want_tokens[step]]])
+    ids, got_tokens = np.array([PROMPT]), []
+    with m.decoder.generation() as cache:
+        for step in range(STEPS):
+            logits = m.decoder.step(ids, cache)
+            assert rel(logits[0, -1], want_rows[step]) < FP32_RTOL, f"decode step {step}"
+            got_tokens.append(int(logits[0, -1].argmax()))
+            ids = np.array([[want_tokens[step]]])
     assert got_tokens == want_tokens
 
 

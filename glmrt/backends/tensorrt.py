@@ -1,6 +1,6 @@
 """The TensorRT backend: an engine built by `glmrt build --backend tensorrt`, driven from numpy
-with device memory and a stream from cuda-python (no torch). Same decoder interface as the
-ONNX Runtime ones (generation(), step()), so glmrt.load / chat / generate are unchanged.
+with device memory and a stream from cuda-python (no torch). It implements the decoder
+interface (glmrt/backends/base.py), so glmrt.load / chat / generate are the same on it.
 
 The KV cache stays on the device: two buffers per cache tensor, each sized for the context
 limit; a step reads past from one and writes present (past + new, TensorRT's Concat) into the
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import contract_from_dict, past_key, past_value, present_key, present_value
-from .engine import check_compatible
-from .errors import ArtifactError, GlmrtError
-
-NP = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16}
+from ..contract import contract_from_dict, numpy_dtype, past_key, past_value, present_key, present_value
+from ..engine import check_compatible
+from ..errors import ArtifactError, GlmrtError
+from .base import Cache, Capabilities, Decoder
 
 
 def _check(result):
@@ -28,17 +27,15 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-class TrtDecoder:
-    def __init__(self, engine_path: Path, engine_manifest: dict, model_manifest: dict):
+class TrtDecoder(Decoder):
+    def __init__(self, engine_path: Path, engine_manifest: dict, model_manifest: dict, gpu):
         try:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
         except ImportError:
             raise GlmrtError("the tensorrt backend needs TensorRT and cuda-python "
                              "(pip install 'glmrt[tensorrt]')") from None
-        from .gpu import detect
-        here = detect()
-        check_compatible(engine_manifest, gpu_name=here.name, compute_capability=here.compute_capability,
+        check_compatible(engine_manifest, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
                          tensorrt_version=trt.__version__, where=engine_path)
         self.trt, self.cudart = trt, cudart
         plan = (engine_path / engine_manifest["plan"]).read_bytes()
@@ -53,7 +50,7 @@ class TrtDecoder:
         limits = engine_manifest["limits"]
         self.max_context, self.max_prompt = limits["max_context"], limits["max_prompt"]
         kv = next(t for t in self.contract["inputs"] if t.name == past_key(0))
-        self.kv_dtype = NP[kv.dtype]
+        self.kv_dtype = numpy_dtype(kv.dtype)
         self.kv_shape = (kv.dims[1], kv.dims[3])                      # (kv_heads, head_dim)
         kv_bytes = kv.dims[1] * self.max_context * kv.dims[3] * np.dtype(self.kv_dtype).itemsize
         # two ping-pong buffers per cache tensor (layer x key/value)
@@ -64,6 +61,12 @@ class TrtDecoder:
         self.logits = _check(cudart.cudaMalloc(self.max_prompt * self.vocab * 4))
         self.lock = threading.Lock()
         self.flip = 0
+        self.caps = Capabilities(max_context=self.max_context)
+        self.engine_path = engine_path
+
+    def describe(self) -> dict:
+        return {"backend": "tensorrt", "form": "concat", "device": "cuda", "cuda_graph": False,
+                "settings": {}, "greedy": "host argmax", "engine": str(self.engine_path)}
 
     def __del__(self):
         cudart = getattr(self, "cudart", None)
@@ -81,7 +84,7 @@ class TrtDecoder:
     def generation(self):
         with self.lock:
             self.flip = 0
-            yield 0
+            yield Cache(0, None)
 
     def _h2d(self, name: str, arr: np.ndarray):
         arr = np.ascontiguousarray(arr)
@@ -89,8 +92,9 @@ class TrtDecoder:
                                            self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
         return arr                                                   # keep alive until the sync
 
-    def step(self, ids: np.ndarray, past: int, keep: int = 1):
+    def step(self, ids: np.ndarray, cache: Cache, keep: int = 1) -> np.ndarray:
         batch, seq = ids.shape
+        past = cache.length
         total = past + seq
         if batch != 1:
             raise GlmrtError("the tensorrt backend runs batch 1")
@@ -128,4 +132,5 @@ class TrtDecoder:
         _check(self.cudart.cudaStreamSynchronize(self.stream))
         del held
         self.flip = dst
-        return out, total
+        cache.length = total
+        return out

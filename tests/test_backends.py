@@ -1,0 +1,130 @@
+"""The decoder interface (glmrt/backends/base.py): the same conformance checks against every
+registered backend, device and attention form that can run on this machine (the others skip,
+saying why). A backend added to the registry without a recipe here fails, on purpose."""
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import glmrt
+from glmrt import reference
+from glmrt.backends import BACKENDS
+from glmrt.errors import GlmrtError
+from glmrt.export.checkpoint import Checkpoint
+
+PROMPT = list(range(5, 200, 9))
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+# backend -> [(device, export precision and target, logits tolerance against float64)]
+RECIPES = {
+    "onnxruntime": [("cpu", ("fp32", "onnxruntime"), 1e-4), ("cpu", ("fp16", "cuda"), 1e-2),
+                    ("cuda", ("fp16", "onnxruntime"), 1e-2), ("cuda", ("fp16", "cuda"), 1e-2)],
+    "tensorrt": [("cuda", ("fp16", "tensorrt"), 1e-2)],
+}
+CASES = [(b, dev, exp, tol) for b in BACKENDS for dev, exp, tol in RECIPES.get(b, [(None, None, None)])]
+
+
+def runnable(backend, device):
+    if device == "cuda" and not HAS_CUDA:
+        return "no CUDA device for ONNX Runtime here"
+    if backend == "tensorrt":
+        try:
+            import tensorrt
+            tensorrt.Builder  # noqa: B018  (PyPI's placeholder has no bindings)
+        except (ImportError, AttributeError):
+            return "TensorRT is not installed"
+    return None
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2] and '-'.join(c[2])}")
+def loaded(request, exported, tmp_path_factory):
+    backend, device, export, tol = request.param
+    assert device is not None, f"backend {backend} has no conformance recipe in tests/test_backends.py"
+    why = runnable(backend, device)
+    if why:
+        pytest.skip(why)
+    folder = exported("quant", export[0], target=export[1])
+    if BACKENDS[backend].engine_required:
+        import shutil
+
+        from glmrt.engines.build import build
+        copy = tmp_path_factory.mktemp("engine") / "m"
+        shutil.copytree(folder, copy)
+        build(copy, backend=backend, max_prompt=128, max_context=256)
+        folder = copy
+    return glmrt.load(folder, backend=backend, device=device, max_context=256), tol
+
+
+def test_describe_and_capabilities(loaded):
+    m, _ = loaded
+    d, caps = m.decoder.describe(), m.decoder.caps
+    assert {"backend", "form", "device", "cuda_graph", "settings", "greedy"} <= set(d)
+    assert d["backend"] == m.backend and caps.max_context == m.max_context <= 256
+    assert caps.burst >= 1 and caps.batch >= 1
+
+
+def test_steps_follow_the_float64_reference_and_the_cache_grows(loaded, checkpoint):
+    m, tol = loaded
+    ck = Checkpoint(checkpoint("quant"))
+    w = ck.weights_f32()
+    ref, ref_cache = reference.forward(ck.cfg, w, PROMPT)
+    with m.decoder.generation() as cache:
+        assert cache.length == 0
+        logits = m.decoder.step(np.array([PROMPT]), cache, keep=3)
+        assert logits.shape == (1, 3, m.config.vocab_size) and logits.dtype == np.float32
+        assert rel(logits[0], ref[-3:]) < tol and cache.length == len(PROMPT)
+        for token in (17, 250, 3):
+            ref, ref_cache = reference.forward(ck.cfg, w, [token], ref_cache)
+            assert rel(m.decoder.step(np.array([[token]]), cache)[0, -1], ref[-1]) < tol
+        assert cache.length == len(PROMPT) + 3
+
+
+def test_greedy_paths_agree(loaded):
+    """step_greedy is the argmax of step's logits; a burst is that many greedy steps."""
+    m, _ = loaded
+    dec = m.decoder
+    with dec.generation() as cache:
+        want = [int(np.argmax(dec.step(np.array([PROMPT]), cache)[0, -1]))]
+        for _ in range(5):
+            want.append(int(np.argmax(dec.step(np.array([[want[-1]]]), cache)[0, -1])))
+    with dec.generation() as cache:
+        got = [dec.step_greedy(np.array([PROMPT]), cache)]
+        got.append(dec.step_greedy(np.array([[got[-1]]]), cache))
+        got += dec.greedy_burst(got[-1], cache, min(dec.caps.burst, 4))
+        while len(got) < len(want):
+            got.append(dec.step_greedy(np.array([[got[-1]]]), cache))
+        assert cache.length == len(PROMPT) + len(got) - 1
+    assert got[:len(want)] == want
+
+
+def test_the_cache_limit_is_a_clear_error(loaded):
+    m, _ = loaded
+    limit = m.decoder.caps.max_context
+    with pytest.raises(glmrt.InputError, match="longer than the model's context"):
+        m.logits(list(range(5, 6 + limit)))
+    with m.decoder.generation() as cache:
+        m.decoder.step(np.array([[5] * (limit - 1)]), cache)
+        with pytest.raises(GlmrtError, match=f"exceed|{limit}"):
+            m.decoder.step(np.array([[5, 6]]), cache)
+    assert len(m.generate([5] * (limit - 3), max_new_tokens=50)) <= 3
+
+
+def test_threads_get_what_they_would_get_alone(loaded):
+    """Concurrent decoders run generations side by side, the others take turns: either way
+    each thread's tokens are the ones it gets alone."""
+    m, _ = loaded
+    prompts = [PROMPT[:n] for n in (4, 9, 14, 19)]
+    want = [m.generate(p, max_new_tokens=6) for p in prompts]
+    got = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], max_new_tokens=6)))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
