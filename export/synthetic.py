@@ -23,7 +23,7 @@ from glmrt.errors import CheckpointError
 from .checkpoint import INDEX, Checkpoint, expected_tensors, f32_to_bf16
 
 # GLM-4-0414's special tokens, in id order after the regular vocabulary (151329.. in the real
-# tokenizer; right after the tiny BPE vocabulary here). See shared/GLM4.md.
+# tokenizer; right after the tiny BPE vocabulary here). See docs/GLM4.md.
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
                   "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
                   "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
@@ -147,7 +147,7 @@ def make_checkpoint(out: str | Path, sizes: dict = TINY, *, seed: int = 0, shard
     template_in: 'file' (chat_template.jinja) or 'tokenizer_config' (its chat_template key)."""
     out = Path(out)
     manifest.check_output(out, overwrite=overwrite, owned=lambda folder: _checkpoint_file,
-                          what="glmrt tiny")
+                          what="glmrt tiny", empty_ok=True)
     tok = make_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if max(ids.values()) >= sizes["vocab_size"]:

@@ -4,6 +4,31 @@
     m.chat([{"role": "user", "content": "Hi"}])
 
 Importing glmrt pulls in numpy only; onnxruntime and tokenizers load with a model.
+
+Modules (docs/ARCHITECTURE.md has the whole pipeline and the words used for it):
+  model.py       the API facade: load, logits, generate, stream, chat, tools, search
+  generate.py    the generation loop: greedy on the device, bursts, sampling on the host
+  chat.py        prompts from the chat template (truncation), reply deltas, parsing glue
+  reply.py       what the model wrote: reasoning, content, GLM-4-0414 tool calls (pure)
+  agent.py       running Python tools the model calls; search answers with citations
+  sampling.py    temperature, top-k, top-p, repetition penalty, seeds
+  template.py    the checkpoint's Jinja chat template, sandboxed, as transformers renders it
+  tokenizer.py   the byte-level BPE tokenizer and a streaming UTF-8-safe decoder
+  backends/      the decoder interface (base.py) and the registry of what runs a model:
+                 ONNX Runtime (concat and gqa forms), TensorRT
+  precision.py   the precision and target registry every stage reads
+  config.py      GlmConfig, read from config.json by exact keys
+  contract.py    the IO contract: graph inputs and outputs, shared by every stage
+  manifest.py    manifest.json: what every artifact says about itself; safe output folders
+  engine.py      engine folders inside a model folder and the checks before loading one
+  gpu.py         which GPU this is (NVML, the CUDA driver, nvidia-smi)
+  host.py        CPU cores, memory, the host's copy rate
+  benchmark.py   `glmrt bench`: prefill, decode, % of the bandwidth ceiling
+  evaluate.py    `glmrt eval`: perplexity through the runtime's logits
+  reference.py   the float64 numpy forward: the spec every backend is tested against
+  cli.py         the `glmrt` command: each subcommand calls one library function
+  errors.py      the error types (one line each, no tracebacks in the CLI)
+glmrt.export (export/) writes model folders; glmrt.engines (engines/) builds engines.
 """
 __version__ = "0.1.0"
 

@@ -84,7 +84,7 @@ def _call(functions: dict, call: dict) -> str:
 
 
 def document_messages(documents) -> list[dict]:
-    """Documents -> observation messages `【id†title†url】\\ncontent` (shared/GLM4.md)."""
+    """Documents -> observation messages `【id†title†url】\\ncontent` (docs/GLM4.md, "Chat format")."""
     out = []
     for i, d in enumerate(documents):
         if not isinstance(d, dict) or not {"title", "url", "content"} <= d.keys():

@@ -1,7 +1,7 @@
 """What the model wrote, taken apart: reasoning, content and tool calls (a pure function), and
 OpenAI-shaped messages turned back into the history GLM's template expects.
 
-GLM-4-0414's tool-call format has no markers (shared/GLM4.md, "Chat format"): the generation
+GLM-4-0414's tool-call format has no markers (docs/GLM4.md, "Chat format"): the generation
 prompt ends in `<|assistant|>`; a text answer starts with "\\n", a call starts with the
 function name on the first line and its JSON arguments after it. Several calls in one turn
 are separated by `<|assistant|>`, and the turn stops on `<|observation|>`. GLM-Z1's prompt ends
