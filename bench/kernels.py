@@ -73,14 +73,14 @@ def run(args):
                    cuda_graph=False)
     dec = m.decoder
     rng = np.random.default_rng(0)
-    with dec.generation() as n:
-        logits, n = dec.step(rng.integers(3, 1000, size=(1, args.context)), n)
+    with dec.generation() as cache:
+        logits = dec.step(rng.integers(3, 1000, size=(1, args.context)), cache)
         token = np.array([[int(np.argmax(logits[0, -1]))]])
         for _ in range(3):                                       # warm-up
-            logits, n = dec.step(token, n)
+            dec.step(token, cache)
         _profiler(True)
         for _ in range(args.steps):
-            logits, n = dec.step(token, n)
+            dec.step(token, cache)
         _profiler(False)
     print(f"profiled {args.steps} decode steps at context {args.context} of {args.model}")
 

@@ -46,23 +46,23 @@ def host_overhead(model_dir, steps=64):
     """Median decode step with the logits copied to the host vs the bare graph replay."""
     import numpy as np
     import glmrt
+    from glmrt.backends.ort_gqa import GRAPH_DECODE
     m = glmrt.load(model_dir, device="cuda", max_context=512)
     dec = m.decoder
     full, bare = [], []
-    with dec.generation() as n:
-        logits, n = dec.step(np.arange(3, 131)[None], n)
+    with dec.generation() as cache:
+        logits = dec.step(np.arange(3, 131)[None], cache)
         token = np.array([[int(np.argmax(logits[0, -1]))]])
         for i in range(steps + 8):
             t = time.perf_counter()
-            logits, n = dec.step(token, n)
-            int(np.argmax(logits[0, -1]))
+            int(np.argmax(dec.step(token, cache)[0, -1]))
             if i >= 8:
                 full.append(time.perf_counter() - t)
-        ro = dec.ort.RunOptions()
-        ro.add_run_config_entry("gpu_graph_id", "1")
+        ro = dec.ort_mod.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(GRAPH_DECODE))
         for i in range(steps):
             t = time.perf_counter()
-            dec.session.run_with_iobinding(dec.decode_binding, ro)    # ends synchronized
+            dec.ort.session.run_with_iobinding(dec.decode_binding, ro)    # ends synchronized
             bare.append(time.perf_counter() - t)
     return {"step_ms": 1e3 * float(np.median(full)), "replay_only_ms": 1e3 * float(np.median(bare))}
 
