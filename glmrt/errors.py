@@ -39,3 +39,8 @@ class ContextOverflowError(InputError):
 
 class TruncationWarning(UserWarning):
     """truncate=True dropped messages or cut a message to fit the context (the CLI prints it)."""
+
+
+class QueueFullError(GlmrtError):
+    """A loaded model's request queue is full (glmrt.load(..., slots=N, max_queue=M)): every
+    slot is busy and M requests already wait. Try again later (a server answers 429)."""
