@@ -103,7 +103,7 @@ class Emitter:
         g, p = self.g, self.prec
         with g.under(name):
             wname = "/".join(g.scope[1:])                       # e.g. layers.3/attn/qkv_proj
-            scheme = p.scheme if name != "lm_head" or p.quantize_lm_head else None
+            scheme = p.lm_head if name == "lm_head" else p.scheme
             if scheme is None and self.float_layout == "nk":
                 w = self.matrix_nk(f"{wname}.weight", keys, reuse)            # (out, in)
                 y = g.op("FusedMatMul", [x, w], domain="com.microsoft", transB=1)

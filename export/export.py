@@ -39,18 +39,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32",
                  target: str = "onnxruntime", block_size: int | None = None,
                  symmetric: bool = True, activations: str | None = None,
-                 quantize_lm_head: bool = False, calibration_prompts: int = 32, awq: bool = False,
+                 quantize_lm_head: bool = False, lm_head: str | None = None,
+                 int8_activations: bool | None = None, calibration_prompts: int = 32, awq: bool = False,
                  float_layout: str = "kn", overwrite: bool = False, progress: bool = True) -> Path:
     """Export `checkpoint` to the model folder `out`; returns `out`.
 
     precision: fp32 | fp16 | bf16 | int4 | int8 | fp8; target: onnxruntime (MatMulNBits for
     int4/int8) | tensorrt (standard Q/DQ ops only). block_size / symmetric apply to int4/int8,
-    activations (fp32 | fp16) to the quantized forms; FP8 calibrates activation scales on
+    activations (fp32 | fp16) to the quantized forms; lm_head (float | int8 | int4) and
+    int8_activations (MatMulNBits' int8 compute) default to the target's choice
+    (export/precision.py); quantize_lm_head gives lm_head the weights' form. FP8 calibrates activation scales on
     `calibration_prompts` prompts, and awq=True (int4/int8) searches activation-aware weight
     scales on them (export/awq.py). float_layout (target cuda): float weights stored as W^T for
     MatMul ("kn") or as the checkpoint stores them, read by FusedMatMul transB=1 ("nk")."""
     prec = precision_for(precision, target=target, block_size=block_size, symmetric=symmetric,
-                         activations=activations, quantize_lm_head=quantize_lm_head)
+                         activations=activations, quantize_lm_head=quantize_lm_head, lm_head=lm_head,
+                         int8_activations=int8_activations)
     if float_layout not in ("kn", "nk") or (float_layout == "nk" and target != "cuda"):
         raise GlmrtError(f"float layout {float_layout!r}: 'kn', or 'nk' with target cuda")
     if awq and not spec(precision).awq:

@@ -19,26 +19,32 @@ class Precision:
     kv: str           # dtype of the KV cache
     scheme: Scheme | None = None     # the quantization scheme (export/quant.py), None for float
     target: str = "onnxruntime"      # export target (glmrt.precision.TARGETS)
-    quantize_lm_head: bool = False   # the embedding always stays float
+    lm_head: Scheme | None = None    # lm_head's scheme (None: float); the embedding stays float
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("name", "weights", "compute", "kv", "target")}
         d["quantization"] = None if self.scheme is None else {
-            **self.scheme.params(), "lm_head": "quantized" if self.quantize_lm_head else "float",
+            **self.scheme.params(), "lm_head": "quantized" if self.lm_head else "float",
             "embed_tokens": "float"}
+        if self.lm_head is not None:
+            d["quantization"]["lm_head_form"] = self.lm_head.params()
         return d
 
 
 def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | None = None,
                   symmetric: bool = True, activations: str | None = None,
-                  quantize_lm_head: bool = False) -> Precision:
+                  quantize_lm_head: bool = False, lm_head: str | None = None,
+                  int8_activations: bool | None = None) -> Precision:
     """The Precision for a name and target; each quantization form checks its own options.
-    activations: fp32 | fp16 (quantized forms; default the target's first)."""
+    activations: fp32 | fp16 (quantized forms; default the target's first). lm_head: float |
+    int8 | int4 (MatMulNBits targets; default the target's choice), or quantize_lm_head: the
+    weights' own form. int8_activations: MatMulNBits multiplies int8-quantized activations
+    (default the target's: on for the CPU form)."""
     spec = precision(name)
     form = spec.form(target)
     if not spec.quantized:
-        if block_size is not None or quantize_lm_head:
-            raise GlmrtError(f"--block-size and --quantize-lm-head apply to "
+        if block_size is not None or quantize_lm_head or lm_head not in (None, "float") or int8_activations:
+            raise GlmrtError(f"--block-size, --quantize-lm-head, --lm-head and --int8-activations apply to "
                              f"{'/'.join(n for n, p in PRECISIONS.items() if p.quantized)}, not {name}")
         return Precision(name, spec.weights, spec.compute, spec.kv, None, target)
     t = TARGETS[target]
@@ -46,9 +52,31 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
     if act not in t.activations:
         raise GlmrtError(f"target {target} runs {' or '.join(a.replace('float', 'fp') for a in t.activations)} "
                          f"activations")
+    options = dict(block_size=block_size, symmetric=symmetric, activations=act, target=target,
+                   int8_activations=int8_activations)
     try:
-        scheme = SCHEMES[form].for_export(bits=spec.bits, block_size=block_size, symmetric=symmetric,
-                                          activations=act, target=target)
+        scheme = SCHEMES[form].for_export(bits=spec.bits, **options)
+        head = _lm_head(spec, form, t, quantize_lm_head, lm_head, scheme, options)
     except ValueError as e:
         raise GlmrtError(f"--precision {name} --target {target}: {e}") from None
-    return Precision(name, act, act, act, scheme, target, quantize_lm_head)
+    return Precision(name, act, act, act, scheme, target, head)
+
+
+LM_HEAD_BITS = {"int8": 8, "int4": 4}
+
+
+def _lm_head(spec, form: str, target, same: bool, choice: str | None, scheme, options):
+    """lm_head's scheme: the weights' own (same), a MatMulNBits of the bits chosen, or float."""
+    if same:
+        if choice is not None:
+            raise ValueError("pass --quantize-lm-head or --lm-head, not both")
+        return scheme
+    choice = choice or target.lm_head
+    if choice == "float":
+        return None
+    if choice not in LM_HEAD_BITS:
+        raise ValueError(f"--lm-head {choice!r}: float, int8 or int4")
+    if form != "matmulnbits":
+        raise ValueError(f"--lm-head {choice} takes MatMulNBits targets (onnxruntime, cuda); "
+                         "use --quantize-lm-head for the weights' own form")
+    return SCHEMES[form].for_export(bits=LM_HEAD_BITS[choice], **options)

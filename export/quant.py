@@ -21,11 +21,14 @@ import functools
 
 import numpy as np
 
+from glmrt.precision import TARGETS
+
 from .checkpoint import convert
 from .onnx_builder import GraphBuilder
 from .stream import ordered_map
 
 FP8_MAX = 448.0
+ACCURACY_INT8 = 4        # MatMulNBits accuracy_level: int8 activations, integer dot products (CPU)
 
 
 @dataclasses.dataclass
@@ -112,6 +115,12 @@ def _round_scale(s: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(s) & (s != 0), s, np.asarray(1.0, dtype))
 
 
+def _float_activations_only(int8_activations) -> None:
+    if int8_activations:
+        raise ValueError("--int8-activations applies to MatMulNBits (int4/int8 on the onnxruntime "
+                         "and cuda targets)")
+
+
 class Scheme(abc.ABC):
     """A quantization form: how one weight matrix is stored, run and checked. Every form
     glmrt.precision's registry names is one subclass, listed in SCHEMES by its `name`."""
@@ -120,7 +129,7 @@ class Scheme(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def for_export(cls, *, bits: int, block_size: int | None, symmetric: bool, activations: str,
-                   target: str) -> "Scheme":
+                   target: str, int8_activations: bool | None = None) -> "Scheme":
         """The scheme for export options; ValueError names an option this form cannot take."""
 
     @abc.abstractmethod
@@ -196,15 +205,27 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 class MatMulNBits(BlockInt):
+    """ONNX Runtime's MatMulNBits. int8_activations sets accuracy_level 4: on the CPU the
+    activations are quantized to int8 per block and the products summed as integers (the
+    CUDA kernels ignore it); otherwise the weights are dequantized and multiplied in float."""
     name = "matmulnbits"
 
+    def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str,
+                 int8_activations: bool = False):
+        super().__init__(bits, block, symmetric, scale_dtype)
+        self.int8_activations = int8_activations
+
     @classmethod
-    def for_export(cls, *, bits, block_size, symmetric, activations, target):
-        return cls(bits, block_size or 32, symmetric, activations)
+    def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
+        if int8_activations is None:               # the CPU form's default; CUDA ignores it
+            int8_activations = TARGETS[target].int8_activations
+        return cls(bits, block_size or 32, symmetric, activations, int8_activations)
 
     def params(self) -> dict:
         return {"form": self.name, "bits": self.bits, "block_size": self.block,
-                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype,
+                "int8_activations": self.int8_activations,
+                "accuracy_level": ACCURACY_INT8 if self.int8_activations else 0}
 
     def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
              act_amax=None) -> str:
@@ -231,8 +252,9 @@ class MatMulNBits(BlockInt):
             if self.bits == 4:
                 z = pack_nibbles(np.pad(z, ((0, 0), (0, kb % 2)), constant_values=8))
             inputs.append(g.weight(wname + ".zero_points", z, "uint8"))
+        level = {"accuracy_level": ACCURACY_INT8} if self.int8_activations else {}
         return g.op("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=self.bits,
-                    block_size=self.block)
+                    block_size=self.block, **level)
 
 
 class Int4QDQ(BlockInt):
@@ -245,7 +267,8 @@ class Int4QDQ(BlockInt):
         super().__init__(4, block, True, scale_dtype)
 
     @classmethod
-    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+    def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
+        _float_activations_only(int8_activations)
         if not symmetric:
             raise ValueError("TensorRT's int4 is symmetric only")
         return cls(block_size or 128, activations)
@@ -281,7 +304,8 @@ class Int8QDQ(TensorScaledQDQ):
     name = "int8-qdq"
 
     @classmethod
-    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+    def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
+        _float_activations_only(int8_activations)
         if not symmetric:
             raise ValueError("TensorRT's int8 is symmetric only")
         if block_size is not None:
@@ -322,7 +346,8 @@ class Fp8QDQ(TensorScaledQDQ):
     name = "fp8-qdq"
 
     @classmethod
-    def for_export(cls, *, bits, block_size, symmetric, activations, target):
+    def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
+        _float_activations_only(int8_activations)
         return cls(activations)
 
     def params(self) -> dict:

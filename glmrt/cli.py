@@ -49,7 +49,14 @@ def main():
 @click.option("--asymmetric", is_flag=True, help="int4/int8 with zero points (onnxruntime only).")
 @click.option("--activations", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Activation dtype of quantized forms (default fp32 onnxruntime, fp16 tensorrt).")
-@click.option("--quantize-lm-head", is_flag=True, help="Quantize lm_head too (default keeps it float).")
+@click.option("--lm-head", type=click.Choice(["float", "int8", "int4"]), default=None,
+              help="Quantized exports: lm_head as float or MatMulNBits int8/int4 (default: "
+                   + "; ".join(f"{n} {t.lm_head}" for n, t in TARGETS.items()) + ").")
+@click.option("--quantize-lm-head", is_flag=True, help="lm_head in the weights' own form (instead of --lm-head).")
+@click.option("--int8-activations/--float-activations", default=None,
+              help="int4/int8 MatMulNBits: multiply int8-quantized activations (ONNX Runtime's "
+                   "accuracy_level 4, CPU) or dequantize to float (default: int8 on the onnxruntime "
+                   "target).")
 @click.option("--calibration-prompts", default=32, show_default=True,
               help="Calibration prompts (FP8 activation scales, --awq).")
 @click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
@@ -59,13 +66,14 @@ def main():
               help="Replace OUT if it is a model folder glmrt exported (never the checkpoint, never "
                    "a folder holding other files).")
 @clean_errors
-def export(checkpoint, out, precision, target, block_size, asymmetric, activations,
-           quantize_lm_head, calibration_prompts, awq, float_layout, overwrite):
+def export(checkpoint, out, precision, target, block_size, asymmetric, activations, lm_head,
+           quantize_lm_head, int8_activations, calibration_prompts, awq, float_layout, overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
     path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
                         symmetric=not asymmetric, activations=activations,
-                        quantize_lm_head=quantize_lm_head, calibration_prompts=calibration_prompts,
+                        quantize_lm_head=quantize_lm_head, lm_head=lm_head,
+                        int8_activations=int8_activations, calibration_prompts=calibration_prompts,
                         awq=awq, float_layout=float_layout, overwrite=overwrite)
     click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
 
