@@ -18,10 +18,13 @@ from .sampling import Sampler, SamplingParams
 
 @dataclasses.dataclass
 class Generation:
-    """What one generate call produced. finish_reason: 'stop' (an end token) or 'length'."""
+    """What one generate call produced. finish_reason: 'stop' (an end token), 'length', or
+    with slots 'cancelled' (the caller closed the stream)."""
     tokens: list[int]
     finish_reason: str | None = None
     stop_token: int | None = None
+    prefilled_tokens: int = 0       # prompt tokens run through the model
+    cached_tokens: int = 0          # prompt tokens found in a slot's cache (slots only)
 
 
 def run(decoder: Decoder, eos_ids: frozenset, ids: np.ndarray, params: SamplingParams, budget: int,
@@ -38,6 +41,7 @@ def run(decoder: Decoder, eos_ids: frozenset, ids: np.ndarray, params: SamplingP
     greedy = processor is None and params.temperature == 0.0 and params.repetition_penalty == 1.0
     burst = decoder.caps.burst if greedy else 1
     left = budget
+    res.prefilled_tokens = ids.size
     with decoder.generation() as cache:
         while left > 0:
             if burst > 1 and cache.length > 0:

@@ -21,6 +21,7 @@ from .config import GlmConfig
 from .errors import ContextOverflowError, InputError
 from .generate import Generation, run
 from .sampling import SamplingParams
+from .scheduler import Request
 from .template import builtin_template, read_template
 from .tokenizer import Tokenizer
 
@@ -33,11 +34,19 @@ class Model:
 
     def __init__(self, path: str | Path, *, device: str | None = None, verify: bool = True,
                  threads: int | None = None, max_context: int | None = None,
-                 cuda_graph: bool = True, backend: str = "onnxruntime", burst: int | None = None):
+                 cuda_graph: bool = True, backend: str = "onnxruntime", burst: int | None = None,
+                 slots: int | None = None, max_queue: int | None = None, prefill_chunk: int | None = None):
         """device: cpu | cuda (default: the backend's first, cpu for onnxruntime); backend: a
         name in glmrt.backends.BACKENDS; threads: CPU threads; max_context: positions to
-        reserve; burst: greedy decode steps queued per host synchronization where the decoder
-        can (default 8 on CUDA: tokens then stream in groups of up to 8; 1 on the CPU)."""
+        reserve (per slot); burst: greedy decode steps queued per host synchronization where the
+        decoder can (default 8 on CUDA: tokens then stream in groups of up to 8; 1 on the CPU).
+
+        slots=N: continuous batching (glmrt/scheduler.py). KV caches for N sequences; calls from
+        any number of threads are scheduled onto free slots and every decode step advances all
+        of them in one batched call; up to `max_queue` (default 64) more wait in order, beyond
+        that a call raises QueueFullError. Prompts are prefilled in chunks of `prefill_chunk`
+        tokens (default 128 on the CPU, 512 on CUDA) between decode steps, and a prompt that
+        begins with a slot's cached tokens prefills only the rest. Call close() to stop it."""
         self.folder = Path(path)
         self.manifest = manifest_io.read(self.folder, verify=verify)
         self.config = GlmConfig.from_dict(self.manifest["config"])
@@ -50,6 +59,28 @@ class Model:
             burst=burst, verify=verify))
         self.max_context = self.decoder.caps.max_context
         self.prompter = Prompter(self.tokenizer, template, self.max_context)
+        self.scheduler = None
+        if slots is not None:
+            for name, v in (("slots", slots), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_queue" else 1)):
+                    raise InputError(f"{name}={v!r} must be a positive integer")
+            from .scheduler import Scheduler  # noqa: PLC0415
+            chunk = prefill_chunk or (512 if self.decoder.describe()["device"] == "cuda" else 128)
+            self.scheduler = Scheduler(self.decoder, slots, max_queue=64 if max_queue is None else max_queue,
+                                       prefill_chunk=chunk)
+        elif max_queue is not None or prefill_chunk is not None:
+            raise InputError("max_queue and prefill_chunk apply with slots=N (continuous batching)")
+
+    def close(self) -> None:
+        """Stop the scheduler's thread (slots); requests still running end with an error."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def chat_template(self) -> str:
@@ -80,19 +111,23 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """Scores for every position: (seq, vocab) float32; row t predicts token t+1."""
         ids = self._ids(token_ids)
+        if self.scheduler is not None:
+            return next(self.scheduler.submit(Request(ids, SamplingParams(), 0, self.eos_ids, Generation([]),
+                                                      score=True)))
         with self.decoder.generation() as cache:
             return self.decoder.step(ids[None], cache, keep=ids.size)[0]
 
     def stream(self, token_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, seed: int | None = None,
-               logits_processor=None, truncate: bool = False,
+               logits_processor=None, truncate: bool = False, stop_tokens=None,
                result: Generation | None = None) -> Iterator[int]:
         """Yield new token ids one by one until an end token (not yielded) or the length
         limit. Pass `result` to learn the finish reason. `logits_processor(ids, logits)`
         may return changed logits (V,) before sampling; ids are the prompt and output so far.
         truncate=True keeps only the newest prompt tokens that leave room for one new token
-        (otherwise a prompt over the context is an error)."""
+        (otherwise a prompt over the context is an error). stop_tokens: ids that end this
+        generation too, beside the model's own stop ids."""
         if truncate:
             token_ids = list(token_ids)[-(self.max_context - 1):]
         ids = self._ids(token_ids)
@@ -101,8 +136,17 @@ class Model:
             raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         if logits_processor is not None and not callable(logits_processor):
             raise InputError("logits_processor must be callable (ids, logits) -> logits")
-        return run(self.decoder, self.eos_ids, ids, params, min(max_new_tokens, self.max_context - ids.size),
-                   result if result is not None else Generation([]), logits_processor)
+        eos = self.eos_ids
+        if stop_tokens is not None:
+            try:
+                eos = eos | frozenset(int(t) for t in stop_tokens)
+            except (TypeError, ValueError):
+                raise InputError("stop_tokens must be a sequence of token ids") from None
+        res = result if result is not None else Generation([])
+        budget = min(max_new_tokens, self.max_context - ids.size)
+        if self.scheduler is not None and budget > 0:
+            return self.scheduler.submit(Request(ids, params, budget, eos, res, logits_processor))
+        return run(self.decoder, eos, ids, params, budget, res, logits_processor)
 
     def generate(self, token_ids, **kwargs) -> list[int]:
         """The new token ids (temperature 0 = greedy). Keywords as for `stream`."""

@@ -7,10 +7,17 @@ A decoder runs one exported model (or an engine built from it) a step at a time:
         token = decoder.step_greedy(next_ids, cache)        # decode, only the argmax comes back
         tokens = decoder.greedy_burst(token, cache, k)      # k greedy steps, one host sync
 
-`caps` says what it can do; the generation loop (glmrt/generate.py) and `glmrt bench` read
-nothing else. Where the cache's tensors live (numpy arrays owned by the generation, or device
-buffers owned by the decoder) is each backend's business: the Cache carries its length and an
-opaque handle.
+Continuous batching (glmrt/scheduler.py) keeps several sequences' caches at once:
+
+    slots = decoder.open_slots(n)                 # n persistent caches, decoded together
+    decoder.step(chunk_ids, slots[i], keep=1)     # prefill one slot, in chunks
+    logits = decoder.step_batch(last_ids, [slots[i], slots[j]])     # (B, V): one token each
+    decoder.truncate(slots[i], n)                 # keep a prefix for the next request
+
+`caps` says what it can do; the generation loop (glmrt/generate.py), the scheduler and
+`glmrt bench` read nothing else. Where the cache's tensors live (numpy arrays owned by the
+sequence, or device buffers owned by the decoder) is each backend's business: the Cache
+carries its length, its slot in the decoder's buffers (if any) and an opaque handle.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ class Capabilities:
     max_context: int          # positions one sequence may fill (prompt + output)
     burst: int = 1            # greedy steps queued per host synchronization (1: every step)
     device_argmax: bool = False   # greedy steps take the argmax on the device; one id comes back
-    batch: int = 1            # sequences one step advances
+    batch: int = 1            # sequences one step_batch may advance (1: no batching)
     concurrent: bool = False  # generations in several threads step at once (else take turns)
 
 
@@ -35,6 +42,7 @@ class Cache:
     (per-layer numpy arrays for the concat form; None where the decoder owns device buffers)."""
     length: int = 0
     kv: object = None
+    slot: int | None = None   # its row in the decoder's slot buffers (open_slots), else None
 
 
 class Decoder(abc.ABC):
@@ -62,6 +70,26 @@ class Decoder(abc.ABC):
             last = self.step_greedy(np.array([[last]], np.int64), cache)
             out.append(last)
         return out
+
+    # ---- continuous batching (caps.batch > 1) ------------------------------------------------
+    def open_slots(self, n: int) -> list[Cache]:
+        """n persistent empty caches that step_batch advances together."""
+        from ..errors import InputError
+        raise InputError(f"this decoder ({self.describe()['backend']}, {self.describe()['form']} form) "
+                         "does not batch sequences; load without slots")
+
+    def step_batch(self, ids: np.ndarray, caches: list[Cache]) -> np.ndarray:
+        """One decode step for several sequences: ids (B,) int64, the next token of each ->
+        logits (B, V) float32 of each one's new position; every cache grows by one."""
+        raise NotImplementedError
+
+    def step_batch_greedy(self, ids: np.ndarray, caches: list[Cache]) -> list[int]:
+        """Like step_batch, but only each row's argmax comes back."""
+        return [int(i) for i in np.argmax(self.step_batch(ids, caches), -1)]
+
+    def truncate(self, cache: Cache, length: int) -> None:
+        """Keep only the first `length` tokens (a prefix another request reuses)."""
+        cache.length = min(cache.length, length)
 
     @abc.abstractmethod
     def describe(self) -> dict:

@@ -1,0 +1,176 @@
+"""Continuous batching (glmrt.load(..., slots=N); glmrt/scheduler.py) on both runtime forms on
+the CPU: what several threads get together equals what each gets alone; requests join and
+leave mid-stream, stop on their own conditions, can be cancelled; a prompt that begins with a
+slot's cached tokens prefills only the rest and gives the cold tokens; a full queue is a typed
+error; no slot leaks."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import glmrt
+from glmrt.errors import QueueFullError
+from glmrt.generate import Generation
+
+FORMS = {"concat": ("tiny", "fp32", {}), "gqa": ("quant", "fp16", {"target": "cuda"})}
+PROMPTS = [list(range(5, 5 + n)) for n in (7, 31, 4, 19, 12, 45)]
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
+def pair(request, exported):
+    """(one sequence at a time, the same model with 3 slots), both 256 positions."""
+    name, precision, opts = FORMS[request.param]
+    folder = exported(name, precision, **opts)
+    alone = glmrt.load(folder, max_context=256)
+    batched = glmrt.load(folder, max_context=256, slots=3, prefill_chunk=8)
+    yield alone, batched
+    batched.close()
+
+
+def run_threads(fn, n, stagger=0.0):
+    out = [None] * n
+    errors = []
+
+    def go(i):
+        try:
+            out[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+    threads = []
+    for i in range(n):
+        threads.append(threading.Thread(target=go, args=(i,)))
+        threads[-1].start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return out
+
+
+def assert_idle(m):
+    s = m.scheduler
+    deadline = time.time() + 10
+    while time.time() < deadline and (s.load()["active"] or s.load()["waiting"]):
+        time.sleep(0.01)
+    assert s.load() == {"slots": 3, "active": 0, "waiting": 0} and len(s.free) == 3
+
+
+def test_batched_greedy_equals_alone_with_mixed_lengths_and_late_joiners(pair):
+    alone, batched = pair
+    want = [alone.generate(p, max_new_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS)]
+    # 6 requests on 3 slots: later ones wait, join as others leave, some join mid-stream
+    got = run_threads(lambda i: batched.generate(PROMPTS[i], max_new_tokens=6 + 3 * i), len(PROMPTS),
+                      stagger=0.01)
+    assert got == want
+    assert batched.scheduler.stats["decode_steps"] < sum(len(w) for w in want)    # steps were shared
+    assert_idle(batched)
+
+
+def test_per_request_stops_seeds_and_sampling(pair):
+    alone, batched = pair
+    free = alone.generate(PROMPTS[1], max_new_tokens=12)
+    kw = [dict(max_new_tokens=12, stop_tokens=[free[4]]),                    # its own stop id
+          dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=3),       # sampled, seeded
+          dict(max_new_tokens=5),                                            # its own length
+          dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=11)]
+    want = []
+    for k in kw:
+        res = Generation([])
+        want.append((alone.generate(PROMPTS[1], result=res, **k), res.finish_reason, res.stop_token))
+
+    def one(i):
+        res = Generation([])
+        return batched.generate(PROMPTS[1], result=res, **kw[i]), res.finish_reason, res.stop_token
+    got = run_threads(one, len(kw))
+    assert got == want
+    assert want[0][1] == "stop" and want[0][2] == free[4] and want[2][1] == "length"
+    assert_idle(batched)
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(pair):
+    alone, batched = pair
+    want = [alone.generate(p, max_new_tokens=20) for p in PROMPTS[:2]]
+    started = threading.Event()
+
+    def cancelled(_):
+        stream = batched.stream(PROMPTS[2], max_new_tokens=200)
+        first = [next(stream) for _ in range(3)]
+        started.set()
+        stream.close()                                  # the caller goes away mid-stream
+        return first
+
+    def normal(i):
+        started.wait(30)
+        return batched.generate(PROMPTS[i], max_new_tokens=20)
+    got = run_threads(lambda i: cancelled(i) if i == 2 else normal(i), 3)
+    assert got[:2] == want and len(got[2]) == 3
+    assert_idle(batched)
+
+
+def test_prompt_cache_reuse_prefills_only_the_new_tokens(pair):
+    alone, batched = pair
+    first = Generation([])
+    turn1 = PROMPTS[5]
+    out1 = batched.generate(turn1, max_new_tokens=8, result=first)
+    assert first.prefilled_tokens + first.cached_tokens == len(turn1)
+    turn2 = turn1 + out1 + [5, 6, 7]                    # the next turn begins with the last one
+    second = Generation([])
+    got = batched.generate(turn2, max_new_tokens=8, result=second)
+    assert got == alone.generate(turn2, max_new_tokens=8)          # the cold prefill's tokens
+    cached = len(turn1) + len(out1) - 1                             # the last new token was never fed
+    assert second.cached_tokens == cached and second.prefilled_tokens == len(turn2) - cached
+    np.testing.assert_allclose(batched.logits(turn2), alone.logits(turn2), rtol=0, atol=1e-5)
+    assert_idle(batched)
+
+
+def test_a_full_queue_is_a_typed_error_and_waiters_keep_their_order(exported):
+    m = glmrt.load(exported(), max_context=256, slots=1, max_queue=1)
+    gate = threading.Event()
+
+    def hold(ids, logits):                               # keeps the one slot busy until told
+        gate.wait(30)
+        return logits
+    try:
+        busy = m.stream(PROMPTS[0], max_new_tokens=2, logits_processor=hold)
+        waiting = m.stream(PROMPTS[1], max_new_tokens=2)
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            m.stream(PROMPTS[2], max_new_tokens=2)
+        gate.set()
+        assert len(list(busy)) <= 2 and len(list(waiting)) <= 2
+        assert len(m.generate(PROMPTS[2], max_new_tokens=2)) <= 2    # room again
+    finally:
+        gate.set()
+        m.close()
+
+
+def test_no_slot_leaks_under_many_short_requests_from_many_threads(pair):
+    alone, batched = pair
+    rng = np.random.default_rng(0)
+    jobs = [(PROMPTS[int(rng.integers(len(PROMPTS)))], int(rng.integers(1, 6)), bool(rng.integers(2)))
+            for _ in range(40)]
+
+    def one(i):
+        prompt, n, drop = jobs[i]
+        stream = batched.stream(prompt, max_new_tokens=n)
+        if drop:
+            next(stream, None)
+            del stream                                  # dropped without close: still cancelled
+            return None
+        return list(stream)
+    got = run_threads(one, len(jobs))
+    for (prompt, n, drop), g in zip(jobs, got):
+        if not drop:
+            assert g == alone.generate(prompt, max_new_tokens=n)
+    assert_idle(batched)
+
+
+def test_slots_are_checked_and_chat_runs_through_them(exported):
+    with pytest.raises(glmrt.InputError, match="slots=0"):
+        glmrt.load(exported(), slots=0)
+    with pytest.raises(glmrt.InputError, match="apply with slots"):
+        glmrt.load(exported(), max_queue=3)
+    with glmrt.load(exported(), slots=2) as m:
+        msgs = [{"role": "user", "content": "What does the with statement do?"}]
+        replies = run_threads(lambda i: m.chat(msgs, max_new_tokens=8), 3)
+        assert all(r == replies[0] for r in replies) and replies[0]["role"] == "assistant"
