@@ -105,3 +105,40 @@ def wait(condition, what: str, timeout: float = 30, poll: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
+
+
+def test_chat_page_shows_a_tool_call_and_sends_its_result_back(exported, browser):
+    import json
+
+    from selenium.webdriver.common.by import By
+    m = glmrt.load(exported("tiny"))
+    scripts = []
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+    def reply(prompt):
+        if "<|observation|>" not in prompt:
+            return 'get_weather\n{"city": "Paris"}<|observation|>'
+        return "\nIt is 20C in Paris.<|user|>"
+
+    def steer(body):
+        scripts.append(Script(m.tokenizer, reply))
+        return scripts[-1]
+    with live_server(m, model_name="tiny", logits_processor_for=steer) as url:
+        browser.get(url + "/")
+        wait(lambda: "tiny" in browser.find_element(By.ID, "model").text, "the model's name")
+        browser.find_element(By.ID, "tools").send_keys(json.dumps([weather]))
+        browser.find_element(By.ID, "prompt").send_keys("Weather in Paris?")
+        browser.find_element(By.ID, "send").click()
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1'] .call"), "the call")
+        call = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .call")
+        assert call.text.startswith('tool call get_weather {"city": "Paris"}')
+        assert "## get_weather" in scripts[0].prompts[0]            # the tools field went to the model
+        call.find_element(By.TAG_NAME, "textarea").send_keys('{"t": 20}')
+        browser.find_element(By.XPATH, "//button[text()='Send results']").click()
+        wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']")) == 2,
+             "the answer after the result")
+        answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1].text
+        assert answer == "It is 20C in Paris."
+        assert scripts[1].prompts[0].endswith(
+            '<|assistant|>get_weather \n{"city": "Paris"}<|observation|>\n{"t": 20}<|assistant|>')
