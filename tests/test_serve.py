@@ -428,6 +428,9 @@ def test_sigterm_drains_streams_and_exits_0(exported, tiny, max_tokens, grace, w
         got = [next(stream)]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):                    # no new connections while draining
+            httpx.get(url + "/health")
         outcome = None
         try:
             for ch in stream:
@@ -448,3 +451,27 @@ def test_sigterm_drains_streams_and_exits_0(exported, tiny, max_tokens, grace, w
             proc.kill()
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_command_errors_are_one_line(exported, tmp_path):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        for args, says in [([str(tmp_path / "nothing-here")], "nothing-here"),
+                           ([str(exported("tiny")), "--port", str(busy.getsockname()[1])], "cannot listen on")]:
+            r = subprocess.run([sys.executable, "-m", "glmrt.cli", "serve", *args], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        busy.close()
+
+
+def test_queue_full_from_the_model_is_429_with_retry_after():
+    # continuous batching raises glmrt's QueueFullError when a generation starts: same answer
+    from glmrt.errors import QueueFullError
+    from glmrt.serve.protocol import as_api_error
+    e = as_api_error(QueueFullError("4 slots busy, 8 waiting"))
+    assert (e.status, e.headers, e.body()["error"]["type"]) == (429, {"Retry-After": "1"}, "rate_limit_error")
