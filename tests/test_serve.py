@@ -429,8 +429,10 @@ def test_sigterm_drains_streams_and_exits_0(exported, tiny, max_tokens, grace, w
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        with pytest.raises(httpx.ConnectError):                    # no new connections while draining
-            httpx.get(url + "/health")
+        try:                                   # no new work while draining: refused, or 503 until then
+            assert httpx.get(url + "/health").status_code == 503
+        except httpx.ConnectError:
+            pass
         outcome = None
         try:
             for ch in stream:

@@ -68,9 +68,9 @@ class Run:
                                    code="shutting_down"))
         except BaseException as e:  # noqa: BLE001  every failure reaches the client as an error
             self._put(e)
-        finally:
+        finally:                       # counted before the slot is free and the client told
+            if self.on_end is not None:
+                self.on_end(self)
             if self.ticket is not None:
                 self.ticket.release()
             self._put(END)
-            if self.on_end is not None:
-                self.on_end(self)
