@@ -9,6 +9,7 @@ Every response carries `x-glmrt-replica`, the instance that served it (also a la
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -131,7 +132,7 @@ class Service:
             ticket = self.admission.enter() if self.admission is not None else None
         except Exception as e:        # QueueFullError: 429 with Retry-After
             raise as_api_error(e) from None
-        run = Run(job, asyncio_loop(), ticket, on_end=self._ended)
+        run = Run(job, asyncio.get_running_loop(), ticket, on_end=self._ended)
         with self.lock:
             self.runs.add(run)
         return run.start()
@@ -196,11 +197,6 @@ class Service:
             return json.loads(data)
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-
-
-def asyncio_loop():
-    import asyncio
-    return asyncio.get_running_loop()
 
 
 class _GenerationResponse(Response):
