@@ -71,18 +71,33 @@ class Prompter:
 
 
 def stream_reply(model, messages, tools=None, **kwargs) -> Iterator[Delta]:
-    """Model.chat_stream: the reply's deltas, then Delta("done") with the parsed message."""
+    """Model.chat_stream: the reply's deltas, then Delta("done") with the parsed message.
+    stop: strings that end the reply where the model writes one (it is not kept; the
+    finish_reason is "stop"); text that may be the start of one is held back until it is not."""
     truncate = kwargs.pop("truncate", False)
+    stop = stop_strings(kwargs.pop("stop", None))
     new = kwargs.get("max_new_tokens", model.default_max_new_tokens)
     room = min(new, 64) if isinstance(new, int) and not isinstance(new, bool) and new > 0 else 1
     text, ids = model.prompter.prompt(messages, tools, truncate, room)
     thinking = text.rstrip().endswith(THINK_OPEN)
     res = Generation([])
     dec = model.tokenizer.stream(skip_special=False)
-    split = _Splitter(thinking)
-    for token in model.stream(ids, result=res, **kwargs):
-        yield from split.feed(dec.push(token))
-    yield from split.feed(dec.flush())
+    split = _Splitter(thinking, hold=max(map(len, stop), default=1) - 1)
+    tokens = model.stream(ids, result=res, **kwargs)
+    try:                       # closing this generator early closes (cancels) the token stream
+        for token in tokens:
+            piece = dec.push(token)
+            cut = find_stop(split.text, piece, stop)
+            if cut is not None:
+                yield from split.end(split.text + piece, cut)
+                res.finish_reason = "stop"
+                break
+            yield from split.feed(piece)
+        else:
+            piece = dec.flush()
+            yield from split.end(split.text + piece, find_stop(split.text, piece, stop))
+    finally:
+        tokens.close()
     reply = parse_reply(split.text, tools, thinking=thinking, truncated=res.finish_reason == "length")
     yield from split.finish(reply)
     yield Delta("done", message={**reply.as_message(), "finish_reason": res.finish_reason},
@@ -97,13 +112,14 @@ class _Splitter:
     not start with whitespace may be a marker-less tool call, so it is held until the end;
     leading and trailing whitespace is held so the deltas join to the parsed content."""
 
-    def __init__(self, thinking: bool):
+    def __init__(self, thinking: bool, hold: int = 0):
         self.text = ""
         self.thinking = thinking
+        self.hold = hold           # trailing characters that may begin a stop string
         self.sent = {"reasoning": 0, "content": 0}
 
-    def _views(self):
-        body, content = self.text, ""
+    def _views(self, body: str):
+        content = ""
         reasoning = None
         if self.thinking:
             if body.lstrip().startswith(THINK_OPEN):
@@ -117,10 +133,17 @@ class _Splitter:
         return reasoning, content
 
     def feed(self, piece: str):
-        if not piece:
-            return
-        self.text += piece
-        reasoning, content = self._views()
+        if piece:
+            self.text += piece
+            yield from self._show(self.text[:len(self.text) - self.hold])
+
+    def end(self, text: str, cut: int | None):
+        """The whole reply is known: `text`, cut at `cut` (a stop string's start) if given."""
+        self.text = text if cut is None else text[:cut]
+        yield from self._show(self.text)
+
+    def _show(self, text: str):
+        reasoning, content = self._views(text)
         if reasoning is not None:
             yield from self._emit("reasoning", reasoning.strip())
         if content[:1].isspace():
@@ -136,6 +159,28 @@ class _Splitter:
         if reply.reasoning is not None:
             yield from self._emit("reasoning", reply.reasoning)
         yield from self._emit("content", reply.content)
+
+
+def stop_strings(stop) -> list[str]:
+    """The `stop` keyword as a list: None, one string, or a list of non-empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InputError("stop must be a non-empty string or a list of them")
+    return list(stop)
+
+
+def find_stop(text: str, piece: str, stop: list[str]) -> int | None:
+    """Where in text + piece the first stop string that ends inside `piece` begins, else None
+    (`text` alone holds none: it was checked as it grew)."""
+    if not stop or not piece:
+        return None
+    start = max(0, len(text) - max(map(len, stop)) + 1)
+    window = text[start:] + piece
+    found = [i for i in (window.find(s) for s in stop) if i >= 0]
+    return start + min(found) if found else None
 
 
 def _hold_partial_tag(text: str, tag: str) -> str:

@@ -1,4 +1,4 @@
-"""`glmrt export | chat | info | tiny`: each command calls one library function.
+"""`glmrt export | chat | serve | info | tiny | ...`: each command calls one library function.
 
 glmrt's own errors print as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -213,6 +213,37 @@ def chat(model, prompt, system, backend, device, threads, hide_reasoning, verify
         except GlmrtError as e:      # a bad turn is reported; the conversation goes on
             history.pop()
             click.echo(f"error: {e}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback unless you say otherwise).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="0 picks a free port (printed at start).")
+@load_options()
+@click.option("--slots", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Generations decoded at once.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a slot; one more is answered 429.")
+@click.option("--api-key", envvar="GLMRT_API_KEY", default=None,
+              help="Require Authorization: Bearer KEY on every route but /health (or set GLMRT_API_KEY).")
+@click.option("--name", default=None, help="The model id clients send (default: the folder's name).")
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds in-flight replies may run on after SIGTERM before they are cut.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the model files' checksums on load.")
+@clean_errors
+def serve(model, host, port, backend, device, threads, slots, max_queue, api_key, name, grace, verify):
+    """Serve an exported MODEL with an OpenAI-compatible API and a chat page (needs the serve
+    extra: pip install "glmrt[serve]")."""
+    try:
+        from .serve.run import serve as run_server
+    except ImportError as e:
+        raise GlmrtError(f"glmrt serve needs the serve extra ({e.name} is missing): "
+                         'pip install "glmrt[serve]"') from None
+    run_server(model=model, host=host, port=port, backend=backend, device=device, threads=threads,
+               slots=slots, max_queue=max_queue, api_key=api_key, name=name, grace=grace, verify=verify)
 
 
 @main.command()
