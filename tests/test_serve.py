@@ -18,7 +18,6 @@ import openai
 import pytest
 
 import glmrt
-from glmrt.serve.slots import Admission
 from serving import live_server
 from steer import Script
 
@@ -373,9 +372,10 @@ def _metric(url, name, labels=""):
     raise AssertionError(f"{name} {labels} missing")
 
 
-def test_full_queue_is_429_and_a_disconnect_frees_the_slot(tiny):
-    steering = Steering(tiny)
-    with live_server(tiny, model_name="tiny", admission=Admission(1, 0), logits_processor_for=steering) as url:
+def test_full_queue_is_429_and_a_disconnect_frees_the_slot(exported):
+    one_slot = glmrt.load(exported("tiny"), slots=1, max_queue=0)
+    steering = Steering(one_slot)
+    with live_server(one_slot, model_name="tiny", logits_processor_for=steering) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         stream = c.chat.completions.create(model="tiny", messages=user(), max_tokens=1500, stream=True,
                                            **steer("long"))

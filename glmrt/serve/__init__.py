@@ -7,6 +7,5 @@ Installed with the `serve` extra; `import glmrt` never imports this package.
   app.py        create_app: the ASGI app (Starlette) around the protocol
   run.py        serve(): uvicorn on a socket, SIGTERM drains within a grace period
   metrics.py    Prometheus text for GET /metrics
-  slots.py      stand-in slot/queue bound until glmrt.load(slots=, max_queue=) exists
   page.html     the chat page served at /
 """

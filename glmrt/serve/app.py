@@ -37,16 +37,17 @@ OPEN_ROUTES = {"/health", "/"}      # the page is static: it asks for the key an
 
 
 def create_app(model_or_loader, *, model_name: str | None = None, api_key: str | None = None,
-               admission=None, replica: str | None = None, max_body_bytes: int | None = None,
+               replica: str | None = None, max_body_bytes: int | None = None,
                default_max_tokens: int | None = None,
                logits_processor_for: Callable[[dict], object] | None = None) -> Starlette:
     """model_or_loader: a loaded glmrt Model, or a callable that returns one (called once, in a
     thread, when the app starts). api_key: every route but /health (and the static page) needs
-    `Authorization: Bearer KEY`. admission: the stand-in slot bound (glmrt/serve/slots.py) or
-    None. replica: this instance's name (default host-pid). max_body_bytes: default 64 bytes per
+    `Authorization: Bearer KEY`; load it with glmrt.load(..., slots=N, max_queue=M) to bound
+    and batch the generations (a full queue answers 429). replica: this instance's name (default
+    host-pid). max_body_bytes: default 64 bytes per
     token of context, at least 1 MiB. logits_processor_for(body): tests only, a processor that
     steers the real model (clients cannot send one)."""
-    service = Service(model_or_loader, model_name=model_name, api_key=api_key, admission=admission,
+    service = Service(model_or_loader, model_name=model_name, api_key=api_key,
                       replica=replica or f"{socket.gethostname()}-{os.getpid()}",
                       max_body_bytes=max_body_bytes, default_max_tokens=default_max_tokens,
                       processor_for=logits_processor_for)
@@ -72,10 +73,10 @@ def create_app(model_or_loader, *, model_name: str | None = None, api_key: str |
 class Service:
     """What the routes share: the model, the runs in flight, the counters, draining."""
 
-    def __init__(self, model_or_loader, *, model_name, api_key, admission, replica, max_body_bytes,
+    def __init__(self, model_or_loader, *, model_name, api_key, replica, max_body_bytes,
                  default_max_tokens, processor_for):
         self.source, self.model_name = model_or_loader, model_name
-        self.api_key, self.admission, self.replica = api_key, admission, replica
+        self.api_key, self.replica = api_key, replica
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
         self.processor_for = processor_for
         self.served: Served | None = None
@@ -86,8 +87,9 @@ class Service:
         self.page_html = resources.files("glmrt.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     async def start(self):
+        from ..model import Model
         model = self.source
-        if not hasattr(model, "chat_stream"):
+        if not isinstance(model, Model):            # a loader: load in a thread, once
             model = await anyio.to_thread.run_sync(model)
         name = self.model_name or Path(model.folder).name
         self.served = Served(model, name, default_max_tokens=self.default_max_tokens)
@@ -98,8 +100,10 @@ class Service:
     # -- load and shutdown ---------------------------------------------------------------------
     def load_now(self) -> tuple[int, int]:
         """(generations running, requests waiting for a slot)."""
-        if self.admission is not None:
-            return self.admission.running, self.admission.waiting
+        scheduler = self.served.model.scheduler if self.served is not None else None
+        if scheduler is not None:
+            load = scheduler.load()
+            return load["active"], load["waiting"]
         with self.lock:
             return len(self.runs), 0
 
@@ -128,11 +132,7 @@ class Service:
     def _launch(self, job: Job) -> Run:
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
-        try:
-            ticket = self.admission.enter() if self.admission is not None else None
-        except Exception as e:        # QueueFullError: 429 with Retry-After
-            raise as_api_error(e) from None
-        run = Run(job, asyncio.get_running_loop(), ticket, on_end=self._ended)
+        run = Run(job, asyncio.get_running_loop(), on_end=self._ended)
         with self.lock:
             self.runs.add(run)
         return run.start()

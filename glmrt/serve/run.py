@@ -14,7 +14,6 @@ import uvicorn
 from .. import load
 from ..errors import InputError
 from .app import create_app
-from .slots import Admission
 
 
 def serve(*, model: str, host: str = "127.0.0.1", port: int = 8080, backend: str = "onnxruntime",
@@ -25,10 +24,9 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8080, backend: str
     if slots < 1 or max_queue < 0 or grace < 0:
         raise InputError(f"--slots {slots} must be >= 1, --max-queue {max_queue} and --grace {grace} >= 0")
     sock = _bind(host, port)
-    m = load(model, backend=backend, device=device, threads=threads, verify=verify)
-    # continuous batching (issue 17) moves the bound into the model:
-    #   glmrt.load(..., slots=slots, max_queue=max_queue) and admission=None
-    app = create_app(m, model_name=name, api_key=api_key, admission=Admission(slots, max_queue))
+    m = load(model, backend=backend, device=device, threads=threads, verify=verify, slots=slots,
+             max_queue=max_queue)
+    app = create_app(m, model_name=name, api_key=api_key)
     server = _draining_server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                                              lifespan="on"), app.state.service, grace)
     where = sock.getsockname()

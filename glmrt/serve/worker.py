@@ -15,10 +15,10 @@ END = object()          # the last item of every run
 
 
 class Run:
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, ticket=None, on_end=None):
-        """ticket: a place from the stand-in admission (glmrt/serve/slots.py), or None where the
-        model schedules generations itself. on_end(run) is called in the thread at the end."""
-        self.job, self.loop, self.ticket, self.on_end = job, loop, ticket, on_end
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, on_end=None):
+        """on_end(run) is called in the thread at the end. The model schedules the generation
+        itself (slots): a full queue raises QueueFullError from job.open(), a 429."""
+        self.job, self.loop, self.on_end = job, loop, on_end
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.reason: str | None = None          # why it was cancelled: "disconnect" | "shutdown"
@@ -47,8 +47,6 @@ class Run:
     def _work(self):
         job = self.job
         try:
-            if self.ticket is not None and not self.ticket.wait(self.cancelled):
-                return
             deltas = job.open()
             try:
                 for d in deltas:
@@ -71,6 +69,4 @@ class Run:
         finally:                       # counted before the slot is free and the client told
             if self.on_end is not None:
                 self.on_end(self)
-            if self.ticket is not None:
-                self.ticket.release()
             self._put(END)
