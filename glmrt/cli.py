@@ -260,15 +260,28 @@ def serve(model, host, port, backend, device, threads, slots, max_queue, api_key
 @click.option("--no-cuda-graph", is_flag=True)
 @click.option("--burst", type=click.IntRange(min=1), default=None,
               help="Greedy steps per host synchronization (default: 8 on cuda, 1 on cpu).")
+@click.option("--slots", "slot_counts", default=None,
+              help="Continuous batching instead: decode this many sequences together, e.g. 1,2,4,8 "
+                   "(at the first --contexts value, default 128).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the figures here.")
 @clean_errors
 def bench(model, backend, device, threads, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
-          no_cuda_graph, burst, as_json):
-    """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling."""
+          no_cuda_graph, burst, slot_counts, as_json):
+    """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling
+    (or, with --slots, batched decode)."""
     from pathlib import Path
 
     from .benchmark import bench as run_bench
-    from .benchmark import format_report, to_json
+    from .benchmark import bench_slots, format_report, format_slots, to_json
+    if slot_counts is not None:
+        ctx = _token_counts(contexts, "contexts")
+        r = bench_slots(model, _token_counts(slot_counts, "slots"), backend=backend, device=device,
+                        threads=threads, context=ctx[0] if ctx else 128, decode_steps=min(decode_steps, 32),
+                        repeats=repeats, cuda_graph=not no_cuda_graph)
+        click.echo(format_slots(r))
+        if as_json:
+            Path(as_json).write_text(to_json(r))
+        return
     r = run_bench(model, backend=backend, device=device, threads=threads,
                   prompt_lengths=_token_counts(prompt_lengths, "prompt-lengths"),
                   contexts=_token_counts(contexts, "contexts"), decode_steps=decode_steps,
