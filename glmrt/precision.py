@@ -26,6 +26,7 @@ class Target:
     what: str                    # one line for --help and the architecture page
     int8_activations: bool = False   # MatMulNBits computes with int8 activations by default
     lm_head: str = "float"       # quantized exports: lm_head's default ("float", or bits "int8")
+    fp16_compute: str = "float16"    # the dtype fp16 weights multiply in by default
 
 
 TARGETS = {t.name: t for t in (
