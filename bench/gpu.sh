@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Everything glmrt measures on the GPU machine, one stage per call (a call runs at most 10 min):
+#   bash bench/gpu.sh chunk K        copy .gpu/partK (carried) to /tmp/chunks; with K=0 also `prep`
+#   bash bench/gpu.sh prep           install glmrt (and carried .whl/ wheels) and start the exports
+#                                    the later stages use, in the background (setsid): they run on
+#                                    while the wheel parts travel (EXPORTS="9b-int4 9b-fp16")
 #   bash bench/gpu.sh install        join the onnxruntime-gpu wheel parts in /tmp/chunks, install
 #   bash bench/gpu.sh tests          the GPU tests (logits vs CPU fp32, greedy agreement)
 #   bash bench/gpu.sh ncu            Nsight Compute per-kernel breakdown of a decode step
@@ -25,17 +29,69 @@ REPO=$(pwd)
 cd "$W"     # not the checkout: its glmrt/ folder would shadow the installed package
 run() { echo "+ $*"; "$@"; }
 
+export_bg() {   # name -> /tmp/work/NAME (shape-precision[:layers]), logged; skipped when present
+  for e in $*; do
+    shape=${e%%-*}; rest=${e#*-}; prec=${rest%%:*}; layers=""; [ "$rest" != "$prec" ] && layers=":${rest#*:}"
+    case $shape in 9b) src=synthetic:glm-z1-9b$layers;; 32b) src=synthetic:glm-4-32b$layers;; *) src=$shape;; esac
+    dir=$W/$e
+    [ -f "$dir/manifest.json" ] && continue
+    start=$(date +%s)
+    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda --overwrite >> $W/exports.log 2>&1
+    echo "exported $e ($src $prec): $(( $(date +%s) - start )) s" >> $W/exports.log
+  done
+  echo done >> $W/exports.done
+}
+
+wait_exports() {
+  for i in $(seq 1 120); do [ -f $W/exports.done ] && break; sleep 5; done
+  cat $W/exports.log 2>/dev/null | grep -v "export layers" | tail -5
+}
+
 case "$stage" in
+chunk)    # carry .gpu/partK (and, with the last part, .whl: the small wheels the server needs)
+  k=${2:?part}
+  mkdir -p /tmp/chunks /tmp/site && cp "$REPO/.gpu/part$k" /tmp/chunks/ && ls -la /tmp/chunks
+  ls "$REPO"/.whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --upgrade --target /tmp/site "$REPO"/.whl/*.whl && echo "wheels installed: $(ls "$REPO"/.whl | wc -l)"
+  [ "$k" = 0 ] && bash "$REPO/bench/gpu.sh" prep
+  ;;
+prep)
+  mkdir -p /tmp/site
+  rm -rf /tmp/glmrt-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-site "$REPO" && echo "glmrt installed"
+  python3 -c "import numpy, onnx; print('numpy', numpy.__version__, 'onnx', onnx.__version__)"
+  rm -f $W/exports.done $W/exports.log
+  export -f export_bg; export W
+  setsid nohup bash -c "export_bg ${EXPORTS:-9b-int4 9b-fp16}" > /dev/null 2>&1 < /dev/null &
+  echo "exports started in the background: ${EXPORTS:-9b-int4 9b-fp16}"
+  ;;
 install)
   whl=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   cat /tmp/chunks/part? > /tmp/$whl &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$whl &&
-  rm -rf /tmp/glmrt-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/glmrt-site "$REPO" &&
+  # glmrt once (prep may have installed it already, and exports may be running from it)
+  { [ -d /tmp/glmrt-site/glmrt ] || python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+      --target /tmp/glmrt-site "$REPO"; } &&
   python3 -c "import onnxruntime as o, glmrt.export.export; print(o.__version__, o.get_available_providers())"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   ;;
 tests)
-  run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" "$REPO/tests/test_backends.py" \
+    "$REPO/tests/test_batching.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  ;;
+slots)   # continuous batching on the exports `prep` made: glmrt bench --slots
+  wait_exports
+  for e in ${SLOTS_SETS:-9b-int4}; do
+    run python3 -m glmrt.cli bench "$W/$e" --slots 1,2,4,8 --contexts 128 --json "$OUT/slots-$e${TAG:+-$TAG}.json" \
+      2>&1 | tee -a "$OUT/slots.log"
+  done
+  ;;
+serve)   # the loopback load test on the GPU (bench/serve_load.py) on an export `prep` made
+  wait_exports
+  e=${SERVE_SET:-9b-int4}
+  run python3 "$REPO/bench/serve_load.py" "$W/$e" --device cuda --slots ${SERVE_SLOTS:-8} --clients 32 \
+    --seconds ${SERVE_SECONDS:-30} --max-tokens 64 --check structure --json "$OUT/serve-load-$e.json" \
+    2>&1 | tail -30 | tee "$OUT/serve-load.log"
   ;;
 ncu)
   for prec in int4 fp16; do
@@ -63,12 +119,18 @@ sweep)
     src=synthetic:$shape${layers:+:$layers}
     dir=$W/$shape-$prec
     [ "$prec" = fp16 ] && flags=${FP16_FLAGS:-}
-    start=$(date +%s)
-    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
-    echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    pre=$W/${stage}-$prec${layers:+:$layers}                      # made by `prep` in the background
+    [ -z "$flags" ] && [ -f $W/exports.log ] && wait_exports
+    if [ -z "$flags" ] && [ -f "$pre/manifest.json" ]; then
+      dir=$pre; keep=1
+    else
+      keep=0; start=$(date +%s)
+      python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
+      echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    fi
     run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L${TAG:+-$TAG}.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
-    rm -rf "$dir"
+    [ "$keep" = 0 ] && rm -rf "$dir"
   done
   ;;
 diag)
