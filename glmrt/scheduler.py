@@ -86,7 +86,10 @@ class TokenStream:
             self.scheduler.wake()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown: the scheduler may be gone)
+            pass
 
 
 class Scheduler:
@@ -200,6 +203,12 @@ class Scheduler:
     def _reap(self):
         for req in [r for r in self.active if r.cancelled.is_set()]:
             self._release(req, "cancelled")
+        with self.cv:                        # a caller that gave up while waiting leaves the queue
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
 
     def _prefill_one(self):
         """One chunk of the oldest prompt still being prefilled."""
