@@ -132,8 +132,9 @@ def greedy_agreement(got, ref) -> dict:
 
 
 def check(workdir: str | Path | None = None, *, seed: int = 7, scale: float = 1.0, threads: int = 2,
-          quantized: bool = True, controls: bool = True) -> dict:
-    """Run the whole check in `workdir` (a temporary folder when None; removed afterwards)."""
+          quantized: bool = True, controls: bool = True, converter: str | Path | None = None) -> dict:
+    """Run the whole check in `workdir` (a temporary folder when None; removed afterwards);
+    `converter`: a llama.cpp source tree whose convert_hf_to_gguf.py to compare with."""
     import llama_cpp
     import glmrt
     from glmrt.export.checkpoint import Checkpoint
@@ -212,11 +213,67 @@ def check(workdir: str | Path | None = None, *, seed: int = 7, scale: float = 1.
         if controls:
             result["negative_controls"] = negative_controls(cfg, weights, prompts, refs,
                                                            np.concatenate([llama_logits(llama(f16), p) for p in prompts]))
+        if converter:
+            result["converter"] = against_converter(ckpt, f16, converter, work)
         result["passed"] = passed(result)
         return result
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# Runs llama.cpp's own convert_hf_to_gguf.py on a checkpoint. Its tokenizer check hashes the
+# tokenization of a fixed text and knows only published tokenizers, so for glmrt's synthetic
+# one it stops ("BPE pre-tokenizer was not recognized"); the wrapper answers that one question
+# with `pre` and changes nothing else.
+CONVERTER = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import conversion.base as base
+known, fallback = base.TextModel.get_vocab_base_pre, sys.argv[2]
+def pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return fallback
+base.TextModel.get_vocab_base_pre = pre
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def against_converter(ckpt: Path, ours: Path, llama_dir: str | Path, work: Path) -> dict:
+    """Convert `ckpt` with llama.cpp's convert_hf_to_gguf.py (from a llama.cpp source tree, e.g.
+    llama-cpp-python's sdist's vendor/llama.cpp; it needs torch and transformers) and compare
+    with our GGUF: tensor names, types, shapes and bytes, and every metadata key."""
+    import subprocess
+    import gguf
+    theirs = work / "converter-f16.gguf"
+    pre = gguf.GGUFReader(str(ours)).fields["tokenizer.ggml.pre"].contents()
+    r = subprocess.run([sys.executable, "-c", CONVERTER, str(Path(llama_dir).resolve()), pre, str(ckpt),
+                        "--outtype", "f16", "--outfile", str(theirs)], capture_output=True, text=True,
+                       cwd=str(llama_dir))
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}")
+    a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    differ = sorted(n for n in set(ta) & set(tb)
+                    if ta[n].tensor_type != tb[n].tensor_type or list(ta[n].shape) != list(tb[n].shape)
+                    or not np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)))
+
+    def kv(reader):
+        return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    ka, kb = kv(a), kv(b)
+    keys = {k: {"ours": _short(ka.get(k)), "converter": _short(kb.get(k))}
+            for k in sorted(set(ka) | set(kb)) if ka.get(k) != kb.get(k)}
+    theirs.unlink()
+    return {"tensors": len(ta), "only_ours": sorted(set(ta) - set(tb)), "only_converter": sorted(set(tb) - set(ta)),
+            "tensors_differing": differ, "metadata_differing": keys}
+
+
+def _short(v):
+    return v if not isinstance(v, (list, str)) or len(str(v)) < 80 else f"{str(v)[:80]}... ({len(v)} items)"
 
 
 def negative_controls(cfg, weights, prompts, refs, llama_f16) -> dict:
@@ -250,6 +307,9 @@ def passed(r: dict) -> bool:
     ok &= all(g["llama.cpp F16"]["agree"] == g["llama.cpp F16"]["of"] or g["llama.cpp F16"]["near_tie"]
               for g in r["greedy"])
     ok &= all(t["equal"] for t in r["tokenizer"])
+    if "converter" in r:
+        c = r["converter"]
+        ok &= not (c["tensors_differing"] or c["only_ours"] or c["only_converter"])
     return bool(ok)
 
 
@@ -281,6 +341,13 @@ def format_check(r: dict) -> str:
             lines.append(f"  differs on {t['text']!r}: {t['llama.cpp']} vs {t['tokenizer.json']}")
     for name, c in r.get("negative_controls", {}).items():
         lines.append(f"control, reference with {name}: max rel err {c['rel_err_max']:.2f}, top-1 {100 * c['top1']:.0f}%")
+    if "converter" in r:
+        c = r["converter"]
+        lines.append(f"llama.cpp's convert_hf_to_gguf.py on the same checkpoint: {c['tensors']} tensors, "
+                     f"{len(c['tensors_differing'])} differing in type, shape or bytes, "
+                     f"{len(c['only_ours']) + len(c['only_converter'])} present on one side only; metadata "
+                     "keys that differ: " + (", ".join(f"{k} (ours {v['ours']!r}, converter {v['converter']!r})"
+                                                       for k, v in c["metadata_differing"].items()) or "none"))
     lines.append(f"tolerance (llama.cpp F16): max rel err <= {TOL_REL:g}, top-1 and greedy tokens equal except at "
                  f"near-ties, tokenizer equal: {'PASSED' if r['passed'] else 'FAILED'}")
     return "\n".join(lines)
@@ -291,8 +358,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--converter", default=None, metavar="LLAMA_CPP_DIR",
+                    help="also compare with llama.cpp's convert_hf_to_gguf.py from this source tree")
     args = ap.parse_args(argv)
-    r = check(args.workdir, threads=args.threads)
+    r = check(args.workdir, threads=args.threads, converter=args.converter)
     print(format_check(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))

@@ -248,10 +248,14 @@ def _chat_template(folder: Path) -> str | None:
     return None
 
 
-def quantize(src: str | Path, dst: str | Path, kind: str, *, threads: int | None = None) -> Path:
+def quantize(src: str | Path, dst: str | Path, kind: str, *, threads: int | None = None,
+             verbose: bool = False) -> Path:
     """llama.cpp's own quantizer (llama_model_quantize with its default parameters: for Q4_0 it
-    keeps output.weight at Q6_K, token_embd at Q4_0; 1-D tensors stay F32)."""
+    keeps output.weight at Q6_K, token_embd at Q4_0; 1-D tensors stay F32). Its per-tensor log
+    goes through llama-cpp-python's logger, shown only when `verbose`."""
+    import logging
     import llama_cpp
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[kind])
     params.nthread = threads or 0

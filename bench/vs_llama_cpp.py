@@ -1,8 +1,8 @@
 """glmrt against llama.cpp on the CPU, same checkpoint, same threads, one process (issue 14).
 
     pip install gguf llama-cpp-python        # llama-cpp-python builds llama.cpp for this CPU
-    python3 bench/vs_llama_cpp.py            # the issue's 1.45B model: ~40 min, ~12 GB of disk at peak
-    python3 bench/vs_llama_cpp.py --small    # the same pipeline on a small model, a few minutes
+    python3 bench/vs_llama_cpp.py            # the issue's 1.45B model: about an hour, ~12 GB of disk at peak
+    python3 bench/vs_llama_cpp.py --small    # the same pipeline on a 20M-parameter model, ~1.5 minutes
     python3 bench/vs_llama_cpp.py --check    # only the GGUF conversion check (bench/gguf_check.py)
     python3 bench/vs_llama_cpp.py --glmrt "int4-a8=--precision int4 --int8-activations" ...
 
@@ -180,6 +180,7 @@ def time_glmrt(folder: Path, *, threads: int, prompts, context: int, steps: int,
     r = bench(folder, device="cpu", prompt_lengths=list(prompts), contexts=[context], decode_steps=steps,
               repeats=repeats, threads=threads, bandwidth_tbps=tbps)
     d = r["decode"][context]
+    gc.collect()                     # the session (and its spinning thread pool) goes before the next run
     return {"prefill": {int(n): v for n, v in r["prefill"].items()},
             "decode": {"context": context, "ms": d["ms"], "tok_s": d["tok_s"]},
             "bytes_per_token": r.get("ceiling", {}).get("bytes_per_token"),
@@ -308,6 +309,9 @@ def main(argv=None) -> int:
                          "'int4=--precision int4' (repeat; default: fp32, int8, int4 with glmrt's defaults)")
     ap.add_argument("--llama", default="q4_0,q8_0,f16", help="llama.cpp files to time (besides those paired)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--converter", default=None, metavar="LLAMA_CPP_DIR",
+                    help="with --check: also compare with llama.cpp's convert_hf_to_gguf.py from this "
+                         "source tree (needs torch and transformers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here (default: WORKDIR/vs_llama_cpp.json)")
     args = ap.parse_args(argv)
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.check:
-        r = check_mod.check(work / "check")
+        r = check_mod.check(work / "check", converter=args.converter)
         print(check_mod.format_check(r))
         (work / "gguf_check.json").write_text(json.dumps(r, indent=2))
         return 0 if r["passed"] else 1
@@ -345,7 +349,11 @@ def main(argv=None) -> int:
     if need > 0.9 * free:
         raise SystemExit("not enough free disk: pass --workdir on a larger disk")
 
-    result = {"issue": 14, "hardware": hardware(), "software": software(), "sizes": sizes, "parameters": params,
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"WARNING: load average {load:.1f} before the run: other work shares these cores, the figures "
+              "are noisy (llama.cpp's multi-thread figures collapse when its threads are descheduled)", flush=True)
+    result = {"issue": 14, "noisy": load > 0.5, "hardware": hardware(), "software": software(), "sizes": sizes, "parameters": params,
               "settings": {"threads": threads, "prompt_lengths": prompts, "context": args.context,
                            "decode_steps": args.decode_steps, "decode_warmup": WARMUP, "repeats": repeats,
                            "flash_attn": args.flash_attn, "small": args.small, "seed": args.seed},
@@ -362,7 +370,9 @@ def main(argv=None) -> int:
     result["copy_rate_gbps"] = {t: copy_rate_gbps(t) for t in threads}
     print("host memory copy rate: " + ", ".join(f"{v:.1f} GB/s ({t} thread{'s' * (t > 1)})"
                                                  for t, v in result["copy_rate_gbps"].items()), flush=True)
+    t = time.perf_counter()
     ckpt = checkpoint(work, sizes, args.seed)
+    result["checkpoint_s"] = time.perf_counter() - t
     f16 = work / "model-f16.gguf"
     files = {"f16": f16, "q8_0": work / "model-q8_0.gguf", "q4_0": work / "model-q4_0.gguf"}
     stamp = (ckpt / "config.json").stat().st_mtime
@@ -432,12 +442,18 @@ def main(argv=None) -> int:
     pair_rows(result["rows"])
     result["hardware"]["loadavg_at_end"] = os.getloadavg()
     result["run_s"] = time.perf_counter() - t_run
+    import resource
+    result["peak_rss_bytes"] = {"this process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                "glmrt export (largest)": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
     table = markdown(result)
     out_json.write_text(json.dumps(result, indent=2, default=str))
     hw = result["hardware"]
-    print(f"\n{hw['cpu']}, {hw['physical_cores']} physical cores ({hw['cpus_allowed']} CPUs allowed); "
+    print(f"\n{'NOISY RUN (load average above 0.5 at the start): ' if result['noisy'] else ''}"
+          f"{hw['cpu']}, {hw['physical_cores']} physical cores ({hw['cpus_allowed']} CPUs allowed); "
           f"load average {hw['loadavg_at_start'][0]:.2f} at the start, {hw['loadavg_at_end'][0]:.2f} at the end; "
-          f"{params / 1e9:.3f}B parameters; run {result['run_s'] / 60:.1f} min")
+          f"{params / 1e9:.3f}B parameters; run {result['run_s'] / 60:.1f} min; peak memory "
+          f"{result['peak_rss_bytes']['this process'] / 1e9:.1f} GB (exports "
+          f"{result['peak_rss_bytes']['glmrt export (largest)'] / 1e9:.1f} GB)")
     print(table)
     print(f"\nJSON: {out_json}")
     return 0
