@@ -2,7 +2,7 @@
 
     pip install gguf llama-cpp-python        # llama-cpp-python builds llama.cpp for this CPU
     python3 bench/vs_llama_cpp.py            # the 1.45B model: about an hour, ~12 GB of disk at peak
-    python3 bench/vs_llama_cpp.py --small    # the same pipeline on a 20M-parameter model, ~1.5 minutes
+    python3 bench/vs_llama_cpp.py --small    # the same pipeline on a 20M-parameter model, 2-3 minutes
     python3 bench/vs_llama_cpp.py --check    # only the GGUF conversion check (bench/gguf_check.py)
     python3 bench/vs_llama_cpp.py --glmrt "int4-a8=--precision int4 --int8-activations" ...
 
