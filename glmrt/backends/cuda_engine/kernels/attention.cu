@@ -1,0 +1,135 @@
+// Decode attention over the KV cache, one new token (M = 1), grouped-query.
+//
+// attention: grid (NKV, splits), THREADS threads. Block (h, s) reads positions
+// [s * chunk, min(len, (s + 1) * chunk)) of KV head h ONCE for all G = NH / NKV query heads it
+// serves (16 for GLM-Z1-9B, 24 for GLM-4-32B), tile by tile (THREADS positions):
+//   scores   thread t: the key at position t of the tile, dotted with the G queries (fp32,
+//            scaled by HD^-0.5)
+//   softmax  online per query head: running max m and sum l, earlier sums rescaled
+//   values   thread d: dimension d of the G outputs, sum over the tile of p * V[t, d]
+// and leaves its unnormalized (o, m, l) per query head; splits past the sequence do nothing.
+// attention_combine: grid NH, HD threads: the splits of one query head merged,
+//   out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,  M = max_s m_s.
+// len = *pos + pos_add + 1: the cache already holds this token's K and V (the QKV epilogue
+// wrote them). Cache layout (NKV, max_seq, HD) fp16 per layer, K after RoPE (the gqa form's).
+// Query head j is served by KV head j / G (transformers' repeat_interleave).
+
+struct AttnArgs {
+  const float* q;         // (NH * HD) after RoPE
+  const h16* k_cache;     // (NKV, max_seq, HD)
+  const h16* v_cache;     // (NKV, max_seq, HD)
+  const int* pos;         // the token's position = *pos + pos_add
+  float* part_o;          // (NH, splits, HD) unnormalized outputs
+  float* part_ml;         // (NH, splits, 2) running max and sum
+  float* out;             // (NH * HD) fp32
+  int pos_add;
+  int max_seq;
+  int chunk;              // positions per split, a multiple of THREADS
+  int splits;             // the attention grid's y
+};
+
+template <int HD, int G, int THREADS>
+DEV void attention(const AttnArgs& a) {
+  static_assert(HD % 8 == 0 && HD <= THREADS && THREADS % 32 == 0, "head_dim: a multiple of 8, at most THREADS");
+  constexpr int WARPS = THREADS / 32;
+  __shared__ __align__(16) float qs[G][HD];  // queries, pre-scaled
+  __shared__ float sc[G][THREADS];           // this tile's scores, then probabilities
+  __shared__ float m_s[G], l_s[G], corr_s[G];
+  const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid % 32, warp = tid / 32;
+  const int len = *a.pos + a.pos_add + 1;
+  const int t0 = split * a.chunk;
+  if (t0 >= len) return;                     // the whole block: nothing to read here
+  const int t1 = min(len, t0 + a.chunk);
+  const float scale = rsqrtf((float)HD);
+  for (int i = tid; i < G * HD; i += THREADS) qs[i / HD][i % HD] = a.q[(h * G + i / HD) * HD + i % HD] * scale;
+  if (tid < G) { m_s[tid] = __int_as_float(0xff800000); l_s[tid] = 0.f; }
+  float acc[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) acc[g] = 0.f;
+  const h16* kbase = a.k_cache + (size_t)h * a.max_seq * HD;
+  const h16* vbase = a.v_cache + (size_t)h * a.max_seq * HD;
+  __syncthreads();
+
+  for (int tt = t0; tt < t1; tt += THREADS) {
+    const int t = tt + tid;
+    if (t < t1) {
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] = 0.f;
+      const uint4* kp = (const uint4*)(kbase + (size_t)t * HD);
+#pragma unroll 4
+      for (int c = 0; c < HD / 8; ++c) {
+        const uint4 kv = kp[c];
+        const float2 k0 = h2x2f(kv.x), k1 = h2x2f(kv.y), k2 = h2x2f(kv.z), k3 = h2x2f(kv.w);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 qa = *(const float4*)&qs[g][8 * c], qb = *(const float4*)&qs[g][8 * c + 4];
+          s[g] += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x + qa.w * k1.y
+                + qb.x * k2.x + qb.y * k2.y + qb.z * k3.x + qb.w * k3.y;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) sc[g][tid] = s[g];
+    } else {
+#pragma unroll
+      for (int g = 0; g < G; ++g) sc[g][tid] = __int_as_float(0xff800000);
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += WARPS) {  // softmax statistics, one query head per warp
+      float mx = __int_as_float(0xff800000);
+      for (int i = lane; i < THREADS; i += 32) mx = fmaxf(mx, sc[g][i]);
+      mx = warp_max(mx);
+      const float m_new = fmaxf(m_s[g], mx);  // finite: position tt is in the tile
+      float sum = 0.f;
+      for (int i = lane; i < THREADS; i += 32) {
+        const float p = __expf(sc[g][i] - m_new);   // exp(-inf) = 0 past the sequence
+        sc[g][i] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float c = __expf(m_s[g] - m_new);     // 0 on the first tile
+        l_s[g] = l_s[g] * c + sum;
+        m_s[g] = m_new;
+        corr_s[g] = c;
+      }
+    }
+    __syncthreads();
+    if (tid < HD) {
+      const int n = min(THREADS, t1 - tt);
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g] *= corr_s[g];
+      for (int i = 0; i < n; ++i) {
+        const float v = h2f(vbase[(size_t)(tt + i) * HD + tid]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] += sc[g][i] * v;
+      }
+    }
+    __syncthreads();
+  }
+  if (tid < HD)
+#pragma unroll
+    for (int g = 0; g < G; ++g) a.part_o[((size_t)(h * G + g) * a.splits + split) * HD + tid] = acc[g];
+  if (tid < G) {
+    a.part_ml[((h * G + tid) * a.splits + split) * 2] = m_s[tid];
+    a.part_ml[((h * G + tid) * a.splits + split) * 2 + 1] = l_s[tid];
+  }
+}
+
+template <int HD>
+DEV void attention_combine(const AttnArgs& a) {
+  const int j = blockIdx.x, d = threadIdx.x;
+  const int len = *a.pos + a.pos_add + 1;
+  const int used = (len + a.chunk - 1) / a.chunk;
+  const float* ml = a.part_ml + (size_t)j * a.splits * 2;
+  float mx = __int_as_float(0xff800000);
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[2 * s]);
+  float num = 0.f, den = 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float w = __expf(ml[2 * s] - mx);
+    num += w * a.part_o[((size_t)j * a.splits + s) * HD + d];
+    den += w * ml[2 * s + 1];
+  }
+  a.out[j * HD + d] = num / den;
+}
