@@ -29,12 +29,13 @@ GRAPH_NONE, GRAPH_DECODE, GRAPH_BURST = -1, 1, 2
 
 class OrtGqaDecoder(Decoder):
     def __init__(self, folder: Path, manifest: dict, device: str, threads: int | None,
-                 max_context: int | None, cuda_graph: bool, burst: int | None = None):
+                 max_context: int | None, cuda_graph: bool, burst: int | None = None,
+                 initializers: dict | None = None):
         import onnxruntime as ort
         self.ort_mod = ort
         self.device = device
         self.cuda_graph = cuda_graph and device == "cuda"
-        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph)
+        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph, initializers)
         cfg = manifest["config"]
         self.layers = cfg["num_hidden_layers"]
         kv = next(t for t in self.ort.contract["inputs"] if t.name == past_key(0))
