@@ -53,6 +53,7 @@ class EmulatedDevice(Device):
     """Device memory is host memory; kernels run in the CPU emulation (blocks in a shuffled
     order, a new order for every launch). `load` takes the CUDA source, not a cubin."""
     image_kind = "source"
+    ort_device = "cpu"            # host memory: ONNX Runtime's CPU provider shares it
 
     def __init__(self, name: str = "Emulated GPU", compute_capability=(9, 0), sm_count: int = 4):
         self.name, self.compute_capability, self.sm_count = name, compute_capability, sm_count

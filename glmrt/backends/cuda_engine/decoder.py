@@ -26,12 +26,14 @@ from .weights import DeviceWeights
 DEFAULT_BURST = 8
 
 
-def ort_cuda_available() -> bool:
+def ort_available(device: str) -> bool:
+    """ONNX Runtime can run the prefill where the engine's memory is (its CUDA provider for a
+    GPU; the CPU provider for the tests' emulated device, whose memory is host memory)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device] in ort.get_available_providers()
 
 
 class CudaDecoder(Decoder):
@@ -45,7 +47,7 @@ class CudaDecoder(Decoder):
         if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
             raise GlmrtError(f"burst={burst!r}; expected a positive number of decode steps")
         burst = burst or DEFAULT_BURST
-        prefill = prefill or ("onnxruntime" if ort_cuda_available() else "engine")
+        prefill = prefill or ("onnxruntime" if ort_available(device.ort_device) else "engine")
         if prefill not in ("onnxruntime", "engine"):
             raise GlmrtError(f"prefill={prefill!r}; expected 'onnxruntime' or 'engine'")
         if weights == "shared" and prefill != "onnxruntime":
@@ -58,7 +60,7 @@ class CudaDecoder(Decoder):
         if prefill == "onnxruntime":
             from ..ort_gqa import OrtGqaDecoder
             shared = self.weights.ortvalues if weights == "shared" else None
-            self.ort = OrtGqaDecoder(self.folder, manifest, "cuda", threads, max_context, False,
+            self.ort = OrtGqaDecoder(self.folder, manifest, device.ort_device, threads, max_context, False,
                                      initializers=shared)
             kv = [(int(self.ort.kv[2 * i].data_ptr()), int(self.ort.kv[2 * i + 1].data_ptr()))
                   for i in range(cfg.num_hidden_layers)]

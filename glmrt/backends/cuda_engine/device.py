@@ -23,6 +23,7 @@ MAX_STATIC_SMEM = 48 * 1024       # dynamic shared memory beyond this needs the 
 class Device(abc.ABC):
     """What the engine needs from a GPU. Addresses are ints; arrays are numpy."""
     image_kind = "cubin"          # what `load` takes: a cubin (a GPU), or the CUDA source (the emulation)
+    ort_device = "cuda"           # where ONNX Runtime's prefill must run to share this device's memory
     name: str
     compute_capability: tuple
     sm_count: int

@@ -302,10 +302,11 @@ def check_lm_head(c: _Ctx) -> dict:
     logits = c.get(a.y, V, np.float32)
     ref = wd @ h
     err = rel(logits, ref)
-    ok_tokens = tokens == [first, first] and int(np.argmax(logits)) == first
+    counter = int(c.get(a.counter, 1, np.uint32)[0])
+    ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
     return _result(f"lm_head ({fmt}, residual add + final norm -> logits + argmax, tie between rows "
-                   f"{first} and {second})", err if ok_tokens else float("inf"), TOL[fmt],
-                   tokens=tokens, logits_err=err, counter=int(c.get(a.counter, 1, np.uint32)[0]))
+                   f"{first} and {second})", err if ok else float("inf"), TOL[fmt],
+                   tokens=tokens, logits_err=err, counter_after=counter)
 
 
 CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(c, False),
