@@ -12,6 +12,15 @@
 #   bash bench/gpu.sh gemv           how fast a plain int4 GEMV reads the MatMulNBits layout
 #                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
+#   bash bench/gpu.sh engine         glmrt's cuda engine, correctness (bench/cuda_engine_check.py): toolchain
+#                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes and timed
+#                                    alone, the whole engine vs ONNX Runtime's CUDA form and the float64
+#                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), a
+#                                    launch-parameter sweep; each part under its own time limit (< 9 min)
+#   bash bench/gpu.sh engine-bench   glmrt's cuda engine, speed: GLM-Z1-9B int4 (40 layers) built on the GPU
+#                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
+#                                    same run, device memory with the engine's own or shared weights;
+#                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call)
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # TAG=name is added to the JSON names (for A/B runs under different ORT_* switches).
 # Logs and JSON go to $OUT (the device tool brings them back).
@@ -84,6 +93,46 @@ gemv)  # bench/gemv_probe.py: a plain int4 GEMV on the MatMulNBits layout (cubin
   ;;
 hf)
   run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
+  ;;
+engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  LOG=$OUT/$stage.log
+  part() { local limit=$1; shift; echo "+ [$(date +%T), limit ${limit}s] $*" | tee -a "$LOG";
+           timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "  (exit ${PIPESTATUS[0]})" | tee -a "$LOG"; }
+  xport() { local src=$1 dir=$2 prec=$3; shift 3; part 200 python3 -m glmrt.cli export "$src" -o "$dir" \
+              --precision "$prec" --target cuda --overwrite "$@"; }
+  build() { part 120 python3 -m glmrt.cli build "$1" --backend cuda --overwrite "${@:2}"; }
+  if [ "$stage" = engine ]; then
+    part 60 $C env
+    part 60 $C smoke
+    part 170 $C kernels --time
+    python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
+    for s in "small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"; do
+      tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      ref=""; [ "$tag" = small ] && ref="--reference"
+      xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
+        part 150 $C model "$dir" $ref --tag "$tag-$prec"
+    done
+    part 90 $C sweep
+  else
+    for s in ${SETS:-glm-z1-9b:int4}; do
+      shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      start=$(date +%s)
+      xport "synthetic:$shape" "$dir" "$prec" $flags
+      echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
+      start=$(date +%s)
+      build "$dir"          # the GPU here: compiled, every kernel checked at the model's shapes
+      echo "glmrt build --backend cuda: $(( $(date +%s) - start )) s" | tee -a "$LOG"
+      bflags="--prompt-lengths 128,2048 --contexts 128,8192 --repeats 3"
+      part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda.json"
+      part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
+      for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
+      rm -rf "$dir"
+    done
+  fi
+  part 30 $C summary
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

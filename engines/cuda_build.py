@@ -7,8 +7,9 @@ export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128
   compile  the kernels (glmrt/backends/cuda_engine/kernels) with this model's shapes and the
            launch parameters, by NVRTC, to a cubin for the GPU's compute capability; works
            without a GPU (--gpu NAME@smXY); ptxas' registers and spills go in the manifest
-  check    where that very GPU is here: every kernel against numpy (selfcheck.py) before the
-           engine is written (tuning launch parameters there is the next step, not done yet)
+  check    with --gpu auto (the GPU here): every kernel against numpy at the model's shapes
+           (selfcheck.py) before the engine is written; tuning launch parameters there is the
+           next step, not done yet. A named GPU (--gpu NAME@smXY) is compiled for, not checked.
 
 Writes engines/<gpu>-sm<cc>/<precision>/ with engine.cubin, engine.cu (the source compiled)
 and a manifest: source hash, compute capability, NVRTC version, the oldest driver that loads
@@ -68,10 +69,10 @@ def plan(model_dir: Path, man: dict, options):
             "weights": weights,
             "selfcheck": None,
         }
-        here = _gpu_here(target)
+        here = _gpu_here(target) if detected else None
         if here is not None:
             from glmrt.backends.cuda_engine.selfcheck import run_checks
-            report = run_checks(here, "model", shapes=shapes, formats=formats)
+            report = run_checks(here, shapes, formats)
             entry["selfcheck"] = report
             bad = [r for r in report if not r["ok"]]
             if bad:
@@ -83,7 +84,7 @@ def plan(model_dir: Path, man: dict, options):
 
 
 def _gpu_here(target):
-    """A CudaDevice when the GPU built for is the one here (then the kernels are checked)."""
+    """The CudaDevice of the GPU detected for --gpu auto (its kernels are checked there)."""
     try:
         from glmrt.backends.cuda_engine.device import CudaDevice
         dev = CudaDevice()

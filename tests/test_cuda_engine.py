@@ -5,7 +5,6 @@ emulation (tests/cuda_emu) against numpy and the float64 reference; the builder 
 engine for a named GPU; loading refuses what it must, in one line. On a machine with an NVIDIA
 GPU and driver, the `cudaengine` tests run the same checks on the device."""
 import ctypes
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import glmrt
 from glmrt import reference
 from glmrt.backends.cuda_engine import nvrtc, selfcheck
 from glmrt.backends.cuda_engine.args import STRUCTS
@@ -23,7 +21,6 @@ from glmrt.config import GlmConfig
 from glmrt.engine import check_cuda_engine, find_cuda_engine, read_engine
 from glmrt.engines.build import build
 from glmrt.errors import ArtifactError, GlmrtError
-from glmrt.export.checkpoint import Checkpoint
 from glmrt.export.quant import MatMulNBits, pack_nibbles
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -343,43 +340,6 @@ def test_loading_without_a_driver_is_one_clear_line(exported, tmp_path):
 
 
 # ---- the whole engine in the emulation -------------------------------------------------------------
-def dequantized_weights(model: Path, em: dict, cfg: GlmConfig) -> dict:
-    """The checkpoint-keyed float64 weights the engine computes with: its index into
-    model.onnx.data read back and dequantized (int4), the fused matrices split."""
-    idx = em["weights"]
-    data = np.memmap(model / idx["file"], np.uint8, mode="r")
-
-    def raw(name):
-        t = idx["tensors"][name]
-        return np.array(data[t["offset"]:t["offset"] + t["bytes"]]).view(t["dtype"]).reshape(t["shape"])
-
-    def matrix(m, k):
-        if m["format"] == "int4":
-            return selfcheck.dequant_int4(raw(m["w"]), raw(m["scales"]), k)
-        w = raw(m["w"]).astype(np.float64)
-        return w if m["format"] == "f16" else w.T
-
-    nh, nkv, hd, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(np.float64),
-         "model.norm.weight": raw(idx["norm"]).astype(np.float64),
-         "lm_head.weight": matrix(idx["lm_head"], H)}
-    for i, lw in enumerate(idx["layers"]):
-        p = f"model.layers.{i}."
-        qkv = matrix(lw["qkv"], H)
-        for name, rows in zip("qkv", np.split(qkv, [nh * hd, (nh + nkv) * hd])):
-            w[p + f"self_attn.{name}_proj.weight"] = rows
-        if lw["qkv"]["bias"]:
-            for name, b in zip("qkv", np.split(raw(lw["qkv"]["bias"]).astype(np.float64), [nh * hd, (nh + nkv) * hd])):
-                w[p + f"self_attn.{name}_proj.bias"] = b
-        w[p + "self_attn.o_proj.weight"] = matrix(lw["o"], nh * hd)
-        w[p + "mlp.gate_up_proj.weight"] = matrix(lw["gate_up"], H)
-        w[p + "mlp.down_proj.weight"] = matrix(lw["down"], cfg.intermediate_size)
-        for key, role in (("input_layernorm", "input_norm"), ("post_self_attn_layernorm", "post_attn_norm"),
-                          ("post_attention_layernorm", "pre_mlp_norm"), ("post_mlp_layernorm", "post_mlp_norm")):
-            w[p + key + ".weight"] = raw(lw[role]).astype(np.float64)
-    return w
-
-
 def emulated_decoder(model: Path, **options):
     from glmrt import manifest as manifest_io
     from glmrt.backends.cuda_engine.decoder import CudaDecoder
@@ -402,7 +362,7 @@ def test_the_engine_follows_the_float64_reference_on_its_own_weights(engine_mode
     model = engine_model(precision, **options)
     dec = emulated_decoder(model, prefill="engine")
     em = read_engine(dec.engine_path)
-    w = dequantized_weights(model, em, dec.cfg)
+    w = selfcheck.dequantized_weights(model, em, dec.cfg)
     ref, cache = reference.forward(dec.cfg, w, PROMPT)
     with dec.generation() as c:
         got = dec.step(np.array([PROMPT]), c, keep=3)
@@ -454,3 +414,41 @@ def test_every_kernel_passes_its_check_on_the_gpu(formats):
     from glmrt.backends.cuda_engine.device import CudaDevice
     report = selfcheck.run_checks(CudaDevice(), Z1_9B, FORMATS[formats])
     assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report if not r["ok"]]
+
+
+@needs_nvrtc
+@needs_cxx
+def test_shared_weights_are_the_engines_own_memory(engine_model):
+    """weights="shared": ONNX Runtime's prefill session is given the engine's buffers
+    (DLPack OrtValues, add_initializer) and computes with them: zero the embedding in the
+    engine's memory and every prompt prefills to the same logits; the engine's decode tokens
+    are those of its own copy."""
+    model = engine_model("int4")
+    own = emulated_decoder(model, burst=4)
+    shared = emulated_decoder(model, burst=4, weights="shared")
+    for dec in (own, shared):
+        with dec.generation() as c:
+            dec.tokens = [dec.step_greedy(np.array([PROMPT]), c)] + dec.greedy_burst(3, c, 4)
+    assert shared.tokens == own.tokens and shared.describe()["settings"]["weights"] == "shared"
+    embed = shared.weights.ptr[read_engine(shared.engine_path)["weights"]["embed"]]
+    shared.device.zero(embed, shared.cfg.vocab_size * shared.cfg.hidden_size * 2)
+    with shared.generation() as c:
+        a = shared.step(np.array([PROMPT]), c)
+    with shared.generation() as c:
+        b = shared.step(np.array([[9, 8, 7, 6]]), c)
+    np.testing.assert_array_equal(a, b)
+
+
+@needs_nvrtc
+@needs_cxx
+def test_build_on_the_gpu_here_checks_every_kernel_first(exported, tmp_path, monkeypatch):
+    """--gpu auto with that GPU present: the kernels are checked at the model's shapes before
+    the engine is written (the emulated GPU stands in), and the report is in the manifest."""
+    import glmrt.engines.cuda_build as cb
+    from glmrt.gpu import Gpu
+    monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    em = read_engine(build(model, backend="cuda"))
+    assert [r["kernel"] for r in em["selfcheck"]] == list(selfcheck.CHECKS) and all(r["ok"] for r in em["selfcheck"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import Formats, decode_kernels, rope_table
+from .step import DEFAULT_CONFIG, Formats, decode_kernels, rope_table
 
 # tolerances, relative to the largest reference value
 TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
@@ -69,6 +69,44 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hl,hld->hd", p / p.sum(-1, keepdims=True), vv)
 
 
+def dequantized_weights(model, em: dict, cfg) -> dict:
+    """The checkpoint-keyed float64 weights the engine computes with: its index into
+    model.onnx.data read back and dequantized (int4), the fused matrices split."""
+    from pathlib import Path
+    idx = em["weights"]
+    data = np.memmap(Path(model) / idx["file"], np.uint8, mode="r")
+
+    def raw(name):
+        t = idx["tensors"][name]
+        return np.array(data[t["offset"]:t["offset"] + t["bytes"]]).view(t["dtype"]).reshape(t["shape"])
+
+    def matrix(m, k):
+        if m["format"] == "int4":
+            return dequant_int4(raw(m["w"]), raw(m["scales"]), k)
+        w = raw(m["w"]).astype(np.float64)
+        return w if m["format"] == "f16" else w.T
+
+    nh, nkv, hd, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(np.float64),
+         "model.norm.weight": raw(idx["norm"]).astype(np.float64),
+         "lm_head.weight": matrix(idx["lm_head"], H)}
+    for i, lw in enumerate(idx["layers"]):
+        p = f"model.layers.{i}."
+        qkv = matrix(lw["qkv"], H)
+        for name, rows in zip("qkv", np.split(qkv, [nh * hd, (nh + nkv) * hd])):
+            w[p + f"self_attn.{name}_proj.weight"] = rows
+        if lw["qkv"]["bias"]:
+            for name, b in zip("qkv", np.split(raw(lw["qkv"]["bias"]).astype(np.float64), [nh * hd, (nh + nkv) * hd])):
+                w[p + f"self_attn.{name}_proj.bias"] = b
+        w[p + "self_attn.o_proj.weight"] = matrix(lw["o"], nh * hd)
+        w[p + "mlp.gate_up_proj.weight"] = matrix(lw["gate_up"], H)
+        w[p + "mlp.down_proj.weight"] = matrix(lw["down"], cfg.intermediate_size)
+        for key, role in (("input_layernorm", "input_norm"), ("post_self_attn_layernorm", "post_attn_norm"),
+                          ("post_attention_layernorm", "pre_mlp_norm"), ("post_mlp_layernorm", "post_mlp_norm")):
+            w[p + key + ".weight"] = raw(lw[role]).astype(np.float64)
+    return w
+
+
 def rel(a, b) -> float:
     b = np.asarray(b, np.float64)
     scale = np.abs(b).max()
@@ -88,8 +126,8 @@ def image_for(device, source: str) -> bytes:
 
 class _Ctx:
     def __init__(self, device, shapes: Shapes, formats: Formats, kernels: list, handles: dict, seed: int,
-                 max_seq: int, chunk: int):
-        self.dev, self.s, self.f = device, shapes, formats
+                 max_seq: int, chunk: int, config: dict = DEFAULT_CONFIG):
+        self.dev, self.s, self.f, self.config = device, shapes, formats, config
         self.spec = {k.name: k for k in kernels}
         self.h = handles
         self.rng = np.random.default_rng(seed)
@@ -123,7 +161,10 @@ class _Ctx:
         self.ptrs, self.keep = [], []
 
     def grid(self, name: str) -> int:
-        return max(1, min(self.spec[name].tiles(self.s), 4 * self.dev.sm_count))
+        spec = self.spec[name]
+        role = "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(name, name)
+        per_sm = self.config.get(role, {}).get("blocks_per_sm", 4)
+        return max(1, min(spec.tiles(self.s), per_sm * self.dev.sm_count))
 
     def gemv(self, name: str, a: GemvArgs) -> None:
         k = self.spec[name]
@@ -315,10 +356,10 @@ CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(
 
 
 def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_seq: int | None = None,
-               chunk: int = 256, only=None, log=None) -> list[dict]:
+               chunk: int = 256, only=None, log=None, config: dict = DEFAULT_CONFIG) -> list[dict]:
     """Compile the decode step's kernels for this model and check each against numpy; a
     check that raises is reported as failed with its error, and the others still run."""
-    kernels = decode_kernels(shapes, formats)
+    kernels = decode_kernels(shapes, formats, config)
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
     max_seq = max_seq or 4 * chunk + 64
@@ -326,7 +367,7 @@ def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_s
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk)
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, config)
         t = time.perf_counter()
         try:
             r = check(c)
@@ -369,14 +410,14 @@ def smoke(device) -> dict:
 
 
 def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50, l2_bytes: int = 256 << 20,
-                 contexts=(128, 8192), log=None) -> list[dict]:
+                 contexts=(128, 8192), log=None, config: dict = DEFAULT_CONFIG, only=None) -> list[dict]:
     """Each GEMV alone (a graph of `launches` launches over weight copies larger than L2) and
     the attention at each context: microseconds per launch and the weight bytes per second."""
-    kernels = decode_kernels(shapes, formats)
+    kernels = decode_kernels(shapes, formats, config)
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
     max_seq = max(contexts) + 64
-    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, 256)
+    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, 256, config)
     s, rows = shapes, []
     shapes_of = {"qkv": (s.qkv, s.hidden, c.f.linear), "o_proj": (s.hidden, s.heads * s.head_dim, c.f.linear),
                  "gate_up": (2 * s.inter, s.hidden, c.f.linear), "down": (s.hidden, s.inter, c.f.linear),
@@ -391,6 +432,8 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                       pos=c.put(np.array([5], np.int32)), part_val=c.zeros(4 * 4096), part_idx=c.zeros(4 * 4096),
                       counter=c.zeros(4), token_out=c.zeros(4))
         for name, (n, k, fmt) in shapes_of.items():
+            if only and name not in only:
+                continue
             wf, _, nbytes = c.weights(fmt, n, k)
             copies = [wf] + [c.weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
             args = [GemvArgs(**w, **common, eps=EPS, max_seq=max_seq) for w in copies]
@@ -405,7 +448,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                        part_o=c.zeros(4 * s.heads * (-(-max_seq // 256)) * s.head_dim),
                        part_ml=c.zeros(8 * s.heads * (-(-max_seq // 256))), out=c.zeros(4 * s.heads * s.head_dim),
                        pos_add=0, max_seq=max_seq, chunk=256, splits=-(-max_seq // 256))
-        for ctx in contexts:
+        for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)
             a.pos = c.put(np.array([ctx - 1], np.int32))
             kv_bytes = 2 * s.kv_heads * ctx * s.head_dim * 2
@@ -438,7 +481,8 @@ def _time(device, record, launches: int, what: str, nbytes: int, grid, log) -> d
                 device.replay(graph)
             times.append(timer.ms)
     us = 1e3 * float(np.median(times)) / launches
-    row = {"kernel": what, "us": us, "bytes": nbytes, "tbps": nbytes / (us * 1e-6) / 1e12, "grid": grid}
+    row = {"kernel": what, "us": us, "bytes": nbytes, "tbps": nbytes / (us * 1e-6) / 1e12,
+           "grid": list(grid) if isinstance(grid, tuple) else grid}
     if log:
         log(f"{what:55s} {us:9.2f} us  {nbytes / 1e6:9.2f} MB  {row['tbps']:5.2f} TB/s  grid {grid}")
     return row

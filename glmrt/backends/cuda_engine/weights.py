@@ -5,11 +5,11 @@ offset, size, dtype and shape in the external data file, and which role it plays
 layer. The runtime memory-maps the file and copies each tensor to the device as it is stored
 (MatMulNBits bytes and scales, fp16 matrices, norms, biases): no onnx, no conversion.
 
-Two ways to hold them:
-  engine   one cuMemAlloc per tensor (the engine's own copy)
-  shared   ONNX Runtime device OrtValues, handed to the prefill session with
-           SessionOptions.add_initializer, so that ONNX Runtime uses them instead of loading
-           its own copy (whether it does is measured on the GPU: bench/cuda_engine_check.py)
+Either way one cuMemAlloc per tensor holds it. With mode "shared" each is also wrapped as an
+ONNX Runtime OrtValue over the same memory (DLPack, dlpack.py) and handed to the prefill
+session with SessionOptions.add_initializer, so that ONNX Runtime uses it instead of loading
+its own copy: the weights in device memory once (whether ONNX Runtime really keeps no copy of
+its own is measured on the GPU: bench/cuda_engine_check.py memory).
 """
 from __future__ import annotations
 
@@ -45,32 +45,24 @@ class DeviceWeights:
                     raise ArtifactError(f"{path}: {name} ends at byte {end}, the file has {data.size} "
                                         "(the export changed since the engine was built; rebuild it)")
                 raw = data[t["offset"]:end]
+                ptr = device.alloc(t["bytes"])
+                for i in range(0, t["bytes"], CHUNK):
+                    device.upload(ptr + i, np.array(raw[i:i + CHUNK]))
+                    device.synchronize()                # the staged chunk may go
+                self.ptr[name] = ptr
                 if mode == "shared":
-                    self.ptr[name] = self._ortvalue(name, raw, t)
-                else:
-                    ptr = device.alloc(t["bytes"])
-                    for i in range(0, t["bytes"], CHUNK):
-                        device.upload(ptr + i, np.array(raw[i:i + CHUNK]))
-                        device.synchronize()            # the staged chunk may go
-                    self.ptr[name] = ptr
+                    from .dlpack import ortvalue
+                    self.ortvalues[name] = ortvalue(ptr, t["shape"], t["dtype"], device.ort_device)
                 self.bytes += t["bytes"]
         finally:
             del data
-
-    def _ortvalue(self, name: str, raw: np.ndarray, t: dict) -> int:
-        import onnxruntime as ort
-        arr = np.array(raw).view(np.dtype(t["dtype"])).reshape(t["shape"])
-        v = ort.OrtValue.ortvalue_from_shape_and_type(list(t["shape"]), arr.dtype, "cuda", 0)
-        v.update_inplace(arr)
-        self.ortvalues[name] = v
-        return int(v.data_ptr())
 
     def __getitem__(self, name: str | None) -> int:
         return 0 if name is None else self.ptr[name]
 
     def free(self) -> None:
-        if self.mode == "engine":
-            for p in self.ptr.values():
-                self.device.free(p)
-        self.ptr.clear()
+        """After whatever ONNX Runtime session was given the OrtValues is gone."""
         self.ortvalues.clear()
+        for p in self.ptr.values():
+            self.device.free(p)
+        self.ptr.clear()
