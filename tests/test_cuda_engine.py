@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import glmrt
 from glmrt import reference
 from glmrt.backends.cuda_engine import nvrtc, selfcheck
 from glmrt.backends.cuda_engine.args import STRUCTS
@@ -452,3 +453,93 @@ def test_build_on_the_gpu_here_checks_every_kernel_first(exported, tmp_path, mon
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
     em = read_engine(build(model, backend="cuda"))
     assert [r["kernel"] for r in em["selfcheck"]] == list(selfcheck.CHECKS) and all(r["ok"] for r in em["selfcheck"])
+
+
+# ---- the driver calls, without a driver ----------------------------------------------------------
+class _FakeDriver:
+    """cuda.bindings.driver where every call is first made for real (the bindings convert the
+    arguments before they look for libcuda, so a wrong type raises TypeError here) and then
+    answered with a plausible success: CudaDevice's every code path, run without a GPU."""
+
+    def __init__(self):
+        import cuda.bindings.driver as cu
+        self.cu, self.next_ptr, self.calls = cu, 1 << 20, []
+        ok = cu.CUresult.CUDA_SUCCESS
+        attr = cu.CUdevice_attribute
+        values = {attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: 9, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: 0,
+                  attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 132,
+                  attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 232448}
+        self.answers = {
+            "cuDeviceGet": lambda *a: (ok, cu.CUdevice(0)), "cuDeviceGetName": lambda *a: (ok, b"Fake H200\0\0"),
+            "cuDeviceGetAttribute": lambda a, d: (ok, values[a]), "cuDriverGetVersion": lambda: (ok, 13000),
+            "cuDevicePrimaryCtxRetain": lambda d: (ok, cu.CUcontext(0)), "cuStreamCreate": lambda f: (ok, cu.CUstream(0)),
+            "cuMemAlloc": self._alloc, "cuModuleLoadData": lambda i: (ok, cu.CUmodule(0)),
+            "cuModuleGetFunction": lambda m, n: (ok, cu.CUfunction(0)), "cuStreamEndCapture": lambda s: (ok, cu.CUgraph(0)),
+            "cuGraphInstantiate": lambda g, f: (ok, cu.CUgraphExec(0)), "cuMemGetInfo": lambda: (ok, 1 << 30, 2 << 30),
+            "cuEventCreate": lambda f: (ok, cu.CUevent(0)), "cuEventElapsedTime": lambda a, b: (ok, 1.5)}
+        self.ok = ok
+
+    def _alloc(self, n):
+        self.next_ptr += (n + 255) // 256 * 256
+        return self.ok, self.cu.CUdeviceptr(self.next_ptr)
+
+    def __getattr__(self, name):
+        real = getattr(self.cu, name)
+        if not name.startswith("cu") or not callable(real) or isinstance(real, type):
+            return real
+
+        def call(*args):
+            try:
+                real(*args)
+            except TypeError:
+                raise
+            except Exception:  # noqa: S110  (no libcuda here: the arguments were accepted)
+                pass
+            self.calls.append(name)
+            return self.answers.get(name, lambda *a: (self.ok,))(*args)
+        return call
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is here: the real device is tested instead")
+def test_every_driver_call_takes_its_arguments(monkeypatch):
+    from glmrt.backends.cuda_engine import device as device_mod
+    from glmrt.backends.cuda_engine.args import GemvArgs
+    pytest.importorskip("cuda.bindings.driver")
+    fake = _FakeDriver()
+    monkeypatch.setattr(device_mod, "_driver", lambda: fake)
+    d = device_mod.CudaDevice()
+    assert (d.name, d.compute_capability, d.sm_count, d.driver_version) == ("Fake H200", (9, 0), 132, 13000)
+    p = d.alloc(1000)
+    d.upload(p, np.arange(10, dtype=np.float32))
+    d.download(p, np.empty(10, np.float32))
+    d.zero(p, 40)
+    k = d.load(b"\x7fELF fake cubin", {"big": 60000, "small": 0})
+    d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p))
+    graph = d.capture(lambda: d.launch(k["small"], (3,), 128, 0, GemvArgs()))
+    d.replay(graph)
+    assert d.memory() == (1 << 30, 2 << 30)
+    with d.timer() as t:
+        d.replay(graph)
+    assert t.ms == 1.5
+    d.free(p)
+    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuStreamBeginCapture", "cuGraphLaunch", "cuMemcpyHtoDAsync"):
+        assert call in fake.calls
+
+
+@needs_nvrtc
+@pytest.mark.skipif(GPU, reason="a GPU is here: the real device is tested instead")
+def test_glmrt_load_runs_the_engine_through_every_driver_call(engine_model, monkeypatch):
+    """glmrt.load(backend="cuda") -> registry -> engine found for the (fake) H200 -> weights
+    uploaded, kernels loaded, graphs captured and replayed: the driver sees every call with
+    arguments it accepts (the results are meaningless without a GPU)."""
+    from glmrt.backends.cuda_engine import device as device_mod
+    pytest.importorskip("cuda.bindings.driver")
+    fake = _FakeDriver()
+    fake.answers["cuDeviceGetName"] = lambda *a: (fake.ok, b"NVIDIA H200\0")
+    monkeypatch.setattr(device_mod, "_driver", lambda: fake)
+    m = glmrt.load(engine_model("int4"), backend="cuda", max_context=64)
+    assert m.decoder.describe()["gpu"] == "NVIDIA H200 (sm90, 132 SMs)"
+    with m.decoder.generation() as c:
+        m.decoder.step_greedy(np.array([[5, 6, 7]]), c)
+        m.decoder.greedy_burst(3, c, 2)
+    assert fake.calls.count("cuGraphInstantiate") == 2 and "cuModuleLoadData" in fake.calls

@@ -88,28 +88,24 @@ class CudaDecoder(Decoder):
                 "gpu": f"{d.name} (sm{d.compute_capability[0]}{d.compute_capability[1]}, {d.sm_count} SMs)"}
 
     # ---- decode --------------------------------------------------------------------------
-    def _queue(self, n: int) -> None:
-        """Queue n decode steps (a burst), as one graph where graphs are on."""
-        if not self.cuda_graph:
-            for i in range(n):
-                for launch in self.step_plan.launches(i):
-                    self.device.launch(*launch)
-            return
-        if n not in self.graphs:
-            def record():
-                for i in range(n):
-                    for launch in self.step_plan.launches(i):
-                        self.device.launch(*launch)
-            self.graphs[n] = self.device.capture(record)
-        self.device.replay(self.graphs[n])
+    def _record(self, n: int) -> None:
+        for i in range(n):
+            for launch in self.step_plan.launches(i):
+                self.device.launch(*launch)
 
     def _decode(self, last: int, past: int, n: int) -> np.ndarray:
-        """n steps after `past` tokens, the first fed `last`: the n ids chosen (int32)."""
+        """n steps after `past` tokens, the first fed `last`: the n ids chosen (int32). With
+        graphs, a burst of n steps is captured once (while the stream is idle) and replayed."""
         if not 0 <= last < self.vocab:
             raise GlmrtError(f"token id {last} is outside the vocabulary [0, {self.vocab})")
+        if self.cuda_graph and n not in self.graphs:
+            self.graphs[n] = self.device.capture(lambda: self._record(n))
         self._host_ctl[:] = (past, last)
         self.device.upload(self.step_plan.buf["ctl"], self._host_ctl)
-        self._queue(n)
+        if self.cuda_graph:
+            self.device.replay(self.graphs[n])
+        else:
+            self._record(n)
         ids = np.empty(n, np.int32)
         self.device.download(self.step_plan.buf["ctl"] + 8, ids)     # slots 1..n; synchronizes
         return ids
