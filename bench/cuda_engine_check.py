@@ -153,7 +153,7 @@ def step_share(rows: list, shape: tuple, log) -> dict:
     att = next((r for r in rows if r["kernel"].endswith("context 128")), None)
     parts = [(n, by[n]["us"] * layers, by[n]["bytes"] * layers) for n in ("qkv", "o_proj", "gate_up", "down") if n in by]
     if att:
-        parts.append(("attention + combine (ctx 128)", att["us"] * layers, att["bytes"] * layers))
+        parts.append(("attention (ctx 128)", att["us"] * layers, att["bytes"] * layers))
     if "lm_head" in by:
         parts.append(("lm_head", by["lm_head"]["us"], by["lm_head"]["bytes"]))
     total = sum(p[1] for p in parts)
@@ -166,9 +166,9 @@ def step_share(rows: list, shape: tuple, log) -> dict:
                                          for n, us, b in parts]}
 
 
-SWEEP = [  # (warps, rows per warp, units in flight per lane, blocks per SM)
-    (8, 2, 4, 4), (8, 2, 2, 4), (8, 2, 8, 2), (8, 1, 4, 4), (8, 4, 2, 4), (4, 2, 4, 8), (4, 4, 4, 8),
-    (16, 1, 4, 2), (8, 2, 4, 2), (8, 2, 4, 8)]
+SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident)
+    (8, 2, 4, 1, 0), (8, 2, 4, 1, 4), (8, 2, 4, 3, 0), (8, 2, 2, 1, 0), (8, 2, 8, 1, 0), (8, 1, 4, 1, 0),
+    (8, 4, 2, 1, 0), (4, 2, 4, 1, 0), (4, 4, 4, 2, 0), (16, 1, 4, 1, 0), (8, 1, 4, 2, 0)]
 
 
 def part_sweep(args):
@@ -179,10 +179,11 @@ def part_sweep(args):
     device = make_device(args)
     shapes = Shapes(*SHAPES["glm-z1-9b"]) if not args.emulate else Shapes(128, 384, 4, 2, 32, 16, 1024)
     out = []
-    for warps, rpw, unroll, per_sm in SWEEP:
-        knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "blocks_per_sm": per_sm}
+    for warps, rpw, unroll, min_blocks, per_sm in SWEEP:
+        knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm}
         config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
-        say(f"== warps {warps}, rows per warp {rpw}, units in flight {unroll}, blocks per SM {per_sm}")
+        say(f"== warps {warps}, rows per warp {rpw}, units in flight {unroll}, launch bounds min blocks "
+            f"{min_blocks}, blocks per SM {per_sm or 'resident'}")
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config=config, log=say,
                                 only=("qkv", "o_proj", "gate_up", "down"),

@@ -200,6 +200,8 @@ MUTATIONS = {
     "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
     "softmax rescale": ("attention.cu", "acc[g] *= corr_s[g];", "", "attention"),
+    "split merge weights": ("attention.cu", "num += w * load_l2", "num += load_l2", "attention"),
+    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) a.x_out[m * H + k] = v;", "", "gate_up"),
     "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
@@ -250,8 +252,8 @@ def test_build_without_a_gpu_writes_a_complete_engine(engine_model):
     assert selfcheck.__name__ and em["source_sha256"] == __import__("hashlib").sha256(
         (where / "engine.cu").read_bytes()).hexdigest()
     assert em["formats"] == {"linear": "int4", "block": 32, "lm_head": "f16_kn"}
-    assert {k["name"] for k in em["kernels"]} == {"qkv_first", "qkv", "attention", "attention_combine", "o_proj",
-                                                   "gate_up", "down", "lm_head"}
+    assert {k["name"] for k in em["kernels"]} == {"qkv_first", "qkv", "attention", "o_proj", "gate_up", "down",
+                                                   "lm_head"}
     assert em["selfcheck"] is None and em["tuned"] is False          # no GPU here: compiled, not checked
     # the weight index points where ONNX's external data does, and covers every matrix
     g = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
@@ -476,7 +478,8 @@ class _FakeDriver:
             "cuMemAlloc": self._alloc, "cuModuleLoadData": lambda i: (ok, cu.CUmodule(0)),
             "cuModuleGetFunction": lambda m, n: (ok, cu.CUfunction(0)), "cuStreamEndCapture": lambda s: (ok, cu.CUgraph(0)),
             "cuGraphInstantiate": lambda g, f: (ok, cu.CUgraphExec(0)), "cuMemGetInfo": lambda: (ok, 1 << 30, 2 << 30),
-            "cuEventCreate": lambda f: (ok, cu.CUevent(0)), "cuEventElapsedTime": lambda a, b: (ok, 1.5)}
+            "cuEventCreate": lambda f: (ok, cu.CUevent(0)), "cuEventElapsedTime": lambda a, b: (ok, 1.5),
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor": lambda f, t, s: (ok, 2)}
         self.ok = ok
 
     def _alloc(self, n):
@@ -515,6 +518,7 @@ def test_every_driver_call_takes_its_arguments(monkeypatch):
     d.zero(p, 40)
     k = d.load(b"\x7fELF fake cubin", {"big": 60000, "small": 0})
     d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p))
+    assert d.occupancy(k["big"], 256, 60000) == 2
     graph = d.capture(lambda: d.launch(k["small"], (3,), 128, 0, GemvArgs()))
     d.replay(graph)
     assert d.memory() == (1 << 30, 2 << 30)

@@ -19,7 +19,7 @@ class GemvArgs(ctypes.Structure):
 
 
 class AttnArgs(ctypes.Structure):
-    _fields_ = [(name, P) for name in ("q", "k_cache", "v_cache", "pos", "part_o", "part_ml", "out")] + [
+    _fields_ = [(name, P) for name in ("q", "k_cache", "v_cache", "pos", "part_o", "part_ml", "out", "counter")] + [
         ("pos_add", ctypes.c_int32), ("max_seq", ctypes.c_int32), ("chunk", ctypes.c_int32),
         ("splits", ctypes.c_int32)]
 

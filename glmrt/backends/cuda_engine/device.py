@@ -72,6 +72,10 @@ class Device(abc.ABC):
         """(free, total) device memory in bytes, where known."""
         return None
 
+    def occupancy(self, kernel, threads: int, smem: int) -> int:
+        """Blocks of `kernel` one SM holds at once (its registers and shared memory)."""
+        return 4
+
     def timer(self):
         """A context manager measuring device time in ms (`.ms` after the block), or None."""
         return None
@@ -183,6 +187,11 @@ class CudaDevice(Device):
     def memory(self):
         free, total = self._ck(self.cu.cuMemGetInfo(), "cuMemGetInfo")
         return int(free), int(total)
+
+    def occupancy(self, kernel, threads: int, smem: int) -> int:
+        n = self._ck(self.cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel, threads, smem),
+                     "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        return max(1, int(n))
 
     def timer(self):
         return _Timer(self)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, decode_kernels, rope_table
+from .step import DEFAULT_CONFIG, Formats, decode_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
@@ -161,10 +161,7 @@ class _Ctx:
         self.ptrs, self.keep = [], []
 
     def grid(self, name: str) -> int:
-        spec = self.spec[name]
-        role = "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(name, name)
-        per_sm = self.config.get(role, {}).get("blocks_per_sm", 4)
-        return max(1, min(spec.tiles(self.s), per_sm * self.dev.sm_count))
+        return gemv_grid(self.spec[name], self.s, self.config, self.dev, self.h[name])
 
     def gemv(self, name: str, a: GemvArgs) -> None:
         k = self.spec[name]
@@ -254,17 +251,20 @@ def check_attention(c: _Ctx) -> dict:
     vc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     out = c.zeros(4 * nh * hd)
     a = AttnArgs(q=c.put(q), k_cache=c.put(kc), v_cache=c.put(vc), part_o=c.zeros(4 * nh * splits * hd),
-                 part_ml=c.zeros(4 * nh * splits * 2), out=out, pos_add=1, max_seq=c.max_seq, chunk=c.chunk,
-                 splits=splits)
+                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * nkv), pos_add=1,
+                 max_seq=c.max_seq, chunk=c.chunk, splits=splits)
     errs = {}
-    for length in sorted({1, 37, c.chunk + 1, min(c.max_seq, 2 * c.chunk + 77), c.max_seq}):
+    for length in sorted({1, 37, c.chunk, c.chunk + 1, min(c.max_seq, 2 * c.chunk + 77), c.max_seq}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
+        c.dev.zero(out, 4 * nh * hd)
         c.dev.launch(c.h["attention"], (nkv, splits), c.spec["attention"].threads, 0, a)
-        c.dev.launch(c.h["attention_combine"], (nh,), hd, 0, a)
         ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
         errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
-    return _result(f"attention (GQA {nh}/{nkv}, split over the context in chunks of {c.chunk}) + combine",
-                   max(errs.values()), TOL["attention"], errors_by_length=errs)
+    counters = c.get(a.counter, nkv, np.uint32)
+    err = max(errs.values()) if not counters.any() else float("inf")
+    return _result(f"attention (GQA {nh}/{nkv}, split over the context in chunks of {c.chunk}, the last "
+                   "split merging)", err, TOL["attention"], errors_by_length=errs,
+                   counters_after=counters.tolist())
 
 
 def check_o_proj(c: _Ctx) -> dict:
@@ -429,7 +429,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                       y=c.zeros(4 * max(s.vocab, s.hidden)), act=c.zeros(2 * s.inter), q=c.zeros(4 * s.heads * s.head_dim),
                       k_cache=c.zeros(s.kv_heads * max_seq * s.head_dim * 2),
                       v_cache=c.zeros(s.kv_heads * max_seq * s.head_dim * 2), rope=c.put(rope_table_for(c)),
-                      pos=c.put(np.array([5], np.int32)), part_val=c.zeros(4 * 4096), part_idx=c.zeros(4 * 4096),
+                      pos=c.put(np.array([5], np.int32)), part_val=c.zeros(4 * 65536), part_idx=c.zeros(4 * 65536),
                       counter=c.zeros(4), token_out=c.zeros(4))
         for name, (n, k, fmt) in shapes_of.items():
             if only and name not in only:
@@ -447,7 +447,8 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
                        part_o=c.zeros(4 * s.heads * (-(-max_seq // 256)) * s.head_dim),
                        part_ml=c.zeros(8 * s.heads * (-(-max_seq // 256))), out=c.zeros(4 * s.heads * s.head_dim),
-                       pos_add=0, max_seq=max_seq, chunk=256, splits=-(-max_seq // 256))
+                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=256,
+                       splits=-(-max_seq // 256))
         for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)
             a.pos = c.put(np.array([ctx - 1], np.int32))
@@ -456,8 +457,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
             def record(a=a):
                 for _ in range(launches):
                     device.launch(handles["attention"], (s.kv_heads, a.splits), c.spec["attention"].threads, 0, a)
-                    device.launch(handles["attention_combine"], (s.heads,), s.head_dim, 0, a)
-            rows.append(_time(device, record, launches, f"attention + combine, context {ctx}", kv_bytes,
+            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes,
                               (s.kv_heads, -(-ctx // 256)), log))
     finally:
         c.free()

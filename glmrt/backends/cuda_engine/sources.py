@@ -69,6 +69,7 @@ class Gemv:
     warps: int = 8
     rpw: int = 2
     unroll: int = 4
+    min_blocks: int = 1      # __launch_bounds__' minimum resident blocks per SM (caps registers)
 
     @property
     def threads(self) -> int:
@@ -105,7 +106,7 @@ class Gemv:
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
-        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) '
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}, {self.min_blocks}) '
                 f"{self.name}(const GemvArgs a) {{ {call} }}\n")
 
     args = "GemvArgs"
@@ -113,9 +114,8 @@ class Gemv:
 
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    """The split attention kernel (kind "attention", `threads` per block) or its combine."""
+    """The decode attention kernel: `threads` per block, split over the context."""
     name: str
-    kind: str
     head_dim: int
     group: int
     threads: int = 128
@@ -125,11 +125,8 @@ class Attention:
         return 0
 
     def instance(self) -> str:
-        if self.kind == "attention":
-            return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
-                    f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.threads}>(a); }}\n")
-        return (f'extern "C" __global__ void {self.name}(const AttnArgs a) '
-                f"{{ attention_combine<{self.head_dim}>(a); }}\n")
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
+                f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.threads}>(a); }}\n")
 
     args = "AttnArgs"
 

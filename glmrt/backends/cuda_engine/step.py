@@ -1,12 +1,12 @@
 """One decode step of the whole model: the kernels it needs (what the builder compiles) and
 the launches, in order, with their arguments (what the decoder queues or captures as a graph).
 
-Per layer, five kernels and the attention's combine:
+Per layer, five kernels:
 
   qkv        x = x + norm(mlp) * w_post_mlp (the previous layer's sandwich add; layer 0: the
              embedding row), h = norm(x) * w_in; qkv = h W^T + b; RoPE; k, v -> cache at pos
-  attention  one block per (KV head, split of the context), all its query heads at once
-  combine    the splits merged: attn (NH * HD) fp32
+  attention  one block per (KV head, split of the context), all its query heads at once; the
+             last split to finish merges them: attn (NH * HD) fp32
   o_proj     o = attn W^T
   gate_up    x = x + norm(o) * w_post_attn; h = norm(x) * w_pre_mlp; act = silu(h Wg^T) * h Wu^T
   down       mlp = act W^T
@@ -28,17 +28,28 @@ import numpy as np
 from .args import AttnArgs, GemvArgs
 from .sources import Attention, Gemv, Shapes
 
-# Launch parameters per role (compile-time ones fix the kernel instance; blocks_per_sm sets
-# the persistent grid). The builder records what it used; tuning replaces these.
+# Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
+# lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
+# the persistent grid: 0 = as many as fit at once (the driver's occupancy for the kernel),
+# N = N per SM. The builder records what it used; tuning replaces these.
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 1, "blocks_per_sm": 0}
 DEFAULT_CONFIG = {
-    "qkv": {"warps": 8, "rpw": 2, "unroll": 4, "blocks_per_sm": 4},
-    "o_proj": {"warps": 8, "rpw": 2, "unroll": 4, "blocks_per_sm": 4},
-    "gate_up": {"warps": 8, "rpw": 2, "unroll": 4, "blocks_per_sm": 4},
-    "down": {"warps": 8, "rpw": 2, "unroll": 4, "blocks_per_sm": 4},
-    "lm_head": {"warps": 8, "rpw": 2, "unroll": 4, "blocks_per_sm": 4},
-    "lm_head_kn": {"warps": 8, "rpw": 1, "unroll": 8, "blocks_per_sm": 4},
+    "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
+    "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
     "attention": {"threads": 128, "chunk": 256},
 }
+
+
+def role(spec) -> str:
+    """The launch-parameter entry a kernel instance takes."""
+    return "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(spec.name, spec.name)
+
+
+def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
+    """Blocks of a persistent GEMV: blocks_per_sm per SM (0: as many as are resident at once),
+    never more than its tiles."""
+    per_sm = config.get(role(spec), GEMV).get("blocks_per_sm", 0) or device.occupancy(handle, spec.threads, spec.smem)
+    return max(1, min(spec.tiles(shapes), per_sm * device.sm_count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +64,15 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        c = config["lm_head_kn" if fmt == "f16_kn" else role]
-        return Gemv(name, fmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"])
+        c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
+        return Gemv(name, fmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
+                    min_blocks=c["min_blocks"])
 
     threads = max(config["attention"]["threads"], -(-s.head_dim // 32) * 32)
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", "attention", s.head_dim, s.group, threads),
-        Attention("attention_combine", "combine", s.head_dim, s.group),
+        Attention("attention", s.head_dim, s.group, threads),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
         gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
@@ -103,8 +114,7 @@ class DecodeStep:
         if self.chunk % att_threads:
             raise ValueError(f"attention chunk {self.chunk} is not a multiple of its {att_threads} threads")
         self.splits = -(-max_context // self.chunk)
-        lm_spec = kernels["lm_head"][0]
-        self.lm_grid = self.grid(lm_spec)
+        self.lm_grid = self.grid("lm_head")
         f32, f16, i32 = 4, 2, 4
         sizes = {                                        # name: bytes
             "x0": s.hidden * f32, "x1": s.hidden * f32,  # the residual stream, ping-pong
@@ -118,6 +128,7 @@ class DecodeStep:
             "logits": s.vocab * f32,
             "part_val": self.lm_grid * f32, "part_idx": self.lm_grid * i32,
             "counter": 4,
+            "att_counter": 4 * s.kv_heads,
             "ctl": (burst + 2) * i32,                    # [pos, id_0 .. id_burst]
             "rope": max_context * (s.rot // 2) * 2 * f32,
         }
@@ -129,15 +140,14 @@ class DecodeStep:
         device.upload(self.buf["rope"], self._rope)
         device.synchronize()
 
-    def grid(self, spec: Gemv) -> int:
-        role = "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(spec.name, spec.name)
-        per_sm = self.config.get(role, {}).get("blocks_per_sm", 4)
-        return max(1, min(spec.tiles(self.shapes), per_sm * self.device.sm_count))
+    def grid(self, name: str) -> int:
+        spec, handle = self.kernels[name]
+        return gemv_grid(spec, self.shapes, self.config, self.device, handle)
 
     def _gemv(self, name: str, **fields):
         spec, handle = self.kernels[name]
         a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, **fields)
-        return handle, (self.grid(spec),), spec.threads, spec.smem, a
+        return handle, (self.grid(name),), spec.threads, spec.smem, a
 
     def _linear(self, m: dict) -> dict:
         return {"w": self.w[m["w"]], "scales": self.w[m.get("scales")], "bias": self.w[m.get("bias")]}
@@ -159,11 +169,10 @@ class DecodeStep:
                 prev = self.wmap["layers"][layer - 1]
                 out.append(self._gemv("qkv", x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
             att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
-                           out=b["attn"], pos_add=i, max_seq=self.max_context, chunk=self.chunk, splits=self.splits)
+                           out=b["attn"], counter=b["att_counter"], pos_add=i, max_seq=self.max_context,
+                           chunk=self.chunk, splits=self.splits)
             spec, h = self.kernels["attention"]
             out.append((h, (s.kv_heads, self.splits), spec.threads, 0, att))
-            spec, h = self.kernels["attention_combine"]
-            out.append((h, (s.heads,), s.head_dim, 0, att))
             out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))

@@ -7,9 +7,11 @@
 //            scaled by HD^-0.5)
 //   softmax  online per query head: running max m and sum l, earlier sums rescaled
 //   values   thread d: dimension d of the G outputs, sum over the tile of p * V[t, d]
-// and leaves its unnormalized (o, m, l) per query head; splits past the sequence do nothing.
-// attention_combine: grid NH, HD threads: the splits of one query head merged,
-//   out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,  M = max_s m_s.
+// Splits past the sequence return at once. With one split in use (len <= chunk) that block
+// writes the output itself; with more, each leaves its unnormalized (o, m, l) per query head
+// and the last of them to finish (a counter per KV head) merges them:
+//   out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,  M = max_s m_s,
+// and re-arms the counter. One launch per layer, whatever the context.
 // len = *pos + pos_add + 1: the cache already holds this token's K and V (the QKV epilogue
 // wrote them). Cache layout (NKV, max_seq, HD) fp16 per layer, K after RoPE (the gqa form's).
 // Query head j is served by KV head j / G (transformers' repeat_interleave).
@@ -22,6 +24,7 @@ struct AttnArgs {
   float* part_o;          // (NH, splits, HD) unnormalized outputs
   float* part_ml;         // (NH, splits, 2) running max and sum
   float* out;             // (NH * HD) fp32
+  unsigned* counter;      // (NKV,) splits done; zero between launches
   int pos_add;
   int max_seq;
   int chunk;              // positions per split, a multiple of THREADS
@@ -108,6 +111,13 @@ DEV void attention(const AttnArgs& a) {
     }
     __syncthreads();
   }
+  const int used = (len + a.chunk - 1) / a.chunk;        // splits with positions to read
+  if (used == 1) {                                       // the only one: normalize, done
+    if (tid < HD)
+#pragma unroll
+      for (int g = 0; g < G; ++g) a.out[(h * G + g) * HD + tid] = acc[g] / l_s[g];
+    return;
+  }
   if (tid < HD)
 #pragma unroll
     for (int g = 0; g < G; ++g) a.part_o[((size_t)(h * G + g) * a.splits + split) * HD + tid] = acc[g];
@@ -115,21 +125,25 @@ DEV void attention(const AttnArgs& a) {
     a.part_ml[((h * G + tid) * a.splits + split) * 2] = m_s[tid];
     a.part_ml[((h * G + tid) * a.splits + split) * 2 + 1] = l_s[tid];
   }
-}
-
-template <int HD>
-DEV void attention_combine(const AttnArgs& a) {
-  const int j = blockIdx.x, d = threadIdx.x;
-  const int len = *a.pos + a.pos_add + 1;
-  const int used = (len + a.chunk - 1) / a.chunk;
-  const float* ml = a.part_ml + (size_t)j * a.splits * 2;
-  float mx = __int_as_float(0xff800000);
-  for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[2 * s]);
-  float num = 0.f, den = 0.f;
-  for (int s = 0; s < used; ++s) {
-    const float w = __expf(ml[2 * s] - mx);
-    num += w * a.part_o[((size_t)j * a.splits + s) * HD + d];
-    den += w * ml[2 * s + 1];
+  __threadfence();                                       // the partials, before the count
+  __shared__ int is_last;
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(a.counter + h, 1u) == (unsigned)used - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = tid; e < G * HD; e += THREADS) {          // merge the splits: (query head, dim) per thread
+    const int j = h * G + e / HD, d = e % HD;
+    const float* ml = a.part_ml + (size_t)j * a.splits * 2;
+    float mx = __int_as_float(0xff800000);
+    for (int s = 0; s < used; ++s) mx = fmaxf(mx, load_l2(ml + 2 * s));
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < used; ++s) {
+      const float w = __expf(load_l2(ml + 2 * s) - mx);
+      num += w * load_l2(a.part_o + ((size_t)j * a.splits + s) * HD + d);
+      den += w * load_l2(ml + 2 * s + 1);
+    }
+    a.out[j * HD + d] = num / den;
   }
-  a.out[j * HD + d] = num / den;
+  if (tid == 0) a.counter[h] = 0u;
 }
