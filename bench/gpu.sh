@@ -95,7 +95,7 @@ hf)
   run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
   ;;
 engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
-  C="python3 $REPO/bench/cuda_engine_check.py"
+  C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
   LOG=$OUT/$stage.log
   part() { local limit=$1; shift; echo "+ [$(date +%T), limit ${limit}s] $*" | tee -a "$LOG";
            timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "  (exit ${PIPESTATUS[0]})" | tee -a "$LOG"; }
@@ -107,7 +107,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     part 60 $C smoke
     part 170 $C kernels --time
     python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
-    for s in "small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"; do
+    for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
       tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
       flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
       ref=""; [ "$tag" = small ] && ref="--reference"
