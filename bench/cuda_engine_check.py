@@ -25,6 +25,7 @@ Runtime's CPU provider: a dry run of this script on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -211,6 +212,16 @@ def load_engine(args, model: Path, **options):
     return CudaDecoder(model, man, where, read_engine(where, verify=False), device, **options), man
 
 
+@contextlib.contextmanager
+def engine_prefill(eng):
+    """The decoder prefills with its own kernels, token by token, for the duration."""
+    ort, eng.ort = eng.ort, None
+    try:
+        yield eng
+    finally:
+        eng.ort = ort
+
+
 def part_model(args):
     from glmrt import manifest as manifest_io
     from glmrt.backends.ort_gqa import OrtGqaDecoder
@@ -259,15 +270,14 @@ def part_model(args):
     checks.append(verdict(f"decode logits vs ONNX Runtime's {precision} form, 16 steps", max(errs) < tol_ort,
                           f"max rel err {max(errs):.2e} (tol {tol_ort:.0e}), per step {', '.join(f'{e:.1e}' for e in errs[:6])}..."))
 
-    # 2. the engine's own prefill (token by token) against ONNX Runtime's
-    own, _ = load_engine(args, model, device=device, max_context=n_ctx, prefill="engine")
-    with own.generation() as c, ort.generation() as co:
-        a = own.step(np.array([prompt]), c, keep=4)
+    # 2. the engine's own prefill (token by token) against ONNX Runtime's (the same decoder,
+    #    its ONNX Runtime session set aside for the call)
+    with engine_prefill(eng), eng.generation() as c, ort.generation() as co:
+        a = eng.step(np.array([prompt]), c, keep=4)
         b = ort.step(np.array([prompt]), co, keep=4)
     figures["engine_prefill_rel_err_vs_ort"] = rel(a, b)
     checks.append(verdict("the engine's own prefill (token by token) vs ONNX Runtime's prefill, last 4 positions",
                           rel(a, b) < tol_ort, f"rel err {rel(a, b):.2e} (tol {tol_ort:.0e})"))
-    own.close()
 
     # 3. 64 greedy steps in bursts of 8, free running
     with eng.generation() as c:
@@ -286,15 +296,16 @@ def part_model(args):
                               f"tie below {tie:.0e})"))
     figures["greedy_equal_steps"] = same
 
-    # 4. bursts of 1 and plain launches give the burst tokens
-    for name, options in (("one step per graph", {"burst": 1}), ("plain launches, no graph", {"cuda_graph": False})):
-        other, _ = load_engine(args, model, device=device, max_context=n_ctx, **options)
-        with other.generation() as c:
-            t2 = [other.step_greedy(np.array([prompt]), c)]
+    # 4. one step per graph, and plain launches without graphs, give the burst tokens
+    for name, burst, graphs in (("one step per graph", 1, True), ("plain launches, no graph", 8, False)):
+        eng.cuda_graph = graphs
+        with eng.generation() as c:
+            t2 = [eng.step_greedy(np.array([prompt]), c)]
             while len(t2) < 24:
-                t2 += other.greedy_burst(t2[-1], c, min(other.caps.burst, 24 - len(t2)))
-        checks.append(verdict(f"greedy tokens, {name}, equal the bursts'", t2 == toks[:24], f"{sum(x == y for x, y in zip(t2, toks))} of 24 equal"))
-        other.close()
+                t2 += eng.greedy_burst(t2[-1], c, min(burst, 24 - len(t2)))
+        eng.cuda_graph = True
+        checks.append(verdict(f"greedy tokens, {name}, equal the bursts'", t2 == toks[:24],
+                              f"{sum(x == y for x, y in zip(t2, toks))} of 24 equal"))
 
     # 5. a stop token inside a burst; the cache limit
     stop = toks[5]
@@ -320,13 +331,11 @@ def part_model(args):
         w = dequantized_weights(model, read_engine(eng.engine_path, verify=False), cfg)
         ref, cache = reference.forward(cfg, w, prompt)
         errs = []
-        own, _ = load_engine(args, model, device=device, max_context=n_ctx, prefill="engine")
-        with own.generation() as c:
-            errs.append(rel(own.step(np.array([prompt]), c, keep=4)[0], ref[-4:]))
+        with engine_prefill(eng), eng.generation() as c:
+            errs.append(rel(eng.step(np.array([prompt]), c, keep=4)[0], ref[-4:]))
             for token in ref_tokens[:4]:
                 ref, cache = reference.forward(cfg, w, [token], cache)
-                errs.append(rel(own.step(np.array([[token]]), c)[0, -1], ref[-1]))
-        own.close()
+                errs.append(rel(eng.step(np.array([[token]]), c)[0, -1], ref[-1]))
         figures["rel_err_vs_float64"] = errs
         checks.append(verdict("engine logits vs the float64 reference on the engine's own weights (prefill + 4 steps)",
                               max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.0e})"))

@@ -326,12 +326,12 @@ def check_lm_head(c: _Ctx) -> dict:
         packed[first] = packed[second] = tied
         scales[first] = scales[second] = np.float16(0.05)
         wf = {"w": c.put(packed), "scales": c.put(scales)}
-        wd = dequant_int4(packed, scales, H)
+        wd = _Rows(lambda r: dequant_int4(packed[r], scales[r], H), V)
     else:
         w = (c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
         w[first] = w[second] = np.where(h > 0, 0.5, -0.5).astype(np.float16)
         wf = {"w": c.put(w if fmt == "f16" else np.ascontiguousarray(w.T)), "scales": 0}
-        wd = w.astype(np.float64)
+        wd = w
     grid = c.grid("lm_head")
     a = GemvArgs(**wf, x_in=c.put(x_in), y_in=c.put(y_in), norm_y=c.put(norm_y), norm_x=c.put(norm_x),
                  x_out=c.zeros(4 * H), y=c.zeros(4 * V), part_val=c.zeros(4 * grid), part_idx=c.zeros(4 * grid),
@@ -341,13 +341,24 @@ def check_lm_head(c: _Ctx) -> dict:
         c.gemv("lm_head", a)
         tokens.append(int(c.get(a.token_out, 1, np.int32)[0]))
     logits = c.get(a.y, V, np.float32)
-    ref = wd @ h
+    ref = np.concatenate([wd[i:i + 8192].astype(np.float64) @ h for i in range(0, V, 8192)])
     err = rel(logits, ref)
     counter = int(c.get(a.counter, 1, np.uint32)[0])
     ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
     return _result(f"lm_head ({fmt}, residual add + final norm -> logits + argmax, tie between rows "
                    f"{first} and {second})", err if ok else float("inf"), TOL[fmt],
                    tokens=tokens, logits_err=err, counter_after=counter)
+
+
+class _Rows:
+    """Rows of a big matrix made (dequantized) on demand: the lm_head reference in slices,
+    never a whole float64 copy of 151552 x H."""
+
+    def __init__(self, make, n):
+        self.make, self.n = make, n
+
+    def __getitem__(self, r):
+        return self.make(r)
 
 
 CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(c, False),
