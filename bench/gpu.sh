@@ -97,7 +97,7 @@ hf)
 engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
   C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
   LOG=$OUT/$stage.log
-  T0=$(date +%s); BUDGET=${BUDGET:-525}       # the whole stage ends within BUDGET seconds: later parts shrink or skip
+  T0=$(date +%s); BUDGET=${BUDGET:-500}       # parts end within BUDGET seconds (later ones shrink or skip), then the summary
   part() { local limit=$1 left=$(( BUDGET - $(date +%s) + T0 )); shift
            [ "$left" -lt "$limit" ] && limit=$left
            if [ "$limit" -lt 10 ]; then echo "SKIP  (stage budget spent) $*" | tee -a "$LOG"; return 1; fi
@@ -139,7 +139,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       rm -rf "$dir"
     done
   fi
-  part 30 $C summary
+  timeout 30 $C summary 2>&1 | tee -a "$LOG"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
