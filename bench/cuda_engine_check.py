@@ -54,6 +54,19 @@ def verdict(name: str, ok: bool, figure: str) -> dict:
     return {"check": name, "ok": bool(ok), "figure": figure}
 
 
+class Checks(list):
+    """Verdicts, saved with the part's figures after each one (a part cut short keeps them)."""
+
+    def __init__(self, name: str, figures: dict):
+        super().__init__()
+        self.name, self.figures = name, figures
+        figures["checks"] = self
+
+    def append(self, v: dict) -> None:
+        super().append(v)
+        save(self.name, self.figures)
+
+
 def make_device(args):
     if args.emulate:
         sys.path.insert(0, str(REPO / "tests"))
@@ -236,7 +249,8 @@ def part_model(args):
     tol_ort = 2e-3 if precision == "fp16" else 1e-2         # the issue's fp16 bar; int4: stated here
     tol_ref, tie = 5e-3, 1e-2
     n_ctx = args.max_context
-    checks, figures = [], {"model": str(model), "precision": precision, "layers": cfg.num_hidden_layers}
+    figures = {"model": str(model), "precision": precision, "layers": cfg.num_hidden_layers}
+    checks = Checks(f"model-{args.tag or model.name}", figures)
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, min(1000, cfg.vocab_size), size=32).tolist()
     t0 = time.perf_counter()
@@ -323,23 +337,28 @@ def part_model(args):
         toks_end = eng.greedy_burst(3, c, 2)
     checks.append(verdict("the cache limit is a clear error; the last positions still decode", ok and len(toks_end) == 2, msg))
 
-    # 6. the float64 reference on the engine's own weights (small models)
+    # 6. the reference forward on the engine's own weights (float64; float32 for real shapes)
     if args.reference:
         from glmrt import reference
         from glmrt.backends.cuda_engine.selfcheck import dequantized_weights
         from glmrt.engine import read_engine
-        w = dequantized_weights(model, read_engine(eng.engine_path, verify=False), cfg)
-        ref, cache = reference.forward(cfg, w, prompt)
+        dtype = np.dtype(args.reference)
+        w = dequantized_weights(model, read_engine(eng.engine_path, verify=False), cfg, dtype)
+        ref, cache = reference.forward(cfg, w, prompt, dtype=dtype)
         errs = []
         with engine_prefill(eng), eng.generation() as c:
             errs.append(rel(eng.step(np.array([prompt]), c, keep=4)[0], ref[-4:]))
             for token in ref_tokens[:4]:
-                ref, cache = reference.forward(cfg, w, [token], cache)
+                ref, cache = reference.forward(cfg, w, [token], cache, dtype=dtype)
                 errs.append(rel(eng.step(np.array([[token]]), c)[0, -1], ref[-1]))
         figures["rel_err_vs_float64"] = errs
-        checks.append(verdict("engine logits vs the float64 reference on the engine's own weights (prefill + 4 steps)",
+        checks.append(verdict(f"engine logits vs the {dtype} reference on the engine's own weights (prefill + 4 steps)",
                               max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.0e})"))
-    figures["checks"] = checks
+        if args.reference_vs_ort:           # ONNX Runtime's own distance to the same reference
+            with ort.generation() as c:
+                e = rel(ort.step(np.array([prompt]), c, keep=4)[0], reference.forward(cfg, w, prompt, dtype=dtype)[0][-4:])
+            figures["ort_rel_err_vs_reference"] = e
+            say(f"       ONNX Runtime's {precision} form vs the same reference (prefill): rel err {e:.2e}")
     figures["seconds"] = time.perf_counter() - t0
     save(f"model-{args.tag or model.name}", figures)
     say(f"model {model.name}: {sum(c['ok'] for c in checks)} of {len(checks)} checks passed "
@@ -423,7 +442,9 @@ def main():
     ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "model", "memory", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
-    ap.add_argument("--reference", action="store_true", help="model: also the float64 reference (small models)")
+    ap.add_argument("--reference", nargs="?", const="float64", choices=["float64", "float32"],
+                    help="model: also the reference forward on the engine's own weights (float32 for real shapes)")
+    ap.add_argument("--reference-vs-ort", action="store_true", help="model: ONNX Runtime against that reference too")
     ap.add_argument("--weights", choices=["engine", "shared"], default="engine")
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--tag", default="")

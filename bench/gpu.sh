@@ -115,7 +115,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
       tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
       flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
-      ref=""; [ "$tag" = small ] && ref="--reference"
+      ref="--reference float32 --reference-vs-ort"; [ "$tag" = small ] && ref="--reference float64 --reference-vs-ort"
       xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
         part 150 $C model "$dir" $ref --tag "$tag-$prec"
     done

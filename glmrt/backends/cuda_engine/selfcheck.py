@@ -69,9 +69,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hl,hld->hd", p / p.sum(-1, keepdims=True), vv)
 
 
-def dequantized_weights(model, em: dict, cfg) -> dict:
-    """The checkpoint-keyed float64 weights the engine computes with: its index into
-    model.onnx.data read back and dequantized (int4), the fused matrices split."""
+def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
+    """The checkpoint-keyed weights the engine computes with, in `dtype` (float64: the spec;
+    float32 halves the memory for real shapes): its index into model.onnx.data read back and
+    dequantized (int4), the fused matrices split."""
     from pathlib import Path
     idx = em["weights"]
     data = np.memmap(Path(model) / idx["file"], np.uint8, mode="r")
@@ -82,13 +83,15 @@ def dequantized_weights(model, em: dict, cfg) -> dict:
 
     def matrix(m, k):
         if m["format"] == "int4":
-            return dequant_int4(raw(m["w"]), raw(m["scales"]), k)
-        w = raw(m["w"]).astype(np.float64)
+            w = raw(m["w"])
+            return np.concatenate([dequant_int4(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
+                                   for r in range(0, w.shape[0], 4096)])
+        w = raw(m["w"]).astype(dtype)
         return w if m["format"] == "f16" else w.T
 
     nh, nkv, hd, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(np.float64),
-         "model.norm.weight": raw(idx["norm"]).astype(np.float64),
+    w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(dtype),
+         "model.norm.weight": raw(idx["norm"]).astype(dtype),
          "lm_head.weight": matrix(idx["lm_head"], H)}
     for i, lw in enumerate(idx["layers"]):
         p = f"model.layers.{i}."
@@ -96,14 +99,14 @@ def dequantized_weights(model, em: dict, cfg) -> dict:
         for name, rows in zip("qkv", np.split(qkv, [nh * hd, (nh + nkv) * hd])):
             w[p + f"self_attn.{name}_proj.weight"] = rows
         if lw["qkv"]["bias"]:
-            for name, b in zip("qkv", np.split(raw(lw["qkv"]["bias"]).astype(np.float64), [nh * hd, (nh + nkv) * hd])):
+            for name, b in zip("qkv", np.split(raw(lw["qkv"]["bias"]).astype(dtype), [nh * hd, (nh + nkv) * hd])):
                 w[p + f"self_attn.{name}_proj.bias"] = b
         w[p + "self_attn.o_proj.weight"] = matrix(lw["o"], nh * hd)
         w[p + "mlp.gate_up_proj.weight"] = matrix(lw["gate_up"], H)
         w[p + "mlp.down_proj.weight"] = matrix(lw["down"], cfg.intermediate_size)
         for key, role in (("input_layernorm", "input_norm"), ("post_self_attn_layernorm", "post_attn_norm"),
                           ("post_attention_layernorm", "pre_mlp_norm"), ("post_mlp_layernorm", "post_mlp_norm")):
-            w[p + key + ".weight"] = raw(lw[role]).astype(np.float64)
+            w[p + key + ".weight"] = raw(lw[role]).astype(dtype)
     return w
 
 
