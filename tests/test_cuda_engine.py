@@ -547,3 +547,49 @@ def test_glmrt_load_runs_the_engine_through_every_driver_call(engine_model, monk
         m.decoder.step_greedy(np.array([[5, 6, 7]]), c)
         m.decoder.greedy_burst(3, c, 2)
     assert fake.calls.count("cuGraphInstantiate") == 2 and "cuModuleLoadData" in fake.calls
+
+
+@needs_cxx
+@pytest.mark.parametrize("fmt", ["int4", "f16", "f16_kn"])
+def test_one_weight_load_serves_several_rows_of_x(fmt):
+    """M = 3 rows of x through one GEMV (what verification steps of speculative decoding and
+    batched slots will run): each row normalized on its own, the residual stream written per
+    row, each row's logits and argmax."""
+    from glmrt.backends.cuda_engine.args import GemvArgs
+    M, H, V = 3, SMALL.hidden, SMALL.vocab
+    k = Gemv("rows3", fmt, H, V, "add_norm", "argmax", block=32, m=M, warps=2, rpw=2, unroll=2)
+    dev = EmulatedDevice(sm_count=2)
+    handle = dev.load(translation_unit(SMALL, [k]).encode(), {k.name: k.smem})[k.name]
+    rng = np.random.default_rng(5)
+    x_in, y_in = rng.standard_normal((M, H)).astype(np.float32), rng.standard_normal((M, H)).astype(np.float32)
+    norm_y, norm_x = (1 + 0.1 * rng.standard_normal((2, H))).astype(np.float16)
+    if fmt == "int4":
+        packed, scales = selfcheck.random_int4(rng, V, H, 32)
+        w = {"w": packed, "scales": scales}
+        wd = selfcheck.dequant_int4(packed, scales, H)
+    else:
+        w16 = (rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
+        w = {"w": w16 if fmt == "f16" else np.ascontiguousarray(w16.T)}
+        wd = w16.astype(np.float64)
+    bufs = []
+
+    def put(a):
+        p = dev.alloc(a.nbytes)
+        dev.upload(p, a)
+        bufs.append(a)
+        return p
+    grid = min(k.tiles(SMALL), 8)
+    a = GemvArgs(**{n: put(v) for n, v in w.items()}, x_in=put(x_in), y_in=put(y_in), norm_y=put(norm_y),
+                 norm_x=put(norm_x), x_out=put(np.zeros((M, H), np.float32)), y=put(np.zeros((M, V), np.float32)),
+                 part_val=put(np.zeros(M * grid, np.float32)), part_idx=put(np.zeros(M * grid, np.int32)),
+                 counter=put(np.zeros(1, np.uint32)), token_out=put(np.zeros(M, np.int32)), eps=selfcheck.EPS)
+    dev.launch(handle, (grid,), k.threads, k.smem, a)
+    x = x_in.astype(np.float64) + selfcheck.rms_norm(y_in, norm_y, selfcheck.EPS)
+    h = selfcheck.rms_norm(x, norm_x, selfcheck.EPS).astype(np.float16).astype(np.float64)    # (M, H)
+    ref = h @ wd.T                                                                              # (M, V)
+    logits, x_out, tokens = np.empty((M, V), np.float32), np.empty((M, H), np.float32), np.empty(M, np.int32)
+    dev.download(a.y, logits)
+    dev.download(a.x_out, x_out)
+    dev.download(a.token_out, tokens)
+    assert rel(logits, ref) < selfcheck.TOL[fmt] and rel(x_out, x) < 1e-6
+    assert tokens.tolist() == np.argmax(logits, axis=1).tolist()
