@@ -34,9 +34,10 @@ struct AttnArgs {
 template <int HD, int G, int THREADS>
 DEV void attention(const AttnArgs& a) {
   static_assert(HD % 8 == 0 && HD <= THREADS && THREADS % 32 == 0, "head_dim: a multiple of 8, at most THREADS");
+  static_assert(THREADS % 4 == 0, "the values are summed 4 positions at a time");
   constexpr int WARPS = THREADS / 32;
   __shared__ __align__(16) float qs[G][HD];  // queries, pre-scaled
-  __shared__ float sc[G][THREADS];           // this tile's scores, then probabilities
+  __shared__ __align__(16) float sc[G][THREADS];  // this tile's scores, then probabilities
   __shared__ float m_s[G], l_s[G], corr_s[G];
   const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
   const int lane = tid % 32, warp = tid / 32;
@@ -103,10 +104,15 @@ DEV void attention(const AttnArgs& a) {
       const int n = min(THREADS, t1 - tt);
 #pragma unroll
       for (int g = 0; g < G; ++g) acc[g] *= corr_s[g];
-      for (int i = 0; i < n; ++i) {
-        const float v = h2f(vbase[(size_t)(tt + i) * HD + tid]);
+      for (int i = 0; i < n; i += 4) {        // 4 positions a step: one 16-byte read of p per query head
+        float v[4];
 #pragma unroll
-        for (int g = 0; g < G; ++g) acc[g] += sc[g][i] * v;
+        for (int j = 0; j < 4; ++j) v[j] = i + j < n ? h2f(vbase[(size_t)(tt + i + j) * HD + tid]) : 0.f;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 p = *(const float4*)&sc[g][i];     // past the sequence p is 0 (and v too)
+          acc[g] += p.x * v[0] + p.y * v[1] + p.z * v[2] + p.w * v[3];
+        }
       }
     }
     __syncthreads();
