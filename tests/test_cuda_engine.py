@@ -200,7 +200,7 @@ MUTATIONS = {
     "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
     "softmax rescale": ("attention.cu", "acc[g] *= corr_s[g];", "", "attention"),
-    "split merge weights": ("attention.cu", "num += w * load_l2", "num += load_l2", "attention"),
+    "split merge weights": ("attention.cu", "num += sc[g][s] * load_l2", "num += load_l2", "attention"),
     "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) a.x_out[m * H + k] = v;", "", "gate_up"),

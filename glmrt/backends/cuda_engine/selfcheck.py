@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, decode_kernels, gemv_grid, rope_table
+from .step import DEFAULT_CONFIG, Formats, attention_chunk, decode_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
@@ -381,7 +381,8 @@ def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_s
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, config)
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq,
+                 attention_chunk(chunk, max_seq, next(k.threads for k in kernels if k.name == "attention")), config)
         t = time.perf_counter()
         try:
             r = check(c)
@@ -431,7 +432,9 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
     max_seq = max(contexts) + 64
-    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, 256, config)
+    att_threads = next(k.threads for k in kernels if k.name == "attention")
+    chunk = attention_chunk(256, max_seq, att_threads)
+    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, config)
     s, rows = shapes, []
     shapes_of = {"qkv": (s.qkv, s.hidden, c.f.linear), "o_proj": (s.hidden, s.heads * s.head_dim, c.f.linear),
                  "gate_up": (2 * s.inter, s.hidden, c.f.linear), "down": (s.hidden, s.inter, c.f.linear),
@@ -459,10 +462,10 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
             rows.append(_time(device, record, launches, f"{name} ({fmt}, {n} x {k})", nbytes, grid, log))
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
-                       part_o=c.zeros(4 * s.heads * (-(-max_seq // 256)) * s.head_dim),
-                       part_ml=c.zeros(8 * s.heads * (-(-max_seq // 256))), out=c.zeros(4 * s.heads * s.head_dim),
-                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=256,
-                       splits=-(-max_seq // 256))
+                       part_o=c.zeros(4 * s.heads * (-(-max_seq // chunk)) * s.head_dim),
+                       part_ml=c.zeros(8 * s.heads * (-(-max_seq // chunk))), out=c.zeros(4 * s.heads * s.head_dim),
+                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=chunk,
+                       splits=-(-max_seq // chunk))
         for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)
             a.pos = c.put(np.array([ctx - 1], np.int32))
@@ -472,7 +475,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                 for _ in range(launches):
                     device.launch(handles["attention"], (s.kv_heads, a.splits), c.spec["attention"].threads, 0, a)
             rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes,
-                              (s.kv_heads, -(-ctx // 256)), log))
+                              (s.kv_heads, -(-ctx // chunk)), log))
     finally:
         c.free()
     return rows

@@ -80,6 +80,14 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     ]
 
 
+def attention_chunk(chunk: int, max_context: int, threads: int) -> int:
+    """Positions per split of the attention: the configured chunk, a multiple of the block's
+    threads (its tile), grown where needed so that at most `threads` splits cover the cache
+    (the last split merges them through one shared-memory row each)."""
+    chunk = max(chunk, -(-max_context // threads))
+    return -(-chunk // threads) * threads
+
+
 def kernel_from_dict(d: dict):
     d = dict(d)
     kind = d.pop("type")
@@ -109,10 +117,8 @@ class DecodeStep:
         self.device, self.kernels, self.w, self.wmap, self.kv = device, kernels, weights, wmap, kv
         self.cfg, self.max_context, self.burst, self.config = cfg, max_context, burst, config
         s = self.shapes = Shapes.from_config(cfg)
-        self.chunk = config["attention"]["chunk"]
         att_threads = kernels["attention"][0].threads
-        if self.chunk % att_threads:
-            raise ValueError(f"attention chunk {self.chunk} is not a multiple of its {att_threads} threads")
+        self.chunk = attention_chunk(config["attention"]["chunk"], max_context, att_threads)
         self.splits = -(-max_context // self.chunk)
         self.lm_grid = self.grid("lm_head")
         f32, f16, i32 = 4, 2, 4

@@ -62,7 +62,7 @@ DEV void attention(const AttnArgs& a) {
 #pragma unroll
       for (int g = 0; g < G; ++g) s[g] = 0.f;
       const uint4* kp = (const uint4*)(kbase + (size_t)t * HD);
-#pragma unroll 4
+#pragma unroll
       for (int c = 0; c < HD / 8; ++c) {
         const uint4 kv = kp[c];
         const float2 k0 = h2x2f(kv.x), k1 = h2x2f(kv.y), k2 = h2x2f(kv.z), k3 = h2x2f(kv.w);
@@ -138,18 +138,31 @@ DEV void attention(const AttnArgs& a) {
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int e = tid; e < G * HD; e += THREADS) {          // merge the splits: (query head, dim) per thread
-    const int j = h * G + e / HD, d = e % HD;
-    const float* ml = a.part_ml + (size_t)j * a.splits * 2;
+  // merge: per query head (a warp each) its largest running max M and each split's weight
+  // e^(m_s - M) (into sc, free now: used <= THREADS, the host sizes the chunk so), then
+  // every (query head, dim) output from the splits' sums
+  __shared__ float den_s[G];
+  for (int g = warp; g < G; g += WARPS) {
+    const float* ml = a.part_ml + (size_t)(h * G + g) * a.splits * 2;
     float mx = __int_as_float(0xff800000);
-    for (int s = 0; s < used; ++s) mx = fmaxf(mx, load_l2(ml + 2 * s));
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < used; ++s) {
+    for (int s = lane; s < used; s += 32) mx = fmaxf(mx, load_l2(ml + 2 * s));
+    mx = warp_max(mx);
+    float den = 0.f;
+    for (int s = lane; s < used; s += 32) {
       const float w = __expf(load_l2(ml + 2 * s) - mx);
-      num += w * load_l2(a.part_o + ((size_t)j * a.splits + s) * HD + d);
+      sc[g][s] = w;
       den += w * load_l2(ml + 2 * s + 1);
     }
-    a.out[j * HD + d] = num / den;
+    den = warp_sum(den);
+    if (lane == 0) den_s[g] = den;
+  }
+  __syncthreads();
+  for (int e = tid; e < G * HD; e += THREADS) {
+    const int g = e / HD, d = e % HD;
+    const float* po = a.part_o + (size_t)(h * G + g) * a.splits * HD + d;
+    float num = 0.f;
+    for (int s = 0; s < used; ++s) num += sc[g][s] * load_l2(po + (size_t)s * HD);
+    a.out[(h * G + g) * HD + d] = num / den_s[g];
   }
   if (tid == 0) a.counter[h] = 0u;
 }
