@@ -9,6 +9,7 @@ run through NVIDIA's Python bindings to the CUDA driver API, numpy on the host, 
   args.py       the kernels' argument structs, mirrored with ctypes
   device.py     the GPU through cuda.bindings.driver: memory, modules, launches, CUDA graphs
   weights.py    the export's model.onnx.data, indexed by the builder, copied to the device
+  dlpack.py     device memory as ONNX Runtime OrtValues (weights shared with the prefill session)
   step.py       one decode step as a list of launches (what a CUDA graph captures)
   decoder.py    CudaDecoder: the decoder interface (prefill on ONNX Runtime's CUDA form or the
                 engine itself, decode bursts as one graph each, argmax on the device)
