@@ -15,8 +15,9 @@
 #   bash bench/gpu.sh engine         glmrt's cuda engine, correctness (bench/cuda_engine_check.py): toolchain
 #                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes and timed
 #                                    alone, the whole engine vs ONNX Runtime's CUDA form and the float64
-#                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), a
-#                                    launch-parameter sweep; each part under its own time limit (< 9 min)
+#                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), the
+#                                    decoder conformance tests on it, a launch-parameter sweep; each part
+#                                    under its own time limit, all within BUDGET (500 s) + the summary
 #   bash bench/gpu.sh engine-bench   glmrt's cuda engine, speed: GLM-Z1-9B int4 (40 layers) built on the GPU
 #                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
 #                                    same run, device memory with the engine's own or shared weights;
@@ -119,6 +120,8 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
         part 150 $C model "$dir" $ref --tag "$tag-$prec"
     done
+    # the decoder conformance suite on the real engine (tests/test_backends.py's cuda recipe)
+    part 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "cuda-cuda-fp16"
     part 90 $C sweep
   else
     for s in ${SETS:-glm-z1-9b:int4}; do
