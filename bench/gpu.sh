@@ -16,6 +16,16 @@
 #   bash bench/gpu.sh gemv           how fast a plain int4 GEMV reads the MatMulNBits layout
 #                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
+#   bash bench/gpu.sh engine         glmrt's cuda engine, correctness (bench/cuda_engine_check.py): toolchain
+#                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes and timed
+#                                    alone, the whole engine vs ONNX Runtime's CUDA form and the float64
+#                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), the
+#                                    decoder conformance tests on it, a launch-parameter sweep; each part
+#                                    under its own time limit, all within BUDGET (500 s) + the summary
+#   bash bench/gpu.sh engine-bench   glmrt's cuda engine, speed: GLM-Z1-9B int4 (40 layers) built on the GPU
+#                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
+#                                    same run, device memory with the engine's own or shared weights;
+#                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call)
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # TAG=name is added to the JSON names (for A/B runs under different ORT_* switches).
 # Logs and JSON go to $OUT (the device tool brings them back).
@@ -146,6 +156,55 @@ gemv)  # bench/gemv_probe.py: a plain int4 GEMV on the MatMulNBits layout (cubin
   ;;
 hf)
   run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
+  ;;
+engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
+  C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
+  LOG=$OUT/$stage.log
+  T0=$(date +%s); BUDGET=${BUDGET:-500}       # parts end within BUDGET seconds (later ones shrink or skip), then the summary
+  part() { local limit=$1 left=$(( BUDGET - $(date +%s) + T0 )); shift
+           [ "$left" -lt "$limit" ] && limit=$left
+           if [ "$limit" -lt 10 ]; then echo "SKIP  (stage budget spent) $*" | tee -a "$LOG"; return 1; fi
+           echo "+ [$(date +%T), limit ${limit}s] $*" | tee -a "$LOG"
+           timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}
+           echo "  (exit $rc)" | tee -a "$LOG"; return "$rc"; }
+  xport() { local src=$1 dir=$2 prec=$3; shift 3; part 200 python3 -m glmrt.cli export "$src" -o "$dir" \
+              --precision "$prec" --target cuda --overwrite "$@"; }
+  build() { part 120 python3 -m glmrt.cli build "$1" --backend cuda --overwrite "${@:2}"; }
+  if [ "$stage" = engine ]; then
+    part 60 $C env
+    part 60 $C smoke
+    part 170 $C kernels --time
+    python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
+    for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
+      tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      ref="--reference float32 --reference-vs-ort"; [ "$tag" = small ] && ref="--reference float64 --reference-vs-ort"
+      xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
+        part 150 $C model "$dir" $ref --tag "$tag-$prec"
+    done
+    # the decoder conformance suite on the real engine (tests/test_backends.py's cuda recipe)
+    part 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "cuda-cuda-fp16"
+    part 90 $C sweep
+  else
+    for s in ${SETS:-glm-z1-9b:int4}; do
+      shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      start=$(date +%s)
+      xport "synthetic:$shape" "$dir" "$prec" $flags
+      echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
+      start=$(date +%s)
+      # the GPU here: compiled, every kernel checked at the model's shapes; if a check fails,
+      # compiled without it, so that the speed is still measured
+      build "$dir" && echo "glmrt build --backend cuda (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
+        build "$dir" --gpu "NVIDIA H200@sm90"
+      bflags="--prompt-lengths 128,2048 --contexts 128,8192 --repeats 3"
+      part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda.json"
+      part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
+      for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
+      rm -rf "$dir"
+    done
+  fi
+  timeout 30 $C summary 2>&1 | tee -a "$LOG"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -32,12 +32,13 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)      # batch sizes a batched decode step is r
 
 class OrtGqaDecoder(Decoder):
     def __init__(self, folder: Path, manifest: dict, device: str, threads: int | None,
-                 max_context: int | None, cuda_graph: bool, burst: int | None = None):
+                 max_context: int | None, cuda_graph: bool, burst: int | None = None,
+                 initializers: dict | None = None):
         import onnxruntime as ort
         self.ort_mod = ort
         self.device = device
         self.cuda_graph = cuda_graph and device == "cuda"
-        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph)
+        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph, initializers)
         cfg = manifest["config"]
         self.layers = cfg["num_hidden_layers"]
         kv = next(t for t in self.ort.contract["inputs"] if t.name == past_key(0))
