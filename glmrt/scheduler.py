@@ -179,10 +179,14 @@ class Scheduler:
             if req.cancelled.is_set():
                 self._finish(req, "cancelled")
                 continue
-            cache, reuse = self._pick(req.ids)
-            reuse = 0 if req.score else reuse          # scoring wants every position's logits
-            self.free.remove(cache)
-            self.decoder.truncate(cache, reuse)
+            try:
+                cache, reuse = self._pick(req.ids)
+                reuse = 0 if req.score else reuse          # scoring wants every position's logits
+                self.free.remove(cache)
+                self.decoder.truncate(cache, reuse)
+            except BaseException as e:                     # never lose a caller: it hears why
+                req.out.put(GlmrtError(f"generation failed: {e}"))
+                raise
             req.cache, req.fed = cache, reuse
             req.result.cached_tokens = reuse
             self.stats["reused"] += reuse

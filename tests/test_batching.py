@@ -59,12 +59,14 @@ def run_threads(fn, n, stagger=0.0):
             errors.append(e)
     threads = []
     for i in range(n):
-        threads.append(threading.Thread(target=go, args=(i,)))
+        threads.append(threading.Thread(target=go, args=(i,), daemon=True))   # a hang fails, never blocks exit
         threads[-1].start()
         time.sleep(stagger)
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a request never finished"
     return out
 
 

@@ -36,7 +36,7 @@ class Capabilities:
     concurrent: bool = False  # generations in several threads step at once (else take turns)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)           # caches are compared by identity, never by their arrays
 class Cache:
     """One sequence's KV cache: `length` tokens are in it. `kv` is the backend's own handle
     (per-layer numpy arrays for the concat form; None where the decoder owns device buffers)."""

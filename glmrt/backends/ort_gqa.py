@@ -71,6 +71,12 @@ class OrtGqaDecoder(Decoder):
             max_context=max_context, device_argmax=self.device_greedy, batch=MAX_SLOTS,
             burst=(burst or (8 if device == "cuda" else 1)) if self.device_greedy else 1)
 
+    def kv_buffers(self) -> list:
+        """The single-generation cache, one (1, kv_heads, max_seq, head_dim) OrtValue per layer
+        and K/V (another decoder, the cuda engine, decodes into the same buffers)."""
+        self._single()
+        return self.kv
+
     def _single(self):
         """The single-generation cache buffers and the decode binding, made on first use (a
         model loaded with slots never needs them)."""

@@ -62,7 +62,8 @@ class CudaDecoder(Decoder):
             shared = self.weights.ortvalues if weights == "shared" else None
             self.ort = OrtGqaDecoder(self.folder, manifest, device.ort_device, threads, max_context, False,
                                      initializers=shared)
-            kv = [(int(self.ort.kv[2 * i].data_ptr()), int(self.ort.kv[2 * i + 1].data_ptr()))
+            buffers = self.ort.kv_buffers()
+            kv = [(int(buffers[2 * i].data_ptr()), int(buffers[2 * i + 1].data_ptr()))
                   for i in range(cfg.num_hidden_layers)]
         else:
             per = cfg.num_key_value_heads * max_context * cfg.head_dim * 2    # (nkv, max_seq, hd) fp16
