@@ -171,9 +171,14 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
               --precision "$prec" --target cuda --overwrite "$@"; }
   build() { part 120 python3 -m glmrt.cli build "$1" --backend cuda --overwrite "${@:2}"; }
   if [ "$stage" = engine ]; then
-    part 60 $C env
-    part 60 $C smoke
-    part 170 $C kernels --time
+    # ENGINE_PARTS=kernels: the parts that need no ONNX Runtime (while its wheel still travels);
+    # ENGINE_PARTS=models: the rest
+    if [ "${ENGINE_PARTS:-all}" != models ]; then
+      part 60 $C env
+      part 60 $C smoke
+      part 170 $C kernels --time
+    fi
+    [ "${ENGINE_PARTS:-all}" = kernels ] && { part 30 $C summary; exit 0; }
     python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
     for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
       tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
@@ -187,11 +192,16 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     part 90 $C sweep
   else
     for s in ${SETS:-glm-z1-9b:int4}; do
-      shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec
+      shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
       flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
-      start=$(date +%s)
-      xport "synthetic:$shape" "$dir" "$prec" $flags
-      echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
+      [ -f $W/exports.log ] && wait_exports
+      if [ "$shape:$prec" = glm-z1-9b:int4 ] && [ -f $W/9b-int4/manifest.json ]; then
+        dir=$W/9b-int4; keep=1                                  # `prep` made it, same options
+      else
+        start=$(date +%s)
+        xport "synthetic:$shape" "$dir" "$prec" $flags
+        echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
+      fi
       start=$(date +%s)
       # the GPU here: compiled, every kernel checked at the model's shapes; if a check fails,
       # compiled without it, so that the speed is still measured
@@ -201,7 +211,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda.json"
       part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
       for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
-      rm -rf "$dir"
+      [ "$keep" = 1 ] || rm -rf "$dir"
     done
   fi
   timeout 30 $C summary 2>&1 | tee -a "$LOG"
