@@ -63,7 +63,7 @@ chunk)    # carry .gpu/partK (and, with the last part, .whl: the small wheels th
   mkdir -p /tmp/chunks /tmp/site && cp "$REPO/.gpu/part$k" /tmp/chunks/ && ls -la /tmp/chunks
   ls "$REPO"/.whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
     --upgrade --target /tmp/site "$REPO"/.whl/*.whl && echo "wheels installed: $(ls "$REPO"/.whl | wc -l)"
-  [ "$k" = 0 ] && bash "$REPO/bench/gpu.sh" prep
+  [ "$k" = 0 ] && (cd "$REPO" && bash bench/gpu.sh prep)
   ;;
 prep)
   mkdir -p /tmp/site
