@@ -8,12 +8,14 @@ small adapter that makes the inputs glmrt's contract has and the consumer does n
 (contract.DERIVED), and with only the outputs the consumer reads (nodes feeding nothing else,
 such as the gqa form's next_token ArgMax, are dropped).
 
-  consumer inputs                          adapter (one subgraph per derived input)       glmrt's nodes
-  input_ids ───────────────┬─> Shape[1] ─> Range(0, seq)  or  seq-1 ─> logits_index ──┐
-  attention_mask ─┬────────┼─────────────────────────────────────────────────────────┼─> (concat: mask)
-                  ├─> ReduceSum(axis 1) - 1 ─> Cast int32 ─────────────> seqlens_k ────┤   (gqa)
-                  └─> Shape[1] ─> Squeeze ─> Cast int32 ─> total_sequence_length ──────┤   (gqa)
-  position_ids, past_key_values.* ──────────────────────────────────────────────────┴─> logits, present.*
+  consumer inputs     adapter (one small subgraph per derived input)                     glmrt's nodes
+  input_ids ──────┬──> Shape[1] ─> Range(0, seq)  (all)  |  constant [-1]  (last) ─> logits_index ─┐
+                  └───────────────────────────────────────────────────────────────────────────────┤
+  attention_mask ─┬──> ReduceSum(axis 1) - 1 ─> Cast int32 ─────────────────────────> seqlens_k ───┤ gqa
+                  ├──> Shape ─> Gather[1] ─> Cast int32 ─────────────> total_sequence_length ──────┤ gqa
+                  └───────────────────────────────────────────────────────────────────────────────┤ concat
+  position_ids (concat), past_key_values.* ───────────────────────────────────────────────────────┴─> logits,
+                                                                                                      present.*
 
 onnxruntime-genai also reads genai_config.json (written here) and the tokenizer files the
 export already copies; optimum reads the checkpoint's config.json (also copied). What each one
@@ -105,8 +107,11 @@ class _Adapter:
         self._op(target, "Range", [self._const(target, 0), seq, self._const(target, 1)], out=target)
 
     def last_position(self, target: str) -> None:
-        """logits_index = [seq-1]: only the last position, logits (batch, 1, vocab)."""
-        self._op(target, "Sub", [self._seq(target), self._const(target, 1, (1,))], out=target)
+        """logits_index = [-1], a constant (Gather counts a negative index from the end): only
+        the last position, logits (batch, 1, vocab). A constant lives on the device with the
+        weights; an index computed from Shape would live on the host and need a copy to the
+        device, and ONNX Runtime refuses to capture a CUDA graph with a copy in it."""
+        self.initializers.append(helper.make_tensor(target, onnx.TensorProto.INT64, (1,), [-1]))
 
     def mask_sum_minus_1(self, target: str) -> None:
         """seqlens_k (batch,) int32 = attended positions - 1: what the cache holds after this
@@ -120,9 +125,10 @@ class _Adapter:
         """total_sequence_length () int32 = attention_mask's length: the tokens this step sees,
         or the cache's whole length where the consumer feeds a mask that long (onnxruntime-genai
         under CUDA graphs), as glmrt's own CUDA graphs do."""
-        length = self._op(target, "Shape", ["attention_mask"], start=1, end=2)           # (1,)
-        self._op(target, "Cast", [self._op(target, "Squeeze", [length])], out=target,
-                 to=ONNX_DTYPE["int32"])
+        shape = self._op(target, "Shape", ["attention_mask"])                            # (2,)
+        length = self._op(target, "Gather", [shape, self._const(target, 1)], axis=0)      # ()
+        # on the host, where Shape puts it and GroupQueryAttention reads it: nothing is copied
+        self._op(target, "Cast", [length], out=target, to=ONNX_DTYPE["int32"])
 
 
 def genai_config(cfg: GlmConfig, contract: dict, graph: str, generation: dict, *,

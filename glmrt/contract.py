@@ -96,7 +96,7 @@ CONSUMERS = {c.name: c for c in (
 # How the adapter makes each glmrt input a consumer does not feed, by name (export/interop.py
 # emits one small subgraph per recipe):
 #   every_position   logits_index = 0 .. seq-1
-#   last_position    logits_index = [seq-1]
+#   last_position    logits_index = [-1] (a constant: Gather counts from the end)
 #   mask_sum_minus_1 seqlens_k = row sums of attention_mask - 1, int32 (tokens in the cache - 1)
 #   mask_length      total_sequence_length = attention_mask's length, an int32 scalar
 DERIVED = {
