@@ -23,6 +23,7 @@ import glmrt
 from glmrt.cli import main
 from glmrt.errors import GlmrtError
 from glmrt.export.export import export_model
+from glmrt.export.synthetic import TINY, make_checkpoint
 
 og = pytest.importorskip("onnxruntime_genai")        # the test extra installs it
 
@@ -200,30 +201,36 @@ def test_genai_chat_template_rendering_differs_where_the_readme_says(exported):
 OPTIMUM_PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "tokenizers==0.22.2",
                 "huggingface-hub==0.36.2", "requests==2.34.2", "urllib3==2.8.0",
                 "certifi==2026.10.19.post1", "charset-normalizer==3.5.3")
-# The README's route: the optimum graph, and the KV head count that ORTModelForCausalLM takes
-# from num_attention_heads for a model type it does not list. First as loaded (to see it fail),
-# then with the one line the README adds.
+# The README's route: the optimum graph, the KV head count that ORTModelForCausalLM takes from
+# num_attention_heads for a model type it does not list, and the head size it takes as
+# hidden_size / num_attention_heads (right for every GLM-4-0414 shape, not for every config).
+# The first folder runs once as loaded, to see it fail as the README says.
 OPTIMUM_RUN = r"""
 import json, sys, torch
 from optimum.onnxruntime import ORTModelForCausalLM
-folder, prompts = sys.argv[1], json.loads(sys.argv[2])
-model = ORTModelForCausalLM.from_pretrained(folder, file_name="model.optimum.onnx")
-out = {}
+job = json.loads(sys.argv[1])
+results = []
+for i, folder in enumerate(job["folders"]):
+    model = ORTModelForCausalLM.from_pretrained(folder, file_name="model.optimum.onnx")
+    out = {}
 
-def greedy(p):
-    ids = torch.tensor([p])
-    g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=%d, do_sample=False)
-    return g[0, len(p):].tolist()
+    def greedy(p):
+        ids = torch.tensor([p])
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=%d, do_sample=False)
+        return g[0, len(p):].tolist()
 
-try:
-    greedy(prompts[0])
-except Exception as e:
-    out["as_loaded"] = " ".join(str(e).split())
-model.num_key_value_heads = model.config.num_key_value_heads
-out["tokens"] = [greedy(p) for p in prompts]
-ids = torch.tensor([prompts[0]])
-out["logits"] = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].tolist()
-print(json.dumps(out))
+    if i == 0:
+        try:
+            greedy(job["prompts"][0])
+        except Exception as e:
+            out["as_loaded"] = " ".join(str(e).split())
+    model.num_key_value_heads = model.config.num_key_value_heads
+    model.embed_size_per_head = model.config.head_dim
+    out["tokens"] = [greedy(p) for p in job["prompts"]]
+    ids = torch.tensor([job["prompts"][0]])
+    out["logits"] = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].tolist()
+    results.append(out)
+print(json.dumps(results))
 """ % NEW
 
 
@@ -244,29 +251,41 @@ def optimum_site():
 
 
 @pytest.fixture(scope="module")
-def optimum_run(folders, optimum_site):
-    """optimum's ORTModelForCausalLM on the CPU form's folder, in its own process."""
+def optimum_folders(folders, tmp_path_factory):
+    """The CPU form above, and one whose head_dim (16) is not hidden_size / heads (64 / 8)."""
+    ck = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "wide-heads",
+                         {**TINY, "num_attention_heads": 8, "head_dim": 16}, seed=7)
+    wide = export_model(ck, tmp_path_factory.mktemp("onnx") / "wide-heads", consumers=("optimum",),
+                        progress=False)
+    return {"quant": folders["concat"], "wide-heads": wide}
+
+
+@pytest.fixture(scope="module")
+def optimum_run(optimum_folders, optimum_site):
+    """optimum's ORTModelForCausalLM on each folder, in one process of its own."""
     env = {**os.environ, "PYTHONPATH": str(optimum_site), "TRANSFORMERS_VERBOSITY": "error"}
-    p = subprocess.run([sys.executable, "-c", OPTIMUM_RUN, str(folders["concat"]), json.dumps(PROMPTS)],
+    job = {"folders": [str(f) for f in optimum_folders.values()], "prompts": PROMPTS}
+    p = subprocess.run([sys.executable, "-c", OPTIMUM_RUN, json.dumps(job)],
                        capture_output=True, text=True, env=env, cwd=optimum_site)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return dict(zip(optimum_folders, json.loads(p.stdout.strip().splitlines()[-1])))
 
 
-def test_optimum_greedy_tokens_and_logits_equal_glmrt(folders, optimum_run):
-    m = glmrt.load(folders["concat"])
-    for prompt, tokens in zip(PROMPTS, optimum_run["tokens"]):
+@pytest.mark.parametrize("name", ["quant", "wide-heads"])
+def test_optimum_greedy_tokens_and_logits_equal_glmrt(optimum_folders, optimum_run, name):
+    m = glmrt.load(optimum_folders[name])
+    for prompt, tokens in zip(PROMPTS, optimum_run[name]["tokens"]):
         want = m.generate(prompt, max_new_tokens=NEW)
         assert len(want) >= 8
         assert tokens[:len(want)] == want, prompt         # optimum returns the stop token too
-    assert rel(optimum_run["logits"], m.logits(PROMPTS[0])) < 1e-5   # every position scored
+    assert rel(optimum_run[name]["logits"], m.logits(PROMPTS[0])) < 1e-5   # every position scored
 
 
-def test_optimum_without_the_kv_head_override_fails_as_the_readme_says(optimum_run):
+def test_optimum_as_loaded_fails_as_the_readme_says(optimum_run):
     """Why the route sets num_key_value_heads: as loaded, optimum sizes the first step's empty
     cache with num_attention_heads (4 here, 32 on GLM-Z1-9B) and ONNX Runtime refuses it. Should
     optimum learn glm4, this fails and the README's route can lose that line."""
-    err = optimum_run.get("as_loaded", "")
+    err = optimum_run["quant"].get("as_loaded", "")
     assert "past_key_values" in err and "Got: 4 Expected: 2" in err
 
 
