@@ -140,15 +140,11 @@ def _write_consumer(tmp: Path, model, ckpt, kv_dtype: str, form: str, name: str,
     c = CONSUMERS[name]
     graph, contract = consumer_graph(model, ckpt.cfg, kv_dtype, form, c)
     (tmp / c.graph).write_bytes(graph.SerializeToString())
-    record = {"graph": c.graph, "io": contract_to_dict(contract)}
-    if name == "onnxruntime-genai":
+    if c.config == GENAI_CONFIG:  # optimum reads the checkpoint's own config.json (copied below)
         cfg = genai_config(ckpt.cfg, contract, c.graph, generation, device="cuda" if form == "gqa" else "cpu",
                            gmask_id=special_token_id(ckpt.folder / "tokenizer.json", "[gMASK]"))
         (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        record["config"] = GENAI_CONFIG
-    else:                        # optimum reads the checkpoint's own config.json (copied below)
-        record["config"] = "config.json"
-    return record
+    return {"graph": c.graph, "io": contract_to_dict(contract), "config": c.config}
 
 
 def _streamed_bytes(g: GraphBuilder) -> int:

@@ -81,15 +81,16 @@ class Consumer:
     name: str                       # export --for
     forms: tuple                    # the attention forms it runs
     graph: str                      # its graph's file name in the model folder
+    config: str                     # the config file it reads (written by export, or the checkpoint's)
     scores: str                     # "all" positions or the "last" one (see the module docstring)
     what: str                       # one line for --help
 
 
 GLMRT = "glmrt"                     # glmrt's own runtime: model.onnx, the contract above
 CONSUMERS = {c.name: c for c in (
-    Consumer("onnxruntime-genai", ("concat", "gqa"), "model.genai.onnx", "last",
+    Consumer("onnxruntime-genai", ("concat", "gqa"), "model.genai.onnx", "genai_config.json", "last",
              "onnxruntime-genai (C, C#, Java, Python; CPU and CUDA): genai_config.json beside its graph"),
-    Consumer("optimum", ("concat",), "model.optimum.onnx", "all",
+    Consumer("optimum", ("concat",), "model.optimum.onnx", "config.json", "all",
              "optimum's ORTModelForCausalLM (transformers' generate and pipelines; the CPU form)"),
 )}
 

@@ -10,6 +10,7 @@ not import beside transformers 5, which the reference tests use (README, "Other 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,21 @@ def test_genai_config_speaks_the_folder(folders):
 
 
 # ---- onnxruntime-genai --------------------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+def test_genai_and_glmrt_share_one_onnxruntime_whatever_comes_first(folders):
+    """onnxruntime-genai loads the onnxruntime library installed beside it, not a copy: with it
+    imported first, glmrt and genai run in one process over one libonnxruntime."""
+    code = ("import sys, onnxruntime_genai as og, glmrt\n"
+            "f = sys.argv[1]\n"
+            "print(glmrt.load(f).generate([5, 6, 7], max_new_tokens=3))\n"
+            "og.Model(f)\n"
+            "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libonnxruntime.so' in l}))")
+    p = subprocess.run([sys.executable, "-c", code, str(folders["concat"])], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    libs = json.loads(p.stdout.splitlines()[-1].replace("'", '"'))
+    assert len(libs) == 1 and Path(libs[0]).parent == Path(ort.__file__).parent / "capi"
+
+
 @pytest.mark.parametrize("form", ["concat", "gqa"])
 def test_genai_greedy_tokens_and_logits_equal_glmrt(folders, form):
     folder = folders[form]
@@ -246,7 +262,10 @@ def optimum_site():
                             "--disable-pip-version-check", "--target", str(tmp), *OPTIMUM_PINS],
                            capture_output=True, text=True)
         assert p.returncode == 0, f"pip could not install optimum's side: {p.stderr[-2000:]}"
-        tmp.rename(site)
+        try:
+            tmp.rename(site)
+        except OSError:                   # another test process made it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
     return site
 
 
