@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from glmrt.config import GlmConfig
-from glmrt.contract import Consumer, io_contract
+from glmrt.contract import Consumer, io_contract, past_key, past_value, present_key, present_value
 
 from .onnx_builder import ONNX_DTYPE
 
@@ -134,11 +134,11 @@ class _Adapter:
 def genai_config(cfg: GlmConfig, contract: dict, graph: str, generation: dict, *,
                  device: str, gmask_id: int | None) -> dict:
     """onnxruntime-genai's genai_config.json for the consumer graph `graph` (docs/FORMATS.md)."""
-    inputs = {t.name for t in contract["inputs"]}
-    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
-    if "position_ids" in inputs:
-        names["position_ids"] = "position_ids"
-    names.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+    # every name from the contract; genai takes per-layer names as patterns with %d for the layer
+    names = {t.name: t.name for t in contract["inputs"]
+             if t.name in ("input_ids", "attention_mask", "position_ids")}
+    names.update(past_key_names=past_key("%d"), past_value_names=past_value("%d"))
+    logits = contract["outputs"][0].name
     sampling = generation.get("sampling", {})
     eos = list(generation["eos_token_id"])
     decoder = {
@@ -149,8 +149,8 @@ def genai_config(cfg: GlmConfig, contract: dict, graph: str, generation: dict, *
         "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
         "num_key_value_heads": cfg.num_key_value_heads,
         "inputs": names,
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value"},
+        "outputs": {"logits": logits, "present_key_names": present_key("%d"),
+                    "present_value_names": present_value("%d")},
     }
     model = {"type": GENAI_MODEL_TYPE, "vocab_size": cfg.vocab_size,
              "context_length": cfg.max_position_embeddings, "eos_token_id": eos,
