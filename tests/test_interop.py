@@ -113,6 +113,13 @@ def test_genai_config_speaks_the_folder(folders):
         assert g["model"]["context_length"] == cfg["max_position_embeddings"]
         assert g["search"]["past_present_share_buffer"] is (form == "gqa")
         assert ("position_ids" in dec["inputs"]) is (form == "concat")
+        io = man["consumers"]["onnxruntime-genai"]["io"]
+        graph_in = {t["name"] for t in io["inputs"]}
+        graph_out = {t["name"] for t in io["outputs"]}
+        for i in range(cfg["num_hidden_layers"]):      # genai's %d patterns name the graph's tensors
+            assert {dec["inputs"]["past_key_names"] % i, dec["inputs"]["past_value_names"] % i} <= graph_in
+            assert {dec["outputs"]["present_key_names"] % i, dec["outputs"]["present_value_names"] % i} <= graph_out
+        assert {v for k, v in dec["inputs"].items() if "%" not in v} <= graph_in
         assert dec["session_options"]["provider_options"] == ([{"cuda": {}}] if form == "gqa" else [])
         assert g["search"]["top_k"] == man["generation"]["sampling"]["top_k"]
 
