@@ -26,6 +26,11 @@
 #                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
 #                                    same run, device memory with the engine's own or shared weights;
 #                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call)
+#   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
+#                                    folder (export --for onnxruntime-genai; bench/genai_bench.py), after
+#                                    `install`; onnxruntime_genai_cuda-0.18.0-cp312-*.whl in .whl/ (chunk
+#                                    installs it, or this stage when .whl travels with it). `prep` can
+#                                    make its exports: EXPORTS="9b-int4+genai 9b-fp16+genai"
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # TAG=name is added to the JSON names (for A/B runs under different ORT_* switches).
 # Logs and JSON go to $OUT (the device tool brings them back).
@@ -39,14 +44,15 @@ REPO=$(pwd)
 cd "$W"     # not the checkout: its glmrt/ folder would shadow the installed package
 run() { echo "+ $*"; "$@"; }
 
-export_bg() {   # name -> /tmp/work/NAME (shape-precision[:layers]), logged; skipped when present
+export_bg() {   # name -> /tmp/work/NAME (shape-precision[:layers][+genai]), logged; skipped when present
   for e in $*; do
-    shape=${e%%-*}; rest=${e#*-}; prec=${rest%%:*}; layers=""; [ "$rest" != "$prec" ] && layers=":${rest#*:}"
+    flags=""; base=${e%+genai}; [ "$base" != "$e" ] && flags="--for onnxruntime-genai"
+    shape=${base%%-*}; rest=${base#*-}; prec=${rest%%:*}; layers=""; [ "$rest" != "$prec" ] && layers=":${rest#*:}"
     case $shape in 9b) src=synthetic:glm-z1-9b$layers;; 32b) src=synthetic:glm-4-32b$layers;; *) src=$shape;; esac
     dir=$W/$e
     [ -f "$dir/manifest.json" ] && continue
     start=$(date +%s)
-    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda --overwrite >> $W/exports.log 2>&1
+    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite >> $W/exports.log 2>&1
     echo "exported $e ($src $prec): $(( $(date +%s) - start )) s" >> $W/exports.log
   done
   echo done >> $W/exports.done
@@ -215,6 +221,34 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     done
   fi
   timeout 30 $C summary 2>&1 | tee -a "$LOG"
+  ;;
+genai)  # SETS="int4 fp16" (precisions), CONTEXTS=128,2048; all 40 layers
+  whl=$(ls "$REPO"/.whl/onnxruntime_genai_cuda-*-cp312-*.whl 2>/dev/null | head -1)
+  [ -n "$whl" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$whl" || exit 2; }
+  [ -d /tmp/site/onnxruntime_genai ] || { echo "onnxruntime-genai-cuda is not installed: carry .whl holding its cp312 wheel"; exit 2; }
+  # its CUDA library links cuBLAS/cudart 13, cuFFT and cuRAND: the image's nvidia-* wheels and toolkit
+  libdirs=$( { find $(python3 -c 'import site, sys; print(" ".join(p for p in site.getsitepackages() + sys.path if p))') \
+      /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib -maxdepth 4 \
+      \( -name 'libcufft.so.*' -o -name 'libcurand.so.*' -o -name 'libcublas.so.*' -o -name 'libcublasLt.so.*' \
+         -o -name 'libcudart.so.*' \) -printf '%h\n' 2>/dev/null; } | sort -u | paste -sd: )
+  export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/genai.log"
+  ldd /tmp/site/onnxruntime_genai/libonnxruntime-genai-cuda.so | grep -E "not found|cublas|cufft|curand|cudart" | tee -a "$OUT/genai.log"
+  python3 -c "import onnxruntime as o, onnxruntime_genai as g; print('onnxruntime', o.__version__, 'genai', g.__version__, 'cuda', g.is_cuda_available())" 2>&1 | tee -a "$OUT/genai.log"
+  for prec in ${SETS:-int4 fp16}; do
+    dir=$W/9b-$prec+genai; keep=1                                  # made by `prep` in the background
+    [ -f $W/exports.log ] && wait_exports
+    if [ ! -f "$dir/manifest.json" ]; then
+      keep=0; start=$(date +%s)
+      python3 -m glmrt.cli export synthetic:glm-z1-9b -o "$dir" --precision "$prec" --target cuda \
+        --for onnxruntime-genai --overwrite 2>&1 | tail -1 | tee -a "$OUT/genai.log"
+      echo "export $prec: $(( $(date +%s) - start )) s" | tee -a "$OUT/genai.log"
+    fi
+    echo "$dir: $(du -sh "$dir" | cut -f1); graphs $(ls -la "$dir"/*.onnx | awk '{print $5, $9}' | tr '\n' ' ')" | tee -a "$OUT/genai.log"
+    run python3 "$REPO/bench/genai_bench.py" "$dir" --contexts "${CONTEXTS:-128,2048}" \
+      --json "$OUT/genai-9b-$prec${TAG:+-$TAG}.json" 2>&1 | tee -a "$OUT/genai.log"
+    [ "$keep" = 0 ] && rm -rf "$dir"
+  done
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ import sys
 import click
 
 from .backends import BACKENDS, DEVICES
+from .contract import CONSUMERS
 from .errors import GlmrtError
 from .model import DEFAULT_MAX_NEW_TOKENS
 from .precision import PRECISIONS, TARGETS, names
@@ -62,20 +63,25 @@ def main():
 @click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
 @click.option("--float-layout", type=click.Choice(["kn", "nk"]), default="kn", show_default=True,
               help="Target cuda, float weights: W^T for MatMul (kn) or as stored, FusedMatMul transB (nk).")
+@click.option("--for", "consumers", type=click.Choice(list(CONSUMERS)), multiple=True,
+              help="Also write the folder for another runtime (repeatable): "
+                   + "; ".join(f"{n}: {c.what}" for n, c in CONSUMERS.items()) + ".")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if it is a model folder glmrt exported (never the checkpoint, never "
                    "a folder holding other files).")
 @clean_errors
 def export(checkpoint, out, precision, target, block_size, asymmetric, activations, lm_head,
-           quantize_lm_head, int8_activations, calibration_prompts, awq, float_layout, overwrite):
+           quantize_lm_head, int8_activations, calibration_prompts, awq, float_layout, consumers,
+           overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
     path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
                         symmetric=not asymmetric, activations=activations,
                         quantize_lm_head=quantize_lm_head, lm_head=lm_head,
                         int8_activations=int8_activations, calibration_prompts=calibration_prompts,
-                        awq=awq, float_layout=float_layout, overwrite=overwrite)
-    click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
+                        awq=awq, float_layout=float_layout, consumers=consumers, overwrite=overwrite)
+    also = f"; also for {', '.join(consumers)}" if consumers else ""
+    click.echo(f"exported {checkpoint} -> {path} ({precision}, {target}{also})")
 
 
 @main.command()
@@ -389,6 +395,8 @@ def info(model, verify, as_json, load, backend, device, threads):
         click.echo("quantized  " + "  ".join(f"{k} {v}" for k, v in shown.items()))
     click.echo(f"stop ids   {m['generation']['eos_token_id']}")
     click.echo(f"template   {m['chat_template']}")
+    for name, rec in m.get("consumers", {}).items():      # folders from before export --for: none
+        click.echo(f"also for   {name}: {rec['graph']} + {rec['config']}")
     click.echo(f"made by    " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))
