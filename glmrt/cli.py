@@ -391,8 +391,15 @@ def info(model, verify, as_json, load, backend, device, threads):
     click.echo(f"form       {m['io']['form']} (target {p['target']})")
     click.echo(f"precision  {p['name']}: weights {p['weights']}, compute {p['compute']}, kv {p['kv']}")
     if q:
-        shown = {k: v for k, v in q.items() if k not in ("errors", "awq", "calibration")}
-        click.echo("quantized  " + "  ".join(f"{k} {v}" for k, v in shown.items()))
+        click.echo(f"quantized  {q['form']} {q['bits']}-bit" + (f", block {q['block_size']}" if "block_size" in q else "")
+                   + (", symmetric" if q.get("symmetric") else "") + f", scales {q['scale_dtype']}"
+                   + (", int8 activations" if q.get("int8_activations") else "")
+                   + f"; mean weight error {q['mean_rel_rmse']:.4f}")
+        head = q.get("lm_head_form")
+        click.echo(f"lm_head    {q['lm_head']}" + (f" ({head['form']} {head['bits']}-bit)" if head else "")
+                   + f"; embedding {q['embed_tokens']}")
+        if "method" in q:
+            click.echo(f"method     {q['method']}")
     click.echo(f"stop ids   {m['generation']['eos_token_id']}")
     click.echo(f"template   {m['chat_template']}")
     for name, rec in m.get("consumers", {}).items():      # folders from before export --for: none

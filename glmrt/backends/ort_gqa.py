@@ -241,7 +241,7 @@ class OrtGqaDecoder(Decoder):
 
     def step_batch(self, ids: np.ndarray, caches: list[Cache]) -> np.ndarray:
         d = self._run_batch(ids, caches)
-        return d["logits"].numpy()[[c.slot for c in caches], 0]           # (B, V)
+        return d["logits"].numpy()[[c.slot for c in caches], 0]           # (B, V), a copy (fancy index)
 
     def step_batch_greedy(self, ids: np.ndarray, caches: list[Cache]) -> list[int]:
         if not self.device_greedy:
@@ -250,8 +250,10 @@ class OrtGqaDecoder(Decoder):
         return d["next"].numpy()[[c.slot for c in caches], 0].tolist()
 
     def step(self, ids: np.ndarray, cache: Cache, keep: int = 1) -> np.ndarray:
-        """ids (1, seq) after cache.length tokens -> host logits (1, keep, V)."""
-        return self._run(ids, cache, keep)[0].numpy()
+        """ids (1, seq) after cache.length tokens -> host logits (1, keep, V), the caller's own
+        (on the CPU provider an OrtValue's numpy() is a view the next step would overwrite)."""
+        out = self._run(ids, cache, keep)[0].numpy()
+        return out.copy() if self.where == "cpu" else out
 
     def step_greedy(self, ids: np.ndarray, cache: Cache) -> int:
         """Like step, but only the argmax of the last position comes back. The logits stay on
