@@ -131,7 +131,7 @@ def test_the_int4_dot_product_order_matches_the_staged_x():
     rng = np.random.default_rng(2)
     packed, scales = selfcheck.random_int4(rng, 3, 64, 32)
     x = rng.standard_normal(64)
-    slot = lambda u, r: u * 40 + 2 * (4 * (r >> 3) + ((r & 7) & 3)) + ((r & 7) >> 2)   # gemv.cu XLayout
+    slot = lambda u, r: u * 40 + 2 * (4 * (r >> 3) + ((r & 7) & 3)) + ((r & 7) >> 2)   # gemv.cu x_word: (v[s], v[s + 4]) pairs
     staged = np.zeros(2 * 40)
     for kk in range(64):
         staged[slot(kk // 32, kk % 32)] = x[kk]
@@ -195,7 +195,7 @@ def test_smoke_kernel_runs_in_the_emulation():
 
 # A check that cannot fail is no check: each mutation breaks one thing a kernel must get right.
 MUTATIONS = {
-    "int4 nibble order": ("gemv.cu", "2 * (4 * j + (t & 3)) + (t >> 2)", "2 * (4 * j + (t >> 1)) + (t & 1)", "o_proj"),
+    "int4 nibble order": ("gemv.cu", "pack_h2(v[0], v[4]), pack_h2(v[1], v[5])", "pack_h2(v[0], v[1]), pack_h2(v[4], v[5])", "o_proj"),
     "RoPE sign": ("gemv.cu", "r0 = x0 * c - x1 * s", "r0 = x0 * c + x1 * s", "qkv"),
     "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
@@ -203,7 +203,7 @@ MUTATIONS = {
     "split merge weights": ("attention.cu", "num += sc[g][s] * load_l2", "num += load_l2", "attention"),
     "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
-    "residual add": ("gemv.cu", "if (blockIdx.x == 0) a.x_out[m * H + k] = v;", "", "gate_up"),
+    "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
 }
 
