@@ -183,9 +183,23 @@ def test_argument_structs_match_the_c_layout():
 @needs_cxx
 @pytest.mark.parametrize("formats", FORMATS, ids=str)
 def test_every_kernel_passes_its_check_in_the_emulation(formats):
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=128)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=32, splits=3)
     assert [r["kernel"] for r in report] == list(selfcheck.CHECKS)
     assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report if not r["ok"]]
+
+
+@needs_cxx
+@pytest.mark.parametrize("att", [{"heads_per_block": 1, "tile": 32, "threads": 64},
+                                 {"heads_per_block": 2, "tile": 64, "threads": 128},
+                                 {"heads_per_block": 1, "tile": 64, "threads": 32}], ids=str)
+def test_attention_variants_pass_in_the_emulation(att):
+    """The sweep's attention variants (query heads per block, tile, threads): each one
+    against numpy on one split, several, and grown splits."""
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
+    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], **att}}
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300, chunk=32,
+                                  splits=3, only=["attention"], config=config)
+    assert report[0]["ok"], selfcheck.format_result(report[0])
 
 
 @needs_cxx
@@ -199,9 +213,11 @@ MUTATIONS = {
     "RoPE sign": ("gemv.cu", "r0 = x0 * c - x1 * s", "r0 = x0 * c + x1 * s", "qkv"),
     "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
-    "softmax rescale": ("attention.cu", "acc[g] *= corr_s[g];", "", "attention"),
-    "split merge weights": ("attention.cu", "num += sc[g][s] * load_l2", "num += load_l2", "attention"),
-    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
+    "softmax rescale": ("attention.cu", "float v = acc[o] * corr_s[g];", "float v = acc[o];", "attention"),
+    "split merge weights": ("attention.cu", "num.x += w[s] * o.x;", "num.x += o.x;", "attention"),
+    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[blockIdx.x] = 0u;", "", "attention"),
+    "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
+    "attention grown split": ("attention.cu", "max(a.chunk, (per + TILE - 1) / TILE * TILE)", "a.chunk", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
@@ -217,8 +233,10 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
     monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
     monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
+    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1}}  # 2 query groups
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
-                                  chunk=128, only=[kernel])
+                                  chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
 
 

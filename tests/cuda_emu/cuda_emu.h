@@ -228,6 +228,7 @@ inline h16x2 hsub2(h16x2 a, h16x2 b) {
 inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }
+inline float4 load_l2(const float4* p) { return *p; }
 
 // The kernel table the generated source ends with (EMU_KERNEL lines).
 struct EmuKernel { const char* name; void (*run)(const void*); };

@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, attention_chunk, decode_kernels, gemv_grid, rope_table
+from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
@@ -129,12 +129,12 @@ def image_for(device, source: str) -> bytes:
 
 class _Ctx:
     def __init__(self, device, shapes: Shapes, formats: Formats, kernels: list, handles: dict, seed: int,
-                 max_seq: int, chunk: int, config: dict = DEFAULT_CONFIG):
+                 max_seq: int, chunk: int, splits: int, config: dict = DEFAULT_CONFIG):
         self.dev, self.s, self.f, self.config = device, shapes, formats, config
         self.spec = {k.name: k for k in kernels}
         self.h = handles
         self.rng = np.random.default_rng(seed)
-        self.max_seq, self.chunk = max_seq, chunk
+        self.max_seq, self.chunk, self.splits = max_seq, chunk, splits
         self.ptrs: list[int] = []
         self.keep: list = []
 
@@ -246,28 +246,32 @@ def rope_table_for(c: _Ctx) -> np.ndarray:
 
 
 def check_attention(c: _Ctx) -> dict:
+    """Lengths on one split, on several of `chunk` positions, and past chunk x splits (each
+    split's share grown), the whole cache included; the counters re-armed after each."""
     s = c.s
     nh, nkv, hd = s.heads, s.kv_heads, s.head_dim
-    splits = -(-c.max_seq // c.chunk)
+    spec, splits, chunk = c.spec["attention"], c.splits, c.chunk
     q = c.vec32(nh * hd)
     kc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     vc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     out = c.zeros(4 * nh * hd)
+    blocks = spec.blocks_x(nkv)
     a = AttnArgs(q=c.put(q), k_cache=c.put(kc), v_cache=c.put(vc), part_o=c.zeros(4 * nh * splits * hd),
-                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * nkv), pos_add=1,
-                 max_seq=c.max_seq, chunk=c.chunk, splits=splits)
+                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * blocks), pos_add=1,
+                 max_seq=c.max_seq, chunk=chunk, splits=splits)
     errs = {}
-    for length in sorted({1, 37, c.chunk, c.chunk + 1, min(c.max_seq, 2 * c.chunk + 77), c.max_seq}):
+    for length in sorted({min(c.max_seq, n) for n in (1, 37, chunk, chunk + 1, 2 * chunk + 77, chunk * splits + 77,
+                                                       c.max_seq)}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
         c.dev.zero(out, 4 * nh * hd)
-        c.dev.launch(c.h["attention"], (nkv, splits), c.spec["attention"].threads, 0, a)
+        c.dev.launch(c.h["attention"], (blocks, splits), spec.threads, 0, a)
         ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
         errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
-    counters = c.get(a.counter, nkv, np.uint32)
+    counters = c.get(a.counter, blocks, np.uint32)
     err = max(errs.values()) if not counters.any() else float("inf")
-    return _result(f"attention (GQA {nh}/{nkv}, split over the context in chunks of {c.chunk}, the last "
-                   "split merging)", err, TOL["attention"], errors_by_length=errs,
-                   counters_after=counters.tolist())
+    return _result(f"attention (GQA {nh}/{nkv}, {spec.hpb} query heads a block, split over the context in "
+                   f"{splits} splits of {chunk}+ positions, the last split merging)", err, TOL["attention"],
+                   errors_by_length=errs, counters_after=counters.tolist())
 
 
 def check_o_proj(c: _Ctx) -> dict:
@@ -370,19 +374,24 @@ CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(
 
 
 def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_seq: int | None = None,
-               chunk: int = 256, only=None, log=None, config: dict = DEFAULT_CONFIG) -> list[dict]:
+               chunk: int | None = None, splits: int | None = None, only=None, log=None,
+               config: dict = DEFAULT_CONFIG) -> list[dict]:
     """Compile the decode step's kernels for this model and check each against numpy; a
     check that raises is reported as failed with its error, and the others still run."""
     kernels = decode_kernels(shapes, formats, config)
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
-    max_seq = max_seq or 4 * chunk + 64
+    att = {**config.get("attention", {})}
+    att.update({k: v for k, v in (("chunk", chunk), ("splits", splits)) if v is not None})
+    tile = next(k for k in kernels if k.name == "attention").tile
+    chunk, splits = attention_split({"attention": att}, 1 << 30, tile)
+    max_seq = max_seq or 2 * chunk * splits + 64      # lengths past chunk x splits: each split's share grows
+    chunk, splits = attention_split({"attention": att}, max_seq, tile)
     report = []
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq,
-                 attention_chunk(chunk, max_seq, next(k.threads for k in kernels if k.name == "attention")), config)
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)
         t = time.perf_counter()
         try:
             r = check(c)
@@ -432,9 +441,9 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
     max_seq = max(contexts) + 64
-    att_threads = next(k.threads for k in kernels if k.name == "attention")
-    chunk = attention_chunk(256, max_seq, att_threads)
-    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, config)
+    att_spec = next(k for k in kernels if k.name == "attention")
+    chunk, splits = attention_split(config, max_seq, att_spec.tile)
+    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, splits, config)
     s, rows = shapes, []
     shapes_of = {"qkv": (s.qkv, s.hidden, c.f.linear), "o_proj": (s.hidden, s.heads * s.head_dim, c.f.linear),
                  "gate_up": (2 * s.inter, s.hidden, c.f.linear), "down": (s.hidden, s.inter, c.f.linear),
@@ -461,21 +470,22 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                 for i in range(launches):
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
             rows.append(_time(device, record, launches, f"{name} ({fmt}, {n} x {k})", nbytes, grid, log))
+        blocks = att_spec.blocks_x(s.kv_heads)
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
-                       part_o=c.zeros(4 * s.heads * (-(-max_seq // chunk)) * s.head_dim),
-                       part_ml=c.zeros(8 * s.heads * (-(-max_seq // chunk))), out=c.zeros(4 * s.heads * s.head_dim),
-                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=chunk,
-                       splits=-(-max_seq // chunk))
+                       part_o=c.zeros(4 * s.heads * splits * s.head_dim), part_ml=c.zeros(8 * s.heads * splits),
+                       out=c.zeros(4 * s.heads * s.head_dim), counter=c.zeros(4 * blocks), pos_add=0, max_seq=max_seq,
+                       chunk=chunk, splits=splits)
         for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)
             a.pos = c.put(np.array([ctx - 1], np.int32))
             kv_bytes = 2 * s.kv_heads * ctx * s.head_dim * 2
+            per = -(-ctx // splits)
+            used = -(-ctx // max(chunk, -(-per // att_spec.tile) * att_spec.tile))
 
             def record(a=a):
                 for _ in range(launches):
-                    device.launch(handles["attention"], (s.kv_heads, a.splits), c.spec["attention"].threads, 0, a)
-            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes,
-                              (s.kv_heads, -(-ctx // chunk)), log))
+                    device.launch(handles["attention"], (blocks, splits), att_spec.threads, 0, a)
+            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes, (blocks, used), log))
     finally:
         c.free()
     return rows

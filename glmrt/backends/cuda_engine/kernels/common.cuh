@@ -29,6 +29,7 @@ DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
 // written by other blocks of this kernel (the last-block reductions): read through L2
 DEV float load_l2(const float* p) { return __ldcg(p); }
 DEV int load_l2(const int* p) { return __ldcg(p); }
+DEV float4 load_l2(const float4* p) { return __ldcg(p); }
 #endif
 
 DEV float2 h2x2f(h16x2 v) { return make_float2(h2f((h16)(v & 0xffffu)), h2f((h16)(v >> 16))); }
