@@ -181,6 +181,14 @@ class _Ctx:
         stored = w if fmt == "f16" else np.ascontiguousarray(w.T)
         return {"w": self.put(stored), "scales": 0}, w.astype(np.float64), w.nbytes
 
+    def zero_weights(self, fmt: str, n: int, k: int):
+        """(fields for GemvArgs, bytes read per launch) of zero-filled weights (timing)."""
+        if fmt == "int4":
+            kb = -(-k // self.f.block)
+            w, sc = n * kb * self.f.block // 2, n * kb * 2
+            return {"w": self.zeros(w), "scales": self.zeros(sc)}, w + sc
+        return {"w": self.zeros(n * k * 2), "scales": 0}, n * k * 2
+
     def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
         return (center + spread * self.rng.standard_normal(n)).astype(np.float16)
 
@@ -460,8 +468,8 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
         for name, (n, k, fmt) in shapes_of.items():
             if only and name not in only:
                 continue
-            wf, _, nbytes = c.weights(fmt, n, k)
-            copies = [wf] + [c.weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
+            wf, nbytes = c.zero_weights(fmt, n, k)     # timing only: the values do not matter, random ones cost seconds
+            copies = [wf] + [c.zero_weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
             args = [GemvArgs(**w, **common, eps=EPS, max_seq=max_seq) for w in copies]
             spec = c.spec[name]
             grid = c.grid(name)
@@ -513,3 +521,137 @@ def _time(device, record, launches: int, what: str, nbytes: int, grid, log) -> d
     if log:
         log(f"{what:55s} {us:9.2f} us  {nbytes / 1e6:9.2f} MB  {row['tbps']:5.2f} TB/s  grid {grid}")
     return row
+
+
+# ---- the whole decode step, timed ----------------------------------------------------------------
+ROLES = ("qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def synthetic_config(shapes: Shapes, layers: int):
+    """A GlmConfig of these shapes (default RoPE, half the head rotated) and `layers` layers."""
+    from ...config import GlmConfig
+    return GlmConfig.from_hf({
+        "model_type": "glm4", "vocab_size": shapes.vocab, "hidden_size": shapes.hidden,
+        "intermediate_size": shapes.inter, "num_hidden_layers": layers, "num_attention_heads": shapes.heads,
+        "num_key_value_heads": shapes.kv_heads, "head_dim": shapes.head_dim, "max_position_embeddings": 32768,
+        "partial_rotary_factor": shapes.rot / shapes.head_dim})
+
+
+class _Weights(dict):
+    def __getitem__(self, name):
+        return 0 if name is None else dict.__getitem__(self, name)
+
+
+class StepBench:
+    """A whole decode step (DecodeStep's launch list) on zero-filled weights of the model's
+    shapes, each layer its own (the weights stream from DRAM as in the real model), timed as a
+    CUDA graph of `reps` steps; variants replace chosen kernels by empty ones (Stub) of the
+    same launch shape, or run only the first layers, so that the time a kernel costs inside
+    the step, and the step's cost beyond its kernels, are measured rather than guessed."""
+
+    def __init__(self, device, shapes: Shapes, formats: Formats, layers: int, max_context: int):
+        self.dev, self.s, self.f, self.layers, self.max_context = device, shapes, formats, layers, max_context
+        self.cfg = synthetic_config(shapes, layers)
+        self.ptrs, self.w = [], _Weights()
+        s = shapes
+
+        def alloc(name, nbytes):
+            p = device.alloc(nbytes)
+            device.zero(p, nbytes)
+            self.ptrs.append(p)
+            self.w[name] = p
+            return name
+
+        def linear(name, n, k, fmt):
+            if fmt == "int4":
+                kb = -(-k // formats.block)
+                return {"w": alloc(name, n * kb * formats.block // 2), "scales": alloc(name + ".s", n * kb * 2),
+                        "bias": None}
+            return {"w": alloc(name, n * k * 2), "scales": None, "bias": None}
+        lin = formats.linear
+        self.wmap = {"embed": alloc("embed", s.vocab * s.hidden * 2), "norm": alloc("norm", s.hidden * 2),
+                     "lm_head": linear("lm_head", s.vocab, s.hidden, "f16" if formats.lm_head == "f16_kn" else formats.lm_head),
+                     "layers": []}
+        for i in range(layers):
+            lw = {"qkv": linear(f"{i}.qkv", s.qkv, s.hidden, lin), "o": linear(f"{i}.o", s.hidden, s.heads * s.head_dim, lin),
+                  "gate_up": linear(f"{i}.gu", 2 * s.inter, s.hidden, lin), "down": linear(f"{i}.down", s.hidden, s.inter, lin)}
+            lw["qkv"]["bias"] = alloc(f"{i}.qkv.b", s.qkv * 2)
+            for role in ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"):
+                lw[role] = alloc(f"{i}.{role}", s.hidden * 2)
+            self.wmap["layers"].append(lw)
+        per = s.kv_heads * max_context * s.head_dim * 2
+        self.kv = []
+        for _ in range(layers):
+            self.kv.append((device.alloc(per), device.alloc(per)))
+            self.ptrs += list(self.kv[-1])
+            device.zero(self.kv[-1][0], per)
+            device.zero(self.kv[-1][1], per)
+        device.synchronize()
+
+    def time(self, config: dict = DEFAULT_CONFIG, contexts=(128, 8192), reps: int = 3, log=None,
+             variants: bool = True) -> list[dict]:
+        """The full step at each context; with `variants`, at the first context also: every
+        kernel stubbed (launches only), each role stubbed alone, and the first half of the
+        layers only (each row: us per step)."""
+        from .sources import Stub
+        from .step import DecodeStep
+        from .sources import translation_unit as tu
+        kernels = decode_kernels(self.s, self.f, config)
+        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels]
+        handles = self.dev.load(image_for(self.dev, tu(self.s, kernels + stubs)),
+                                {k.name: k.smem for k in kernels + stubs})
+        step = DecodeStep(self.dev, {k.name: (k, handles[k.name]) for k in kernels}, self.w, self.wmap, self.kv,
+                          self.cfg, self.max_context, 1, config)
+        role_of = {handles[k.name]: ("qkv" if k.name == "qkv_first" else k.name) for k in kernels}
+        stub_of = {handles[k.name]: handles["stub_" + k.name] for k in kernels}
+        rows = []
+        try:
+            base = step.launches(0)
+            per_layer = (len(base) - 1) // self.layers
+
+            def run(what, launches, ctx):
+                ctl = np.array([ctx - 1, 0, 0], np.int32)
+                self.dev.upload(step.buf["ctl"], ctl)
+                self.dev.synchronize()
+
+                def record():
+                    for _ in range(reps):
+                        for h, *rest in launches:
+                            self.dev.launch(h, *rest)
+                r = _time(self.dev, record, reps, f"step, {what}, context {ctx}", 0, len(launches), None)
+                r.update(what=what, context=ctx, nodes=len(launches))
+                if log:
+                    log(f"{r['kernel']:60s} {r['us']:9.1f} us  {1e6 / r['us']:7.1f} tok/s  ({len(launches)} kernels)")
+                rows.append(r)
+                return r
+
+            def stubbed(roles):
+                return [(stub_of[h], *rest) if role_of[h] in roles else (h, *rest) for h, *rest in base]
+            for ctx in contexts:
+                run("full", base, ctx)
+            if variants:
+                ctx = contexts[0]
+                run("every kernel empty (launches only)", stubbed(ROLES), ctx)
+                for role in ROLES:
+                    run(f"{role} empty", stubbed((role,)), ctx)
+                half = self.layers // 2
+                run(f"first {half} layers + lm_head", base[:half * per_layer] + base[-1:], ctx)
+                if log:
+                    full = next(r["us"] for r in rows if r["what"] == "full" and r["context"] == ctx)
+                    empty = next(r["us"] for r in rows if r["what"].startswith("every kernel"))
+                    hl = rows[-1]["us"]
+                    log(f"   launches alone: {empty:.0f} us per step ({empty / len(base):.2f} us per kernel)")
+                    log(f"   one layer in the step: {(full - hl) / (self.layers - half):.1f} us")
+                    for role in ROLES:
+                        r = next(x for x in rows if x["what"] == f"{role} empty")
+                        n = self.layers if role not in ("lm_head",) else 1
+                        log(f"   {role:10s} costs {full - r['us']:7.1f} us per step in it ({(full - r['us']) / n:.2f} us each)")
+        finally:
+            step.free()
+        return rows
+
+    def free(self):
+        self.dev.synchronize()
+        for p in self.ptrs:
+            self.dev.free(p)
+        self.ptrs = []

@@ -150,6 +150,19 @@ class Attention:
 ATT_MAX_SPLITS = 128           # kernels/attention.cu: the splits one merge takes
 
 
+@dataclasses.dataclass(frozen=True)
+class Stub:
+    """An empty kernel taking another kernel's argument struct, launched in its place with its
+    grid, threads and shared memory: timing a decode step without that kernel's work."""
+    name: str
+    args: str
+    threads: int
+    smem: int = 0
+
+    def instance(self) -> str:
+        return f'extern "C" __global__ void {self.name}(const {self.args} a) {{ }}\n'
+
+
 def kernel_text() -> str:
     """The shipped kernel files, in order (the code every engine is compiled from)."""
     folder = resources.files(__package__) / "kernels"
