@@ -234,7 +234,7 @@ def part_step(args):
     """GLM-Z1-9B's whole decode step (40 layers, zero-filled weights, every layer its own) as a
     CUDA graph: int4 at contexts 128 and 8192, then the same graph with every kernel empty
     (the launches alone), with each kernel empty in turn (what it costs inside the step), and
-    with half the layers; fp16 at both contexts and with every kernel empty."""
+    with half the layers; fp16 at both contexts; each again with programmatic dependent launch."""
     from glmrt.backends.cuda_engine.selfcheck import StepBench
     from glmrt.backends.cuda_engine.sources import Shapes
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
@@ -249,6 +249,11 @@ def part_step(args):
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
         try:
             out[name] = bench.time(DEFAULT_CONFIG, contexts, reps, log=say, variants=name == "int4")
+            try:                            # the same with programmatic dependent launch (sm_90+)
+                out[name] += bench.time({**DEFAULT_CONFIG, "pdl": True}, contexts, reps, log=say, variants=False,
+                                        label="programmatic dependent launch")
+            except Exception as e:  # reported; the default's figures stand
+                say(f"FAIL  step with programmatic dependent launch: {type(e).__name__}: {str(e)[:300]}")
         finally:
             bench.free()
         save("step", out)

@@ -536,6 +536,7 @@ def test_every_driver_call_takes_its_arguments(monkeypatch):
     d.zero(p, 40)
     k = d.load(b"\x7fELF fake cubin", {"big": 60000, "small": 0})
     d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p))
+    d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p), pdl=True)     # programmatic dependent launch
     assert d.occupancy(k["big"], 256, 60000) == 2
     graph = d.capture(lambda: d.launch(k["small"], (3,), 128, 0, GemvArgs()))
     d.replay(graph)
@@ -544,7 +545,8 @@ def test_every_driver_call_takes_its_arguments(monkeypatch):
         d.replay(graph)
     assert t.ms == 1.5
     d.free(p)
-    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuStreamBeginCapture", "cuGraphLaunch", "cuMemcpyHtoDAsync"):
+    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuLaunchKernelEx", "cuStreamBeginCapture", "cuGraphLaunch",
+                 "cuMemcpyHtoDAsync"):
         assert call in fake.calls
 
 

@@ -229,6 +229,8 @@ inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }
 inline float4 load_l2(const float4* p) { return *p; }
+inline void grid_wait() {}                 // blocks and grids run in order here
+inline void grid_launch_dependents() {}
 
 // The kernel table the generated source ends with (EMU_KERNEL lines).
 struct EmuKernel { const char* name; void (*run)(const void*); };

@@ -589,7 +589,7 @@ class StepBench:
         device.synchronize()
 
     def time(self, config: dict = DEFAULT_CONFIG, contexts=(128, 8192), reps: int = 3, log=None,
-             variants: bool = True) -> list[dict]:
+             variants: bool = True, label: str = "full") -> list[dict]:
         """The full step at each context; with `variants`, at the first context also: every
         kernel stubbed (launches only), each role stubbed alone, and the first half of the
         layers only (each row: us per step)."""
@@ -628,7 +628,7 @@ class StepBench:
             def stubbed(roles):
                 return [(stub_of[h], *rest) if role_of[h] in roles else (h, *rest) for h, *rest in base]
             for ctx in contexts:
-                run("full", base, ctx)
+                run(label, base, ctx)
             if variants:
                 ctx = contexts[0]
                 run("every kernel empty (launches only)", stubbed(ROLES), ctx)
@@ -637,7 +637,7 @@ class StepBench:
                 half = self.layers // 2
                 run(f"first {half} layers + lm_head", base[:half * per_layer] + base[-1:], ctx)
                 if log:
-                    full = next(r["us"] for r in rows if r["what"] == "full" and r["context"] == ctx)
+                    full = next(r["us"] for r in rows if r["what"] == label and r["context"] == ctx)
                     empty = next(r["us"] for r in rows if r["what"].startswith("every kernel"))
                     hl = rows[-1]["us"]
                     log(f"   launches alone: {empty:.0f} us per step ({empty / len(base):.2f} us per kernel)")

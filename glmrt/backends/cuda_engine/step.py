@@ -42,6 +42,9 @@ DEFAULT_CONFIG = {
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
     # split takes (short contexts use len / chunk splits, long ones all of them)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
+    # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
+    # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
+    "pdl": False,
 }
 ATTENTION = DEFAULT_CONFIG["attention"]
 
@@ -129,6 +132,7 @@ class DecodeStep:
         att = kernels["attention"][0]
         self.chunk, self.splits = attention_split(config, max_context, att.tile)
         self.att_blocks = att.blocks_x(s.kv_heads)
+        self.pdl = bool(config.get("pdl")) and tuple(device.compute_capability) >= (9, 0)
         self.lm_grid = self.grid("lm_head")
         f32, f16, i32 = 4, 2, 4
         sizes = {                                        # name: bytes
@@ -162,7 +166,7 @@ class DecodeStep:
     def _gemv(self, name: str, **fields):
         spec, handle = self.kernels[name]
         a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, **fields)
-        return handle, (self.grid(name),), spec.threads, spec.smem, a
+        return handle, (self.grid(name),), spec.threads, spec.smem, a, self.pdl
 
     def _linear(self, m: dict) -> dict:
         return {"w": self.w[m["w"]], "scales": self.w[m.get("scales")], "bias": self.w[m.get("bias")]}
@@ -187,7 +191,7 @@ class DecodeStep:
                            out=b["attn"], counter=b["att_counter"], pos_add=i, max_seq=self.max_context,
                            chunk=self.chunk, splits=self.splits)
             spec, h = self.kernels["attention"]
-            out.append((h, (self.att_blocks, self.splits), spec.threads, 0, att))
+            out.append((h, (self.att_blocks, self.splits), spec.threads, 0, att, self.pdl))
             out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))

@@ -62,7 +62,9 @@ DEV void attention(const AttnArgs& a) {
   const int per = (len + a.splits - 1) / a.splits;
   const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
   const int t0 = split * chunk;
-  if (t0 >= len) return;                     // the whole block: nothing to read here
+  grid_launch_dependents();
+  if (t0 >= len) return;                     // the whole block: nothing to read here (pos is the host's)
+  grid_wait();                               // q and this token's K, V: the previous kernel's
   const int t1 = min(len, t0 + chunk);
   const uint4* kbase = (const uint4*)(a.k_cache + (size_t)h * a.max_seq * HD);
   const uint4* vbase = (const uint4*)(a.v_cache + (size_t)h * a.max_seq * HD);

@@ -435,7 +435,9 @@ DEV void gemv_nk(const GemvArgs& a) {
 
   Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
   int tile = blockIdx.x, step = 0;
-  load(cur, tile, 0);                       // in flight while x is staged
+  load(cur, tile, 0);                       // in flight while x is staged (and the previous kernel ends)
+  grid_launch_dependents();
+  grid_wait();                              // from here on: what other kernels write
   if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
   stage_x<C, FMT, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
   __syncthreads();
@@ -502,6 +504,8 @@ DEV void gemv_kn(const GemvArgs& a) {
   const uint4* W = (const uint4*)a.w;
   const h16* xh = (const h16*)xs;
 
+  grid_launch_dependents();
+  grid_wait();
   if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
   stage_x<C, W_F16_KN, K, K, M, PRO, WARPS * 32>(a, (h16*)xs, red);
   __syncthreads();
