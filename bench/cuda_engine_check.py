@@ -8,7 +8,10 @@ PASS/FAIL lines with its figures and writes OUT/engine-<part>[-tag].json.
   kernels [--time]          every kernel of the decode step against numpy at GLM-Z1-9B and
                             GLM-4-32B shapes (int4 b32, int4 b128 + int4 lm_head, fp16), then
                             each kernel alone timed, its share of a step, and its TB/s
-  sweep                     the int4 GEMVs at GLM-Z1-9B shapes under other launch parameters
+  sweep                     the attention and the int4 GEMVs at GLM-Z1-9B shapes under other
+                            launch parameters
+  step                      GLM-Z1-9B's whole decode step timed as a graph, and with chosen kernels
+                            made empty (where the step's time goes beyond its kernels)
   model DIR [--reference]   the whole engine against ONNX Runtime's CUDA form of the same
                             export (and the float64 reference on the engine's own weights):
                             prefill and decode logits, 64 greedy steps (a divergence passes
@@ -181,18 +184,36 @@ def step_share(rows: list, shape: tuple, log) -> dict:
 
 
 SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident)
-    (8, 2, 4, 2, 0), (8, 2, 4, 1, 0), (8, 2, 4, 2, 4), (8, 2, 2, 3, 0), (8, 2, 8, 2, 0), (8, 1, 4, 2, 0),
-    (8, 1, 4, 3, 0), (8, 4, 2, 2, 0), (4, 2, 4, 4, 0), (4, 1, 4, 4, 0), (16, 1, 4, 1, 0)]
+    (8, 2, 4, 2, 0), (8, 1, 4, 2, 0), (8, 1, 4, 3, 0), (8, 2, 2, 3, 0), (4, 2, 4, 4, 0), (4, 1, 4, 4, 0),
+    (16, 1, 4, 1, 0), (8, 4, 2, 2, 0)]
+ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits)
+    (128, 4, 32, 32, 64), (128, 2, 32, 32, 64), (128, 8, 32, 32, 64), (128, 16, 32, 32, 64), (128, 4, 32, 32, 32),
+    (128, 4, 32, 32, 128), (128, 4, 64, 64, 32), (128, 8, 64, 64, 64), (256, 8, 64, 64, 64), (64, 4, 32, 32, 64)]
 
 
 def part_sweep(args):
-    """The int4 GEMVs at GLM-Z1-9B's shapes under other launch parameters (tuning data)."""
+    """The int4 GEMVs at GLM-Z1-9B's shapes under other launch parameters, then the attention
+    at contexts 128, 1024 and 8192 under other splits (tuning data: every variant is launch
+    configuration, step.DEFAULT_CONFIG takes the winners)."""
     from glmrt.backends.cuda_engine.selfcheck import time_kernels
     from glmrt.backends.cuda_engine.sources import Shapes
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
     device = make_device(args)
     shapes = Shapes(*SHAPES["glm-z1-9b"]) if not args.emulate else Shapes(128, 384, 4, 2, 32, 16, 1024)
-    out = []
+    emu = {"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}
+    out = {"gemv": [], "attention": []}
+    for threads, hpb, tile, chunk, splits in ATT_SWEEP:
+        knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits}
+        say(f"== attention: {threads} threads, {hpb} query heads a block, tile {tile}, chunk {chunk}+, {splits} splits")
+        try:
+            rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config={**DEFAULT_CONFIG, "attention": knobs},
+                                log=say, only=("attention",), contexts=(128, 1024, 8192) if not args.emulate else (16, 300),
+                                **emu)
+        except Exception as e:  # a variant that does not fit is reported, the others still run
+            say(f"FAIL  {knobs}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out["attention"].append({**knobs, "kernels": rows})
+        save("sweep", out)
     for warps, rpw, unroll, min_blocks, per_sm in SWEEP:
         knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm}
         config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
@@ -200,13 +221,42 @@ def part_sweep(args):
             f"{min_blocks}, blocks per SM {per_sm or 'resident'}")
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config=config, log=say,
-                                only=("qkv", "o_proj", "gate_up", "down"),
-                                **({"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}))
+                                only=("qkv", "o_proj", "gate_up", "down"), **emu)
         except Exception as e:  # a config that does not fit (registers, shared memory) is reported
             say(f"FAIL  {knobs}: {type(e).__name__}: {str(e)[:200]}")
             continue
-        out.append({**knobs, "kernels": rows})
+        out["gemv"].append({**knobs, "kernels": rows})
         save("sweep", out)
+
+
+# ---- the whole decode step, timed ---------------------------------------------------------------------
+def part_step(args):
+    """GLM-Z1-9B's whole decode step (40 layers, zero-filled weights, every layer its own) as a
+    CUDA graph: int4 at contexts 128 and 8192, then the same graph with every kernel empty
+    (the launches alone), with each kernel empty in turn (what it costs inside the step), and
+    with half the layers; fp16 at both contexts; each again with programmatic dependent launch."""
+    from glmrt.backends.cuda_engine.selfcheck import StepBench
+    from glmrt.backends.cuda_engine.sources import Shapes
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
+    device = make_device(args)
+    if args.emulate:
+        shapes, layers, contexts, reps = Shapes(128, 384, 4, 2, 32, 16, 1024), 2, (16, 300), 1
+    else:
+        shapes, layers, contexts, reps = Shapes(*SHAPES["glm-z1-9b"]), 40, (128, 8192), 3
+    out = {}
+    for name, formats in (("int4", Formats("int4", 32, "f16_kn")), ("fp16", Formats("f16", 32, "f16"))):
+        say(f"== glm-z1-9b {name} ({layers} layers), lm_head {formats.lm_head}: the step's graph, {reps} steps a replay")
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        try:
+            out[name] = bench.time(DEFAULT_CONFIG, contexts, reps, log=say, variants=name == "int4")
+            try:                            # the same with programmatic dependent launch (sm_90+)
+                out[name] += bench.time({**DEFAULT_CONFIG, "pdl": True}, contexts, reps, log=say, variants=False,
+                                        label="programmatic dependent launch")
+            except Exception as e:  # reported; the default's figures stand
+                say(f"FAIL  step with programmatic dependent launch: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            bench.free()
+        save("step", out)
 
 
 # ---- the whole engine against ONNX Runtime ------------------------------------------------------------
@@ -439,7 +489,7 @@ def part_summary(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "model", "memory", "summary"])
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "step", "model", "memory", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
     ap.add_argument("--reference", nargs="?", const="float64", choices=["float64", "float32"],

@@ -165,6 +165,11 @@ hf)
   ;;
 engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
   C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
+  # this checkout's glmrt, fresh every time (a warm machine's /tmp/glmrt-site may be an older
+  # one, and background exports may be running from it): its own folder, first on the path
+  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH &&
+    echo "glmrt from $REPO installed for this stage"
   LOG=$OUT/$stage.log
   T0=$(date +%s); BUDGET=${BUDGET:-500}       # parts end within BUDGET seconds (later ones shrink or skip), then the summary
   part() { local limit=$1 left=$(( BUDGET - $(date +%s) + T0 )); shift
@@ -179,12 +184,17 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
   if [ "$stage" = engine ]; then
     # ENGINE_PARTS=kernels: the parts that need no ONNX Runtime (while its wheel still travels);
     # ENGINE_PARTS=models: the rest
+    # ENGINE_PARTS=kernels also times the whole step (where its time goes) and runs the sweep
     if [ "${ENGINE_PARTS:-all}" != models ]; then
       part 60 $C env
       part 60 $C smoke
-      part 170 $C kernels --time
+      part 200 $C kernels --time
     fi
-    [ "${ENGINE_PARTS:-all}" = kernels ] && { part 30 $C summary; exit 0; }
+    if [ "${ENGINE_PARTS:-all}" = kernels ]; then
+      part 150 $C step
+      part 180 $C sweep
+      timeout 30 $C summary 2>&1 | tee -a "$LOG"; exit 0
+    fi
     python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
     for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
       tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
@@ -195,7 +205,8 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     done
     # the decoder conformance suite on the real engine (tests/test_backends.py's cuda recipe)
     part 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "cuda-cuda-fp16"
-    part 90 $C sweep
+    part 150 $C step
+    part 180 $C sweep
   else
     for s in ${SETS:-glm-z1-9b:int4}; do
       shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0

@@ -131,7 +131,7 @@ def test_the_int4_dot_product_order_matches_the_staged_x():
     rng = np.random.default_rng(2)
     packed, scales = selfcheck.random_int4(rng, 3, 64, 32)
     x = rng.standard_normal(64)
-    slot = lambda u, r: u * 40 + 2 * (4 * (r >> 3) + ((r & 7) & 3)) + ((r & 7) >> 2)   # gemv.cu XLayout
+    slot = lambda u, r: u * 40 + 2 * (4 * (r >> 3) + ((r & 7) & 3)) + ((r & 7) >> 2)   # gemv.cu x_word: (v[s], v[s + 4]) pairs
     staged = np.zeros(2 * 40)
     for kk in range(64):
         staged[slot(kk // 32, kk % 32)] = x[kk]
@@ -183,9 +183,23 @@ def test_argument_structs_match_the_c_layout():
 @needs_cxx
 @pytest.mark.parametrize("formats", FORMATS, ids=str)
 def test_every_kernel_passes_its_check_in_the_emulation(formats):
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=128)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=32, splits=3)
     assert [r["kernel"] for r in report] == list(selfcheck.CHECKS)
     assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report if not r["ok"]]
+
+
+@needs_cxx
+@pytest.mark.parametrize("att", [{"heads_per_block": 1, "tile": 32, "threads": 64},
+                                 {"heads_per_block": 2, "tile": 64, "threads": 128},
+                                 {"heads_per_block": 1, "tile": 64, "threads": 32}], ids=str)
+def test_attention_variants_pass_in_the_emulation(att):
+    """The sweep's attention variants (query heads per block, tile, threads): each one
+    against numpy on one split, several, and grown splits."""
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
+    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], **att}}
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300, chunk=32,
+                                  splits=3, only=["attention"], config=config)
+    assert report[0]["ok"], selfcheck.format_result(report[0])
 
 
 @needs_cxx
@@ -195,15 +209,17 @@ def test_smoke_kernel_runs_in_the_emulation():
 
 # A check that cannot fail is no check: each mutation breaks one thing a kernel must get right.
 MUTATIONS = {
-    "int4 nibble order": ("gemv.cu", "2 * (4 * j + (t & 3)) + (t >> 2)", "2 * (4 * j + (t >> 1)) + (t & 1)", "o_proj"),
+    "int4 nibble order": ("gemv.cu", "pack_h2(v[0], v[4]), pack_h2(v[1], v[5])", "pack_h2(v[0], v[1]), pack_h2(v[4], v[5])", "o_proj"),
     "RoPE sign": ("gemv.cu", "r0 = x0 * c - x1 * s", "r0 = x0 * c + x1 * s", "qkv"),
     "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
-    "softmax rescale": ("attention.cu", "acc[g] *= corr_s[g];", "", "attention"),
-    "split merge weights": ("attention.cu", "num += sc[g][s] * load_l2", "num += load_l2", "attention"),
-    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
+    "softmax rescale": ("attention.cu", "float v = acc[o] * corr_s[g];", "float v = acc[o];", "attention"),
+    "split merge weights": ("attention.cu", "num.x += w[s] * o.x;", "num.x += o.x;", "attention"),
+    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[blockIdx.x] = 0u;", "", "attention"),
+    "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
+    "attention grown split": ("attention.cu", "max(a.chunk, (per + TILE - 1) / TILE * TILE)", "a.chunk", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
-    "residual add": ("gemv.cu", "if (blockIdx.x == 0) a.x_out[m * H + k] = v;", "", "gate_up"),
+    "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
 }
 
@@ -217,8 +233,10 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
     monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
     monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
+    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1}}  # 2 query groups
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
-                                  chunk=128, only=[kernel])
+                                  chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
 
 
@@ -518,6 +536,7 @@ def test_every_driver_call_takes_its_arguments(monkeypatch):
     d.zero(p, 40)
     k = d.load(b"\x7fELF fake cubin", {"big": 60000, "small": 0})
     d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p))
+    d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p), pdl=True)     # programmatic dependent launch
     assert d.occupancy(k["big"], 256, 60000) == 2
     graph = d.capture(lambda: d.launch(k["small"], (3,), 128, 0, GemvArgs()))
     d.replay(graph)
@@ -526,7 +545,8 @@ def test_every_driver_call_takes_its_arguments(monkeypatch):
         d.replay(graph)
     assert t.ms == 1.5
     d.free(p)
-    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuStreamBeginCapture", "cuGraphLaunch", "cuMemcpyHtoDAsync"):
+    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuLaunchKernelEx", "cuStreamBeginCapture", "cuGraphLaunch",
+                 "cuMemcpyHtoDAsync"):
         assert call in fake.calls
 
 

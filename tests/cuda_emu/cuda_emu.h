@@ -34,6 +34,7 @@ struct float4 { float x, y, z, w; };
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 #define __global__
 #define __device__
@@ -227,6 +228,9 @@ inline h16x2 hsub2(h16x2 a, h16x2 b) {
 inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }
+inline float4 load_l2(const float4* p) { return *p; }
+inline void grid_wait() {}                 // blocks and grids run in order here
+inline void grid_launch_dependents() {}
 
 // The kernel table the generated source ends with (EMU_KERNEL lines).
 struct EmuKernel { const char* name; void (*run)(const void*); };

@@ -85,7 +85,7 @@ class EmulatedDevice(Device):
         lib = build(image.decode() if isinstance(image, bytes) else image)
         return {name: (lib, name) for name in kernels}
 
-    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure) -> None:
+    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure, pdl: bool = False) -> None:
         if self.recording is not None:
             copy = type(args).from_buffer_copy(args)            # a graph keeps the arguments it captured
             self.recording.append((kernel, grid, threads, smem, copy))

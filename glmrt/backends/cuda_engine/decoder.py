@@ -178,6 +178,10 @@ def open_engine(folder: Path, manifest: dict, options, device=None) -> CudaDecod
     where = find_cuda_engine(folder, manifest["precision"]["name"], device.name, device.compute_capability)
     em = read_engine(where, options.verify)
     check_cuda_engine(em, device.compute_capability, device.driver_version, where)
+    from .sources import kernel_text, sha256
+    if em.get("kernels_sha256") != sha256(kernel_text()):
+        raise ArtifactError(f"{where}: compiled from other kernels than this glmrt's (their launch shapes differ); "
+                            f"rebuild it: glmrt build {folder} --backend cuda --overwrite")
     if not source_matches(em, folder):
         raise ArtifactError(f"{where}: built from another export of {folder} (the model's manifest "
                             f"changed); rebuild it: glmrt build {folder} --backend cuda --overwrite")

@@ -55,8 +55,9 @@ class Device(abc.ABC):
         Returns name -> a handle `launch` takes."""
 
     @abc.abstractmethod
-    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure) -> None:
-        """Queue one kernel taking one struct argument."""
+    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure, pdl: bool = False) -> None:
+        """Queue one kernel taking one struct argument; pdl: programmatic dependent launch
+        (it may start before the previous kernel ends; the kernels wait where they must)."""
 
     @abc.abstractmethod
     def synchronize(self) -> None: ...
@@ -162,11 +163,24 @@ class CudaDevice(Device):
             out[name] = fn
         return out
 
-    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure) -> None:
+    def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure, pdl: bool = False) -> None:
         params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
         gx, gy = (grid + (1,))[:2] if len(grid) < 2 else grid[:2]
-        self._ck(self.cu.cuLaunchKernel(kernel, gx, gy, 1, threads, 1, 1, smem, self.stream,
-                                        ctypes.addressof(params), 0), "cuLaunchKernel")
+        if not pdl or self.compute_capability < (9, 0):
+            self._ck(self.cu.cuLaunchKernel(kernel, gx, gy, 1, threads, 1, 1, smem, self.stream,
+                                            ctypes.addressof(params), 0), "cuLaunchKernel")
+            return
+        cu = self.cu
+        cfg = cu.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = threads, 1, 1
+        cfg.sharedMemBytes, cfg.hStream = smem, self.stream
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        self._ck(cu.cuLaunchKernelEx(cfg, kernel, ctypes.addressof(params), 0), "cuLaunchKernelEx (programmatic dependent launch)")
 
     def synchronize(self) -> None:
         self._ck(self.cu.cuStreamSynchronize(self.stream), "cuStreamSynchronize (a kernel failed)")

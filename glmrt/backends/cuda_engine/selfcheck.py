@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, attention_chunk, decode_kernels, gemv_grid, rope_table
+from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
@@ -129,12 +129,12 @@ def image_for(device, source: str) -> bytes:
 
 class _Ctx:
     def __init__(self, device, shapes: Shapes, formats: Formats, kernels: list, handles: dict, seed: int,
-                 max_seq: int, chunk: int, config: dict = DEFAULT_CONFIG):
+                 max_seq: int, chunk: int, splits: int, config: dict = DEFAULT_CONFIG):
         self.dev, self.s, self.f, self.config = device, shapes, formats, config
         self.spec = {k.name: k for k in kernels}
         self.h = handles
         self.rng = np.random.default_rng(seed)
-        self.max_seq, self.chunk = max_seq, chunk
+        self.max_seq, self.chunk, self.splits = max_seq, chunk, splits
         self.ptrs: list[int] = []
         self.keep: list = []
 
@@ -180,6 +180,14 @@ class _Ctx:
         w = (self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
         stored = w if fmt == "f16" else np.ascontiguousarray(w.T)
         return {"w": self.put(stored), "scales": 0}, w.astype(np.float64), w.nbytes
+
+    def zero_weights(self, fmt: str, n: int, k: int):
+        """(fields for GemvArgs, bytes read per launch) of zero-filled weights (timing)."""
+        if fmt == "int4":
+            kb = -(-k // self.f.block)
+            w, sc = n * kb * self.f.block // 2, n * kb * 2
+            return {"w": self.zeros(w), "scales": self.zeros(sc)}, w + sc
+        return {"w": self.zeros(n * k * 2), "scales": 0}, n * k * 2
 
     def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
         return (center + spread * self.rng.standard_normal(n)).astype(np.float16)
@@ -246,28 +254,32 @@ def rope_table_for(c: _Ctx) -> np.ndarray:
 
 
 def check_attention(c: _Ctx) -> dict:
+    """Lengths on one split, on several of `chunk` positions, and past chunk x splits (each
+    split's share grown), the whole cache included; the counters re-armed after each."""
     s = c.s
     nh, nkv, hd = s.heads, s.kv_heads, s.head_dim
-    splits = -(-c.max_seq // c.chunk)
+    spec, splits, chunk = c.spec["attention"], c.splits, c.chunk
     q = c.vec32(nh * hd)
     kc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     vc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     out = c.zeros(4 * nh * hd)
+    blocks = spec.blocks_x(nkv)
     a = AttnArgs(q=c.put(q), k_cache=c.put(kc), v_cache=c.put(vc), part_o=c.zeros(4 * nh * splits * hd),
-                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * nkv), pos_add=1,
-                 max_seq=c.max_seq, chunk=c.chunk, splits=splits)
+                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * blocks), pos_add=1,
+                 max_seq=c.max_seq, chunk=chunk, splits=splits)
     errs = {}
-    for length in sorted({1, 37, c.chunk, c.chunk + 1, min(c.max_seq, 2 * c.chunk + 77), c.max_seq}):
+    for length in sorted({min(c.max_seq, n) for n in (1, 37, chunk, chunk + 1, 2 * chunk + 77, chunk * splits + 77,
+                                                       c.max_seq)}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
         c.dev.zero(out, 4 * nh * hd)
-        c.dev.launch(c.h["attention"], (nkv, splits), c.spec["attention"].threads, 0, a)
+        c.dev.launch(c.h["attention"], (blocks, splits), spec.threads, 0, a)
         ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
         errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
-    counters = c.get(a.counter, nkv, np.uint32)
+    counters = c.get(a.counter, blocks, np.uint32)
     err = max(errs.values()) if not counters.any() else float("inf")
-    return _result(f"attention (GQA {nh}/{nkv}, split over the context in chunks of {c.chunk}, the last "
-                   "split merging)", err, TOL["attention"], errors_by_length=errs,
-                   counters_after=counters.tolist())
+    return _result(f"attention (GQA {nh}/{nkv}, {spec.hpb} query heads a block, split over the context in "
+                   f"{splits} splits of {chunk}+ positions, the last split merging)", err, TOL["attention"],
+                   errors_by_length=errs, counters_after=counters.tolist())
 
 
 def check_o_proj(c: _Ctx) -> dict:
@@ -370,19 +382,24 @@ CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(
 
 
 def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_seq: int | None = None,
-               chunk: int = 256, only=None, log=None, config: dict = DEFAULT_CONFIG) -> list[dict]:
+               chunk: int | None = None, splits: int | None = None, only=None, log=None,
+               config: dict = DEFAULT_CONFIG) -> list[dict]:
     """Compile the decode step's kernels for this model and check each against numpy; a
     check that raises is reported as failed with its error, and the others still run."""
     kernels = decode_kernels(shapes, formats, config)
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
-    max_seq = max_seq or 4 * chunk + 64
+    att = {**config.get("attention", {})}
+    att.update({k: v for k, v in (("chunk", chunk), ("splits", splits)) if v is not None})
+    tile = next(k for k in kernels if k.name == "attention").tile
+    chunk, splits = attention_split({"attention": att}, 1 << 30, tile)
+    max_seq = max_seq or 2 * chunk * splits + 64      # lengths past chunk x splits: each split's share grows
+    chunk, splits = attention_split({"attention": att}, max_seq, tile)
     report = []
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq,
-                 attention_chunk(chunk, max_seq, next(k.threads for k in kernels if k.name == "attention")), config)
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)
         t = time.perf_counter()
         try:
             r = check(c)
@@ -432,9 +449,9 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
     source = translation_unit(shapes, kernels)
     handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
     max_seq = max(contexts) + 64
-    att_threads = next(k.threads for k in kernels if k.name == "attention")
-    chunk = attention_chunk(256, max_seq, att_threads)
-    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, config)
+    att_spec = next(k for k in kernels if k.name == "attention")
+    chunk, splits = attention_split(config, max_seq, att_spec.tile)
+    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, splits, config)
     s, rows = shapes, []
     shapes_of = {"qkv": (s.qkv, s.hidden, c.f.linear), "o_proj": (s.hidden, s.heads * s.head_dim, c.f.linear),
                  "gate_up": (2 * s.inter, s.hidden, c.f.linear), "down": (s.hidden, s.inter, c.f.linear),
@@ -451,8 +468,8 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
         for name, (n, k, fmt) in shapes_of.items():
             if only and name not in only:
                 continue
-            wf, _, nbytes = c.weights(fmt, n, k)
-            copies = [wf] + [c.weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
+            wf, nbytes = c.zero_weights(fmt, n, k)     # timing only: the values do not matter, random ones cost seconds
+            copies = [wf] + [c.zero_weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
             args = [GemvArgs(**w, **common, eps=EPS, max_seq=max_seq) for w in copies]
             spec = c.spec[name]
             grid = c.grid(name)
@@ -461,21 +478,22 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                 for i in range(launches):
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
             rows.append(_time(device, record, launches, f"{name} ({fmt}, {n} x {k})", nbytes, grid, log))
+        blocks = att_spec.blocks_x(s.kv_heads)
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
-                       part_o=c.zeros(4 * s.heads * (-(-max_seq // chunk)) * s.head_dim),
-                       part_ml=c.zeros(8 * s.heads * (-(-max_seq // chunk))), out=c.zeros(4 * s.heads * s.head_dim),
-                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=chunk,
-                       splits=-(-max_seq // chunk))
+                       part_o=c.zeros(4 * s.heads * splits * s.head_dim), part_ml=c.zeros(8 * s.heads * splits),
+                       out=c.zeros(4 * s.heads * s.head_dim), counter=c.zeros(4 * blocks), pos_add=0, max_seq=max_seq,
+                       chunk=chunk, splits=splits)
         for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)
             a.pos = c.put(np.array([ctx - 1], np.int32))
             kv_bytes = 2 * s.kv_heads * ctx * s.head_dim * 2
+            per = -(-ctx // splits)
+            used = -(-ctx // max(chunk, -(-per // att_spec.tile) * att_spec.tile))
 
             def record(a=a):
                 for _ in range(launches):
-                    device.launch(handles["attention"], (s.kv_heads, a.splits), c.spec["attention"].threads, 0, a)
-            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes,
-                              (s.kv_heads, -(-ctx // chunk)), log))
+                    device.launch(handles["attention"], (blocks, splits), att_spec.threads, 0, a)
+            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes, (blocks, used), log))
     finally:
         c.free()
     return rows
@@ -503,3 +521,137 @@ def _time(device, record, launches: int, what: str, nbytes: int, grid, log) -> d
     if log:
         log(f"{what:55s} {us:9.2f} us  {nbytes / 1e6:9.2f} MB  {row['tbps']:5.2f} TB/s  grid {grid}")
     return row
+
+
+# ---- the whole decode step, timed ----------------------------------------------------------------
+ROLES = ("qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def synthetic_config(shapes: Shapes, layers: int):
+    """A GlmConfig of these shapes (default RoPE, half the head rotated) and `layers` layers."""
+    from ...config import GlmConfig
+    return GlmConfig.from_hf({
+        "model_type": "glm4", "vocab_size": shapes.vocab, "hidden_size": shapes.hidden,
+        "intermediate_size": shapes.inter, "num_hidden_layers": layers, "num_attention_heads": shapes.heads,
+        "num_key_value_heads": shapes.kv_heads, "head_dim": shapes.head_dim, "max_position_embeddings": 32768,
+        "partial_rotary_factor": shapes.rot / shapes.head_dim})
+
+
+class _Weights(dict):
+    def __getitem__(self, name):
+        return 0 if name is None else dict.__getitem__(self, name)
+
+
+class StepBench:
+    """A whole decode step (DecodeStep's launch list) on zero-filled weights of the model's
+    shapes, each layer its own (the weights stream from DRAM as in the real model), timed as a
+    CUDA graph of `reps` steps; variants replace chosen kernels by empty ones (Stub) of the
+    same launch shape, or run only the first layers, so that the time a kernel costs inside
+    the step, and the step's cost beyond its kernels, are measured rather than guessed."""
+
+    def __init__(self, device, shapes: Shapes, formats: Formats, layers: int, max_context: int):
+        self.dev, self.s, self.f, self.layers, self.max_context = device, shapes, formats, layers, max_context
+        self.cfg = synthetic_config(shapes, layers)
+        self.ptrs, self.w = [], _Weights()
+        s = shapes
+
+        def alloc(name, nbytes):
+            p = device.alloc(nbytes)
+            device.zero(p, nbytes)
+            self.ptrs.append(p)
+            self.w[name] = p
+            return name
+
+        def linear(name, n, k, fmt):
+            if fmt == "int4":
+                kb = -(-k // formats.block)
+                return {"w": alloc(name, n * kb * formats.block // 2), "scales": alloc(name + ".s", n * kb * 2),
+                        "bias": None}
+            return {"w": alloc(name, n * k * 2), "scales": None, "bias": None}
+        lin = formats.linear
+        self.wmap = {"embed": alloc("embed", s.vocab * s.hidden * 2), "norm": alloc("norm", s.hidden * 2),
+                     "lm_head": linear("lm_head", s.vocab, s.hidden, "f16" if formats.lm_head == "f16_kn" else formats.lm_head),
+                     "layers": []}
+        for i in range(layers):
+            lw = {"qkv": linear(f"{i}.qkv", s.qkv, s.hidden, lin), "o": linear(f"{i}.o", s.hidden, s.heads * s.head_dim, lin),
+                  "gate_up": linear(f"{i}.gu", 2 * s.inter, s.hidden, lin), "down": linear(f"{i}.down", s.hidden, s.inter, lin)}
+            lw["qkv"]["bias"] = alloc(f"{i}.qkv.b", s.qkv * 2)
+            for role in ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"):
+                lw[role] = alloc(f"{i}.{role}", s.hidden * 2)
+            self.wmap["layers"].append(lw)
+        per = s.kv_heads * max_context * s.head_dim * 2
+        self.kv = []
+        for _ in range(layers):
+            self.kv.append((device.alloc(per), device.alloc(per)))
+            self.ptrs += list(self.kv[-1])
+            device.zero(self.kv[-1][0], per)
+            device.zero(self.kv[-1][1], per)
+        device.synchronize()
+
+    def time(self, config: dict = DEFAULT_CONFIG, contexts=(128, 8192), reps: int = 3, log=None,
+             variants: bool = True, label: str = "full") -> list[dict]:
+        """The full step at each context; with `variants`, at the first context also: every
+        kernel stubbed (launches only), each role stubbed alone, and the first half of the
+        layers only (each row: us per step)."""
+        from .sources import Stub
+        from .step import DecodeStep
+        from .sources import translation_unit as tu
+        kernels = decode_kernels(self.s, self.f, config)
+        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels]
+        handles = self.dev.load(image_for(self.dev, tu(self.s, kernels + stubs)),
+                                {k.name: k.smem for k in kernels + stubs})
+        step = DecodeStep(self.dev, {k.name: (k, handles[k.name]) for k in kernels}, self.w, self.wmap, self.kv,
+                          self.cfg, self.max_context, 1, config)
+        role_of = {handles[k.name]: ("qkv" if k.name == "qkv_first" else k.name) for k in kernels}
+        stub_of = {handles[k.name]: handles["stub_" + k.name] for k in kernels}
+        rows = []
+        try:
+            base = step.launches(0)
+            per_layer = (len(base) - 1) // self.layers
+
+            def run(what, launches, ctx):
+                ctl = np.array([ctx - 1, 0, 0], np.int32)
+                self.dev.upload(step.buf["ctl"], ctl)
+                self.dev.synchronize()
+
+                def record():
+                    for _ in range(reps):
+                        for h, *rest in launches:
+                            self.dev.launch(h, *rest)
+                r = _time(self.dev, record, reps, f"step, {what}, context {ctx}", 0, len(launches), None)
+                r.update(what=what, context=ctx, nodes=len(launches))
+                if log:
+                    log(f"{r['kernel']:60s} {r['us']:9.1f} us  {1e6 / r['us']:7.1f} tok/s  ({len(launches)} kernels)")
+                rows.append(r)
+                return r
+
+            def stubbed(roles):
+                return [(stub_of[h], *rest) if role_of[h] in roles else (h, *rest) for h, *rest in base]
+            for ctx in contexts:
+                run(label, base, ctx)
+            if variants:
+                ctx = contexts[0]
+                run("every kernel empty (launches only)", stubbed(ROLES), ctx)
+                for role in ROLES:
+                    run(f"{role} empty", stubbed((role,)), ctx)
+                half = self.layers // 2
+                run(f"first {half} layers + lm_head", base[:half * per_layer] + base[-1:], ctx)
+                if log:
+                    full = next(r["us"] for r in rows if r["what"] == label and r["context"] == ctx)
+                    empty = next(r["us"] for r in rows if r["what"].startswith("every kernel"))
+                    hl = rows[-1]["us"]
+                    log(f"   launches alone: {empty:.0f} us per step ({empty / len(base):.2f} us per kernel)")
+                    log(f"   one layer in the step: {(full - hl) / (self.layers - half):.1f} us")
+                    for role in ROLES:
+                        r = next(x for x in rows if x["what"] == f"{role} empty")
+                        n = self.layers if role not in ("lm_head",) else 1
+                        log(f"   {role:10s} costs {full - r['us']:7.1f} us per step in it ({(full - r['us']) / n:.2f} us each)")
+        finally:
+            step.free()
+        return rows
+
+    def free(self):
+        self.dev.synchronize()
+        for p in self.ptrs:
+            self.dev.free(p)
+        self.ptrs = []

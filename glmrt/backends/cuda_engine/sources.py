@@ -114,11 +114,26 @@ class Gemv:
 
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    """The decode attention kernel: `threads` per block, split over the context."""
+    """The decode attention kernel: `threads` per block, `heads_per_block` of a KV head's
+    `group` query heads per block, the context read `tile` positions at a time and split
+    over the grid's y (kernels/attention.cu)."""
     name: str
     head_dim: int
     group: int
     threads: int = 128
+    heads_per_block: int = 0     # 0: the whole group (a divisor of it otherwise)
+    tile: int = 32
+
+    @property
+    def hpb(self) -> int:
+        hpb = self.heads_per_block or self.group
+        if self.group % hpb:
+            raise ValueError(f"attention: {hpb} query heads per block do not divide the group of {self.group}")
+        return hpb
+
+    def blocks_x(self, kv_heads: int) -> int:
+        """The grid's x: one block per (KV head, query group)."""
+        return kv_heads * (self.group // self.hpb)
 
     @property
     def smem(self) -> int:
@@ -126,9 +141,26 @@ class Attention:
 
     def instance(self) -> str:
         return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
-                f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.threads}>(a); }}\n")
+                f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, "
+                f"{self.tile}>(a); }}\n")
 
     args = "AttnArgs"
+
+
+ATT_MAX_SPLITS = 128           # kernels/attention.cu: the splits one merge takes
+
+
+@dataclasses.dataclass(frozen=True)
+class Stub:
+    """An empty kernel taking another kernel's argument struct, launched in its place with its
+    grid, threads and shared memory: timing a decode step without that kernel's work."""
+    name: str
+    args: str
+    threads: int
+    smem: int = 0
+
+    def instance(self) -> str:
+        return f'extern "C" __global__ void {self.name}(const {self.args} a) {{ }}\n'
 
 
 def kernel_text() -> str:

@@ -5,8 +5,8 @@ Per layer, five kernels:
 
   qkv        x = x + norm(mlp) * w_post_mlp (the previous layer's sandwich add; layer 0: the
              embedding row), h = norm(x) * w_in; qkv = h W^T + b; RoPE; k, v -> cache at pos
-  attention  one block per (KV head, split of the context), all its query heads at once; the
-             last split to finish merges them: attn (NH * HD) fp32
+  attention  one block per (KV head, group of its query heads, split of the context); the
+             last split of each to finish merges them: attn (NH * HD) fp32
   o_proj     o = attn W^T
   gate_up    x = x + norm(o) * w_post_attn; h = norm(x) * w_pre_mlp; act = silu(h Wg^T) * h Wu^T
   down       mlp = act W^T
@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from .args import AttnArgs, GemvArgs
-from .sources import Attention, Gemv, Shapes
+from .sources import ATT_MAX_SPLITS, Attention, Gemv, Shapes
 
 # Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
 # lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
@@ -38,8 +38,15 @@ GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
-    "attention": {"threads": 128, "chunk": 256},
+    # heads_per_block query heads of a KV head's group per block, tile positions a step;
+    # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
+    # split takes (short contexts use len / chunk splits, long ones all of them)
+    "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
+    # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
+    # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
+    "pdl": False,
 }
+ATTENTION = DEFAULT_CONFIG["attention"]
 
 
 def role(spec) -> str:
@@ -70,11 +77,12 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
         return Gemv(name, fmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"])
 
-    threads = max(config["attention"]["threads"], -(-s.head_dim // 32) * 32)
+    att = {**ATTENTION, **config["attention"]}
+    hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", s.head_dim, s.group, threads),
+        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"]),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
         gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
@@ -82,12 +90,14 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     ]
 
 
-def attention_chunk(chunk: int, max_context: int, threads: int) -> int:
-    """Positions per split of the attention: the configured chunk, a multiple of the block's
-    threads (its tile), grown where needed so that at most `threads` splits cover the cache
-    (the last split merges them through one shared-memory row each)."""
-    chunk = max(chunk, -(-max_context // threads))
-    return -(-chunk // threads) * threads
+def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int]:
+    """(chunk, splits) of the attention: the fewest positions per split (the configured chunk
+    rounded up to the kernel's tile) and the grid's y (the configured splits, no more than
+    the cache needs at that chunk nor than one merge takes)."""
+    att = {**ATTENTION, **config.get("attention", {})}
+    chunk = -(-max(att["chunk"], tile) // tile) * tile
+    splits = max(1, min(att["splits"], -(-max_context // chunk), ATT_MAX_SPLITS))
+    return chunk, splits
 
 
 def kernel_from_dict(d: dict):
@@ -119,9 +129,10 @@ class DecodeStep:
         self.device, self.kernels, self.w, self.wmap, self.kv = device, kernels, weights, wmap, kv
         self.cfg, self.max_context, self.burst, self.config = cfg, max_context, burst, config
         s = self.shapes = Shapes.from_config(cfg)
-        att_threads = kernels["attention"][0].threads
-        self.chunk = attention_chunk(config["attention"]["chunk"], max_context, att_threads)
-        self.splits = -(-max_context // self.chunk)
+        att = kernels["attention"][0]
+        self.chunk, self.splits = attention_split(config, max_context, att.tile)
+        self.att_blocks = att.blocks_x(s.kv_heads)
+        self.pdl = bool(config.get("pdl")) and tuple(device.compute_capability) >= (9, 0)
         self.lm_grid = self.grid("lm_head")
         f32, f16, i32 = 4, 2, 4
         sizes = {                                        # name: bytes
@@ -136,7 +147,7 @@ class DecodeStep:
             "logits": s.vocab * f32,
             "part_val": self.lm_grid * f32, "part_idx": self.lm_grid * i32,
             "counter": 4,
-            "att_counter": 4 * s.kv_heads,
+            "att_counter": 4 * self.att_blocks,
             "ctl": (burst + 2) * i32,                    # [pos, id_0 .. id_burst]
             "rope": max_context * (s.rot // 2) * 2 * f32,
         }
@@ -155,7 +166,7 @@ class DecodeStep:
     def _gemv(self, name: str, **fields):
         spec, handle = self.kernels[name]
         a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, **fields)
-        return handle, (self.grid(name),), spec.threads, spec.smem, a
+        return handle, (self.grid(name),), spec.threads, spec.smem, a, self.pdl
 
     def _linear(self, m: dict) -> dict:
         return {"w": self.w[m["w"]], "scales": self.w[m.get("scales")], "bias": self.w[m.get("bias")]}
@@ -180,7 +191,7 @@ class DecodeStep:
                            out=b["attn"], counter=b["att_counter"], pos_add=i, max_seq=self.max_context,
                            chunk=self.chunk, splits=self.splits)
             spec, h = self.kernels["attention"]
-            out.append((h, (s.kv_heads, self.splits), spec.threads, 0, att))
+            out.append((h, (self.att_blocks, self.splits), spec.threads, 0, att, self.pdl))
             out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))

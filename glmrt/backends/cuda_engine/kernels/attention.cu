@@ -1,15 +1,22 @@
-// Decode attention over the KV cache, one new token (M = 1), grouped-query.
+// Decode attention over the KV cache, one new token (M = 1), grouped-query, split over the
+// context at every length ("flash decoding").
 //
-// attention: grid (NKV, splits), THREADS threads. Block (h, s) reads positions
-// [s * chunk, min(len, (s + 1) * chunk)) of KV head h ONCE for all G = NH / NKV query heads it
-// serves (16 for GLM-Z1-9B, 24 for GLM-4-32B), tile by tile (THREADS positions):
-//   scores   thread t: the key at position t of the tile, dotted with the G queries (fp32,
-//            scaled by HD^-0.5)
+// attention: grid (NKV * G / HPB, splits), THREADS threads. Block (x, s) serves KV head
+// h = x / (G / HPB) and HPB of the G = NH / NKV query heads it feeds (query heads
+// h * G + (x % (G / HPB)) * HPB + 0 .. HPB-1), over positions [s * chunk, min(len, (s + 1) * chunk))
+// of the cache, TILE positions at a time:
+//   load     the tile's K and V rows (16-byte words, coalesced) into shared memory; the next
+//            tile's words are loaded into registers while this one is computed
+//   scores   HPB x TILE dot products (fp32, queries pre-scaled by HD^-0.5), a thread each
 //   softmax  online per query head: running max m and sum l, earlier sums rescaled
-//   values   thread d: dimension d of the G outputs, sum over the tile of p * V[t, d]
-// Splits past the sequence return at once. With one split in use (len <= chunk) that block
-// writes the output itself; with more, each leaves its unnormalized (o, m, l) per query head
-// and the last of them to finish (a counter per KV head) merges them:
+//   values   each thread owns (head, dim) outputs: sum over the tile of p * V[t, d]
+// The blocks of one KV head's query groups read the same K/V rows at about the same time
+// (adjacent blockIdx.x): DRAM once, L2 for the rest.
+// chunk = max(a.chunk, TILE-rounded len / splits): short contexts use a few splits of a.chunk
+// positions, long ones spread over all `splits`; splits past the sequence return at once.
+// With one split in use (len <= a.chunk) the block writes the output itself; with more, each
+// leaves its unnormalized (o, m, l) per query head and the last of a query group's splits to
+// finish (a counter per blockIdx.x) merges them:
 //   out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,  M = max_s m_s,
 // and re-arms the counter. One launch per layer, whatever the context.
 // len = *pos + pos_add + 1: the cache already holds this token's K and V (the QKV epilogue
@@ -24,69 +31,97 @@ struct AttnArgs {
   float* part_o;          // (NH, splits, HD) unnormalized outputs
   float* part_ml;         // (NH, splits, 2) running max and sum
   float* out;             // (NH * HD) fp32
-  unsigned* counter;      // (NKV,) splits done; zero between launches
+  unsigned* counter;      // (NKV * G / HPB,) splits done; zero between launches
   int pos_add;
   int max_seq;
-  int chunk;              // positions per split, a multiple of THREADS
-  int splits;             // the attention grid's y
+  int chunk;              // the fewest positions per split, a multiple of TILE
+  int splits;             // the attention grid's y, at most ATT_MAX_SPLITS
 };
 
-template <int HD, int G, int THREADS>
-DEV void attention(const AttnArgs& a) {
-  static_assert(HD % 8 == 0 && HD <= THREADS && THREADS % 32 == 0, "head_dim: a multiple of 8, at most THREADS");
-  static_assert(THREADS % 4 == 0, "the values are summed 4 positions at a time");
-  constexpr int WARPS = THREADS / 32;
-  __shared__ __align__(16) float qs[G][HD];  // queries, pre-scaled
-  __shared__ __align__(16) float sc[G][THREADS];  // this tile's scores, then probabilities
-  __shared__ float m_s[G], l_s[G], corr_s[G];
-  const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
-  const int lane = tid % 32, warp = tid / 32;
-  const int len = *a.pos + a.pos_add + 1;
-  const int t0 = split * a.chunk;
-  if (t0 >= len) return;                     // the whole block: nothing to read here
-  const int t1 = min(len, t0 + a.chunk);
-  const float scale = rsqrtf((float)HD);
-  for (int i = tid; i < G * HD; i += THREADS) qs[i / HD][i % HD] = a.q[(h * G + i / HD) * HD + i % HD] * scale;
-  if (tid < G) { m_s[tid] = __int_as_float(0xff800000); l_s[tid] = 0.f; }
-  float acc[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) acc[g] = 0.f;
-  const h16* kbase = a.k_cache + (size_t)h * a.max_seq * HD;
-  const h16* vbase = a.v_cache + (size_t)h * a.max_seq * HD;
-  __syncthreads();
+#define ATT_MAX_SPLITS 128
 
-  for (int tt = t0; tt < t1; tt += THREADS) {
-    const int t = tt + tid;
-    if (t < t1) {
-      float s[G];
+template <int HD, int G, int HPB, int THREADS, int TILE>
+DEV void attention(const AttnArgs& a) {
+  static_assert(HD % 8 == 0 && THREADS % 32 == 0 && TILE % 32 == 0, "head_dim: a multiple of 8; whole warps");
+  static_assert(G % HPB == 0, "query heads per block divide the group");
+  constexpr int QG = G / HPB;                // query groups per KV head
+  constexpr int RW = HD / 8;                 // 16-byte words per K or V row
+  constexpr int TW = TILE * RW;              // words per tile, K or V
+  constexpr int LPT = (TW + THREADS - 1) / THREADS;
+  constexpr int OUT = (HPB * HD + THREADS - 1) / THREADS;   // outputs per thread
+  constexpr int WARPS = THREADS / 32;
+  __shared__ __align__(16) float qs[HPB][HD];        // queries, pre-scaled
+  __shared__ __align__(16) uint4 ks[TILE][RW + 1];   // K rows, padded: lanes on different rows hit different banks
+  __shared__ __align__(16) uint4 vs[TILE * RW];      // V rows; the merge's weights afterwards
+  __shared__ __align__(16) float sc[HPB][TILE];      // scores, then probabilities
+  __shared__ float m_s[HPB], l_s[HPB], corr_s[HPB], den_s[HPB];
+  static_assert(HPB * ATT_MAX_SPLITS * 4 <= TILE * RW * 16, "the merge weights fit where V was");
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int h = blockIdx.x / QG, head0 = h * G + (blockIdx.x % QG) * HPB, split = blockIdx.y;
+  const int len = *a.pos + a.pos_add + 1;
+  const int per = (len + a.splits - 1) / a.splits;
+  const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
+  const int t0 = split * chunk;
+  grid_launch_dependents();
+  if (t0 >= len) return;                     // the whole block: nothing to read here (pos is the host's)
+  grid_wait();                               // q and this token's K, V: the previous kernel's
+  const int t1 = min(len, t0 + chunk);
+  const uint4* kbase = (const uint4*)(a.k_cache + (size_t)h * a.max_seq * HD);
+  const uint4* vbase = (const uint4*)(a.v_cache + (size_t)h * a.max_seq * HD);
+
+  uint4 kr[LPT], vr[LPT];
+  auto load = [&](int tt) {                  // the tile at tt into registers (zeros past t1)
 #pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = 0.f;
-      const uint4* kp = (const uint4*)(kbase + (size_t)t * HD);
+    for (int i = 0; i < LPT; ++i) {
+      const int w = tid + i * THREADS, t = tt + w / RW;
+      const bool ok = w < TW && t < t1;
+      kr[i] = ok ? kbase[(size_t)t * RW + w % RW] : make_uint4(0u, 0u, 0u, 0u);
+      vr[i] = ok ? vbase[(size_t)t * RW + w % RW] : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load(t0);
+  const float scale = rsqrtf((float)HD);
+  for (int i = tid; i < HPB * HD / 4; i += THREADS) {
+    float4 v = ((const float4*)(a.q + (size_t)head0 * HD))[i];
+    v.x *= scale; v.y *= scale; v.z *= scale; v.w *= scale;
+    ((float4*)&qs[0][0])[i] = v;
+  }
+  if (tid < HPB) { m_s[tid] = __int_as_float(0xff800000); l_s[tid] = 0.f; }
+  float acc[OUT];
 #pragma unroll
-      for (int c = 0; c < HD / 8; ++c) {
-        const uint4 kv = kp[c];
-        const float2 k0 = h2x2f(kv.x), k1 = h2x2f(kv.y), k2 = h2x2f(kv.z), k3 = h2x2f(kv.w);
+  for (int o = 0; o < OUT; ++o) acc[o] = 0.f;
+
+  for (int tt = t0; tt < t1; tt += TILE) {
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float4 qa = *(const float4*)&qs[g][8 * c], qb = *(const float4*)&qs[g][8 * c + 4];
-          s[g] += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x + qa.w * k1.y
-                + qb.x * k2.x + qb.y * k2.y + qb.z * k3.x + qb.w * k3.y;
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) sc[g][tid] = s[g];
-    } else {
-#pragma unroll
-      for (int g = 0; g < G; ++g) sc[g][tid] = __int_as_float(0xff800000);
+    for (int i = 0; i < LPT; ++i) {
+      const int w = tid + i * THREADS;
+      if (w < TW) { ks[w / RW][w % RW] = kr[i]; vs[w] = vr[i]; }
     }
     __syncthreads();
-    for (int g = warp; g < G; g += WARPS) {  // softmax statistics, one query head per warp
+    if (tt + TILE < t1) load(tt + TILE);     // in flight while this tile is computed
+    for (int e = tid; e < HPB * TILE; e += THREADS) {
+      const int g = e / TILE, t = e % TILE;
+      float s = 0.f;
+#pragma unroll
+      for (int c = 0; c < RW; ++c) {
+        const uint4 kv = ks[t][c];
+        const float2 k0 = h2x2f(kv.x), k1 = h2x2f(kv.y), k2 = h2x2f(kv.z), k3 = h2x2f(kv.w);
+        const float4 qa = *(const float4*)&qs[g][8 * c], qb = *(const float4*)&qs[g][8 * c + 4];
+        s += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x + qa.w * k1.y
+           + qb.x * k2.x + qb.y * k2.y + qb.z * k3.x + qb.w * k3.y;
+      }
+      sc[g][t] = tt + t < t1 ? s : __int_as_float(0xff800000);
+    }
+    __syncthreads();
+    for (int g = warp; g < HPB; g += WARPS) {  // softmax statistics, one query head per warp
       float mx = __int_as_float(0xff800000);
-      for (int i = lane; i < THREADS; i += 32) mx = fmaxf(mx, sc[g][i]);
+#pragma unroll
+      for (int i = lane; i < TILE; i += 32) mx = fmaxf(mx, sc[g][i]);
       mx = warp_max(mx);
       const float m_new = fmaxf(m_s[g], mx);  // finite: position tt is in the tile
       float sum = 0.f;
-      for (int i = lane; i < THREADS; i += 32) {
+#pragma unroll
+      for (int i = lane; i < TILE; i += 32) {
         const float p = __expf(sc[g][i] - m_new);   // exp(-inf) = 0 past the sequence
         sc[g][i] = p;
         sum += p;
@@ -100,69 +135,79 @@ DEV void attention(const AttnArgs& a) {
       }
     }
     __syncthreads();
-    if (tid < HD) {
-      const int n = min(THREADS, t1 - tt);
+    const h16* vh = (const h16*)vs;
 #pragma unroll
-      for (int g = 0; g < G; ++g) acc[g] *= corr_s[g];
-      for (int i = 0; i < n; i += 4) {        // 4 positions a step: one 16-byte read of p per query head
-        float v[4];
+    for (int o = 0; o < OUT; ++o) {
+      const int e = tid + o * THREADS, g = e / HD, d = e % HD;
+      if (e < HPB * HD) {
+        float v = acc[o] * corr_s[g];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = i + j < n ? h2f(vbase[(size_t)(tt + i + j) * HD + tid]) : 0.f;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float4 p = *(const float4*)&sc[g][i];     // past the sequence p is 0 (and v too)
-          acc[g] += p.x * v[0] + p.y * v[1] + p.z * v[2] + p.w * v[3];
+        for (int t = 0; t < TILE; t += 4) {   // past the sequence p is 0 and V was zeroed
+          const float4 p = *(const float4*)&sc[g][t];
+          v += p.x * h2f(vh[t * HD + d]) + p.y * h2f(vh[(t + 1) * HD + d])
+             + p.z * h2f(vh[(t + 2) * HD + d]) + p.w * h2f(vh[(t + 3) * HD + d]);
         }
+        acc[o] = v;
       }
     }
     __syncthreads();
   }
-  const int used = (len + a.chunk - 1) / a.chunk;        // splits with positions to read
+  const int used = (len + chunk - 1) / chunk;            // splits with positions to read
   if (used == 1) {                                       // the only one: normalize, done
-    if (tid < HD)
 #pragma unroll
-      for (int g = 0; g < G; ++g) a.out[(h * G + g) * HD + tid] = acc[g] / l_s[g];
+    for (int o = 0; o < OUT; ++o) {
+      const int e = tid + o * THREADS;
+      if (e < HPB * HD) a.out[(size_t)head0 * HD + e] = acc[o] / l_s[e / HD];
+    }
     return;
   }
-  if (tid < HD)
 #pragma unroll
-    for (int g = 0; g < G; ++g) a.part_o[((size_t)(h * G + g) * a.splits + split) * HD + tid] = acc[g];
-  if (tid < G) {
-    a.part_ml[((h * G + tid) * a.splits + split) * 2] = m_s[tid];
-    a.part_ml[((h * G + tid) * a.splits + split) * 2 + 1] = l_s[tid];
+  for (int o = 0; o < OUT; ++o) {
+    const int e = tid + o * THREADS, g = e / HD, d = e % HD;
+    if (e < HPB * HD) a.part_o[((size_t)(head0 + g) * a.splits + split) * HD + d] = acc[o];
+  }
+  if (tid < HPB) {
+    a.part_ml[((head0 + tid) * a.splits + split) * 2] = m_s[tid];
+    a.part_ml[((head0 + tid) * a.splits + split) * 2 + 1] = l_s[tid];
   }
   __threadfence();                                       // the partials, before the count
   __shared__ int is_last;
   __syncthreads();
-  if (tid == 0) is_last = atomicAdd(a.counter + h, 1u) == (unsigned)used - 1;
+  if (tid == 0) is_last = atomicAdd(a.counter + blockIdx.x, 1u) == (unsigned)used - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   // merge: per query head (a warp each) its largest running max M and each split's weight
-  // e^(m_s - M) (into sc, free now: used <= THREADS, the host sizes the chunk so), then
-  // every (query head, dim) output from the splits' sums
-  __shared__ float den_s[G];
-  for (int g = warp; g < G; g += WARPS) {
-    const float* ml = a.part_ml + (size_t)(h * G + g) * a.splits * 2;
+  // e^(m_s - M) (into the V tile's space, free now), then every (query head, 4 dims) output
+  // from the splits' sums, 8 splits' loads in flight at a time
+  float* wsm = (float*)vs;                               // (HPB, ATT_MAX_SPLITS)
+  for (int g = warp; g < HPB; g += WARPS) {
+    const float* ml = a.part_ml + (size_t)(head0 + g) * a.splits * 2;
     float mx = __int_as_float(0xff800000);
     for (int s = lane; s < used; s += 32) mx = fmaxf(mx, load_l2(ml + 2 * s));
     mx = warp_max(mx);
     float den = 0.f;
     for (int s = lane; s < used; s += 32) {
       const float w = __expf(load_l2(ml + 2 * s) - mx);
-      sc[g][s] = w;
+      wsm[g * ATT_MAX_SPLITS + s] = w;
       den += w * load_l2(ml + 2 * s + 1);
     }
     den = warp_sum(den);
     if (lane == 0) den_s[g] = den;
   }
   __syncthreads();
-  for (int e = tid; e < G * HD; e += THREADS) {
-    const int g = e / HD, d = e % HD;
-    const float* po = a.part_o + (size_t)(h * G + g) * a.splits * HD + d;
-    float num = 0.f;
-    for (int s = 0; s < used; ++s) num += sc[g][s] * load_l2(po + (size_t)s * HD);
-    a.out[(h * G + g) * HD + d] = num / den_s[g];
+  for (int e = tid; e < HPB * HD / 4; e += THREADS) {
+    const int g = e / (HD / 4), d4 = e % (HD / 4);
+    const float4* po = (const float4*)(a.part_o + (size_t)(head0 + g) * a.splits * HD) + d4;
+    const float* w = wsm + g * ATT_MAX_SPLITS;
+    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < used; ++s) {
+      const float4 o = load_l2(po + (size_t)s * (HD / 4));
+      num.x += w[s] * o.x; num.y += w[s] * o.y; num.z += w[s] * o.z; num.w += w[s] * o.w;
+    }
+    const float r = 1.f / den_s[g];
+    ((float4*)(a.out + (size_t)(head0 + g) * HD))[d4] = make_float4(num.x * r, num.y * r, num.z * r, num.w * r);
   }
-  if (tid == 0) a.counter[h] = 0u;
+  if (tid == 0) a.counter[blockIdx.x] = 0u;
 }

@@ -29,6 +29,21 @@ DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
 // written by other blocks of this kernel (the last-block reductions): read through L2
 DEV float load_l2(const float* p) { return __ldcg(p); }
 DEV int load_l2(const int* p) { return __ldcg(p); }
+DEV float4 load_l2(const float4* p) { return __ldcg(p); }
+// Programmatic dependent launch (sm_90+, when the host launches with the attribute; no-ops
+// otherwise): a kernel may start while the previous one finishes, loading its weights (which
+// no kernel writes), and waits for the previous grid's completion and memory before touching
+// anything another kernel writes. launch_dependents lets the next kernel start as early.
+DEV void grid_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+DEV void grid_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 #endif
 
 DEV float2 h2x2f(h16x2 v) { return make_float2(h2f((h16)(v & 0xffffu)), h2f((h16)(v >> 16))); }

@@ -91,61 +91,148 @@ template <int FMT> struct XLayout;
 template <> struct XLayout<W_INT4> {
   static constexpr int VALS = 32;     // values per 16-byte weight unit
   static constexpr int XU = 5;        // 16-byte words of staged x per unit (4 + 1 pad)
-  static DEV int slot(int u, int r) { // half index of value r (0..31) of unit u
-    const int j = r >> 3, t = r & 7;
-    return u * (XU * 8) + 2 * (4 * j + (t & 3)) + (t >> 2);
-  }
 };
 template <> struct XLayout<W_F16> {
   static constexpr int VALS = 8, XU = 1;
-  static DEV int slot(int u, int r) { return u * 8 + r; }
 };
 template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
 
 // ---- prologue: x (M, K) into shared memory as fp16 ------------------------------------------
-template <class C, int FMT, int K, int KP, int M, int PRO>
-DEV void stage_x(const GemvArgs& a, h16* xs, float* red) {
+// Vectorized: a thread takes 8 consecutive values at a time (k0 = 8c, c = tid, tid + NT, ...;
+// K is a multiple of 8), every global load of a pass issued before any is used (the passes
+// are unrolled: NT is the block's thread count, a compile-time constant), so a pass costs one
+// round trip to L2, not one per value. The 8 values land as ONE 16-byte word of staged x:
+// x_word_at says where, x_word packs them in that word's order.
+template <int FMT> DEV int x_word_at(int k0) {          // in uint4 units of xs (one row of x)
+  typedef XLayout<FMT> L;
+  return FMT == W_INT4 ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
+}
+DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
+template <int FMT> DEV uint4 x_word(const float (&v)[8]) {
+  // int4: pairs (s, s + 4) (the nibble order of dot_int4); fp16: in order
+  return FMT == W_INT4 ? make_uint4(pack_h2(v[0], v[4]), pack_h2(v[1], v[5]), pack_h2(v[2], v[6]), pack_h2(v[3], v[7]))
+                       : make_uint4(pack_h2(v[0], v[1]), pack_h2(v[2], v[3]), pack_h2(v[4], v[5]), pack_h2(v[6], v[7]));
+}
+template <int FMT> DEV uint4 x_word_h(uint4 w) {       // 8 fp16 values in order -> the word's order
+  if (FMT != W_INT4) return w;
+  return make_uint4((w.x & 0xffffu) | (w.z << 16), (w.x >> 16) | (w.z & 0xffff0000u),
+                    (w.y & 0xffffu) | (w.w << 16), (w.y >> 16) | (w.w & 0xffff0000u));
+}
+DEV void load8(const float* p, float (&v)[8]) {
+  const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+DEV void load8(const h16* p, float (&v)[8]) {
+  const uint4 w = *(const uint4*)p;
+  const float2 a = h2x2f(w.x), b = h2x2f(w.y), c = h2x2f(w.z), d = h2x2f(w.w);
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
+}
+
+template <class C, int FMT, int K, int KP, int M, int PRO, int NT>
+DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
   typedef XLayout<FMT> L;
   constexpr int U = KP / L::VALS, H = C::H;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  static_assert(K % 8 == 0 && KP % 8 == 0, "x is staged 8 values at a time");
+  constexpr int CW = KP / 8, PER = (CW + NT - 1) / NT;    // 8-value words per row, per thread
+  const int tid = threadIdx.x;
+  uint4* xs = (uint4*)xh;
   for (int m = 0; m < M; ++m) {
-    h16* xm = xs + m * U * L::XU * 8;
-    if (PRO == PRO_F16 || PRO == PRO_F32) {
-      for (int k = tid; k < KP; k += nt) {
-        h16 v = 0;
-        if (k < K) v = PRO == PRO_F16 ? a.h_in[m * K + k] : f2h(a.y_in[m * K + k]);
-        xm[L::slot(k / L::VALS, k % L::VALS)] = v;
+    uint4* xm = xs + m * U * L::XU;
+    if (PRO == PRO_F16) {
+      uint4 w[PER];
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int k0 = 8 * (tid + i * NT);
+        w[i] = k0 < K ? *(const uint4*)(a.h_in + m * K + k0) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int k0 = 8 * (tid + i * NT);
+        if (k0 < KP) xm[x_word_at<FMT>(k0)] = x_word_h<FMT>(w[i]);
+      }
+    } else if (PRO == PRO_F32) {
+      float v[PER][8];
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int k0 = 8 * (tid + i * NT);
+        if (k0 < K) load8(a.y_in + m * K + k0, v[i]);
+        else
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[i][j] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int k0 = 8 * (tid + i * NT);
+        if (k0 < KP) xm[x_word_at<FMT>(k0)] = x_word<FMT>(v[i]);
       }
     } else {
       static_assert((PRO != PRO_ADD_NORM && PRO != PRO_EMBED_NORM) || K == C::H,
                     "a fused norm feeds a GEMV over the hidden size");
-      float ry = 0.f;
-      int tok = 0;
+      static_assert(H % 8 == 0, "the hidden size is staged 8 values at a time");
+      constexpr int HW = (H / 8 + NT - 1) / NT;
+      float v[HW][8];                                 // x_new, 8 values per word this thread holds
       if (PRO == PRO_ADD_NORM) {
+        float y[HW][8];
+        uint4 nw[HW];                                   // norm_y, fp16 until used
         float ss = 0.f;
-        for (int k = tid; k < H; k += nt) { const float v = a.y_in[m * H + k]; ss += v * v; }
-        ry = rsqrtf(block_sum(ss, red) / H + a.eps);
+#pragma unroll
+        for (int i = 0; i < HW; ++i) {
+          const int k0 = 8 * (tid + i * NT);
+          if (k0 < H) {
+            load8(a.y_in + m * H + k0, y[i]);
+            load8(a.x_in + m * H + k0, v[i]);
+            nw[i] = *(const uint4*)(a.norm_y + k0);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < HW; ++i)
+          if (8 * (tid + i * NT) < H)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss += y[i][j] * y[i][j];
+        const float ry = rsqrtf(block_sum(ss, red) / H + a.eps);
+#pragma unroll
+        for (int i = 0; i < HW; ++i) {
+          const h16x2 wp[4] = {nw[i].x, nw[i].y, nw[i].z, nw[i].w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 f = h2x2f(wp[j]);
+            v[i][2 * j] += y[i][2 * j] * ry * f.x;
+            v[i][2 * j + 1] += y[i][2 * j + 1] * ry * f.y;
+          }
+        }
       } else {
-        tok = min(max(a.tokens[m], 0), C::V - 1);     // a bad id reads row 0 or V-1, never past the table
+        const int tok = min(max(a.tokens[m], 0), C::V - 1);   // a bad id reads row 0 or V-1, never past the table
+#pragma unroll
+        for (int i = 0; i < HW; ++i) {
+          const int k0 = 8 * (tid + i * NT);
+          if (k0 < H) load8(a.embed + (size_t)tok * H + k0, v[i]);
+        }
       }
       float ss = 0.f;
-      for (int k = tid; k < H; k += nt) {
-        const float v = PRO == PRO_ADD_NORM
-            ? a.x_in[m * H + k] + a.y_in[m * H + k] * ry * h2f(a.norm_y[k])
-            : h2f(a.embed[(size_t)tok * H + k]);
-        ss += v * v;
-      }
+#pragma unroll
+      for (int i = 0; i < HW; ++i)
+        if (8 * (tid + i * NT) < H)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
       const float rx = rsqrtf(block_sum(ss, red) / H + a.eps);
-      for (int k = tid; k < KP; k += nt) {
-        h16 h = 0;
-        if (k < K) {
-          const float v = PRO == PRO_ADD_NORM
-              ? a.x_in[m * H + k] + a.y_in[m * H + k] * ry * h2f(a.norm_y[k])
-              : h2f(a.embed[(size_t)tok * H + k]);
-          if (blockIdx.x == 0) a.x_out[m * H + k] = v;
-          h = f2h(v * rx * h2f(a.norm_x[k]));
+#pragma unroll
+      for (int i = 0; i < HW; ++i) {
+        const int k0 = 8 * (tid + i * NT);
+        if (k0 >= H) continue;
+        float nx[8], h[8];
+        load8(a.norm_x + k0, nx);
+        if (blockIdx.x == 0) {
+          ((float4*)(a.x_out + m * H + k0))[0] = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+          ((float4*)(a.x_out + m * H + k0))[1] = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
         }
-        xm[L::slot(k / L::VALS, k % L::VALS)] = h;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) h[j] = v[i][j] * rx * nx[j];
+        xm[x_word_at<FMT>(k0)] = x_word<FMT>(h);
+      }
+#pragma unroll
+      for (int i = 0; i < (KP - H) / 8 / NT + 1; ++i) {   // int4 padding past H (none at real shapes)
+        const int k0 = H + 8 * (tid + i * NT);
+        if (k0 < KP) xm[x_word_at<FMT>(k0)] = make_uint4(0u, 0u, 0u, 0u);
       }
     }
   }
@@ -348,9 +435,11 @@ DEV void gemv_nk(const GemvArgs& a) {
 
   Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
   int tile = blockIdx.x, step = 0;
-  load(cur, tile, 0);                       // in flight while x is staged
+  load(cur, tile, 0);                       // in flight while x is staged (and the previous kernel ends)
+  grid_launch_dependents();
+  grid_wait();                              // from here on: what other kernels write
   if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
-  stage_x<C, FMT, K, KP, M, PRO>(a, (h16*)xs, red);
+  stage_x<C, FMT, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
   __syncthreads();
 
   float acc[RPW][M];
@@ -415,8 +504,10 @@ DEV void gemv_kn(const GemvArgs& a) {
   const uint4* W = (const uint4*)a.w;
   const h16* xh = (const h16*)xs;
 
+  grid_launch_dependents();
+  grid_wait();
   if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
-  stage_x<C, W_F16_KN, K, K, M, PRO>(a, (h16*)xs, red);
+  stage_x<C, W_F16_KN, K, K, M, PRO, WARPS * 32>(a, (h16*)xs, red);
   __syncthreads();
   for (int tile = blockIdx.x; tile < TILES; tile += gridDim.x) {
     const int col = tile * ROWS + lane * 8;
