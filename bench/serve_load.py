@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import platform
@@ -120,7 +121,8 @@ async def load(url: str, a) -> dict:
                     model="bench", messages=[{"role": "user", "content": q}], max_tokens=a.max_tokens,
                     temperature=0, stream=True, stream_options={"include_usage": True})
                 replica = raw.headers.get("x-glmrt-replica", "?")
-                stream = await raw.parse()
+                stream = raw.parse()              # the stream itself (a coroutine in some versions)
+                stream = await stream if inspect.isawaitable(stream) else stream
                 chunks, first = [], None
                 async for ch in stream:
                     if first is None and ch.choices and ch.choices[0].delta.content:

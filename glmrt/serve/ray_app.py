@@ -46,7 +46,8 @@ APP_NAME = "glmrt"
 @dataclasses.dataclass(frozen=True)
 class RayOptions:
     """One deployment of a model folder; the defaults are `glmrt serve`'s. The folder's path
-    must hold the same model on every machine that may run a replica."""
+    (absolute: replicas do not run in the caller's directory) must hold the same model on every
+    machine that may run a replica."""
     model: str
     name: str | None = None              # the model id clients send (default: the folder's name)
     backend: str = "onnxruntime"
@@ -87,7 +88,7 @@ class RayOptions:
         if self.replicas is not None:
             return self.replicas, self.replicas
         lo = 1 if self.min_replicas is None else self.min_replicas
-        return lo, max(lo, 1) if self.max_replicas is None else self.max_replicas
+        return lo, (max(lo, 1) if self.max_replicas is None else self.max_replicas)
 
     @classmethod
     def from_args(cls, args: dict) -> "RayOptions":
@@ -310,6 +311,8 @@ def serve_on_ray(*, host: str = "127.0.0.1", port: int = 8080, ray_address: str 
     or the cluster at `ray_address`, "auto" for the one this machine is in), answer on host:port
     until SIGTERM or Ctrl-C, then take the application down (replies in flight get `grace` s)."""
     from .. import manifest
+    if os.path.isdir(options["model"]):   # replicas do not run in this directory: the full path
+        options["model"] = os.path.abspath(options["model"])
     options, address = RayOptions(**options), ray_address
     own_ray = address is None
     if own_ray:                          # a Ray of our own, here: the folder and the port must be
