@@ -296,7 +296,7 @@ def test_a_replica_killed_under_load(service, exported):
         except Exception as e:  # noqa: BLE001  counted, and fails the test below
             outcome = ("unexpected", repr(e))
         with lock:
-            outcomes.append((stream, who, outcome, time.monotonic()))
+            outcomes.append((stream, who, outcome))
     streams = [threading.Thread(target=ask, args=(i, True)) for i in range(8)]
     replies = [threading.Thread(target=ask, args=(i, False)) for i in range(8, 12)]
     for t in streams:
@@ -311,7 +311,6 @@ def test_a_replica_killed_under_load(service, exported):
         cut = running[victim]
         assert cut >= 1, running
         os.kill(before[victim], signal.SIGKILL)
-        t_kill = time.monotonic()
     deadline = time.monotonic() + 60
     for t in streams + replies:
         t.join(max(0.1, deadline - time.monotonic()))
@@ -320,15 +319,15 @@ def test_a_replica_killed_under_load(service, exported):
     failed = [o for o in outcomes if o[2] != "ok"]
     assert len(outcomes) == len(ok) + len(failed) == 12        # sent = succeeded + failed with an error
     assert failed, "nothing was running on the killed replica"
-    assert len(ok) >= 4, outcomes                              # the other replica's streams at least
-    for stream, who, outcome, _ in failed:
+    assert all(outcome == "ok" for _, who, outcome in outcomes if who not in (None, victim)), outcomes
+    for stream, who, outcome in failed:
         if stream:                                             # began on the victim, ended by an error event
             assert who == victim and outcome[:2] == ("event", "replica_lost"), outcome
         else:
             assert outcome == (502, "replica_lost"), outcome
-    assert all(t_end < t_kill for stream, who, _, t_end in ok if stream and who == victim), \
-        "a stream on the killed replica went on"
-    assert sum(1 for stream, *_ in failed if stream) == cut              # exactly the streams it held
+    # a stream on the victim either had all of its reply (every token, finish_reason) before the
+    # kill or ended with the error event: none was cut short silently ("ok" needs the whole text)
+    assert 1 <= sum(1 for stream, *_ in failed if stream) <= cut
     # the service keeps answering, and Ray starts a replacement that serves too
     for _ in range(4):
         r = client(url).chat.completions.create(model="tiny", messages=user(), max_tokens=64, **steer("hello"))
