@@ -175,8 +175,9 @@ class Replica:
         self.model = load(options.model, backend=options.backend, device=device, threads=threads,
                           verify=options.verify, slots=options.slots, max_queue=options.max_queue)
         d = self.model.decoder.describe()
-        print(f"glmrt replica {self.replica}: {options.model} on {d['backend']}/{d['device']}"
-              f"{f' (GPU {gpus[0]} of its machine)' if gpus else ''}, {options.slots} slots", file=sys.stderr, flush=True)
+        where = f" (GPU {', '.join(map(str, gpus))} of its machine)" if gpus else ""
+        print(f"glmrt replica {self.replica}: {options.model} on {d['backend']}/{d['device']}{where}, "
+              f"{options.slots} slots", file=sys.stderr, flush=True)
         self.liveness = Liveness(self.model, stall_s=options.stall_s,
                                  probe_timeout_s=options.health_timeout_s / 2)
         self.processor_for = logits_processor_for(self.model) if logits_processor_for else None
