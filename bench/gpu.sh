@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Everything glmrt measures on the GPU machine, one stage per call (a call runs at most 10 min):
+#   bash bench/gpu.sh chunk K        copy .gpu/partK (carried) to /tmp/chunks; with K=0 also `prep`
+#   bash bench/gpu.sh prep           install glmrt (and carried .whl/ wheels) and start the exports
+#                                    the later stages use, in the background (setsid): they run on
+#                                    while the wheel parts travel (EXPORTS="9b-int4 9b-fp16")
 #   bash bench/gpu.sh install        join the onnxruntime-gpu wheel parts in /tmp/chunks, install
 #   bash bench/gpu.sh tests          the GPU tests (logits vs CPU fp32, greedy agreement)
 #   bash bench/gpu.sh ncu            Nsight Compute per-kernel breakdown of a decode step
@@ -12,6 +16,21 @@
 #   bash bench/gpu.sh gemv           how fast a plain int4 GEMV reads the MatMulNBits layout
 #                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
+#   bash bench/gpu.sh engine         glmrt's cuda engine, correctness (bench/cuda_engine_check.py): toolchain
+#                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes and timed
+#                                    alone, the whole engine vs ONNX Runtime's CUDA form and the float64
+#                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), the
+#                                    decoder conformance tests on it, a launch-parameter sweep; each part
+#                                    under its own time limit, all within BUDGET (500 s) + the summary
+#   bash bench/gpu.sh engine-bench   glmrt's cuda engine, speed: GLM-Z1-9B int4 (40 layers) built on the GPU
+#                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
+#                                    same run, device memory with the engine's own or shared weights;
+#                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call)
+#   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
+#                                    folder (export --for onnxruntime-genai; bench/genai_bench.py), after
+#                                    `install`; onnxruntime_genai_cuda-0.18.0-cp312-*.whl in .whl/ (chunk
+#                                    installs it, or this stage when .whl travels with it). `prep` can
+#                                    make its exports: EXPORTS="9b-int4+genai 9b-fp16+genai"
 # SETS="int4: int4+lmh: fp16:8" picks precisions (+lmh: int4 lm_head too) and layer counts for 9b/32b.
 # TAG=name is added to the JSON names (for A/B runs under different ORT_* switches).
 # Logs and JSON go to $OUT (the device tool brings them back).
@@ -25,17 +44,70 @@ REPO=$(pwd)
 cd "$W"     # not the checkout: its glmrt/ folder would shadow the installed package
 run() { echo "+ $*"; "$@"; }
 
+export_bg() {   # name -> /tmp/work/NAME (shape-precision[:layers][+genai]), logged; skipped when present
+  for e in $*; do
+    flags=""; base=${e%+genai}; [ "$base" != "$e" ] && flags="--for onnxruntime-genai"
+    shape=${base%%-*}; rest=${base#*-}; prec=${rest%%:*}; layers=""; [ "$rest" != "$prec" ] && layers=":${rest#*:}"
+    case $shape in 9b) src=synthetic:glm-z1-9b$layers;; 32b) src=synthetic:glm-4-32b$layers;; *) src=$shape;; esac
+    dir=$W/$e
+    [ -f "$dir/manifest.json" ] && continue
+    start=$(date +%s)
+    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite >> $W/exports.log 2>&1
+    echo "exported $e ($src $prec): $(( $(date +%s) - start )) s" >> $W/exports.log
+  done
+  echo done >> $W/exports.done
+}
+
+wait_exports() {
+  for i in $(seq 1 120); do [ -f $W/exports.done ] && break; sleep 5; done
+  cat $W/exports.log 2>/dev/null | grep -v "export layers" | tail -5
+}
+
 case "$stage" in
+chunk)    # carry .gpu/partK (and, with the last part, .whl: the small wheels the server needs)
+  k=${2:?part}
+  mkdir -p /tmp/chunks /tmp/site && cp "$REPO/.gpu/part$k" /tmp/chunks/ && ls -la /tmp/chunks
+  ls "$REPO"/.whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --upgrade --target /tmp/site "$REPO"/.whl/*.whl && echo "wheels installed: $(ls "$REPO"/.whl | wc -l)"
+  [ "$k" = 0 ] && (cd "$REPO" && bash bench/gpu.sh prep)
+  ;;
+prep)
+  mkdir -p /tmp/site
+  rm -rf /tmp/glmrt-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-site "$REPO" && echo "glmrt installed"
+  python3 -c "import numpy, onnx; print('numpy', numpy.__version__, 'onnx', onnx.__version__)"
+  rm -f $W/exports.done $W/exports.log
+  export -f export_bg; export W
+  setsid nohup bash -c "export_bg ${EXPORTS:-9b-int4 9b-fp16}" > /dev/null 2>&1 < /dev/null &
+  echo "exports started in the background: ${EXPORTS:-9b-int4 9b-fp16}"
+  ;;
 install)
   whl=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   cat /tmp/chunks/part? > /tmp/$whl &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$whl &&
-  rm -rf /tmp/glmrt-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/glmrt-site "$REPO" &&
+  # glmrt once (prep may have installed it already, and exports may be running from it)
+  { [ -d /tmp/glmrt-site/glmrt ] || python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+      --target /tmp/glmrt-site "$REPO"; } &&
   python3 -c "import onnxruntime as o, glmrt.export.export; print(o.__version__, o.get_available_providers())"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   ;;
 tests)
-  run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  run python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_form.py" "$REPO/tests/test_backends.py" \
+    "$REPO/tests/test_batching.py" -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  ;;
+slots)   # continuous batching on the exports `prep` made: glmrt bench --slots
+  wait_exports
+  for e in ${SLOTS_SETS:-9b-int4}; do
+    run python3 -m glmrt.cli bench "$W/$e" --slots 1,2,4,8 --contexts 128 --json "$OUT/slots-$e${TAG:+-$TAG}.json" \
+      2>&1 | tee -a "$OUT/slots.log"
+  done
+  ;;
+serve)   # the loopback load test on the GPU (bench/serve_load.py) on an export `prep` made
+  wait_exports
+  e=${SERVE_SET:-9b-int4}
+  run python3 "$REPO/bench/serve_load.py" "$W/$e" --device cuda --slots ${SERVE_SLOTS:-8} --clients 32 \
+    --seconds ${SERVE_SECONDS:-30} --max-tokens 64 --check structure --json "$OUT/serve-load-$e.json" \
+    2>&1 | tail -30 | tee "$OUT/serve-load.log"
   ;;
 ncu)
   for prec in int4 fp16; do
@@ -63,12 +135,18 @@ sweep)
     src=synthetic:$shape${layers:+:$layers}
     dir=$W/$shape-$prec
     [ "$prec" = fp16 ] && flags=${FP16_FLAGS:-}
-    start=$(date +%s)
-    python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
-    echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    pre=$W/${stage}-$prec${layers:+:$layers}                      # made by `prep` in the background
+    [ -z "$flags" ] && [ -f $W/exports.log ] && wait_exports
+    if [ -z "$flags" ] && [ -f "$pre/manifest.json" ]; then
+      dir=$pre; keep=1
+    else
+      keep=0; start=$(date +%s)
+      python3 -m glmrt.cli export "$src" -o "$dir" --precision "$prec" --target cuda $flags --overwrite 2>&1 | tail -1
+      echo "export $src $prec $flags (env: $(env | grep ^ORT_ | tr '\n' ' ')): $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$OUT/bench-$stage.log"
+    fi
     run python3 -m glmrt.cli bench "$dir" ${BENCH_FLAGS:-} --json "$OUT/bench-$shape-$name${layers:+-$layers}L${TAG:+-$TAG}.json" \
       2>&1 | tee -a "$OUT/bench-$stage.log"
-    rm -rf "$dir"
+    [ "$keep" = 0 ] && rm -rf "$dir"
   done
   ;;
 diag)
@@ -84,6 +162,93 @@ gemv)  # bench/gemv_probe.py: a plain int4 GEMV on the MatMulNBits layout (cubin
   ;;
 hf)
   run python3 "$REPO/bench/hf_baseline.py" --json "$OUT/hf-baseline.json" 2>&1 | tee "$OUT/hf-baseline.log"
+  ;;
+engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
+  C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
+  LOG=$OUT/$stage.log
+  T0=$(date +%s); BUDGET=${BUDGET:-500}       # parts end within BUDGET seconds (later ones shrink or skip), then the summary
+  part() { local limit=$1 left=$(( BUDGET - $(date +%s) + T0 )); shift
+           [ "$left" -lt "$limit" ] && limit=$left
+           if [ "$limit" -lt 10 ]; then echo "SKIP  (stage budget spent) $*" | tee -a "$LOG"; return 1; fi
+           echo "+ [$(date +%T), limit ${limit}s] $*" | tee -a "$LOG"
+           timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}
+           echo "  (exit $rc)" | tee -a "$LOG"; return "$rc"; }
+  xport() { local src=$1 dir=$2 prec=$3; shift 3; part 200 python3 -m glmrt.cli export "$src" -o "$dir" \
+              --precision "$prec" --target cuda --overwrite "$@"; }
+  build() { part 120 python3 -m glmrt.cli build "$1" --backend cuda --overwrite "${@:2}"; }
+  if [ "$stage" = engine ]; then
+    # ENGINE_PARTS=kernels: the parts that need no ONNX Runtime (while its wheel still travels);
+    # ENGINE_PARTS=models: the rest
+    if [ "${ENGINE_PARTS:-all}" != models ]; then
+      part 60 $C env
+      part 60 $C smoke
+      part 170 $C kernels --time
+    fi
+    [ "${ENGINE_PARTS:-all}" = kernels ] && { part 30 $C summary; exit 0; }
+    python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
+    for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
+      tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      ref="--reference float32 --reference-vs-ort"; [ "$tag" = small ] && ref="--reference float64 --reference-vs-ort"
+      xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
+        part 150 $C model "$dir" $ref --tag "$tag-$prec"
+    done
+    # the decoder conformance suite on the real engine (tests/test_backends.py's cuda recipe)
+    part 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "cuda-cuda-fp16"
+    part 90 $C sweep
+  else
+    for s in ${SETS:-glm-z1-9b:int4}; do
+      shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
+      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      [ -f $W/exports.log ] && wait_exports
+      if [ "$shape:$prec" = glm-z1-9b:int4 ] && [ -f $W/9b-int4/manifest.json ]; then
+        dir=$W/9b-int4; keep=1                                  # `prep` made it, same options
+      else
+        start=$(date +%s)
+        xport "synthetic:$shape" "$dir" "$prec" $flags
+        echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
+      fi
+      start=$(date +%s)
+      # the GPU here: compiled, every kernel checked at the model's shapes; if a check fails,
+      # compiled without it, so that the speed is still measured
+      build "$dir" && echo "glmrt build --backend cuda (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
+        build "$dir" --gpu "NVIDIA H200@sm90"
+      bflags="--prompt-lengths 128,2048 --contexts 128,8192 --repeats 3"
+      part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda.json"
+      part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
+      for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
+      [ "$keep" = 1 ] || rm -rf "$dir"
+    done
+  fi
+  timeout 30 $C summary 2>&1 | tee -a "$LOG"
+  ;;
+genai)  # SETS="int4 fp16" (precisions), CONTEXTS=128,2048; all 40 layers
+  whl=$(ls "$REPO"/.whl/onnxruntime_genai_cuda-*-cp312-*.whl 2>/dev/null | head -1)
+  [ -n "$whl" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$whl" || exit 2; }
+  [ -d /tmp/site/onnxruntime_genai ] || { echo "onnxruntime-genai-cuda is not installed: carry .whl holding its cp312 wheel"; exit 2; }
+  # its CUDA library links cuBLAS/cudart 13, cuFFT and cuRAND: the image's nvidia-* wheels and toolkit
+  libdirs=$( { find $(python3 -c 'import site, sys; print(" ".join(p for p in site.getsitepackages() + sys.path if p))') \
+      /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib -maxdepth 4 \
+      \( -name 'libcufft.so.*' -o -name 'libcurand.so.*' -o -name 'libcublas.so.*' -o -name 'libcublasLt.so.*' \
+         -o -name 'libcudart.so.*' \) -printf '%h\n' 2>/dev/null; } | sort -u | paste -sd: )
+  export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/genai.log"
+  ldd /tmp/site/onnxruntime_genai/libonnxruntime-genai-cuda.so | grep -E "not found|cublas|cufft|curand|cudart" | tee -a "$OUT/genai.log"
+  python3 -c "import onnxruntime as o, onnxruntime_genai as g; print('onnxruntime', o.__version__, 'genai', g.__version__, 'cuda', g.is_cuda_available())" 2>&1 | tee -a "$OUT/genai.log"
+  for prec in ${SETS:-int4 fp16}; do
+    dir=$W/9b-$prec+genai; keep=1                                  # made by `prep` in the background
+    [ -f $W/exports.log ] && wait_exports
+    if [ ! -f "$dir/manifest.json" ]; then
+      keep=0; start=$(date +%s)
+      python3 -m glmrt.cli export synthetic:glm-z1-9b -o "$dir" --precision "$prec" --target cuda \
+        --for onnxruntime-genai --overwrite 2>&1 | tail -1 | tee -a "$OUT/genai.log"
+      echo "export $prec: $(( $(date +%s) - start )) s" | tee -a "$OUT/genai.log"
+    fi
+    echo "$dir: $(du -sh "$dir" | cut -f1); graphs $(ls -la "$dir"/*.onnx | awk '{print $5, $9}' | tr '\n' ' ')" | tee -a "$OUT/genai.log"
+    run python3 "$REPO/bench/genai_bench.py" "$dir" --contexts "${CONTEXTS:-128,2048}" \
+      --json "$OUT/genai-9b-$prec${TAG:+-$TAG}.json" 2>&1 | tee -a "$OUT/genai.log"
+    [ "$keep" = 0 ] && rm -rf "$dir"
+  done
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -27,6 +27,8 @@ METRICS = "gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
 
 # class of work, by kernel name (first match wins)
 CLASSES = [
+    ("glmrt cuda engine GEMV (norm, bias, RoPE, SwiGLU, argmax fused)",
+     r"^(qkv_first|qkv|o_proj|gate_up|down|lm_head)$"),
     ("int4 GEMV (MatMulNBits)", r"(?i)nbits|4bits|int4|fpA_intB|weight_only|WeightOnly"),
     ("fp16 GEMV (cuBLAS)", r"(?i)nvjet|gemv|gemm|xmma|cutlass|cublas|splitKreduce"),
     ("RMSNorm (SLN / SkipSLN)", r"(?i)layernorm"),
@@ -69,8 +71,8 @@ def _profiler(start: bool):
 def run(args):
     import numpy as np
     import glmrt
-    m = glmrt.load(args.model, device="cuda", max_context=args.context + args.steps + 16,
-                   cuda_graph=False)
+    m = glmrt.load(args.model, device="cuda", backend=args.backend,
+                   max_context=args.context + args.steps + 16, cuda_graph=False)
     dec = m.decoder
     rng = np.random.default_rng(0)
     with dec.generation() as cache:
@@ -140,7 +142,7 @@ def report(args):
     # the weight-reading kernels by launch grid and bytes read (same grid, other K): one row
     # per matrix shape
     shapes = tally(ks, lambda name, m: (name, m["grid"], round(m["dram__bytes_read.sum"] / 4e6))
-                   if classify(name).startswith(("int4", "fp16")) and m.get("dram__bytes_read.sum", 0) > 1e6
+                   if classify(name).startswith(("int4", "fp16", "glmrt")) and m.get("dram__bytes_read.sum", 0) > 1e6
                    else None)
     out += ["", "| weight-reading kernel | grid | launches per step | µs each | MB each | read rate |",
             "|---|---|---|---|---|---|"]
@@ -163,6 +165,7 @@ def main():
     r.add_argument("model")
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--context", type=int, default=128)
+    r.add_argument("--backend", default="onnxruntime", help="onnxruntime, or cuda (glmrt's engine)")
     p = sub.add_parser("report")
     p.add_argument("csv")
     p.add_argument("--steps", type=int, default=3)

@@ -17,7 +17,7 @@ import onnx
 
 import glmrt
 from glmrt import manifest
-from glmrt.contract import contract_to_dict
+from glmrt.contract import CONSUMERS, contract_to_dict
 from glmrt.errors import CheckpointError, GlmrtError
 from glmrt.precision import PRECISIONS, TARGETS
 from glmrt.precision import precision as spec
@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint
 from .calibrate import activation_amax, activation_stats, default_prompts
 from .decoder import ConcatEmitter
 from .gqa import GqaEmitter
+from .interop import GENAI_CONFIG, consumer_graph, genai_config, special_token_id
 from .precision import precision_for
 from .quant import combine
 from .onnx_builder import GraphBuilder, WeightFile
@@ -41,7 +42,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                  symmetric: bool = True, activations: str | None = None,
                  quantize_lm_head: bool = False, lm_head: str | None = None,
                  int8_activations: bool | None = None, calibration_prompts: int = 32, awq: bool = False,
-                 float_layout: str = "kn", overwrite: bool = False, progress: bool = True) -> Path:
+                 float_layout: str = "kn", consumers: tuple = (), overwrite: bool = False,
+                 progress: bool = True) -> Path:
     """Export `checkpoint` to the model folder `out`; returns `out`.
 
     precision: fp32 | fp16 | bf16 | int4 | int8 | fp8; target: onnxruntime (MatMulNBits for
@@ -51,12 +53,21 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
     (export/precision.py); quantize_lm_head gives lm_head the weights' form. FP8 calibrates activation scales on
     `calibration_prompts` prompts, and awq=True (int4/int8) searches activation-aware weight
     scales on them (export/awq.py). float_layout (target cuda): float weights stored as W^T for
-    MatMul ("kn") or as the checkpoint stores them, read by FusedMatMul transB=1 ("nk")."""
+    MatMul ("kn") or as the checkpoint stores them, read by FusedMatMul transB=1 ("nk").
+    consumers: other runtimes to write the folder for too (glmrt.contract.CONSUMERS:
+    onnxruntime-genai, optimum), each its graph over the same weights file (export/interop.py)."""
     prec = precision_for(precision, target=target, block_size=block_size, symmetric=symmetric,
                          activations=activations, quantize_lm_head=quantize_lm_head, lm_head=lm_head,
                          int8_activations=int8_activations)
     if float_layout not in ("kn", "nk") or (float_layout == "nk" and target != "cuda"):
         raise GlmrtError(f"float layout {float_layout!r}: 'kn', or 'nk' with target cuda")
+    consumers = tuple(dict.fromkeys(consumers))
+    for name in consumers:
+        if name not in CONSUMERS:
+            raise GlmrtError(f"--for {name!r}: expected one of {', '.join(CONSUMERS)}")
+        if TARGETS[target].form not in CONSUMERS[name].forms:
+            runs = [t for t, tt in TARGETS.items() if tt.form in CONSUMERS[name].forms]
+            raise GlmrtError(f"--for {name} runs the {' or '.join(runs)} target's graph, not {target}'s")
     if awq and not spec(precision).awq:
         raise GlmrtError(f"--awq applies to {' and '.join(n for n, p in PRECISIONS.items() if p.awq)} "
                          f"weights, not {precision}")
@@ -91,9 +102,12 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
             model = g.model(contract["inputs"], contract["outputs"], contrib=TARGETS[target].contrib_ops,
                             doc=f"GLM-4-0414 decoder exported by glmrt {glmrt.__version__} ({precision})")
             (tmp / GRAPH).write_bytes(model.SerializeToString())
+            written = {n: _write_consumer(tmp, model, ckpt, prec.kv, emitter.form, n, generation)
+                       for n in consumers}
             del model
             if emitter.form == "concat":    # the gqa form uses ORT-only ops the checker does not know
-                onnx.checker.check_model(str(tmp / GRAPH))
+                for graph in [GRAPH] + [w["graph"] for w in written.values()]:
+                    onnx.checker.check_model(str(tmp / graph))
             for name in TOKENIZER_FILES:
                 if (ckpt.folder / name).is_file():
                     shutil.copy2(ckpt.folder / name, tmp / name)
@@ -104,7 +118,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                 "format": manifest.MANIFEST_FORMAT, "kind": "onnx-model",
                 "config": ckpt.cfg.to_dict(), "io": contract_to_dict(contract),
                 "precision": _precision_record(prec, emitter, act_amax, calibration_prompts),
-                "graph": GRAPH, "tokenizer": "tokenizer.json",
+                "graph": GRAPH, "tokenizer": "tokenizer.json", "consumers": written,
                 "chat_template": template, "generation": generation, "files": files,
                 "streamed_bytes_per_token": _streamed_bytes(g),
                 "versions": {"glmrt": glmrt.__version__, "onnx": onnx.__version__,
@@ -118,6 +132,19 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return out
+
+
+def _write_consumer(tmp: Path, model, ckpt, kv_dtype: str, form: str, name: str, generation: dict) -> dict:
+    """Write consumer `name`'s graph (and genai_config.json for onnxruntime-genai); returns
+    the manifest's record of it: its graph, IO contract and the config file it reads."""
+    c = CONSUMERS[name]
+    graph, contract = consumer_graph(model, ckpt.cfg, kv_dtype, form, c)
+    (tmp / c.graph).write_bytes(graph.SerializeToString())
+    if c.config == GENAI_CONFIG:  # optimum reads the checkpoint's own config.json (copied below)
+        cfg = genai_config(ckpt.cfg, contract, c.graph, generation, device="cuda" if form == "gqa" else "cpu",
+                           gmask_id=special_token_id(ckpt.folder / "tokenizer.json", "[gMASK]"))
+        (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return {"graph": c.graph, "io": contract_to_dict(contract), "config": c.config}
 
 
 def _streamed_bytes(g: GraphBuilder) -> int:

@@ -42,12 +42,13 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
     (default the target's: on for the CPU form)."""
     spec = precision(name)
     form = spec.form(target)
+    t = TARGETS[target]
     if not spec.quantized:
         if block_size is not None or quantize_lm_head or lm_head not in (None, "float") or int8_activations:
             raise GlmrtError(f"--block-size, --quantize-lm-head, --lm-head and --int8-activations apply to "
                              f"{'/'.join(n for n, p in PRECISIONS.items() if p.quantized)}, not {name}")
-        return Precision(name, spec.weights, spec.compute, spec.kv, None, target)
-    t = TARGETS[target]
+        compute = _float_compute(spec, t, activations)
+        return Precision(name, spec.weights, compute, compute if compute != spec.compute else spec.kv, None, target)
     act = {"fp32": "float32", "fp16": "float16", None: t.activations[0]}[activations]
     if act not in t.activations:
         raise GlmrtError(f"target {target} runs {' or '.join(a.replace('float', 'fp') for a in t.activations)} "
@@ -63,6 +64,21 @@ def precision_for(name: str, *, target: str = "onnxruntime", block_size: int | N
 
 
 LM_HEAD_BITS = {"int8": 8, "int4": 4}
+
+
+def _float_compute(spec, target, activations: str | None) -> str:
+    """The dtype float weights multiply in: the precision's own, or float32 where the target
+    computes fp16 weights in float32 (the weights stay fp16 in the file; ONNX Runtime folds
+    the cast when it loads them)."""
+    if activations is None:
+        return target.fp16_compute if spec.name == "fp16" else spec.compute
+    act = {"fp32": "float32", "fp16": "float16"}[activations]
+    if spec.name != "fp16" or target.name != "onnxruntime":
+        if act == spec.compute:
+            return act
+        raise GlmrtError(f"--activations {activations}: float precisions keep their own compute dtype "
+                         "except fp16 on the onnxruntime target (fp16 or fp32)")
+    return act
 
 
 def _lm_head(spec, form: str, target, same: bool, choice: str | None, scheme, options):

@@ -15,7 +15,8 @@ Modules (docs/ARCHITECTURE.md has the whole pipeline and the words used for it):
   template.py    the checkpoint's Jinja chat template, sandboxed, as transformers renders it
   tokenizer.py   the byte-level BPE tokenizer and a streaming UTF-8-safe decoder
   backends/      the decoder interface (base.py) and the registry of what runs a model:
-                 ONNX Runtime (concat and gqa forms), TensorRT
+                 ONNX Runtime (concat and gqa forms), TensorRT, glmrt's own CUDA engine
+                 (cuda_engine/: kernels compiled per GPU by NVRTC, the driver API)
   precision.py   the precision and target registry every stage reads
   config.py      GlmConfig, read from config.json by exact keys
   contract.py    the IO contract: graph inputs and outputs, shared by every stage

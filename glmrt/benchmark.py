@@ -167,6 +167,94 @@ def bench(model_dir, *, device: str | None = None, backend: str = "onnxruntime",
     return out
 
 
+def bench_slots(model_dir, slot_counts, *, device: str | None = None, backend: str = "onnxruntime",
+                context: int = 128, decode_steps: int = 32, repeats: int = 3, threads: int | None = None,
+                cuda_graph: bool = True, prefill_chunk: int | None = None, turn: int = 256) -> dict:
+    """Continuous batching: for each slot count n, n sequences at `context` tokens decoded
+    together (step_batch, greedy): aggregate and per-sequence tok/s. Also the scheduler's
+    prefill chunk (the longest a running stream waits for a newly admitted prompt) and the time
+    to first token of a chat's second turn with its first turn cached in a slot, and cold."""
+    from .host import physical_cores
+    from .model import Model
+    device = device or best_device(backend)
+    if device == "cpu" and threads is None:
+        threads = physical_cores()
+    if not slot_counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in slot_counts):
+        raise InputError(f"--slots {slot_counts}: expected positive slot counts")
+    need = max(context + decode_steps + 16, 3 * turn + 64)
+    m = Model(model_dir, device=device, backend=backend, verify=False, max_context=need, cuda_graph=cuda_graph,
+              threads=threads)
+    if m.max_context < need:
+        raise InputError(f"the model holds {m.max_context} positions; --contexts and the chat turn need {need}")
+    dec = m.decoder
+    rng = np.random.default_rng(0)
+    vocab = min(m.config.vocab_size, 1000)
+    out = {"model": str(model_dir), "device": device, "backend": backend, "threads": threads,
+           "precision": m.manifest["precision"]["name"], "form": dec.describe()["form"], "context": context,
+           "slots": {}}
+    for n in sorted(set(slot_counts)):
+        caches = dec.open_slots(n)
+        for c in caches:
+            dec.step(rng.integers(3, vocab, size=(1, context), dtype=np.int64), c)
+        ids = rng.integers(3, vocab, size=n, dtype=np.int64)
+        times = []
+        for i in range(4 + decode_steps):                       # warm-up (and the bucket's graph)
+            t = time.perf_counter()
+            ids = np.array(dec.step_batch_greedy(ids, caches), np.int64)
+            if i >= 4:
+                times.append(time.perf_counter() - t)
+        med = float(np.median(times))
+        out["slots"][n] = {"ms_per_step": 1e3 * med, "tok_s_total": n / med, "tok_s_per_sequence": 1 / med}
+    base = out["slots"][min(out["slots"])]["tok_s_total"]
+    for v in out["slots"].values():
+        v["vs_one"] = v["tok_s_total"] / base
+    # the scheduler: one prefill chunk, and a chat's second turn warm and cold
+    chunk = prefill_chunk or (512 if device == "cuda" else 128)
+    caches = dec.open_slots(1)
+    times = []
+    for _ in range(repeats + 1):
+        dec.truncate(caches[0], 0)
+        t = time.perf_counter()
+        dec.step(rng.integers(3, vocab, size=(1, chunk), dtype=np.int64), caches[0])
+        times.append(time.perf_counter() - t)
+    out["prefill_chunk"] = {"tokens": chunk, "ms": 1e3 * float(np.median(times[1:]))}
+    m = Model(model_dir, device=device, backend=backend, verify=False, max_context=need, cuda_graph=cuda_graph,
+              threads=threads, slots=2, prefill_chunk=chunk)
+    try:
+        warm, cold = [], []
+        for r in range(repeats):
+            first = rng.integers(3, vocab, size=turn).tolist()
+            answer = m.generate(first, max_new_tokens=16)
+            second = first + answer + rng.integers(3, vocab, size=32).tolist()
+            for times, prompt in ((warm, second), (cold, [3 + r] + second[1:])):   # cold: no shared prefix
+                t = time.perf_counter()
+                stream = m.stream(prompt, max_new_tokens=1)
+                next(stream, None)
+                times.append(time.perf_counter() - t)
+                stream.close()
+        out["second_turn_ttft_ms"] = {"first_turn_tokens": turn, "second_turn_tokens": len(second),
+                                      "with_reuse": 1e3 * float(np.median(warm)),
+                                      "without": 1e3 * float(np.median(cold))}
+    finally:
+        m.close()
+    return out
+
+
+def format_slots(r: dict) -> str:
+    lines = [f"{r['model']}  {r['precision']} ({r['form']} form) on {r['backend']}/{r['device']}"
+             + (f"  {r['threads']} threads" if r.get("threads") else "") + f", context {r['context']}"]
+    for n, v in r["slots"].items():
+        lines.append(f"slots {n:>3}: {v['ms_per_step']:7.2f} ms/step  {v['tok_s_total']:8.1f} tok/s in all "
+                     f"({v['vs_one']:.2f}x one)  {v['tok_s_per_sequence']:7.1f} tok/s per sequence")
+    c = r["prefill_chunk"]
+    lines.append(f"prefill chunk of {c['tokens']} tokens: {c['ms']:.1f} ms (the longest a decode step waits "
+                 "for a newly admitted prompt)")
+    t = r["second_turn_ttft_ms"]
+    lines.append(f"chat second turn ({t['second_turn_tokens']} tokens, first turn {t['first_turn_tokens']}): "
+                 f"first token {t['with_reuse']:.1f} ms with the first turn cached, {t['without']:.1f} ms without")
+    return "\n".join(lines)
+
+
 def _ceiling(device: str, given: float | None, threads: int | None) -> tuple[float | None, str]:
     """(TB/s, where the figure comes from), or (None, why there is none)."""
     if given is not None:

@@ -11,6 +11,7 @@ import sys
 import click
 
 from .backends import BACKENDS, DEVICES
+from .contract import CONSUMERS
 from .errors import GlmrtError
 from .model import DEFAULT_MAX_NEW_TOKENS
 from .precision import PRECISIONS, TARGETS, names
@@ -62,20 +63,25 @@ def main():
 @click.option("--awq", is_flag=True, help="int4/int8: activation-aware scale search (slower).")
 @click.option("--float-layout", type=click.Choice(["kn", "nk"]), default="kn", show_default=True,
               help="Target cuda, float weights: W^T for MatMul (kn) or as stored, FusedMatMul transB (nk).")
+@click.option("--for", "consumers", type=click.Choice(list(CONSUMERS)), multiple=True,
+              help="Also write the folder for another runtime (repeatable): "
+                   + "; ".join(f"{n}: {c.what}" for n, c in CONSUMERS.items()) + ".")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if it is a model folder glmrt exported (never the checkpoint, never "
                    "a folder holding other files).")
 @clean_errors
 def export(checkpoint, out, precision, target, block_size, asymmetric, activations, lm_head,
-           quantize_lm_head, int8_activations, calibration_prompts, awq, float_layout, overwrite):
+           quantize_lm_head, int8_activations, calibration_prompts, awq, float_layout, consumers,
+           overwrite):
     """Export a Hugging Face GLM-4-0414 CHECKPOINT folder to an ONNX model folder."""
     from glmrt.export.export import export_model
     path = export_model(checkpoint, out, precision=precision, target=target, block_size=block_size,
                         symmetric=not asymmetric, activations=activations,
                         quantize_lm_head=quantize_lm_head, lm_head=lm_head,
                         int8_activations=int8_activations, calibration_prompts=calibration_prompts,
-                        awq=awq, float_layout=float_layout, overwrite=overwrite)
-    click.echo(f"exported {checkpoint} -> {path} ({precision}, {target})")
+                        awq=awq, float_layout=float_layout, consumers=consumers, overwrite=overwrite)
+    also = f"; also for {', '.join(consumers)}" if consumers else ""
+    click.echo(f"exported {checkpoint} -> {path} ({precision}, {target}{also})")
 
 
 @main.command()
@@ -288,15 +294,28 @@ def serve(model, host, port, backend, device, threads, slots, max_queue, api_key
 @click.option("--no-cuda-graph", is_flag=True)
 @click.option("--burst", type=click.IntRange(min=1), default=None,
               help="Greedy steps per host synchronization (default: 8 on cuda, 1 on cpu).")
+@click.option("--slots", "slot_counts", default=None,
+              help="Continuous batching instead: decode this many sequences together, e.g. 1,2,4,8 "
+                   "(at the first --contexts value, default 128).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the figures here.")
 @clean_errors
 def bench(model, backend, device, threads, prompt_lengths, contexts, decode_steps, repeats, bandwidth_tbps,
-          no_cuda_graph, burst, as_json):
-    """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling."""
+          no_cuda_graph, burst, slot_counts, as_json):
+    """Time an exported MODEL: first token, prefill, decode, memory, % of the bandwidth ceiling
+    (or, with --slots, batched decode)."""
     from pathlib import Path
 
     from .benchmark import bench as run_bench
-    from .benchmark import format_report, to_json
+    from .benchmark import bench_slots, format_report, format_slots, to_json
+    if slot_counts is not None:
+        ctx = _token_counts(contexts, "contexts")
+        r = bench_slots(model, _token_counts(slot_counts, "slots"), backend=backend, device=device,
+                        threads=threads, context=ctx[0] if ctx else 128, decode_steps=min(decode_steps, 32),
+                        repeats=repeats, cuda_graph=not no_cuda_graph)
+        click.echo(format_slots(r))
+        if as_json:
+            Path(as_json).write_text(to_json(r))
+        return
     r = run_bench(model, backend=backend, device=device, threads=threads,
                   prompt_lengths=_token_counts(prompt_lengths, "prompt-lengths"),
                   contexts=_token_counts(contexts, "contexts"), decode_steps=decode_steps,
@@ -400,10 +419,19 @@ def info(model, verify, as_json, load, backend, device, threads):
     click.echo(f"form       {m['io']['form']} (target {p['target']})")
     click.echo(f"precision  {p['name']}: weights {p['weights']}, compute {p['compute']}, kv {p['kv']}")
     if q:
-        shown = {k: v for k, v in q.items() if k not in ("errors", "awq", "calibration")}
-        click.echo("quantized  " + "  ".join(f"{k} {v}" for k, v in shown.items()))
+        click.echo(f"quantized  {q['form']} {q['bits']}-bit" + (f", block {q['block_size']}" if "block_size" in q else "")
+                   + (", symmetric" if q.get("symmetric") else "") + f", scales {q['scale_dtype']}"
+                   + (", int8 activations" if q.get("int8_activations") else "")
+                   + f"; mean weight error {q['mean_rel_rmse']:.4f}")
+        head = q.get("lm_head_form")
+        click.echo(f"lm_head    {q['lm_head']}" + (f" ({head['form']} {head['bits']}-bit)" if head else "")
+                   + f"; embedding {q['embed_tokens']}")
+        if "method" in q:
+            click.echo(f"method     {q['method']}")
     click.echo(f"stop ids   {m['generation']['eos_token_id']}")
     click.echo(f"template   {m['chat_template']}")
+    for name, rec in m.get("consumers", {}).items():      # folders from before export --for: none
+        click.echo(f"also for   {name}: {rec['graph']} + {rec['config']}")
     click.echo(f"made by    " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))

@@ -25,6 +25,19 @@ buffer of max_seq positions, updated in place when bound to the same device memo
   logits                       float32 (batch, kept, vocab)
   next_token                   int64   (batch, kept)         argmax of logits (greedy on the device)
   present.{i}.key|value        kv      (batch, kv_heads, max_seq, head_dim)
+
+Consumers (export --for): other runtimes that run a model folder. onnxruntime-genai and
+optimum's ORTModelForCausalLM feed the Hugging Face decoder convention instead: input_ids,
+attention_mask, position_ids where the graph has it, past_key_values.{i}.key|value, and read
+logits and present.{i}.key|value. Each gets its own graph file in the folder: glmrt's graph (the
+same nodes, the same external weights file) behind an adapter that derives the inputs glmrt's
+contract has and theirs lacks (DERIVED):
+  concat  input_ids, attention_mask (batch, total_seq), position_ids, past (past_seq) -> present (total_seq)
+  gqa     input_ids, attention_mask (batch, total_seq), past (max_seq) -> present (max_seq), the
+          same buffer: onnxruntime-genai's past_present_share_buffer
+  logits  float32 (batch, seq, vocab) every position ("all", what transformers' forward returns)
+          or (batch, 1, vocab) the last one ("last": onnxruntime-genai samples only the last row,
+          and a static 1 tells it so; prefill then never makes seq x vocab logits)
 """
 from __future__ import annotations
 
@@ -63,8 +76,51 @@ def present_value(i: int) -> str:
     return f"present.{i}.value"
 
 
-def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat") -> dict:
-    """{"form": form, "inputs": [TensorSpec], "outputs": [TensorSpec]}."""
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+    name: str                       # export --for
+    forms: tuple                    # the attention forms it runs
+    graph: str                      # its graph's file name in the model folder
+    config: str                     # the config file it reads (written by export, or the checkpoint's)
+    scores: str                     # "all" positions or the "last" one (see the module docstring)
+    what: str                       # one line for --help
+
+
+GLMRT = "glmrt"                     # glmrt's own runtime: model.onnx, the contract above
+CONSUMERS = {c.name: c for c in (
+    Consumer("onnxruntime-genai", ("concat", "gqa"), "model.genai.onnx", "genai_config.json", "last",
+             "onnxruntime-genai (C, C#, Java, Python; CPU and CUDA): genai_config.json beside its graph"),
+    Consumer("optimum", ("concat",), "model.optimum.onnx", "config.json", "all",
+             "optimum's ORTModelForCausalLM (transformers' generate and pipelines; the CPU form)"),
+)}
+
+# How the adapter makes each glmrt input a consumer does not feed, by name (export/interop.py
+# emits one small subgraph per recipe):
+#   every_position   logits_index = 0 .. seq-1
+#   last_position    logits_index = [-1] (a constant: Gather counts from the end)
+#   mask_sum_minus_1 seqlens_k = row sums of attention_mask - 1, int32 (tokens in the cache - 1)
+#   mask_length      total_sequence_length = attention_mask's length, an int32 scalar
+DERIVED = {
+    ("concat", "all"): {"logits_index": "every_position"},
+    ("concat", "last"): {"logits_index": "last_position"},
+    ("gqa", "all"): {"logits_index": "every_position", "seqlens_k": "mask_sum_minus_1",
+                     "total_sequence_length": "mask_length"},
+    ("gqa", "last"): {"logits_index": "last_position", "seqlens_k": "mask_sum_minus_1",
+                      "total_sequence_length": "mask_length"},
+}
+
+
+def consumer(name: str) -> Consumer:
+    if name not in CONSUMERS:
+        raise ValueError(f"consumer {name!r} is not one of {', '.join(CONSUMERS)}")
+    return CONSUMERS[name]
+
+
+def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat", consumer_name: str = GLMRT) -> dict:
+    """{"form": form, "inputs": [TensorSpec], "outputs": [TensorSpec]}: glmrt's own contract, or
+    with consumer_name another runtime's ("consumer" and "derived" are then added)."""
+    if consumer_name != GLMRT:
+        return _consumer_contract(cfg, kv_dtype, form, consumer(consumer_name))
     nkv, hd = cfg.num_key_value_heads, cfg.head_dim
     if form == "concat":
         inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
@@ -91,6 +147,22 @@ def io_contract(cfg: GlmConfig, kv_dtype: str, form: str = "concat") -> dict:
     return {"form": form, "inputs": inputs, "outputs": outputs}
 
 
+def _consumer_contract(cfg: GlmConfig, kv_dtype: str, form: str, c: Consumer) -> dict:
+    """The Hugging Face decoder convention (module docstring) over glmrt's graph of `form`."""
+    if form not in c.forms:
+        raise ValueError(f"{c.name} runs the {' or '.join(c.forms)} form, not {form}")
+    own = io_contract(cfg, kv_dtype, form)
+    derived = DERIVED[(form, c.scores)]
+    mask = TensorSpec("attention_mask", "int64", ("batch", "total_seq"))
+    inputs = [t for t in own["inputs"] if t.name not in derived and t.name != "attention_mask"]
+    inputs.insert(1, mask)                                   # after input_ids, as they list them
+    kept = "seq" if c.scores == "all" else 1
+    outputs = [TensorSpec("logits", "float32", ("batch", kept, cfg.vocab_size))] + \
+        [t for t in own["outputs"] if t.name.startswith("present.")]
+    return {"form": form, "consumer": c.name, "derived": dict(derived), "inputs": inputs,
+            "outputs": outputs}
+
+
 def numpy_dtype(name: str):
     """The numpy dtype a contract dtype binds as, or None (bfloat16: numpy has none)."""
     import numpy as np
@@ -98,9 +170,12 @@ def numpy_dtype(name: str):
 
 
 def contract_to_dict(c: dict) -> dict:
-    return {"form": c["form"], **{k: [t.to_dict() for t in c[k]] for k in ("inputs", "outputs")}}
+    extra = {k: c[k] for k in ("consumer", "derived") if k in c}
+    return {"form": c["form"], **extra, **{k: [t.to_dict() for t in c[k]] for k in ("inputs", "outputs")}}
 
 
 def contract_from_dict(d: dict) -> dict:
-    return {"form": d["form"], **{k: [TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[k]]
-                                  for k in ("inputs", "outputs")}}
+    extra = {k: d[k] for k in ("consumer", "derived") if k in d}
+    return {"form": d["form"], **extra,
+            **{k: [TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[k]]
+               for k in ("inputs", "outputs")}}

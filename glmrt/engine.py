@@ -2,15 +2,17 @@
 artifact for one GPU or device, made from the export), and the checks the runtime makes before
 loading one. Shared by the builders (glmrt.engines) and the backends (glmrt.backends).
 
-  MODEL/engines/<gpu-slug>-sm<major><minor>/<precision>/   (TensorRT)
+  MODEL/engines/<gpu-slug>-sm<major><minor>/<precision>/   (TensorRT, glmrt's cuda engine)
   MODEL/engines/onnxruntime-<device>/<precision>/          (ONNX Runtime optimized graph)
 each with manifest.json:
-  format, kind ("tensorrt-engine" | "onnxruntime-optimized"), backend, precision,
+  format, kind ("tensorrt-engine" | "onnxruntime-optimized" | "cuda-engine"), backend, precision,
   gpu {name, compute_capability}, tensorrt (version), profiles, source {model_manifest_sha256},
-  files {name: {sha256, bytes}}, versions.
+  files {name: {sha256, bytes}}, versions; a cuda engine also: cubin, nvrtc (version),
+  min_driver (CUDA driver API version), kernels, weights (index into model.onnx.data), config.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from . import manifest as manifest_io
 from .errors import ArtifactError
 
 ENGINES = "engines"
-ENGINE_KINDS = ("tensorrt-engine", "onnxruntime-optimized")
+ENGINE_KINDS = ("tensorrt-engine", "onnxruntime-optimized", "cuda-engine")
 
 
 def gpu_slug(name: str) -> str:
@@ -57,6 +59,44 @@ def check_compatible(engine_manifest: dict, *, gpu_name: str | None, compute_cap
                             f"GPU is {gpu_name} (sm{compute_capability[0]}{compute_capability[1]}); " + rebuild)
     if gpu_name is not None and gpu_slug(want["name"]) != gpu_slug(gpu_name):
         raise ArtifactError(f"{where}: engine built for {want['name']}, this GPU is {gpu_name}; " + rebuild)
+
+
+def find_cuda_engine(model_dir: Path, precision: str, gpu_name: str, compute_capability: tuple) -> Path:
+    """The cuda engine for this GPU: the folder named for it, else one built for another GPU of
+    the same compute capability (cubins are per architecture), else a one-line error saying
+    what exists and how to build."""
+    here = engine_dir(model_dir, "cuda", precision, gpu_name=gpu_name, compute_capability=compute_capability)
+    if (here / manifest_io.MANIFEST).is_file():
+        return here
+    found = []
+    for m in sorted(Path(model_dir).glob(f"{ENGINES}/*/{precision}/{manifest_io.MANIFEST}")):
+        try:
+            em = json.loads(m.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if em.get("kind") == "cuda-engine":
+            if tuple(em["gpu"]["compute_capability"]) == tuple(compute_capability):
+                return m.parent
+            found.append(f"{m.parent.parent.name}")
+    major, minor = compute_capability
+    have = f" (there are engines for {', '.join(found)})" if found else ""
+    raise ArtifactError(f"{model_dir}: no cuda engine for {gpu_name} (sm{major}{minor}){have}; build one: "
+                        f"glmrt build {model_dir} --backend cuda")
+
+
+def check_cuda_engine(engine_manifest: dict, compute_capability: tuple, driver_version: int, where: Path) -> None:
+    """Refuse, in one line, a cuda engine compiled for another compute capability or needing a
+    newer driver than this one (cubins from NVRTC 13.x load on CUDA 13.0+ drivers)."""
+    built = tuple(engine_manifest["gpu"]["compute_capability"])
+    rebuild = f"rebuild it here: glmrt build {where.parent.parent.parent} --backend cuda"
+    if built != tuple(compute_capability):
+        raise ArtifactError(f"{where}: compiled for sm{built[0]}{built[1]} ({engine_manifest['gpu']['name']}), "
+                            f"this GPU is sm{compute_capability[0]}{compute_capability[1]}; " + rebuild)
+    need = engine_manifest["min_driver"]
+    if driver_version < need:
+        raise ArtifactError(f"{where}: needs a CUDA {need // 1000}.{need % 1000 // 10} driver or newer "
+                            f"(compiled by NVRTC {engine_manifest['nvrtc']}); this driver supports CUDA "
+                            f"{driver_version // 1000}.{driver_version % 1000 // 10}: update the NVIDIA driver")
 
 
 def read_engine(engine_path: Path, verify: bool = True) -> dict:

@@ -9,6 +9,9 @@ Written by the exporter (and engine builder), read and checked by the runtime:
   files             {relative path: {"sha256", "bytes"}}; graph, weights, tokenizer, template
   graph, tokenizer  relative paths of the ONNX graph and tokenizer.json
   chat_template     relative path of the chat template, or null
+  consumers         {runtime: {"graph", "io", "config"}} for each other runtime the folder was
+                    written for (export --for; glmrt.contract.CONSUMERS): its graph over the
+                    same weights file, that graph's IO contract, the config file it reads
   generation        sampling defaults and eos ids from generation_config.json
   versions          glmrt, onnx, numpy, python that made it
   source            the checkpoint folder and its config's sha256

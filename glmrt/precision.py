@@ -26,6 +26,7 @@ class Target:
     what: str                    # one line for --help and the architecture page
     int8_activations: bool = False   # MatMulNBits computes with int8 activations by default
     lm_head: str = "float"       # quantized exports: lm_head's default ("float", or bits "int8")
+    fp16_compute: str = "float16"    # the dtype fp16 weights multiply in by default
 
 
 TARGETS = {t.name: t for t in (
@@ -79,16 +80,18 @@ class PrecisionSpec:
 
 
 # What TensorRT runs per precision, by compute capability (its support matrix: FP16 from 5.3,
-# INT8 from 6.1, INT4 weight-only from 8.0, FP8 from 8.9).
+# INT8 from 6.1, INT4 weight-only from 8.0, FP8 from 8.9). glmrt's own cuda engine compiles its
+# kernels for sm_80 and newer (Ampere, Jetson Orin, Ada, Hopper, Blackwell); fp8 weights there
+# would need 8.9 (the e4m3 conversions) and a cuda-target fp8 export, which do not exist yet.
 PRECISIONS = {p.name: p for p in (
     PrecisionSpec("fp32", {"onnxruntime": "float"}, "float32", "float32", "float32"),
     PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},
-                  "float16", "float16", "float16", min_cc=(("tensorrt", (5, 3)),)),
+                  "float16", "float16", "float16", min_cc=(("tensorrt", (5, 3)), ("cuda", (8, 0)))),
     # ONNX Runtime's CPU provider has no bf16 MatMul: bf16 weights are cast to float32 there
     # (ORT folds the cast at load)
     PrecisionSpec("bf16", {"onnxruntime": "float"}, "bfloat16", "float32", "float32"),
     PrecisionSpec("int4", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int4-qdq"},
-                  bits=4, awq=True, min_cc=(("tensorrt", (8, 0)),)),
+                  bits=4, awq=True, min_cc=(("tensorrt", (8, 0)), ("cuda", (8, 0)))),
     PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int8-qdq"},
                   bits=8, awq=True, min_cc=(("tensorrt", (6, 1)),)),
     PrecisionSpec("fp8", {"onnxruntime": "fp8-qdq", "tensorrt": "fp8-qdq"},

@@ -86,7 +86,10 @@ class TokenStream:
             self.scheduler.wake()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown: the scheduler may be gone)
+            pass
 
 
 class Scheduler:
@@ -176,10 +179,14 @@ class Scheduler:
             if req.cancelled.is_set():
                 self._finish(req, "cancelled")
                 continue
-            cache, reuse = self._pick(req.ids)
-            reuse = 0 if req.score else reuse          # scoring wants every position's logits
-            self.free.remove(cache)
-            self.decoder.truncate(cache, reuse)
+            try:
+                cache, reuse = self._pick(req.ids)
+                reuse = 0 if req.score else reuse          # scoring wants every position's logits
+                self.free.remove(cache)
+                self.decoder.truncate(cache, reuse)
+            except BaseException as e:                     # never lose a caller: it hears why
+                req.out.put(GlmrtError(f"generation failed: {e}"))
+                raise
             req.cache, req.fed = cache, reuse
             req.result.cached_tokens = reuse
             self.stats["reused"] += reuse
@@ -200,6 +207,12 @@ class Scheduler:
     def _reap(self):
         for req in [r for r in self.active if r.cancelled.is_set()]:
             self._release(req, "cancelled")
+        with self.cv:                        # a caller that gave up while waiting leaves the queue
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
 
     def _prefill_one(self):
         """One chunk of the oldest prompt still being prefilled."""

@@ -1,7 +1,12 @@
 """The decoder interface (glmrt/backends/base.py): the same conformance checks against every
 registered backend, device and attention form that can run on this machine (the others skip,
-saying why). A backend added to the registry without a recipe here fails, on purpose."""
+saying why). A backend added to the registry without a recipe here fails, on purpose. glmrt's
+cuda engine runs on the GPU where there is one, else in the CPU emulation of its kernels
+(tests/cuda_emu), prefilled by ONNX Runtime's CPU provider on the same host memory."""
+import contextlib
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,16 +21,37 @@ from glmrt.export.checkpoint import Checkpoint
 PROMPT = list(range(5, 200, 9))
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
-# backend -> [(device, export precision and target, logits tolerance against float64)]
+# backend -> [(device, export precision, target and options, logits tolerance against float64)]
 RECIPES = {
     "onnxruntime": [("cpu", ("fp32", "onnxruntime"), 1e-4), ("cpu", ("fp16", "cuda"), 1e-2),
                     ("cuda", ("fp16", "onnxruntime"), 1e-2), ("cuda", ("fp16", "cuda"), 1e-2)],
     "tensorrt": [("cuda", ("fp16", "tensorrt"), 1e-2)],
+    "cuda": [("cuda", ("fp16", "cuda", {"float_layout": "nk"}), 1e-2)],
 }
 CASES = [(b, dev, exp, tol) for b in BACKENDS for dev, exp, tol in RECIPES.get(b, [(None, None, None)])]
 
 
+def cuda_engine_gpu() -> bool:
+    try:
+        from glmrt.backends.cuda_engine.device import CudaDevice
+        CudaDevice()
+        return True
+    except glmrt.GlmrtError:
+        return False
+
+
 def runnable(backend, device):
+    if backend == "cuda":
+        from glmrt.backends.cuda_engine import nvrtc
+        try:
+            nvrtc.version()
+        except glmrt.GlmrtError:
+            return "NVRTC is not installed (pip install 'glmrt[cuda]')"
+        sys.path.insert(0, str(Path(__file__).parent))
+        from cuda_emu.emulator import compiler
+        if not cuda_engine_gpu() and compiler() is None:
+            return "no GPU for the cuda engine and no C++ compiler for its emulation"
+        return None
     if device == "cuda" and not HAS_CUDA:
         return "no CUDA device for ONNX Runtime here"
     if backend == "tensorrt":
@@ -41,23 +67,41 @@ def rel(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2] and '-'.join(c[2])}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2] and '-'.join(c[2][:2])}"
+                + "".join(f"-{v}" for v in (c[2][2] if c[2] and len(c[2]) > 2 else {}).values()))
 def loaded(request, exported, tmp_path_factory):
     backend, device, export, tol = request.param
     assert device is not None, f"backend {backend} has no conformance recipe in tests/test_backends.py"
     why = runnable(backend, device)
     if why:
         pytest.skip(why)
-    folder = exported("quant", export[0], target=export[1])
+    folder = exported("quant", export[0], target=export[1], **(export[2] if len(export) > 2 else {}))
+    emulate = backend == "cuda" and not cuda_engine_gpu()
     if BACKENDS[backend].engine_required:
         import shutil
 
         from glmrt.engines.build import build
         copy = tmp_path_factory.mktemp("engine") / "m"
         shutil.copytree(folder, copy)
-        build(copy, backend=backend, max_prompt=128, max_context=256)
+        build(copy, backend=backend, max_prompt=128, max_context=256,
+              **({"gpu": "NVIDIA H200@sm90"} if emulate else {}))
         folder = copy
-    return glmrt.load(folder, backend=backend, device=device, max_context=256), tol
+    with emulated_gpu() if emulate else contextlib.nullcontext():
+        return glmrt.load(folder, backend=backend, device=device, max_context=256), tol
+
+
+@contextlib.contextmanager
+def emulated_gpu():
+    """glmrt's cuda engine loads onto the CPU emulation of an H200 (tests/cuda_emu)."""
+    from cuda_emu.emulator import EmulatedDevice
+
+    from glmrt.backends.cuda_engine import device
+    real = device.CudaDevice
+    device.CudaDevice = lambda index=0: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2)
+    try:
+        yield
+    finally:
+        device.CudaDevice = real
 
 
 def test_describe_and_capabilities(loaded):

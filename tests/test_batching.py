@@ -13,19 +13,39 @@ import glmrt
 from glmrt.errors import QueueFullError
 from glmrt.generate import Generation
 
-FORMS = {"concat": ("tiny", "fp32", {}), "gqa": ("quant", "fp16", {"target": "cuda"})}
+HAS_CUDA = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+# form -> (checkpoint, precision, export options, device); the CUDA row runs where a GPU is
+FORMS = {"concat": ("tiny", "fp32", {}, "cpu"), "gqa": ("quant", "fp16", {"target": "cuda"}, "cpu"),
+         "gqa-cuda": ("quant", "int4", {"target": "cuda"}, "cuda")}
 PROMPTS = [list(range(5, 5 + n)) for n in (7, 31, 4, 19, 12, 45)]
 
 
 @pytest.fixture(scope="module", params=list(FORMS))
 def pair(request, exported):
     """(one sequence at a time, the same model with 3 slots), both 256 positions."""
-    name, precision, opts = FORMS[request.param]
+    name, precision, opts, device = FORMS[request.param]
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs onnxruntime-gpu with a CUDA device")
     folder = exported(name, precision, **opts)
-    alone = glmrt.load(folder, max_context=256)
-    batched = glmrt.load(folder, max_context=256, slots=3, prefill_chunk=8)
+    alone = glmrt.load(folder, max_context=256, device=device, burst=1)
+    batched = glmrt.load(folder, max_context=256, device=device, slots=3, prefill_chunk=8)
     yield alone, batched
     batched.close()
+
+
+def assert_same_greedy(alone, prompts, got, want):
+    """Batched tokens equal the ones each prompt gets alone. On the GPU, batched and single
+    kernels round differently (fp16): a sequence may then part from the other at a near tie
+    only, where the two candidates' logits are within 1e-2 of the logit scale."""
+    if alone.decoder.describe()["device"] == "cpu":
+        assert got == want
+        return
+    for prompt, g, w in zip(prompts, got, want):
+        i = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        if i is None:                 # equal as far as both go (one may have hit a stop id)
+            continue
+        row = alone.logits(list(prompt) + w[:i])[-1]
+        assert abs(row[g[i]] - row[w[i]]) <= 1e-2 * np.abs(row).max(), (prompt, i, g, w)
 
 
 def run_threads(fn, n, stagger=0.0):
@@ -39,12 +59,14 @@ def run_threads(fn, n, stagger=0.0):
             errors.append(e)
     threads = []
     for i in range(n):
-        threads.append(threading.Thread(target=go, args=(i,)))
+        threads.append(threading.Thread(target=go, args=(i,), daemon=True))   # a hang fails, never blocks exit
         threads[-1].start()
         time.sleep(stagger)
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a request never finished"
     return out
 
 
@@ -62,7 +84,7 @@ def test_batched_greedy_equals_alone_with_mixed_lengths_and_late_joiners(pair):
     # 6 requests on 3 slots: later ones wait, join as others leave, some join mid-stream
     got = run_threads(lambda i: batched.generate(PROMPTS[i], max_new_tokens=6 + 3 * i), len(PROMPTS),
                       stagger=0.01)
-    assert got == want
+    assert_same_greedy(alone, PROMPTS, got, want)
     assert batched.scheduler.stats["decode_steps"] < sum(len(w) for w in want)    # steps were shared
     assert_idle(batched)
 
@@ -83,7 +105,10 @@ def test_per_request_stops_seeds_and_sampling(pair):
         res = Generation([])
         return batched.generate(PROMPTS[1], result=res, **kw[i]), res.finish_reason, res.stop_token
     got = run_threads(one, len(kw))
-    assert got == want
+    if alone.decoder.describe()["device"] == "cpu":
+        assert got == want
+    else:                              # fp16 rounding may move a sample: the conditions still hold
+        assert [g[1] for g in got] == [w[1] for w in want] and len(got[2][0]) == 5
     assert want[0][1] == "stop" and want[0][2] == free[4] and want[2][1] == "length"
     assert_idle(batched)
 
@@ -104,7 +129,7 @@ def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(pair):
         started.wait(30)
         return batched.generate(PROMPTS[i], max_new_tokens=20)
     got = run_threads(lambda i: cancelled(i) if i == 2 else normal(i), 3)
-    assert got[:2] == want and len(got[2]) == 3
+    assert_same_greedy(alone, PROMPTS[:2], got[:2], want) and len(got[2]) == 3
     assert_idle(batched)
 
 
@@ -117,10 +142,12 @@ def test_prompt_cache_reuse_prefills_only_the_new_tokens(pair):
     turn2 = turn1 + out1 + [5, 6, 7]                    # the next turn begins with the last one
     second = Generation([])
     got = batched.generate(turn2, max_new_tokens=8, result=second)
-    assert got == alone.generate(turn2, max_new_tokens=8)          # the cold prefill's tokens
+    assert_same_greedy(alone, [turn2], [got], [alone.generate(turn2, max_new_tokens=8)])   # the cold prefill's
     cached = len(turn1) + len(out1) - 1                             # the last new token was never fed
     assert second.cached_tokens == cached and second.prefilled_tokens == len(turn2) - cached
-    np.testing.assert_allclose(batched.logits(turn2), alone.logits(turn2), rtol=0, atol=1e-5)
+    scale = np.abs(alone.logits(turn2)).max()
+    tol = 1e-5 if alone.decoder.describe()["device"] == "cpu" else 2e-2 * scale
+    np.testing.assert_allclose(batched.logits(turn2), alone.logits(turn2), rtol=0, atol=tol)
     assert_idle(batched)
 
 
@@ -184,7 +211,7 @@ def test_no_slot_leaks_under_many_short_requests_from_many_threads(pair):
     got = run_threads(one, len(jobs))
     for (prompt, n, drop), g in zip(jobs, got):
         if not drop:
-            assert g == alone.generate(prompt, max_new_tokens=n)
+            assert_same_greedy(alone, [prompt], [g], [alone.generate(prompt, max_new_tokens=n)])
     assert_idle(batched)
 
 

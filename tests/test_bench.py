@@ -106,3 +106,20 @@ def test_bench_picks_the_device_present_and_checks_its_lengths(exported, monkeyp
     assert r["ceiling"]["source"].startswith("this host's memory copy rate, measured with")
     assert 0.001 < r["ceiling"]["tbps"] < 10
     assert "GB/s (this host's memory copy rate" in format_report(r)
+
+
+def test_bench_slots_reports_batched_decode_and_the_second_turn(exported, tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(main, ["bench", str(exported("tiny")), "--device", "cpu", "--slots", "1,2",
+                                  "--decode-steps", "4", "--repeats", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "slots   2:" in r.output and "with the first turn cached" in r.output
+    d = json.loads(out.read_text())
+    for n, v in d["slots"].items():
+        assert v["tok_s_total"] == pytest.approx(int(n) * v["tok_s_per_sequence"])
+        assert v["tok_s_per_sequence"] == pytest.approx(1e3 / v["ms_per_step"])
+    assert d["slots"]["1"]["vs_one"] == 1.0 and d["prefill_chunk"]["tokens"] == 128
+    t = d["second_turn_ttft_ms"]
+    assert t["with_reuse"] > 0 and t["without"] > 0
+    r = CliRunner().invoke(main, ["bench", str(exported("tiny")), "--slots", "0"])
+    assert r.exit_code == 2 and "positive slot counts" in r.output

@@ -145,7 +145,7 @@ def test_info_json_and_readable_precision(exported):
     d = json.loads(r.output)
     assert d["manifest"]["precision"]["name"] == "int4" and d["manifest"]["io"]["form"] == "concat"
     r = CliRunner().invoke(main, ["info", str(exported("quant", "int4"))])
-    assert "precision  int4: weights" in r.output and "quantized  form matmulnbits" in r.output
+    assert "precision  int4: weights" in r.output and "quantized  matmulnbits 4-bit, block 32" in r.output
     assert all(len(line) < 200 for line in r.output.splitlines())
 
 

@@ -10,6 +10,8 @@ Decoder subclass and one entry here.
   onnxruntime  cpu, cuda  optional: ORT's optimized graph,                    OrtConcatDecoder (concat form)
                           engines/onnxruntime-<device>/<precision>/           OrtGqaDecoder (gqa form)
   tensorrt     cuda       required: engines/<gpu>-sm<cc>/<precision>/         TrtDecoder
+  cuda         cuda       required: glmrt's own kernels, compiled per GPU     CudaDecoder
+                          by NVRTC, engines/<gpu>-sm<cc>/<precision>/
 """
 from __future__ import annotations
 
@@ -64,11 +66,19 @@ def _tensorrt(folder: Path, manifest: dict, o: LoadOptions) -> Decoder:
     return TrtDecoder(where, read_engine(where, o.verify), manifest, here)
 
 
+def _cuda(folder: Path, manifest: dict, o: LoadOptions) -> Decoder:
+    """glmrt's own engine for this GPU (glmrt build --backend cuda)."""
+    from .cuda_engine.decoder import open_engine
+    return open_engine(folder, manifest, o)
+
+
 BACKENDS = {b.name: b for b in (
     Backend("onnxruntime", ("cpu", "cuda"), _onnxruntime, "device", False, "onnxruntime_build",
             "onnxruntime is a core dependency; for CUDA: pip install 'glmrt[gpu]'"),
     Backend("tensorrt", ("cuda",), _tensorrt, "gpu", True, "tensorrt_build",
             "pip install 'glmrt[tensorrt]' where NVIDIA's TensorRT wheels are reachable"),
+    Backend("cuda", ("cuda",), _cuda, "gpu", True, "cuda_build",
+            "pip install 'glmrt[cuda]' (cuda-bindings and nvidia-cuda-nvrtc; an NVIDIA driver to run)"),
 )}
 DEVICES = ("cpu", "cuda")
 

@@ -36,11 +36,10 @@ class Capabilities:
     concurrent: bool = False  # generations in several threads step at once (else take turns)
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False)           # caches are compared by identity, never by their arrays
 class Cache:
     """One sequence's KV cache: `length` tokens are in it. `kv` is the backend's own handle
-    (per-layer numpy arrays for the concat form; None where the decoder owns device buffers).
-    Two caches are equal only when they are the same cache (comparing arrays has no answer)."""
+    (per-layer numpy arrays for the concat form; None where the decoder owns device buffers)."""
     length: int = 0
     kv: object = None
     slot: int | None = None   # its row in the decoder's slot buffers (open_slots), else None

@@ -32,12 +32,13 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)      # batch sizes a batched decode step is r
 
 class OrtGqaDecoder(Decoder):
     def __init__(self, folder: Path, manifest: dict, device: str, threads: int | None,
-                 max_context: int | None, cuda_graph: bool, burst: int | None = None):
+                 max_context: int | None, cuda_graph: bool, burst: int | None = None,
+                 initializers: dict | None = None):
         import onnxruntime as ort
         self.ort_mod = ort
         self.device = device
         self.cuda_graph = cuda_graph and device == "cuda"
-        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph)
+        self.ort = make_session(folder, manifest, device, threads, self.cuda_graph, initializers)
         cfg = manifest["config"]
         self.layers = cfg["num_hidden_layers"]
         kv = next(t for t in self.ort.contract["inputs"] if t.name == past_key(0))
@@ -69,6 +70,12 @@ class OrtGqaDecoder(Decoder):
         self.caps = Capabilities(
             max_context=max_context, device_argmax=self.device_greedy, batch=MAX_SLOTS,
             burst=(burst or (8 if device == "cuda" else 1)) if self.device_greedy else 1)
+
+    def kv_buffers(self) -> list:
+        """The single-generation cache, one (1, kv_heads, max_seq, head_dim) OrtValue per layer
+        and K/V (another decoder, the cuda engine, decodes into the same buffers)."""
+        self._single()
+        return self.kv
 
     def _single(self):
         """The single-generation cache buffers and the decode binding, made on first use (a
@@ -234,7 +241,7 @@ class OrtGqaDecoder(Decoder):
 
     def step_batch(self, ids: np.ndarray, caches: list[Cache]) -> np.ndarray:
         d = self._run_batch(ids, caches)
-        return d["logits"].numpy()[[c.slot for c in caches], 0]           # (B, V)
+        return d["logits"].numpy()[[c.slot for c in caches], 0]           # (B, V), a copy (fancy index)
 
     def step_batch_greedy(self, ids: np.ndarray, caches: list[Cache]) -> list[int]:
         if not self.device_greedy:
@@ -243,8 +250,10 @@ class OrtGqaDecoder(Decoder):
         return d["next"].numpy()[[c.slot for c in caches], 0].tolist()
 
     def step(self, ids: np.ndarray, cache: Cache, keep: int = 1) -> np.ndarray:
-        """ids (1, seq) after cache.length tokens -> host logits (1, keep, V)."""
-        return self._run(ids, cache, keep)[0].numpy()
+        """ids (1, seq) after cache.length tokens -> host logits (1, keep, V), the caller's own
+        (on the CPU provider an OrtValue's numpy() is a view the next step would overwrite)."""
+        out = self._run(ids, cache, keep)[0].numpy()
+        return out.copy() if self.where == "cpu" else out
 
     def step_greedy(self, ids: np.ndarray, cache: Cache) -> int:
         """Like step, but only the argmax of the last position comes back. The logits stay on

@@ -44,7 +44,9 @@ def ort_settings(defaults: dict):
 
 
 def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
-                 cuda_graph: bool = False) -> OrtSession:
+                 cuda_graph: bool = False, initializers: dict | None = None) -> OrtSession:
+    """initializers: name -> OrtValue the session uses instead of loading that weight (the
+    cuda engine shares its device copies this way)."""
     import onnxruntime as ort
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
@@ -64,6 +66,8 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads or device == "cpu":
         so.intra_op_num_threads = threads or physical_cores()
+    for name, value in (initializers or {}).items():
+        so.add_initializer(name, value)
     graph = optimized_graph(folder, manifest, device) or folder / manifest["graph"]
     try:
         with ort_settings(CUDA_ORT_DEFAULTS if device == "cuda" else {}) as settings:

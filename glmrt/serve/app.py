@@ -145,7 +145,7 @@ class Service:
             job.usage if job.t_done is not None else None,
             None if job.t_first is None else job.t_first - run.t_start,
             None if job.t_done is None or job.t_first is None else job.t_done - job.t_first,
-            cancelled=run.cancelled.is_set() and job.t_done is None)
+            cancelled=run.cancelled.is_set() and job.t_done is None and run.error is None)
 
     # -- routes ------------------------------------------------------------------------------
     async def page(self, request: Request):

@@ -22,6 +22,7 @@ class Run:
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.reason: str | None = None          # why it was cancelled: "disconnect" | "shutdown"
+        self.error: BaseException | None = None  # what ended it, if the generation itself failed
         self.t_start = time.perf_counter()
         self.thread = threading.Thread(target=self._work, name=f"glmrt-{job.id}", daemon=True)
 
@@ -65,6 +66,7 @@ class Run:
                 self._put(ApiError(503, "the server is shutting down; the reply was cut short",
                                    code="shutting_down"))
         except BaseException as e:  # noqa: BLE001  every failure reaches the client as an error
+            self.error = e             # refused (a full queue) or failed: not a cancellation
             self._put(e)
         finally:                       # counted before the slot is free and the client told
             if self.on_end is not None:

@@ -1,0 +1,465 @@
+"""The GPU stage of glmrt's cuda engine (`bash bench/gpu.sh engine`): one run that finds every
+bug at once and times what works. bench/gpu.sh runs each part as its own process under a time
+limit, so a crash or a hang in one part leaves the others to report; every part prints
+PASS/FAIL lines with its figures and writes OUT/engine-<part>[-tag].json.
+
+  env                       versions: Python, numpy, ONNX Runtime, cuda-bindings, NVRTC, driver, GPU
+  smoke                     compile, load and launch one trivial kernel (the toolchain)
+  kernels [--time]          every kernel of the decode step against numpy at GLM-Z1-9B and
+                            GLM-4-32B shapes (int4 b32, int4 b128 + int4 lm_head, fp16), then
+                            each kernel alone timed, its share of a step, and its TB/s
+  sweep                     the int4 GEMVs at GLM-Z1-9B shapes under other launch parameters
+  model DIR [--reference]   the whole engine against ONNX Runtime's CUDA form of the same
+                            export (and the float64 reference on the engine's own weights):
+                            prefill and decode logits, 64 greedy steps (a divergence passes
+                            only on a near tie of ONNX Runtime's logits), bursts, a stop token
+                            inside a burst, the cache limit, graphs against plain launches
+  memory DIR --weights engine|shared   device memory a loaded engine holds, against
+                            1.1 x weights + KV cache + 1 GB; "shared" hands the engine's weights
+                            to ONNX Runtime's prefill session (add_initializer)
+  summary                   every part's verdicts in one table
+
+--emulate runs the parts on the CPU emulation of the kernels (tests/cuda_emu) with ONNX
+Runtime's CPU provider: a dry run of this script on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def save(name: str, data) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"engine-{name}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def verdict(name: str, ok: bool, figure: str) -> dict:
+    say(f"{'PASS' if ok else 'FAIL'}  {name}: {figure}")
+    return {"check": name, "ok": bool(ok), "figure": figure}
+
+
+class Checks(list):
+    """Verdicts, saved with the part's figures after each one (a part cut short keeps them)."""
+
+    def __init__(self, name: str, figures: dict):
+        super().__init__()
+        self.name, self.figures = name, figures
+        figures["checks"] = self
+
+    def append(self, v: dict) -> None:
+        super().append(v)
+        save(self.name, self.figures)
+
+
+def make_device(args):
+    if args.emulate:
+        sys.path.insert(0, str(REPO / "tests"))
+        from cuda_emu.emulator import EmulatedDevice
+        return EmulatedDevice("NVIDIA H200", (9, 0), sm_count=4)
+    from glmrt.backends.cuda_engine.device import CudaDevice
+    return CudaDevice()
+
+
+def ort_device(args) -> str:
+    return "cpu" if args.emulate else "cuda"
+
+
+# ---- env, smoke ------------------------------------------------------------------------------------
+def part_env(args):
+    info = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("onnxruntime", "cuda.bindings", "cuda.core", "onnx", "glmrt"):
+        try:
+            m = __import__(mod, fromlist=["_"])
+            info[mod] = getattr(m, "__version__", "?") + f" ({Path(m.__file__).parent})"
+        except Exception as e:  # report what is missing, go on
+            info[mod] = f"missing: {e}"
+    try:
+        import onnxruntime as ort
+        info["onnxruntime providers"] = ort.get_available_providers()
+    except Exception:  # noqa: S110  (reported above)
+        pass
+    from glmrt.backends.cuda_engine import nvrtc
+    try:
+        info["nvrtc"] = nvrtc.version()
+        info["nvrtc archs"] = list(nvrtc.supported_archs())
+    except Exception as e:  # the part still reports the rest
+        info["nvrtc"] = f"unavailable: {e}"
+    try:
+        d = make_device(args)
+        info["gpu"] = {"name": d.name, "compute_capability": d.compute_capability, "sms": d.sm_count,
+                       "driver_api": d.driver_version, "memory": d.memory()}
+    except Exception as e:  # no GPU: said so
+        info["gpu"] = f"unavailable: {e}"
+    for k, v in info.items():
+        say(f"{k:24s} {v}")
+    save("env", info)
+
+
+def part_smoke(args):
+    from glmrt.backends.cuda_engine.selfcheck import format_result, smoke
+    t = time.perf_counter()
+    r = smoke(make_device(args))
+    say(format_result(r) + f"  ({time.perf_counter() - t:.1f} s)")
+    save("smoke", r)
+
+
+# ---- kernels one by one ------------------------------------------------------------------------------
+SHAPES = {"glm-z1-9b": (4096, 13696, 32, 2, 128, 64, 151552), "glm-4-32b": (6144, 23040, 48, 2, 128, 64, 151552)}
+CASES = [("glm-z1-9b", "int4", 32, "f16_kn"), ("glm-z1-9b", "int4", 128, "int4"), ("glm-z1-9b", "f16", 32, "f16"),
+         ("glm-4-32b", "int4", 32, "f16_kn")]
+
+
+def part_kernels(args):
+    from glmrt.backends.cuda_engine.selfcheck import run_checks, time_kernels
+    from glmrt.backends.cuda_engine.sources import Shapes
+    from glmrt.backends.cuda_engine.step import Formats
+    device = make_device(args)
+    shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
+    if args.emulate:                       # the emulation runs small shapes
+        shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}
+    report = {"checks": [], "timing": {}}
+    for shape, linear, block, lm in CASES:
+        say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}, lm_head {lm}")
+        t = time.perf_counter()
+        rows = run_checks(device, shapes[shape], Formats(linear, block, lm), log=say)
+        for r in rows:
+            r["case"] = f"{shape} {linear} b{block} lm_head {lm}"
+        report["checks"] += rows
+        say(f"   ({time.perf_counter() - t:.1f} s)")
+        save("kernels", report)
+    if args.time:
+        for shape, linear, block, lm in (CASES[0], CASES[2], CASES[3]):
+            key = f"{shape} {linear} lm_head {lm}"
+            say(f"== timing {key}: each kernel alone, weights cycled through copies larger than L2")
+            try:
+                rows = time_kernels(device, shapes[shape], Formats(linear, block, lm), log=say,
+                                    **({"launches": 2, "l2_bytes": 1 << 16, "contexts": (16, 300)} if args.emulate else {}))
+            except Exception as e:  # timing failures do not hide the checks above
+                say(f"FAIL  timing {key}: {type(e).__name__}: {e}")
+                continue
+            report["timing"][key] = {"kernels": rows, "step": step_share(rows, SHAPES[shape], say)}
+            save("kernels", report)
+    bad = [r for r in report["checks"] if not r["ok"]]
+    say(f"kernels: {len(report['checks']) - len(bad)} of {len(report['checks'])} checks passed")
+
+
+def step_share(rows: list, shape: tuple, log) -> dict:
+    """A decode step's time from its kernels alone: layers x (qkv, attention, o, gate_up,
+    down) + lm_head, at context 128; each kernel's share and rate."""
+    layers = {"glm-z1-9b": 40, "glm-4-32b": 61}[next(k for k, v in SHAPES.items() if v == shape)]
+    by = {r["kernel"].split(" (")[0].split(",")[0]: r for r in rows}
+    att = next((r for r in rows if r["kernel"].endswith("context 128")), None)
+    parts = [(n, by[n]["us"] * layers, by[n]["bytes"] * layers) for n in ("qkv", "o_proj", "gate_up", "down") if n in by]
+    if att:
+        parts.append(("attention (ctx 128)", att["us"] * layers, att["bytes"] * layers))
+    if "lm_head" in by:
+        parts.append(("lm_head", by["lm_head"]["us"], by["lm_head"]["bytes"]))
+    total = sum(p[1] for p in parts)
+    log(f"   step from kernels alone ({layers} layers): {total / 1e3:.3f} ms = {1e6 / total:.0f} tok/s "
+        "(launch gaps not counted)")
+    log("   | kernel | us per step | share | TB/s |")
+    for n, us, b in parts:
+        log(f"   | {n} | {us:.0f} | {100 * us / total:.1f}% | {b / (us * 1e-6) / 1e12:.2f} |")
+    return {"ms": total / 1e3, "parts": [{"kernel": n, "us": us, "share": us / total, "tbps": b / (us * 1e-6) / 1e12}
+                                         for n, us, b in parts]}
+
+
+SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident)
+    (8, 2, 4, 2, 0), (8, 2, 4, 1, 0), (8, 2, 4, 2, 4), (8, 2, 2, 3, 0), (8, 2, 8, 2, 0), (8, 1, 4, 2, 0),
+    (8, 1, 4, 3, 0), (8, 4, 2, 2, 0), (4, 2, 4, 4, 0), (4, 1, 4, 4, 0), (16, 1, 4, 1, 0)]
+
+
+def part_sweep(args):
+    """The int4 GEMVs at GLM-Z1-9B's shapes under other launch parameters (tuning data)."""
+    from glmrt.backends.cuda_engine.selfcheck import time_kernels
+    from glmrt.backends.cuda_engine.sources import Shapes
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
+    device = make_device(args)
+    shapes = Shapes(*SHAPES["glm-z1-9b"]) if not args.emulate else Shapes(128, 384, 4, 2, 32, 16, 1024)
+    out = []
+    for warps, rpw, unroll, min_blocks, per_sm in SWEEP:
+        knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm}
+        config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
+        say(f"== warps {warps}, rows per warp {rpw}, units in flight {unroll}, launch bounds min blocks "
+            f"{min_blocks}, blocks per SM {per_sm or 'resident'}")
+        try:
+            rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config=config, log=say,
+                                only=("qkv", "o_proj", "gate_up", "down"),
+                                **({"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}))
+        except Exception as e:  # a config that does not fit (registers, shared memory) is reported
+            say(f"FAIL  {knobs}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out.append({**knobs, "kernels": rows})
+        save("sweep", out)
+
+
+# ---- the whole engine against ONNX Runtime ------------------------------------------------------------
+def rel(a, b) -> float:
+    b = np.asarray(b, np.float64)
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def load_engine(args, model: Path, **options):
+    from glmrt import manifest as manifest_io
+    from glmrt.backends.cuda_engine.decoder import CudaDecoder
+    from glmrt.engine import find_cuda_engine, read_engine
+    device = options.pop("device", None) or make_device(args)
+    man = manifest_io.read(model, verify=False)
+    where = find_cuda_engine(model, man["precision"]["name"], device.name, device.compute_capability)
+    return CudaDecoder(model, man, where, read_engine(where, verify=False), device, **options), man
+
+
+@contextlib.contextmanager
+def engine_prefill(eng):
+    """The decoder prefills with its own kernels, token by token, for the duration."""
+    ort, eng.ort = eng.ort, None
+    try:
+        yield eng
+    finally:
+        eng.ort = ort
+
+
+def part_model(args):
+    from glmrt import manifest as manifest_io
+    from glmrt.backends.ort_gqa import OrtGqaDecoder
+    from glmrt.config import GlmConfig
+    from glmrt.errors import GlmrtError
+    from glmrt.generate import Generation, run
+    from glmrt.sampling import SamplingParams
+    model = Path(args.model)
+    man = manifest_io.read(model, verify=False)
+    cfg = GlmConfig.from_dict(man["config"])
+    precision = man["precision"]["name"]
+    tol_ort = 2e-3 if precision == "fp16" else 1e-2         # the issue's fp16 bar; int4: stated here
+    tol_ref, tie = 5e-3, 1e-2
+    n_ctx = args.max_context
+    figures = {"model": str(model), "precision": precision, "layers": cfg.num_hidden_layers}
+    checks = Checks(f"model-{args.tag or model.name}", figures)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, min(1000, cfg.vocab_size), size=32).tolist()
+    t0 = time.perf_counter()
+    device = make_device(args)
+    eng, _ = load_engine(args, model, device=device, max_context=n_ctx, burst=8)
+    ort = OrtGqaDecoder(model, man, ort_device(args), None, n_ctx, not args.emulate, 8)
+    figures["load_s"] = time.perf_counter() - t0
+    say(f"loaded engine ({eng.describe()['settings']}) and ONNX Runtime's {ort_device(args)} form in "
+        f"{figures['load_s']:.1f} s")
+
+    def ort_greedy(steps):
+        """ONNX Runtime's greedy continuation with its logits at every step."""
+        with ort.generation() as c:
+            lg = ort.step(np.array([prompt]), c)[0, -1].copy()      # a CPU OrtValue is reused
+            toks, rows = [], []
+            for _ in range(steps):
+                toks.append(int(np.argmax(lg)))
+                rows.append(lg)
+                lg = ort.step(np.array([[toks[-1]]]), c)[0, -1].copy()
+        return toks, rows
+
+    # 1. decode logits, teacher-forced on ONNX Runtime's tokens
+    ref_tokens, ref_logits = ort_greedy(64)
+    with eng.generation() as c:
+        lg = eng.step(np.array([prompt]), c)[0, -1]       # prefill (ONNX Runtime's, same buffers)
+        errs = []
+        for i in range(16):
+            lg = eng.step(np.array([[ref_tokens[i]]]), c)[0, -1]
+            errs.append(rel(lg, ref_logits[i + 1]))
+    figures["decode_rel_err_vs_ort"] = errs
+    checks.append(verdict(f"decode logits vs ONNX Runtime's {precision} form, 16 steps", max(errs) < tol_ort,
+                          f"max rel err {max(errs):.2e} (tol {tol_ort:.0e}), per step {', '.join(f'{e:.1e}' for e in errs[:6])}..."))
+
+    # 2. the engine's own prefill (token by token) against ONNX Runtime's (the same decoder,
+    #    its ONNX Runtime session set aside for the call)
+    with engine_prefill(eng), eng.generation() as c, ort.generation() as co:
+        a = eng.step(np.array([prompt]), c, keep=4)
+        b = ort.step(np.array([prompt]), co, keep=4)
+    figures["engine_prefill_rel_err_vs_ort"] = rel(a, b)
+    checks.append(verdict("the engine's own prefill (token by token) vs ONNX Runtime's prefill, last 4 positions",
+                          rel(a, b) < tol_ort, f"rel err {rel(a, b):.2e} (tol {tol_ort:.0e})"))
+
+    # 3. 64 greedy steps in bursts of 8, free running
+    with eng.generation() as c:
+        toks = [eng.step_greedy(np.array([prompt]), c)]
+        while len(toks) < 64:
+            toks += eng.greedy_burst(toks[-1], c, min(8, 64 - len(toks)))
+    same = next((i for i, (x, y) in enumerate(zip(toks, ref_tokens)) if x != y), 64)
+    if same == 64:
+        checks.append(verdict("64 greedy steps (bursts of 8) vs ONNX Runtime's", True, "all 64 equal"))
+    else:
+        row = np.sort(ref_logits[same])[::-1]
+        gap = float((row[0] - row[1]) / np.abs(row).max())
+        checks.append(verdict("64 greedy steps (bursts of 8) vs ONNX Runtime's", gap < tie,
+                              f"first {same} equal, then {toks[same]} vs {ref_tokens[same]} where ONNX Runtime's "
+                              f"top-2 gap is {gap:.1e} of the logit scale ({'a near tie' if gap < tie else 'NOT a tie'}, "
+                              f"tie below {tie:.0e})"))
+    figures["greedy_equal_steps"] = same
+
+    # 4. one step per graph, and plain launches without graphs, give the burst tokens
+    for name, burst, graphs in (("one step per graph", 1, True), ("plain launches, no graph", 8, False)):
+        eng.cuda_graph = graphs
+        with eng.generation() as c:
+            t2 = [eng.step_greedy(np.array([prompt]), c)]
+            while len(t2) < 24:
+                t2 += eng.greedy_burst(t2[-1], c, min(burst, 24 - len(t2)))
+        eng.cuda_graph = True
+        checks.append(verdict(f"greedy tokens, {name}, equal the bursts'", t2 == toks[:24],
+                              f"{sum(x == y for x, y in zip(t2, toks))} of 24 equal"))
+
+    # 5. a stop token inside a burst; the cache limit
+    stop = toks[5]
+    res = Generation([])
+    out = list(run(eng, frozenset({stop}), np.array(prompt), SamplingParams(), 40, res))
+    checks.append(verdict("a stop token inside a burst ends the text there", out == toks[:toks.index(stop)]
+                          and res.finish_reason == "stop", f"{len(out)} tokens, finish {res.finish_reason}"))
+    with eng.generation() as c:
+        eng.step(np.array([[5] * (n_ctx - 2)]), c)
+        try:
+            eng.greedy_burst(3, c, 3)
+            ok, msg = False, "no error"
+        except GlmrtError as e:
+            ok, msg = "exceed the cache" in str(e), str(e)
+        toks_end = eng.greedy_burst(3, c, 2)
+    checks.append(verdict("the cache limit is a clear error; the last positions still decode", ok and len(toks_end) == 2, msg))
+
+    # 6. the reference forward on the engine's own weights (float64; float32 for real shapes)
+    if args.reference:
+        from glmrt import reference
+        from glmrt.backends.cuda_engine.selfcheck import dequantized_weights
+        from glmrt.engine import read_engine
+        dtype = np.dtype(args.reference)
+        w = dequantized_weights(model, read_engine(eng.engine_path, verify=False), cfg, dtype)
+        ref, cache = reference.forward(cfg, w, prompt, dtype=dtype)
+        errs = []
+        with engine_prefill(eng), eng.generation() as c:
+            errs.append(rel(eng.step(np.array([prompt]), c, keep=4)[0], ref[-4:]))
+            for token in ref_tokens[:4]:
+                ref, cache = reference.forward(cfg, w, [token], cache, dtype=dtype)
+                errs.append(rel(eng.step(np.array([[token]]), c)[0, -1], ref[-1]))
+        figures["rel_err_vs_float64"] = errs
+        checks.append(verdict(f"engine logits vs the {dtype} reference on the engine's own weights (prefill + 4 steps)",
+                              max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.0e})"))
+        if args.reference_vs_ort:           # ONNX Runtime's own distance to the same reference
+            with ort.generation() as c:
+                e = rel(ort.step(np.array([prompt]), c, keep=4)[0], reference.forward(cfg, w, prompt, dtype=dtype)[0][-4:])
+            figures["ort_rel_err_vs_reference"] = e
+            say(f"       ONNX Runtime's {precision} form vs the same reference (prefill): rel err {e:.2e}")
+    figures["seconds"] = time.perf_counter() - t0
+    save(f"model-{args.tag or model.name}", figures)
+    say(f"model {model.name}: {sum(c['ok'] for c in checks)} of {len(checks)} checks passed "
+        f"({figures['seconds']:.0f} s)")
+
+
+def part_memory(args):
+    """Device memory held once the engine is loaded and has prefilled and decoded."""
+    from glmrt.engine import read_engine
+    model = Path(args.model)
+    device = make_device(args)
+    free0 = device.memory()
+    eng, man = load_engine(args, model, device=device, max_context=args.max_context, weights=args.weights)
+    with eng.generation() as c:
+        toks = [eng.step_greedy(np.random.default_rng(0).integers(3, 1000, size=(1, 512)), c)]
+        toks += eng.greedy_burst(toks[-1], c, 8)
+    free1 = device.memory()
+    em = read_engine(eng.engine_path, verify=False)
+    weights = sum(t["bytes"] for t in em["weights"]["tensors"].values())
+    cfg = eng.cfg
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * args.max_context * cfg.head_dim * 2
+    bound = 1.1 * weights + kv + 1e9
+    used = (free0[0] - free1[0]) if free0 and free1 else None
+    r = {"weights_mode": args.weights, "used_bytes": used, "weight_bytes": weights, "kv_bytes": kv,
+         "bound_bytes": bound, "tokens": toks, "max_context": args.max_context}
+    if used is None:
+        say("memory: not measurable on this device")
+    else:
+        r["check"] = verdict(f"device memory, weights {args.weights}", used <= bound,
+                             f"{used / 1e9:.2f} GB used; weights {weights / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB, "
+                             f"bound 1.1 x weights + KV + 1 GB = {bound / 1e9:.2f} GB")
+    say(f"tokens: {toks}")
+    save(f"memory-{args.weights}{'-' + args.tag if args.tag else ''}", r)
+
+
+def part_summary(args):
+    rows = []
+    for f in sorted(OUT.glob("engine-*.json")):
+        if f.name == "engine-summary.json":
+            continue
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "checks" in data and isinstance(data["checks"], list):
+            for c in data["checks"]:
+                ok = c.get("ok")
+                rows.append((f.stem, c.get("case", "") + " " + c.get("name", c.get("check", "")), ok,
+                             c.get("figure") or f"rel err {c.get('rel_err', float('nan')):.2e}"))
+        elif isinstance(data, dict) and "ok" in data:
+            rows.append((f.stem, data.get("name", ""), data["ok"], f"rel err {data.get('rel_err', 0):.2e}"))
+        elif isinstance(data, dict) and "check" in data:
+            c = data["check"]
+            rows.append((f.stem, c["check"], c["ok"], c["figure"]))
+    for f in sorted(OUT.glob("engine-memory-shared*.json")):
+        other = OUT / f.name.replace("memory-shared", "memory-engine")
+        if other.is_file():
+            a, b = json.loads(other.read_text()), json.loads(f.read_text())
+            rows.append((f.stem, "shared weights give the engine-weights tokens", a["tokens"] == b["tokens"],
+                         f"{b['tokens'][:6]}... vs {a['tokens'][:6]}..."))
+    for f in sorted(OUT.glob("engine-bench-*-cuda.json")):
+        other = OUT / f.name.replace("-cuda.json", "-ort.json")
+        if not other.is_file():
+            continue
+        e, o = json.loads(f.read_text()), json.loads(other.read_text())
+        say(f"speed {f.stem[len('engine-bench-'):-len('-cuda')]}: cuda engine vs ONNX Runtime's CUDA form, same run")
+        for ctx in e["decode"]:
+            if ctx in o["decode"]:
+                say(f"   decode at context {ctx:>6}: {e['decode'][ctx]['tok_s']:7.1f} vs {o['decode'][ctx]['tok_s']:7.1f} tok/s "
+                    f"({e['decode'][ctx]['tok_s'] / o['decode'][ctx]['tok_s']:.2f}x)"
+                    + (f", {e['decode'][ctx]['pct_of_ceiling']:.0f}% of ceiling" if "pct_of_ceiling" in e["decode"][ctx] else ""))
+        for n in e["prefill"]:
+            if n in o["prefill"]:
+                say(f"   prefill {n:>6} tokens: {e['prefill'][n]['ms']:7.1f} vs {o['prefill'][n]['ms']:7.1f} ms")
+        say(f"   device memory after the runs: {e.get('device_memory_mib')} vs {o.get('device_memory_mib')} MiB")
+    for part, name, ok, fig in rows:
+        say(f"{'PASS' if ok else 'FAIL'}  [{part}] {name.strip()}: {fig}")
+    say(f"summary: {sum(1 for r in rows if r[2])} of {len(rows)} passed")
+    save("summary", [{"part": p, "check": n, "ok": o, "figure": f} for p, n, o, f in rows])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "model", "memory", "summary"])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
+    ap.add_argument("--reference", nargs="?", const="float64", choices=["float64", "float32"],
+                    help="model: also the reference forward on the engine's own weights (float32 for real shapes)")
+    ap.add_argument("--reference-vs-ort", action="store_true", help="model: ONNX Runtime against that reference too")
+    ap.add_argument("--weights", choices=["engine", "shared"], default="engine")
+    ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--emulate", action="store_true", help="the CPU emulation (a dry run without a GPU)")
+    args = ap.parse_args()
+    say(f"== engine {args.part} {args.model or ''} ({time.strftime('%H:%M:%S')})")
+    try:
+        globals()[f"part_{args.part}"](args)
+    except Exception as e:  # one line of verdict, then the traceback for the log
+        say(f"FAIL  {args.part}: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        traceback.print_exc()
+        save(f"{args.part}-error{'-' + args.tag if args.tag else ''}",
+             {"check": {"check": f"part {args.part}", "ok": False, "figure": f"{type(e).__name__}: {e}"}})
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`glmrt build --backend cuda`: glmrt's own decode engine for one GPU, from a `--target cuda`
+export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128) or fp16
+(exported with --float-layout nk, matrices as the checkpoint stores them):
+
+  index    every tensor the engine reads: offset, bytes, dtype, shape in model.onnx.data and
+           its role (per layer: norms, qkv/o/gate_up/down, bias), checked against the config
+  compile  the kernels (glmrt/backends/cuda_engine/kernels) with this model's shapes and the
+           launch parameters, by NVRTC, to a cubin for the GPU's compute capability; works
+           without a GPU (--gpu NAME@smXY); ptxas' registers and spills go in the manifest
+  check    with --gpu auto (the GPU here): every kernel against numpy at the model's shapes
+           (selfcheck.py) before the engine is written; tuning launch parameters there is the
+           next step, not done yet. A named GPU (--gpu NAME@smXY) is compiled for, not checked.
+
+Writes engines/<gpu>-sm<cc>/<precision>/ with engine.cubin, engine.cu (the source compiled)
+and a manifest: source hash, compute capability, NVRTC version, the oldest driver that loads
+it, kernels and their launch parameters, the weight index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from glmrt.backends.cuda_engine import nvrtc
+from glmrt.backends.cuda_engine.sources import Shapes, kernel_text, sha256, translation_unit
+from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kernels, kernel_to_dict
+from glmrt.config import GlmConfig
+from glmrt.engine import engine_dir
+from glmrt.errors import GlmrtError
+from glmrt.gpu import check_precision, detect, parse_gpu
+
+ONNX_DTYPES = {10: "float16", 2: "uint8"}
+# the most dynamic shared memory a block may have, per architecture (CUDA's opt-in limits)
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
+REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits) and fp16 exports of --target cuda"
+
+
+def plan(model_dir: Path, man: dict, options):
+    """The engine folder for the GPU named (or found) and how to fill it."""
+    detected = options.gpu == "auto"
+    target = detect() if detected else parse_gpu(options.gpu)
+    precision = man["precision"]["name"]
+    check_precision(precision, target, "cuda")
+    arch = 10 * target.compute_capability[0] + target.compute_capability[1]
+    cfg = GlmConfig.from_dict(man["config"])
+    weights, formats = index_export(Path(model_dir), man, cfg)
+    shapes = Shapes.from_config(cfg)
+    kernels = decode_kernels(shapes, formats, DEFAULT_CONFIG)
+    for k in kernels:
+        if k.smem > SMEM_LIMIT.get(arch, 99 * 1024):
+            raise GlmrtError(f"kernel {k.name} needs {k.smem} bytes of shared memory per block; sm_{arch} "
+                             f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}")
+    out = engine_dir(model_dir, "cuda", precision, gpu_name=target.name, compute_capability=target.compute_capability)
+
+    def make(tmp: Path) -> dict:
+        source = translation_unit(shapes, kernels)
+        compiled = nvrtc.compile_cubin(source, arch)
+        (tmp / "engine.cubin").write_bytes(compiled.cubin)
+        (tmp / "engine.cu").write_text(source, encoding="utf-8")
+        version = nvrtc.version()
+        entry = {
+            "kind": "cuda-engine", "backend": "cuda", "cubin": "engine.cubin", "source_file": "engine.cu",
+            "gpu": {"name": target.name, "compute_capability": list(target.compute_capability)},
+            "nvrtc": version, "min_driver": int(version.split(".")[0]) * 1000,
+            "source_sha256": sha256(source), "kernels_sha256": sha256(kernel_text()),
+            "nvrtc_options": [f"--gpu-architecture=sm_{arch}", *nvrtc.OPTIONS],
+            "formats": vars(formats), "config": DEFAULT_CONFIG, "tuned": False,
+            "kernels": [kernel_to_dict(k) for k in kernels],
+            "resources": compiled.resources(),
+            "weights": weights,
+            "selfcheck": None,
+        }
+        here = _gpu_here(target) if detected else None
+        if here is not None:
+            from glmrt.backends.cuda_engine.selfcheck import run_checks
+            report = run_checks(here, shapes, formats)
+            entry["selfcheck"] = report
+            bad = [r for r in report if not r["ok"]]
+            if bad:
+                raise GlmrtError(f"the engine's kernels failed their check on {here.name}: "
+                                 + "; ".join(f"{r['name']} rel. error {r['rel_err']:.2e} > {r['tol']:.0e}"
+                                             for r in bad[:4]))
+        return entry
+    return out, make
+
+
+def _gpu_here(target):
+    """The CudaDevice of the GPU detected for --gpu auto (its kernels are checked there)."""
+    try:
+        from glmrt.backends.cuda_engine.device import CudaDevice
+        dev = CudaDevice()
+    except GlmrtError:
+        return None
+    return dev if dev.compute_capability == target.compute_capability else None
+
+
+def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Formats]:
+    """The weight index the runtime uploads from, and the matrices' formats; refuses, in one
+    line, an export the engine cannot read."""
+    import onnx
+    prec = man["precision"]
+    if man["io"]["form"] != "gqa":
+        raise GlmrtError(f"{model_dir} is the {man['io']['form']} form; {REFUSE} (export with --target cuda)")
+    q = prec.get("quantization")
+    if prec["name"] == "int4":
+        if q["form"] != "matmulnbits" or q["bits"] != 4 or not q["symmetric"] or q["scale_dtype"] != "float16":
+            raise GlmrtError(f"{model_dir}: {REFUSE}; this int4 export is {q}")
+        if q["block_size"] not in (32, 64, 128):
+            raise GlmrtError(f"{model_dir}: int4 block size {q['block_size']}; the engine reads blocks of 32, 64 or 128")
+    elif prec["name"] != "fp16":
+        raise GlmrtError(f"{model_dir} is a {prec['name']} export; {REFUSE}")
+    block = q["block_size"] if q else 32
+    graph = onnx.load(str(model_dir / man["graph"]), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    consumer = {i: n for n in graph.node for i in n.input}
+    tensors, files = {}, set()
+
+    def tensor(name: str, shape: tuple | None = None) -> str:
+        t = inits.get(name)
+        if t is None:
+            raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target cuda export?)")
+        if t.data_type not in ONNX_DTYPES:
+            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16 and uint8")
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_location != onnx.TensorProto.EXTERNAL or "location" not in ext:
+            raise GlmrtError(f"{model_dir}: {name} is not in the external data file")
+        dims = tuple(int(d) for d in t.dims)
+        if shape is not None and dims != tuple(shape):
+            raise GlmrtError(f"{model_dir}: {name} has shape {dims}, the config says {tuple(shape)}")
+        files.add(ext["location"])
+        tensors[name] = {"offset": int(ext.get("offset", 0)), "bytes": int(ext["length"]),
+                         "dtype": ONNX_DTYPES[t.data_type], "shape": list(dims)}
+        return name
+
+    def linear(prefix: str, k: int, n: int, bias: bool = False) -> dict:
+        if prefix + ".qweight" in inits:
+            if prefix + ".zero_points" in inits:
+                raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric int4")
+            kb = -(-k // block)
+            d = {"format": "int4", "w": tensor(prefix + ".qweight", (n, kb, block // 2)),
+                 "scales": tensor(prefix + ".scales", (n, kb))}
+        else:
+            w = prefix + ".weight"
+            node = consumer.get(w)
+            trans_b = node is not None and node.op_type == "FusedMatMul" and any(
+                a.name == "transB" and a.i == 1 for a in node.attribute)
+            d = {"format": "f16" if trans_b else "f16_kn",
+                 "w": tensor(w, (n, k) if trans_b else (k, n)), "scales": None}
+            if k % 8 or n % 8:
+                raise GlmrtError(f"{model_dir}: {prefix} is {n} x {k}; fp16 matrices need sizes that are multiples of 8")
+        d["bias"] = tensor(prefix + ".bias", (n,)) if bias else None
+        return d
+
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if hd % 8 or cfg.rotary_dim % 2:
+        raise GlmrtError(f"{model_dir}: head_dim {hd}; the engine's attention needs a multiple of 8")
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p, a, m = f"model.layers.{i}.", f"layers.{i}/attn/", f"layers.{i}/mlp/"
+        layers.append({
+            "input_norm": tensor(p + "input_layernorm.weight", (H,)),
+            "qkv": linear(a + "qkv_proj", H, (nh + 2 * nkv) * hd, cfg.attention_bias),
+            "o": linear(a + "o_proj", nh * hd, H),
+            "post_attn_norm": tensor(p + "post_self_attn_layernorm.weight", (H,)),
+            "pre_mlp_norm": tensor(p + "post_attention_layernorm.weight", (H,)),
+            "gate_up": linear(m + "gate_up_proj", H, 2 * I),
+            "down": linear(m + "down_proj", I, H),
+            "post_mlp_norm": tensor(p + "post_mlp_layernorm.weight", (H,)),
+        })
+    formats = {layers[i][r]["format"] for i in range(len(layers)) for r in ("qkv", "o", "gate_up", "down")}
+    if "f16_kn" in formats:
+        raise GlmrtError(f"{model_dir}: fp16 matrices stored as W^T (the default --float-layout kn); the "
+                         "engine reads them as the checkpoint stores them: export with --float-layout nk")
+    if len(formats) != 1:
+        raise GlmrtError(f"{model_dir}: mixed matrix formats {sorted(formats)}")
+    index = {"file": None, "embed": tensor("model.embed_tokens.weight", (V, H)), "norm": tensor("model.norm.weight", (H,)),
+             "layers": layers, "lm_head": linear("lm_head", H, V), "tensors": tensors}
+    if len(files) != 1:
+        raise GlmrtError(f"{model_dir}: weights spread over {sorted(files)}; the engine reads one external data file")
+    index["file"] = files.pop()
+    return index, Formats(formats.pop(), block, index["lm_head"]["format"])

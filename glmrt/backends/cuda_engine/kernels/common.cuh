@@ -1,0 +1,68 @@
+// glmrt's CUDA decode engine: what every kernel shares.
+//
+// Compiled by NVRTC without any header (no CUDA toolkit on the user's machine): fp16 is
+// handled as raw bits (h16) through a few PTX instructions, vector types (uint4, float2, float4)
+// and intrinsics are NVRTC's built-ins. The same source also compiles as C++20 on the host with
+// GLMRT_EMULATE defined and tests/cuda_emu.h included first: the CPU emulation the tests run the
+// kernels in (one block at a time, its threads as cooperative fibers), so every #ifdef below
+// has an emulated twin there.
+//
+// Argument passing: every kernel takes ONE struct by value (GemvArgs, AttnArgs, ...). The host
+// mirrors each struct with ctypes (glmrt/backends/cuda_engine/args.py); a test compares their
+// layouts field by field.
+
+typedef unsigned short h16;      // IEEE fp16, as bits
+typedef unsigned int h16x2;      // two fp16: element 0 in the low 16 bits
+
+#ifndef GLMRT_EMULATE
+#define DEV __device__ __forceinline__
+#define DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
+
+DEV float h2f(h16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+DEV h16 f2h(float f) { h16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+DEV h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
+  h16x2 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+DEV h16x2 hsub2(h16x2 a, h16x2 b) { h16x2 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+// weights are read once per token: stream them past the caches
+DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
+// written by other blocks of this kernel (the last-block reductions): read through L2
+DEV float load_l2(const float* p) { return __ldcg(p); }
+DEV int load_l2(const int* p) { return __ldcg(p); }
+#endif
+
+DEV float2 h2x2f(h16x2 v) { return make_float2(h2f((h16)(v & 0xffffu)), h2f((h16)(v >> 16))); }
+DEV float bf2f(h16 b) { return __uint_as_float((unsigned)b << 16); }
+
+DEV float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+DEV float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (every thread calls it; all get the total). red: >= 33 floats of shared
+// memory, free to reuse once this returns.
+DEV float block_sum(float v, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? red[lane] : 0.f;
+    v = warp_sum(v);
+    if (lane == 0) red[32] = v;
+  }
+  __syncthreads();
+  v = red[32];
+  __syncthreads();
+  return v;
+}
+
+// (value, index) maximum, the first index on ties (numpy's argmax)
+DEV bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }

@@ -1,0 +1,468 @@
+// GEMV: y (M, N) = x (M, K) @ W^T for M = 1..8 rows of activations (decode: M = 1), with the
+// norm that produces x fused in front (prologue) and what consumes y fused behind (epilogue).
+//
+// Weight formats (W is read once per token: the whole cost of decode):
+//   W_INT4    ONNX Runtime's MatMulNBits, 4 bits, symmetric: bytes (N, Kp/BLOCK, BLOCK/2), the
+//             even k in the low nibble, value (q - 8) * scale; scales (N, Kp/BLOCK) fp16; Kp is K
+//             padded to the block (docs/FORMATS.md).
+//   W_F16     fp16 (N, K), the checkpoint's [out, in] (export --float-layout nk).
+//   W_F16_KN  fp16 (K, N), W^T as ONNX MatMul reads it (a default export's float lm_head).
+//
+// Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
+// each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
+// l + 32, ... so a warp's loads are contiguous. Every x value a lane loads from shared memory
+// serves its RPW rows, every weight unit serves the M rows of x. A block loops over tiles
+// (blockIdx.x, + gridDim.x, ...): x is staged once per block. The next step's weights are loaded
+// before the current step's arithmetic (two register stages), and the first step's before the
+// prologue, so the prologue's reductions hide under the first loads' latency.
+//
+// x in shared memory, fp16, per row of x (m) and unit (u):
+//   W_INT4  16 half2 pairs in the order the nibbles come out of a 32-bit word: word j of the unit
+//           holds k = 32u + 8j + i at bits 4i, and (word >> 4s) & 0x000F000F gives the nibbles of
+//           k = 32u + 8j + s (low half) and 32u + 8j + s + 4 (high half): pair 4j + s is
+//           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
+//           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
+//   W_F16   8 values in order (16 bytes per unit).
+//
+// Prologues (how x is made):
+//   PRO_F16         x = h_in (M, K) fp16
+//   PRO_F32         x = y_in (M, K) fp32 (the attention output)
+//   PRO_ADD_NORM    x_new = x_in + rmsnorm(y_in) * norm_y   (the sandwich norm's residual add)
+//                   x = rmsnorm(x_new) * norm_x; block 0 writes x_new to x_out
+//   PRO_EMBED_NORM  x_new = embed[token]; x = rmsnorm(x_new) * norm_x; block 0 writes x_out
+// RMSNorm in fp32 (docs/GLM4.md): v / sqrt(mean(v^2) + eps) * w; the residual stream is fp32.
+//
+// Epilogues (what y becomes):
+//   EPI_STORE   y (M, N) fp32, + bias when given
+//   EPI_QKV     + bias; RoPE (partial, interleaved pairs (2i, 2i+1) of the first ROT dims of each
+//               q and k head; cos/sin from the fp32 table at the row's position) on q and k;
+//               q -> q (M, NH*HD) fp32, k and v -> the layer's KV cache (NKV, max_seq, HD) fp16
+//               at that position (the gqa form's layout: K after RoPE, V as projected)
+//   EPI_SWIGLU  a tile holds gate rows j and up rows I + j: act[j] = silu(gate) * up (fp16)
+//   EPI_ARGMAX  logits y (if given) and each row's argmax; every block leaves its best, the
+//               last block to finish picks the overall best (first index on ties) into
+//               token_out and re-arms the counter
+
+#define W_INT4 0
+#define W_F16 1
+#define W_F16_KN 2
+
+#define PRO_F16 0
+#define PRO_F32 1
+#define PRO_ADD_NORM 2
+#define PRO_EMBED_NORM 3
+
+#define EPI_STORE 0
+#define EPI_QKV 1
+#define EPI_SWIGLU 2
+#define EPI_ARGMAX 3
+
+struct GemvArgs {
+  const void* w;          // weights, the format above
+  const h16* scales;      // W_INT4: (N, Kp/BLOCK)
+  const h16* bias;        // (N,) or null
+  const float* x_in;      // (M, H) residual stream                      PRO_ADD_NORM
+  const float* y_in;      // PRO_ADD_NORM: (M, H) sublayer output; PRO_F32: (M, K) input
+  const h16* h_in;        // (M, K)                                      PRO_F16
+  const h16* norm_y;      // (H,) the sublayer output's own norm         PRO_ADD_NORM
+  const h16* norm_x;      // (H,) the norm feeding this GEMV             PRO_ADD_NORM, PRO_EMBED_NORM
+  const h16* embed;       // (V, H)                                      PRO_EMBED_NORM
+  const int* tokens;      // (M,) ids                                    PRO_EMBED_NORM
+  float* x_out;           // (M, H) the new residual stream
+  float* y;               // (M, N)                                      EPI_STORE; EPI_ARGMAX (logits, or null)
+  h16* act;               // (M, I)                                      EPI_SWIGLU
+  float* q;               // (M, NH * HD)                                EPI_QKV
+  h16* k_cache;           // (NKV, max_seq, HD)                          EPI_QKV
+  h16* v_cache;           // (NKV, max_seq, HD)                          EPI_QKV
+  const float* rope;      // (max_seq, ROT/2, 2): cos, sin               EPI_QKV
+  const int* pos;         // row m sits at position *pos + pos_add + m   EPI_QKV
+  float* part_val;        // (M, gridDim.x) each block's best            EPI_ARGMAX
+  int* part_idx;          // (M, gridDim.x)
+  unsigned* counter;      // blocks done; zero between launches          EPI_ARGMAX
+  int* token_out;         // (M,) the argmax                             EPI_ARGMAX
+  float eps;              // RMSNorm epsilon
+  int pos_add;            // this step's offset in a burst
+  int max_seq;            // positions in the KV cache
+  int pad_;
+};
+
+// ---- shared memory layout of x ---------------------------------------------------------------
+template <int FMT> struct XLayout;
+template <> struct XLayout<W_INT4> {
+  static constexpr int VALS = 32;     // values per 16-byte weight unit
+  static constexpr int XU = 5;        // 16-byte words of staged x per unit (4 + 1 pad)
+  static DEV int slot(int u, int r) { // half index of value r (0..31) of unit u
+    const int j = r >> 3, t = r & 7;
+    return u * (XU * 8) + 2 * (4 * j + (t & 3)) + (t >> 2);
+  }
+};
+template <> struct XLayout<W_F16> {
+  static constexpr int VALS = 8, XU = 1;
+  static DEV int slot(int u, int r) { return u * 8 + r; }
+};
+template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
+
+// ---- prologue: x (M, K) into shared memory as fp16 ------------------------------------------
+template <class C, int FMT, int K, int KP, int M, int PRO>
+DEV void stage_x(const GemvArgs& a, h16* xs, float* red) {
+  typedef XLayout<FMT> L;
+  constexpr int U = KP / L::VALS, H = C::H;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int m = 0; m < M; ++m) {
+    h16* xm = xs + m * U * L::XU * 8;
+    if (PRO == PRO_F16 || PRO == PRO_F32) {
+      for (int k = tid; k < KP; k += nt) {
+        h16 v = 0;
+        if (k < K) v = PRO == PRO_F16 ? a.h_in[m * K + k] : f2h(a.y_in[m * K + k]);
+        xm[L::slot(k / L::VALS, k % L::VALS)] = v;
+      }
+    } else {
+      static_assert((PRO != PRO_ADD_NORM && PRO != PRO_EMBED_NORM) || K == C::H,
+                    "a fused norm feeds a GEMV over the hidden size");
+      float ry = 0.f;
+      int tok = 0;
+      if (PRO == PRO_ADD_NORM) {
+        float ss = 0.f;
+        for (int k = tid; k < H; k += nt) { const float v = a.y_in[m * H + k]; ss += v * v; }
+        ry = rsqrtf(block_sum(ss, red) / H + a.eps);
+      } else {
+        tok = min(max(a.tokens[m], 0), C::V - 1);     // a bad id reads row 0 or V-1, never past the table
+      }
+      float ss = 0.f;
+      for (int k = tid; k < H; k += nt) {
+        const float v = PRO == PRO_ADD_NORM
+            ? a.x_in[m * H + k] + a.y_in[m * H + k] * ry * h2f(a.norm_y[k])
+            : h2f(a.embed[(size_t)tok * H + k]);
+        ss += v * v;
+      }
+      const float rx = rsqrtf(block_sum(ss, red) / H + a.eps);
+      for (int k = tid; k < KP; k += nt) {
+        h16 h = 0;
+        if (k < K) {
+          const float v = PRO == PRO_ADD_NORM
+              ? a.x_in[m * H + k] + a.y_in[m * H + k] * ry * h2f(a.norm_y[k])
+              : h2f(a.embed[(size_t)tok * H + k]);
+          if (blockIdx.x == 0) a.x_out[m * H + k] = v;
+          h = f2h(v * rx * h2f(a.norm_x[k]));
+        }
+        xm[L::slot(k / L::VALS, k % L::VALS)] = h;
+      }
+    }
+  }
+}
+
+// ---- dot products of one 16-byte weight unit with staged x ----------------------------------
+// int4: 1024 + q as fp16 by OR-ing the nibble into 0x6400's mantissa, minus 1032 = q - 8
+// (exact); 8 products summed in half2 per 32-bit word, words summed in fp32.
+DEV float dot_int4(uint4 w, const uint4* xu) {
+  const unsigned words[4] = {w.x, w.y, w.z, w.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 xv = xu[j];
+    const h16x2 xp[4] = {xv.x, xv.y, xv.z, xv.w};
+    h16x2 acc = 0u;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const h16x2 q = ((words[j] >> (4 * s)) & 0x000F000Fu) | 0x64006400u;
+      acc = hfma2(hsub2(q, 0x64086408u), xp[s], acc);
+    }
+    const float2 f = h2x2f(acc);
+    sum += f.x + f.y;
+  }
+  return sum;
+}
+
+DEV float dot_f16(uint4 w, const uint4* xu) {
+  const uint4 xv = xu[0];
+  const h16x2 wp[4] = {w.x, w.y, w.z, w.w}, xp[4] = {xv.x, xv.y, xv.z, xv.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = h2x2f(wp[i]), b = h2x2f(xp[i]);
+    sum += a.x * b.x + a.y * b.y;
+  }
+  return sum;
+}
+
+// ---- epilogues ---------------------------------------------------------------------------------
+// red[lr * M + m]: the tile's results, lr = local row (its row in the weights: row_of below)
+template <int ROWS, int N, int EPI, class C> DEV int row_of(int tile, int lr) {
+  if (EPI == EPI_SWIGLU) {
+    constexpr int R2 = ROWS / 2;
+    return lr < R2 ? tile * R2 + lr : C::I + tile * R2 + (lr - R2);
+  }
+  return tile * ROWS + lr;
+}
+template <int ROWS, int N, int EPI, class C> DEV bool row_ok(int tile, int lr) {
+  if (EPI == EPI_SWIGLU) return tile * (ROWS / 2) + lr % (ROWS / 2) < C::I;
+  return tile * ROWS + lr < N;
+}
+template <int ROWS, int N, int EPI, class C> __host__ __device__ constexpr int tiles() {
+  return EPI == EPI_SWIGLU ? (C::I + ROWS / 2 - 1) / (ROWS / 2) : (N + ROWS - 1) / ROWS;
+}
+
+template <int ROWS, int N, int M, int EPI, class C>
+DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, int* best_i) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (EPI == EPI_STORE) {
+    for (int e = tid; e < ROWS * M; e += nt) {
+      const int lr = e % ROWS, m = e / ROWS, n = row_of<ROWS, N, EPI, C>(tile, lr);
+      if (row_ok<ROWS, N, EPI, C>(tile, lr))
+        a.y[m * N + n] = red[lr * M + m] + (a.bias ? h2f(a.bias[n]) : 0.f);
+    }
+  } else if (EPI == EPI_QKV) {
+    static_assert(ROWS % 2 == 0, "RoPE pairs stay inside a tile");
+    for (int e = tid; e < ROWS / 2 * M; e += nt) {
+      const int lr = 2 * (e % (ROWS / 2)), m = e / (ROWS / 2), n = row_of<ROWS, N, EPI, C>(tile, lr);
+      if (!row_ok<ROWS, N, EPI, C>(tile, lr)) continue;
+      float x0 = red[lr * M + m], x1 = red[(lr + 1) * M + m];
+      if (a.bias) { x0 += h2f(a.bias[n]); x1 += h2f(a.bias[n + 1]); }
+      const int head = n / C::HD, d = n % C::HD;                  // d even
+      const int p = *a.pos + a.pos_add + m;
+      if (head < C::NH + C::NKV && d < C::ROT) {                  // q or k: rotate the pair
+        const float c = a.rope[(p * (C::ROT / 2) + d / 2) * 2], s = a.rope[(p * (C::ROT / 2) + d / 2) * 2 + 1];
+        const float r0 = x0 * c - x1 * s, r1 = x1 * c + x0 * s;
+        x0 = r0; x1 = r1;
+      }
+      if (head < C::NH) {
+        a.q[m * C::NH * C::HD + n] = x0;
+        a.q[m * C::NH * C::HD + n + 1] = x1;
+      } else {
+        const bool is_k = head < C::NH + C::NKV;
+        const int kvh = is_k ? head - C::NH : head - C::NH - C::NKV;
+        h16* cache = is_k ? a.k_cache : a.v_cache;
+        const size_t at = ((size_t)kvh * a.max_seq + p) * C::HD + d;
+        cache[at] = f2h(x0);
+        cache[at + 1] = f2h(x1);
+      }
+    }
+  } else if (EPI == EPI_SWIGLU) {
+    constexpr int R2 = ROWS / 2;
+    for (int e = tid; e < R2 * M; e += nt) {
+      const int lr = e % R2, m = e / R2, j = tile * R2 + lr;
+      if (j >= C::I) continue;
+      const float g = red[lr * M + m], u = red[(lr + R2) * M + m];
+      a.act[m * C::I + j] = f2h(g / (1.f + __expf(-g)) * u);
+    }
+  } else if (EPI == EPI_ARGMAX) {
+    if (a.y)
+      for (int e = tid; e < ROWS * M; e += nt) {
+        const int lr = e % ROWS, m = e / ROWS, n = row_of<ROWS, N, EPI, C>(tile, lr);
+        if (row_ok<ROWS, N, EPI, C>(tile, lr)) a.y[m * N + n] = red[lr * M + m];
+      }
+    if (tid < M)
+      for (int lr = 0; lr < ROWS; ++lr) {
+        const int n = row_of<ROWS, N, EPI, C>(tile, lr);
+        if (row_ok<ROWS, N, EPI, C>(tile, lr) && better(red[lr * M + tid], n, best_v[tid], best_i[tid])) {
+          best_v[tid] = red[lr * M + tid];
+          best_i[tid] = n;
+        }
+      }
+  }
+}
+
+// After every tile: each block's best goes to part_*; the last block to finish reduces them.
+template <int M>
+DEV void argmax_finish(const GemvArgs& a, const float* best_v, const int* best_i) {
+  __shared__ int is_last;
+  __shared__ float rv[32];
+  __shared__ int ri[32];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = (blockDim.x + 31) / 32;
+  if (tid < M) {
+    a.part_val[tid * gridDim.x + blockIdx.x] = best_v[tid];
+    a.part_idx[tid * gridDim.x + blockIdx.x] = best_i[tid];
+    __threadfence();
+  }
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int m = 0; m < M; ++m) {
+    float v = __int_as_float(0xff800000);
+    int i = 0x7fffffff;
+    for (int b = tid; b < (int)gridDim.x; b += blockDim.x) {
+      const float bv = load_l2(a.part_val + m * gridDim.x + b);
+      const int bi = load_l2(a.part_idx + m * gridDim.x + b);
+      if (better(bv, bi, v, i)) { v = bv; i = bi; }
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+      if (better(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+    if (lane == 0) { rv[warp] = v; ri[warp] = i; }
+    __syncthreads();
+    if (tid == 0) {
+      for (int w = 1; w < warps; ++w)
+        if (better(rv[w], ri[w], v, i)) { v = rv[w]; i = ri[w]; }
+      a.token_out[m] = i;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) *a.counter = 0u;
+}
+
+// ---- the GEMV on the NK formats (W_INT4, W_F16) -------------------------------------------------
+template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
+  uint4 w[UNROLL][RPW];
+  float s[UNROLL][RPW];
+};
+
+template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI>
+DEV void gemv_nk(const GemvArgs& a) {
+  typedef XLayout<FMT> L;
+  constexpr int KP = FMT == W_INT4 ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
+  constexpr int KB = KP / (FMT == W_INT4 ? BLOCK : 1);       // scales per row
+  constexpr int U = KP / L::VALS;                             // units per row
+  constexpr int ROWS = WARPS * RPW;
+  constexpr int TILES = tiles<ROWS, N, EPI, C>();
+  constexpr int STEPS = (U + 32 * UNROLL - 1) / (32 * UNROLL);  // per tile
+  static_assert(FMT != W_F16 || K % 8 == 0, "fp16 rows are read in 8-value units");
+  static_assert(FMT != W_INT4 || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
+  static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
+
+  DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x
+  __shared__ float red[ROWS * M > 33 ? ROWS * M : 33];
+  __shared__ float best_v[M];
+  __shared__ int best_i[M];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint4* W = (const uint4*)a.w;
+
+  auto load = [&](Stage<FMT, BLOCK, UNROLL, RPW>& st, int tile, int step) {
+#pragma unroll
+    for (int uu = 0; uu < UNROLL; ++uu) {
+      const int u = (step * UNROLL + uu) * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < RPW; ++r) {
+        const int lr = warp * RPW + r;
+        const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
+        const int row = row_of<ROWS, N, EPI, C>(tile, lr);
+        st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
+        st.s[uu][r] = FMT == W_INT4 && ok ? h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]) : 1.f;
+      }
+    }
+  };
+
+  Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
+  int tile = blockIdx.x, step = 0;
+  load(cur, tile, 0);                       // in flight while x is staged
+  if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
+  stage_x<C, FMT, K, KP, M, PRO>(a, (h16*)xs, red);
+  __syncthreads();
+
+  float acc[RPW][M];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+
+  while (true) {
+    int nt = tile, ns = step + 1;
+    if (ns == STEPS) { ns = 0; nt += gridDim.x; }
+    const bool more = nt < TILES;
+    if (more) load(nxt, nt, ns);
+#pragma unroll
+    for (int uu = 0; uu < UNROLL; ++uu) {
+      const int u = (step * UNROLL + uu) * 32 + lane;
+      if (u >= U) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4* xu = xs + (m * U + u) * L::XU;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+          acc[r][m] += (FMT == W_INT4 ? dot_int4(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
+      }
+    }
+    if (step == STEPS - 1) {                // the tile is done: reduce, then its epilogue
+#pragma unroll
+      for (int r = 0; r < RPW; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const float v = warp_sum(acc[r][m]);
+          if (lane == 0) red[(warp * RPW + r) * M + m] = v;
+          acc[r][m] = 0.f;
+        }
+      __syncthreads();
+      epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+      __syncthreads();
+    }
+    if (!more) break;
+    cur = nxt;
+    tile = nt;
+    step = ns;
+  }
+  if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
+}
+
+// ---- the GEMV on W^T (K, N) fp16 ----------------------------------------------------------------
+// A tile is 256 columns: lane l reads the 16 bytes of columns 8l..8l+7 of a row k; warp w takes
+// rows k = w, w + WARPS, ... (UNROLL rows in flight), the warps' sums meet in shared memory.
+template <class C, int K, int N, int M, int WARPS, int UNROLL, int PRO, int EPI>
+DEV void gemv_kn(const GemvArgs& a) {
+  constexpr int ROWS = 256;
+  constexpr int TILES = (N + ROWS - 1) / ROWS;
+  static_assert(N % 8 == 0 && K % 8 == 0, "fp16 rows are read in 8-value units");
+  static_assert(EPI == EPI_STORE || EPI == EPI_ARGMAX, "W^T tiles are columns: store or argmax");
+  DYN_SMEM(uint4, xs);                      // (M, K) fp16 x, then (WARPS, 256, M) fp32 sums
+  float* part = (float*)(xs + M * K / 8);
+  __shared__ float red[ROWS * M];
+  __shared__ float best_v[M];
+  __shared__ int best_i[M];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint4* W = (const uint4*)a.w;
+  const h16* xh = (const h16*)xs;
+
+  if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
+  stage_x<C, W_F16_KN, K, K, M, PRO>(a, (h16*)xs, red);
+  __syncthreads();
+  for (int tile = blockIdx.x; tile < TILES; tile += gridDim.x) {
+    const int col = tile * ROWS + lane * 8;
+    const bool ok = col < N;
+    float acc[8][M];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[i][m] = 0.f;
+    for (int k0 = warp; k0 < K; k0 += WARPS * UNROLL) {
+      uint4 w[UNROLL];
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu) {
+        const int k = k0 + uu * WARPS;
+        w[uu] = ok && k < K ? load_stream(W + ((size_t)k * N + col) / 8) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu) {
+        const int k = k0 + uu * WARPS;
+        if (k >= K) break;
+        const h16x2 wp[4] = {w[uu].x, w[uu].y, w[uu].z, w[uu].w};
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const float xv = h2f(xh[m * K + k]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = h2x2f(wp[i]);
+            acc[2 * i][m] += f.x * xv;
+            acc[2 * i + 1][m] += f.y * xv;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[(warp * ROWS + lane * 8 + i) * M + m] = acc[i][m];
+    __syncthreads();
+    for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
+      float v = 0.f;
+      for (int w = 0; w < WARPS; ++w) v += part[w * ROWS * M + e];
+      red[e] = v;                           // e = lr * M + m
+    }
+    __syncthreads();
+    epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+    __syncthreads();
+  }
+  if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
+}

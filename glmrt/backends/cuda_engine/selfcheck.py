@@ -1,0 +1,505 @@
+"""Every kernel of a decode step checked against numpy on a device, one at a time, with
+synthetic inputs of the model's own shapes: what `glmrt build` runs when the GPU it builds for
+is present, what the GPU stage (bench/cuda_engine_check.py) prints, and what the tests run in
+the CPU emulation. Each check reports its largest error relative to the largest reference
+value (float64 numpy on the same fp16 / int4 inputs) and passes under a stated tolerance;
+on a GPU it can also time each kernel alone (weights cycled through copies larger than L2).
+
+The numpy side restates the formats independently of the exporter: MatMulNBits int4 bytes
+(even k in the low nibble, (q - 8) * scale per block), RMSNorm, interleaved partial RoPE,
+grouped-query attention, SwiGLU, first-index argmax; tests/test_cuda_engine.py checks these
+against export/quant.py and glmrt/reference.py.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .args import AttnArgs, GemvArgs
+from .sources import SMOKE, Shapes, translation_unit
+from .step import DEFAULT_CONFIG, Formats, attention_chunk, decode_kernels, gemv_grid, rope_table
+
+# tolerances, relative to the largest reference value
+TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
+EPS = 1e-5
+
+
+# ---- numpy: what the kernels compute ---------------------------------------------------------
+def random_int4(rng, n: int, k: int, block: int):
+    """MatMulNBits bytes (n, kb, block/2) and fp16 scales (n, kb) of random codes."""
+    kb = -(-k // block)
+    packed = rng.integers(0, 256, (n, kb, block // 2), dtype=np.uint8)
+    scales = (0.004 + 0.02 * rng.random((n, kb), dtype=np.float32)).astype(np.float16)
+    return packed, scales
+
+
+def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) float64: (code - 8) * scale, codes unpacked low nibble first."""
+    n, kb, half = packed.shape
+    codes = np.empty((n, kb, 2 * half), np.uint8)
+    codes[..., 0::2] = packed & 0xF
+    codes[..., 1::2] = packed >> 4
+    return ((codes.astype(np.float64) - 8.0) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+
+
+def rms_norm(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * np.asarray(w, np.float64)
+
+
+def rope(x: np.ndarray, table: np.ndarray, p: int, rot: int) -> np.ndarray:
+    """x (heads, hd): pairs (2i, 2i+1) of the first `rot` dims rotated by table[p, i]."""
+    c, s = table[p, :, 0].astype(np.float64), table[p, :, 1].astype(np.float64)
+    out = np.array(x, np.float64)
+    x0, x1 = out[:, 0:rot:2].copy(), out[:, 1:rot:2].copy()
+    out[:, 0:rot:2] = x0 * c - x1 * s
+    out[:, 1:rot:2] = x1 * c + x0 * s
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """q (nh, hd), k and v (nkv, L, hd) -> (nh, hd); query head j reads KV head j // group."""
+    nh, hd = q.shape
+    g = nh // k.shape[0]
+    kk = np.repeat(k.astype(np.float64), g, axis=0)
+    vv = np.repeat(v.astype(np.float64), g, axis=0)
+    s = np.einsum("hd,hld->hl", q.astype(np.float64), kk) * hd ** -0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hl,hld->hd", p / p.sum(-1, keepdims=True), vv)
+
+
+def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
+    """The checkpoint-keyed weights the engine computes with, in `dtype` (float64: the spec;
+    float32 halves the memory for real shapes): its index into model.onnx.data read back and
+    dequantized (int4), the fused matrices split."""
+    from pathlib import Path
+    idx = em["weights"]
+    data = np.memmap(Path(model) / idx["file"], np.uint8, mode="r")
+
+    def raw(name):
+        t = idx["tensors"][name]
+        return np.array(data[t["offset"]:t["offset"] + t["bytes"]]).view(t["dtype"]).reshape(t["shape"])
+
+    def matrix(m, k):
+        if m["format"] == "int4":
+            w = raw(m["w"])
+            return np.concatenate([dequant_int4(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
+                                   for r in range(0, w.shape[0], 4096)])
+        w = raw(m["w"]).astype(dtype)
+        return w if m["format"] == "f16" else w.T
+
+    nh, nkv, hd, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(dtype),
+         "model.norm.weight": raw(idx["norm"]).astype(dtype),
+         "lm_head.weight": matrix(idx["lm_head"], H)}
+    for i, lw in enumerate(idx["layers"]):
+        p = f"model.layers.{i}."
+        qkv = matrix(lw["qkv"], H)
+        for name, rows in zip("qkv", np.split(qkv, [nh * hd, (nh + nkv) * hd])):
+            w[p + f"self_attn.{name}_proj.weight"] = rows
+        if lw["qkv"]["bias"]:
+            for name, b in zip("qkv", np.split(raw(lw["qkv"]["bias"]).astype(dtype), [nh * hd, (nh + nkv) * hd])):
+                w[p + f"self_attn.{name}_proj.bias"] = b
+        w[p + "self_attn.o_proj.weight"] = matrix(lw["o"], nh * hd)
+        w[p + "mlp.gate_up_proj.weight"] = matrix(lw["gate_up"], H)
+        w[p + "mlp.down_proj.weight"] = matrix(lw["down"], cfg.intermediate_size)
+        for key, role in (("input_layernorm", "input_norm"), ("post_self_attn_layernorm", "post_attn_norm"),
+                          ("post_attention_layernorm", "pre_mlp_norm"), ("post_mlp_layernorm", "post_mlp_norm")):
+            w[p + key + ".weight"] = raw(lw[role]).astype(dtype)
+    return w
+
+
+def rel(a, b) -> float:
+    b = np.asarray(b, np.float64)
+    scale = np.abs(b).max()
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / (scale if scale else 1.0))
+
+
+# ---- the device side ---------------------------------------------------------------------
+def image_for(device, source: str) -> bytes:
+    """What device.load takes for this source: a cubin for the GPU's architecture, or the
+    source itself (the emulation)."""
+    if device.image_kind == "source":
+        return source.encode()
+    from .nvrtc import compile_cubin
+    major, minor = device.compute_capability
+    return compile_cubin(source, 10 * major + minor).cubin
+
+
+class _Ctx:
+    def __init__(self, device, shapes: Shapes, formats: Formats, kernels: list, handles: dict, seed: int,
+                 max_seq: int, chunk: int, config: dict = DEFAULT_CONFIG):
+        self.dev, self.s, self.f, self.config = device, shapes, formats, config
+        self.spec = {k.name: k for k in kernels}
+        self.h = handles
+        self.rng = np.random.default_rng(seed)
+        self.max_seq, self.chunk = max_seq, chunk
+        self.ptrs: list[int] = []
+        self.keep: list = []
+
+    def put(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a)
+        p = self.dev.alloc(a.nbytes)
+        self.ptrs.append(p)
+        self.dev.upload(p, a)
+        self.keep.append(a)
+        return p
+
+    def zeros(self, nbytes: int) -> int:
+        p = self.dev.alloc(nbytes)
+        self.ptrs.append(p)
+        self.dev.zero(p, nbytes)
+        return p
+
+    def get(self, p: int, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        self.dev.download(p, out)
+        return out
+
+    def free(self):
+        self.dev.synchronize()
+        for p in self.ptrs:
+            self.dev.free(p)
+        self.ptrs, self.keep = [], []
+
+    def grid(self, name: str) -> int:
+        return gemv_grid(self.spec[name], self.s, self.config, self.dev, self.h[name])
+
+    def gemv(self, name: str, a: GemvArgs) -> None:
+        k = self.spec[name]
+        a.eps, a.max_seq = EPS, self.max_seq
+        self.dev.launch(self.h[name], (self.grid(name),), k.threads, k.smem, a)
+
+    def weights(self, fmt: str, n: int, k: int):
+        """(fields for GemvArgs, dequantized (n, k) float64, bytes read per launch)."""
+        if fmt == "int4":
+            packed, scales = random_int4(self.rng, n, k, self.f.block)
+            return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
+                    packed.nbytes + scales.nbytes)
+        w = (self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
+        stored = w if fmt == "f16" else np.ascontiguousarray(w.T)
+        return {"w": self.put(stored), "scales": 0}, w.astype(np.float64), w.nbytes
+
+    def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
+        return (center + spread * self.rng.standard_normal(n)).astype(np.float16)
+
+    def vec32(self, n: int) -> np.ndarray:
+        return self.rng.standard_normal(n).astype(np.float32)
+
+
+def _result(name: str, err: float, tol: float, **detail) -> dict:
+    return {"name": name, "rel_err": err, "tol": tol, "ok": bool(np.isfinite(err) and err <= tol), **detail}
+
+
+# ---- the checks: one per kernel of the decode step ---------------------------------------------
+def check_qkv(c: _Ctx, first: bool) -> dict:
+    s, name = c.s, "qkv_first" if first else "qkv"
+    H, N, hd, nh, nkv = s.hidden, s.qkv, s.head_dim, s.heads, s.kv_heads
+    wf, wd, _ = c.weights(c.f.linear, N, H)
+    bias = c.vec16(N, 0.0, 0.1) if first else None     # with a bias here, without in the other
+    norm_x, norm_y = c.vec16(H, 1.0, 0.1), c.vec16(H, 1.0, 0.1)
+    pos, pos_add = 7, 2
+    p = pos + pos_add
+    table = rope_table_for(c)
+    cache = nkv * c.max_seq * hd * 2
+    a = GemvArgs(**wf, bias=c.put(bias) if first else 0, norm_x=c.put(norm_x), x_out=c.zeros(4 * H),
+                 q=c.zeros(4 * nh * hd), k_cache=c.zeros(cache), v_cache=c.zeros(cache), rope=c.put(table),
+                 pos=c.put(np.array([pos], np.int32)), pos_add=pos_add)
+    if first:
+        tok = s.vocab - 3
+        row = c.vec16(H)
+        a.embed = c.zeros(s.vocab * H * 2)
+        c.dev.upload(a.embed + tok * H * 2, row)
+        c.keep.append(row)
+        a.tokens = c.put(np.array([tok], np.int32))
+        x = row.astype(np.float64)
+    else:
+        x_in, y_in = c.vec32(H), c.vec32(H)
+        a.x_in, a.y_in, a.norm_y = c.put(x_in), c.put(y_in), c.put(norm_y)
+        x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
+    c.gemv(name, a)
+    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    y = wd @ h + (bias.astype(np.float64) if first else 0.0)
+    q = rope(y[:nh * hd].reshape(nh, hd), table, p, s.rot)
+    k = rope(y[nh * hd:(nh + nkv) * hd].reshape(nkv, hd), table, p, s.rot)
+    v = y[(nh + nkv) * hd:].reshape(nkv, hd)
+    kc = c.get(a.k_cache, (nkv, c.max_seq, hd), np.float16)
+    vc = c.get(a.v_cache, (nkv, c.max_seq, hd), np.float16)
+    errs = {"q": rel(c.get(a.q, (nh, hd), np.float32), q), "k": rel(kc[:, p], k), "v": rel(vc[:, p], v),
+            "x_out": rel(c.get(a.x_out, H, np.float32), x)}
+    untouched = bool(np.all(kc[:, :p] == 0) and np.all(kc[:, p + 1:] == 0) and np.all(vc[:, :p] == 0))
+    err = max(errs.values()) if untouched else float("inf")
+    return _result(f"{name} ({c.f.linear}, {'embedding' if first else 'residual add'} + norm -> "
+                   f"qkv{' + bias' if first else ''}, RoPE, cache append)", err, TOL[c.f.linear],
+                   errors=errs, other_positions_untouched=untouched)
+
+
+def rope_table_for(c: _Ctx) -> np.ndarray:
+    class _Cfg:                                   # default RoPE (theta 10000, no YaRN)
+        def __init__(self, rot):
+            self.rot = rot
+
+        def rope_inv_freq(self):
+            return 1.0 / 10000.0 ** (np.arange(0, self.rot, 2, dtype=np.float64) / self.rot), 1.0
+    return rope_table(_Cfg(c.s.rot), c.max_seq)
+
+
+def check_attention(c: _Ctx) -> dict:
+    s = c.s
+    nh, nkv, hd = s.heads, s.kv_heads, s.head_dim
+    splits = -(-c.max_seq // c.chunk)
+    q = c.vec32(nh * hd)
+    kc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
+    vc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
+    out = c.zeros(4 * nh * hd)
+    a = AttnArgs(q=c.put(q), k_cache=c.put(kc), v_cache=c.put(vc), part_o=c.zeros(4 * nh * splits * hd),
+                 part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * nkv), pos_add=1,
+                 max_seq=c.max_seq, chunk=c.chunk, splits=splits)
+    errs = {}
+    for length in sorted({1, 37, c.chunk, c.chunk + 1, min(c.max_seq, 2 * c.chunk + 77), c.max_seq}):
+        a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
+        c.dev.zero(out, 4 * nh * hd)
+        c.dev.launch(c.h["attention"], (nkv, splits), c.spec["attention"].threads, 0, a)
+        ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
+        errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
+    counters = c.get(a.counter, nkv, np.uint32)
+    err = max(errs.values()) if not counters.any() else float("inf")
+    return _result(f"attention (GQA {nh}/{nkv}, split over the context in chunks of {c.chunk}, the last "
+                   "split merging)", err, TOL["attention"], errors_by_length=errs,
+                   counters_after=counters.tolist())
+
+
+def check_o_proj(c: _Ctx) -> dict:
+    s = c.s
+    K, N = s.heads * s.head_dim, s.hidden
+    wf, wd, _ = c.weights(c.f.linear, N, K)
+    x = c.vec32(K)
+    a = GemvArgs(**wf, y_in=c.put(x), y=c.zeros(4 * N))
+    c.gemv("o_proj", a)
+    ref = wd @ x.astype(np.float16).astype(np.float64)
+    return _result(f"o_proj ({c.f.linear}, fp32 in -> store)", rel(c.get(a.y, N, np.float32), ref), TOL[c.f.linear])
+
+
+def check_gate_up(c: _Ctx) -> dict:
+    s = c.s
+    H, I = s.hidden, s.inter
+    wf, wd, _ = c.weights(c.f.linear, 2 * I, H)
+    x_in, y_in = c.vec32(H), c.vec32(H)
+    norm_y, norm_x = c.vec16(H, 1.0, 0.1), c.vec16(H, 1.0, 0.1)
+    a = GemvArgs(**wf, x_in=c.put(x_in), y_in=c.put(y_in), norm_y=c.put(norm_y), norm_x=c.put(norm_x),
+                 x_out=c.zeros(4 * H), act=c.zeros(2 * I))
+    c.gemv("gate_up", a)
+    x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
+    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    gu = wd @ h
+    g, u = gu[:I], gu[I:]
+    act = g / (1 + np.exp(-g)) * u
+    errs = {"act": rel(c.get(a.act, I, np.float16), act), "x_out": rel(c.get(a.x_out, H, np.float32), x)}
+    return _result(f"gate_up ({c.f.linear}, residual add + norm -> SwiGLU)", max(errs.values()),
+                   TOL[c.f.linear], errors=errs)
+
+
+def check_down(c: _Ctx) -> dict:
+    s = c.s
+    wf, wd, _ = c.weights(c.f.linear, s.hidden, s.inter)
+    x = c.vec16(s.inter)
+    a = GemvArgs(**wf, h_in=c.put(x), y=c.zeros(4 * s.hidden))
+    c.gemv("down", a)
+    ref = wd @ x.astype(np.float64)
+    return _result(f"down ({c.f.linear}, fp16 in -> store)", rel(c.get(a.y, s.hidden, np.float32), ref), TOL[c.f.linear])
+
+
+def check_lm_head(c: _Ctx) -> dict:
+    """Logits and the argmax, with a tie between two rows far apart (the first must win),
+    launched twice (the last block re-arms the counter)."""
+    s, fmt = c.s, c.f.lm_head
+    H, V = s.hidden, s.vocab
+    x_in, y_in = c.vec32(H), c.vec32(H)
+    norm_y, norm_x = c.vec16(H, 1.0, 0.1), c.vec16(H, 1.0, 0.1)
+    x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
+    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    first, second = 3, V - 5                         # equal rows, both beat every other row
+    if fmt == "int4":
+        packed, scales = random_int4(c.rng, V, H, c.f.block)
+        code = np.where(h > 0, 15, 0).astype(np.uint8)                 # (q - 8) = 7 or -8, with h's sign
+        kp = packed.shape[1] * c.f.block
+        code = np.pad(code, (0, kp - H), constant_values=8).reshape(-1, c.f.block)
+        tied = (code[:, 0::2] | (code[:, 1::2] << 4)).astype(np.uint8)
+        packed[first] = packed[second] = tied
+        scales[first] = scales[second] = np.float16(0.05)
+        wf = {"w": c.put(packed), "scales": c.put(scales)}
+        wd = _Rows(lambda r: dequant_int4(packed[r], scales[r], H), V)
+    else:
+        w = (c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
+        w[first] = w[second] = np.where(h > 0, 0.5, -0.5).astype(np.float16)
+        wf = {"w": c.put(w if fmt == "f16" else np.ascontiguousarray(w.T)), "scales": 0}
+        wd = w
+    grid = c.grid("lm_head")
+    a = GemvArgs(**wf, x_in=c.put(x_in), y_in=c.put(y_in), norm_y=c.put(norm_y), norm_x=c.put(norm_x),
+                 x_out=c.zeros(4 * H), y=c.zeros(4 * V), part_val=c.zeros(4 * grid), part_idx=c.zeros(4 * grid),
+                 counter=c.zeros(4), token_out=c.zeros(4))
+    tokens = []
+    for _ in range(2):
+        c.gemv("lm_head", a)
+        tokens.append(int(c.get(a.token_out, 1, np.int32)[0]))
+    logits = c.get(a.y, V, np.float32)
+    ref = np.concatenate([wd[i:i + 8192].astype(np.float64) @ h for i in range(0, V, 8192)])
+    err = rel(logits, ref)
+    counter = int(c.get(a.counter, 1, np.uint32)[0])
+    ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
+    return _result(f"lm_head ({fmt}, residual add + final norm -> logits + argmax, tie between rows "
+                   f"{first} and {second})", err if ok else float("inf"), TOL[fmt],
+                   tokens=tokens, logits_err=err, counter_after=counter)
+
+
+class _Rows:
+    """Rows of a big matrix made (dequantized) on demand: the lm_head reference in slices,
+    never a whole float64 copy of 151552 x H."""
+
+    def __init__(self, make, n):
+        self.make, self.n = make, n
+
+    def __getitem__(self, r):
+        return self.make(r)
+
+
+CHECKS = {"qkv_first": lambda c: check_qkv(c, True), "qkv": lambda c: check_qkv(c, False),
+          "attention": check_attention, "o_proj": check_o_proj, "gate_up": check_gate_up,
+          "down": check_down, "lm_head": check_lm_head}
+
+
+def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_seq: int | None = None,
+               chunk: int = 256, only=None, log=None, config: dict = DEFAULT_CONFIG) -> list[dict]:
+    """Compile the decode step's kernels for this model and check each against numpy; a
+    check that raises is reported as failed with its error, and the others still run."""
+    kernels = decode_kernels(shapes, formats, config)
+    source = translation_unit(shapes, kernels)
+    handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
+    max_seq = max_seq or 4 * chunk + 64
+    report = []
+    for name, check in CHECKS.items():
+        if only and name not in only:
+            continue
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq,
+                 attention_chunk(chunk, max_seq, next(k.threads for k in kernels if k.name == "attention")), config)
+        t = time.perf_counter()
+        try:
+            r = check(c)
+        except Exception as e:  # the report names it; the next kernel is still checked
+            r = _result(name, float("inf"), 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        finally:
+            try:
+                c.free()
+            except Exception:  # a failed kernel can leave the device unusable; the report says so
+                pass
+        r["kernel"], r["seconds"] = name, round(time.perf_counter() - t, 3)
+        report.append(r)
+        if log:
+            log(format_result(r))
+    return report
+
+
+def format_result(r: dict) -> str:
+    verdict = "PASS" if r["ok"] else "FAIL"
+    extra = f"  ({r['error']})" if "error" in r else ""
+    return f"{verdict}  {r['name']}: max rel err {r['rel_err']:.2e} (tol {r['tol']:.0e}){extra}"
+
+
+def smoke(device) -> dict:
+    """Compile, load and run one trivial kernel: is the toolchain and driver path sound?"""
+    import ctypes
+
+    class SmokeArgs(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_uint64), ("n", ctypes.c_int32)]
+    handle = device.load(image_for(device, SMOKE), {"smoke": 0})["smoke"]
+    x = np.arange(1000, dtype=np.float32)
+    p = device.alloc(x.nbytes)
+    device.upload(p, x)
+    device.synchronize()
+    device.launch(handle, (4,), 256, 0, SmokeArgs(p, x.size))
+    out = np.empty_like(x)
+    device.download(p, out)
+    device.free(p)
+    return _result("smoke (compile, load, launch one kernel)", rel(out, 2 * x + 1), 0.0)
+
+
+def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50, l2_bytes: int = 256 << 20,
+                 contexts=(128, 8192), log=None, config: dict = DEFAULT_CONFIG, only=None) -> list[dict]:
+    """Each GEMV alone (a graph of `launches` launches over weight copies larger than L2) and
+    the attention at each context: microseconds per launch and the weight bytes per second."""
+    kernels = decode_kernels(shapes, formats, config)
+    source = translation_unit(shapes, kernels)
+    handles = device.load(image_for(device, source), {k.name: k.smem for k in kernels})
+    max_seq = max(contexts) + 64
+    att_threads = next(k.threads for k in kernels if k.name == "attention")
+    chunk = attention_chunk(256, max_seq, att_threads)
+    c = _Ctx(device, shapes, formats, kernels, handles, 1, max_seq, chunk, config)
+    s, rows = shapes, []
+    shapes_of = {"qkv": (s.qkv, s.hidden, c.f.linear), "o_proj": (s.hidden, s.heads * s.head_dim, c.f.linear),
+                 "gate_up": (2 * s.inter, s.hidden, c.f.linear), "down": (s.hidden, s.inter, c.f.linear),
+                 "lm_head": (s.vocab, s.hidden, c.f.lm_head)}
+    try:
+        common = dict(x_in=c.put(c.vec32(s.hidden)), y_in=c.put(c.vec32(max(s.hidden, s.heads * s.head_dim))),
+                      h_in=c.put(c.vec16(s.inter)), norm_y=c.put(c.vec16(s.hidden, 1.0, 0.1)),
+                      norm_x=c.put(c.vec16(s.hidden, 1.0, 0.1)), x_out=c.zeros(4 * s.hidden),
+                      y=c.zeros(4 * max(s.vocab, s.hidden)), act=c.zeros(2 * s.inter), q=c.zeros(4 * s.heads * s.head_dim),
+                      k_cache=c.zeros(s.kv_heads * max_seq * s.head_dim * 2),
+                      v_cache=c.zeros(s.kv_heads * max_seq * s.head_dim * 2), rope=c.put(rope_table_for(c)),
+                      pos=c.put(np.array([5], np.int32)), part_val=c.zeros(4 * 65536), part_idx=c.zeros(4 * 65536),
+                      counter=c.zeros(4), token_out=c.zeros(4))
+        for name, (n, k, fmt) in shapes_of.items():
+            if only and name not in only:
+                continue
+            wf, _, nbytes = c.weights(fmt, n, k)
+            copies = [wf] + [c.weights(fmt, n, k)[0] for _ in range(min(15, max(0, -(-l2_bytes // nbytes) - 1)))]
+            args = [GemvArgs(**w, **common, eps=EPS, max_seq=max_seq) for w in copies]
+            spec = c.spec[name]
+            grid = c.grid(name)
+
+            def record(args=args, spec=spec, grid=grid, name=name):
+                for i in range(launches):
+                    device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
+            rows.append(_time(device, record, launches, f"{name} ({fmt}, {n} x {k})", nbytes, grid, log))
+        att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
+                       part_o=c.zeros(4 * s.heads * (-(-max_seq // chunk)) * s.head_dim),
+                       part_ml=c.zeros(8 * s.heads * (-(-max_seq // chunk))), out=c.zeros(4 * s.heads * s.head_dim),
+                       counter=c.zeros(4 * s.kv_heads), pos_add=0, max_seq=max_seq, chunk=chunk,
+                       splits=-(-max_seq // chunk))
+        for ctx in contexts if not only or "attention" in only else ():
+            a = AttnArgs.from_buffer_copy(att)
+            a.pos = c.put(np.array([ctx - 1], np.int32))
+            kv_bytes = 2 * s.kv_heads * ctx * s.head_dim * 2
+
+            def record(a=a):
+                for _ in range(launches):
+                    device.launch(handles["attention"], (s.kv_heads, a.splits), c.spec["attention"].threads, 0, a)
+            rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes,
+                              (s.kv_heads, -(-ctx // chunk)), log))
+    finally:
+        c.free()
+    return rows
+
+
+def _time(device, record, launches: int, what: str, nbytes: int, grid, log) -> dict:
+    graph = device.capture(record)
+    device.replay(graph)                                   # warm-up
+    device.synchronize()
+    times = []
+    for _ in range(5):
+        timer = device.timer()
+        if timer is None:
+            t = time.perf_counter()
+            device.replay(graph)
+            device.synchronize()
+            times.append(1e3 * (time.perf_counter() - t))
+        else:
+            with timer:
+                device.replay(graph)
+            times.append(timer.ms)
+    us = 1e3 * float(np.median(times)) / launches
+    row = {"kernel": what, "us": us, "bytes": nbytes, "tbps": nbytes / (us * 1e-6) / 1e12,
+           "grid": list(grid) if isinstance(grid, tuple) else grid}
+    if log:
+        log(f"{what:55s} {us:9.2f} us  {nbytes / 1e6:9.2f} MB  {row['tbps']:5.2f} TB/s  grid {grid}")
+    return row

@@ -1,0 +1,169 @@
+"""The engine's CUDA C: the kernel files shipped in kernels/, one model's shapes as compile-time
+constants, and the kernel instances one decode step launches, assembled into ONE translation
+unit. NVRTC compiles it per GPU architecture (nvrtc.py); the tests compile the same text as C++
+for their CPU emulation (tests/cuda_emu/).
+
+Every instance is an `extern "C"` kernel taking one argument struct (GemvArgs or AttnArgs,
+mirrored by args.py) and calling a template with its shapes and launch parameters fixed, so
+the compiler sees every loop bound: the engine is compiled for one model on one GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from importlib import resources
+
+KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
+
+FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN"}
+PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM"}
+EPILOGUES = {"store": "EPI_STORE", "qkv": "EPI_QKV", "swiglu": "EPI_SWIGLU", "argmax": "EPI_ARGMAX"}
+KN_TILE = 256                  # columns per tile of the W^T GEMV (32 lanes x 8 values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What the kernels are compiled for (from the model's GlmConfig)."""
+    hidden: int          # H
+    inter: int           # I
+    heads: int           # NH
+    kv_heads: int        # NKV
+    head_dim: int        # HD
+    rot: int             # rotary dims of each head (partial RoPE)
+    vocab: int           # V
+
+    @classmethod
+    def from_config(cls, cfg) -> "Shapes":
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                   cfg.num_key_value_heads, cfg.head_dim, cfg.rotary_dim, cfg.vocab_size)
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def qkv(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def source(self) -> str:
+        return ("struct Cfg {\n"
+                f"  static constexpr int H = {self.hidden}, I = {self.inter}, NH = {self.heads}, "
+                f"NKV = {self.kv_heads}, HD = {self.head_dim}, ROT = {self.rot}, V = {self.vocab};\n"
+                "};\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemv:
+    """One GEMV kernel: y (m, n) = x (m, k) W^T in weight format `fmt` (int4 block `block`,
+    f16 as (n, k), f16_kn as (k, n)), prologue `pro`, epilogue `epi`, and its launch shape:
+    `warps` warps, `rpw` rows per warp, `unroll` 16-byte units in flight per lane and row
+    (f16_kn: rows of W^T in flight per warp)."""
+    name: str
+    fmt: str
+    k: int
+    n: int
+    pro: str
+    epi: str
+    block: int = 32
+    m: int = 1
+    warps: int = 8
+    rpw: int = 2
+    unroll: int = 4
+    min_blocks: int = 1      # __launch_bounds__' minimum resident blocks per SM (caps registers)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def rows(self) -> int:
+        """Output rows per tile."""
+        return KN_TILE if self.fmt == "f16_kn" else self.warps * self.rpw
+
+    def tiles(self, shapes: Shapes) -> int:
+        if self.epi == "swiglu":
+            return -(-shapes.inter // (self.rows // 2))
+        return -(-self.n // self.rows)
+
+    @property
+    def kp(self) -> int:
+        """K as stored: int4 rows are padded to whole blocks."""
+        return -(-self.k // self.block) * self.block if self.fmt == "int4" else self.k
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums)."""
+        if self.fmt == "int4":
+            return self.m * (self.kp // 32) * 80
+        if self.fmt == "f16":
+            return self.m * self.k * 2
+        return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
+
+    def instance(self) -> str:
+        if self.fmt == "f16_kn":
+            call = (f"gemv_kn<Cfg, {self.k}, {self.n}, {self.m}, {self.warps}, {self.unroll}, "
+                    f"{PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
+        else:
+            call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
+                    f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}, {self.min_blocks}) '
+                f"{self.name}(const GemvArgs a) {{ {call} }}\n")
+
+    args = "GemvArgs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """The decode attention kernel: `threads` per block, split over the context."""
+    name: str
+    head_dim: int
+    group: int
+    threads: int = 128
+
+    @property
+    def smem(self) -> int:
+        return 0
+
+    def instance(self) -> str:
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
+                f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.threads}>(a); }}\n")
+
+    args = "AttnArgs"
+
+
+def kernel_text() -> str:
+    """The shipped kernel files, in order (the code every engine is compiled from)."""
+    folder = resources.files(__package__) / "kernels"
+    return "".join(f"// ---- {name}\n" + (folder / name).read_text(encoding="utf-8") for name in KERNEL_FILES)
+
+
+def translation_unit(shapes: Shapes, kernels: list) -> str:
+    """The whole source NVRTC compiles: kernel files, the model's constants, the instances,
+    and (for the CPU emulation only) the table of kernels by name."""
+    names = [k.name for k in kernels]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate kernel names in {names}")
+    emu = "".join(f"EMU_KERNEL({k.name}, {k.args})\n" for k in kernels)
+    return (kernel_text() + "// ---- this model\n" + shapes.source()
+            + "".join(k.instance() for k in kernels)
+            + "#ifdef GLMRT_EMULATE\nstd::vector<EmuKernel>& emu_kernels() {\n"
+            + "  static std::vector<EmuKernel> k = {\n" + emu + "  };\n  return k;\n}\n#endif\n")
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+SMOKE = r"""
+struct SmokeArgs { float* x; int n; };
+extern "C" __global__ void smoke(const SmokeArgs a) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < a.n) a.x[i] = 2.f * a.x[i] + 1.f;
+}
+#ifdef GLMRT_EMULATE
+std::vector<EmuKernel>& emu_kernels() {
+  static std::vector<EmuKernel> k = { EMU_KERNEL(smoke, SmokeArgs) };
+  return k;
+}
+#endif
+"""

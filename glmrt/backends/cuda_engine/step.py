@@ -1,0 +1,198 @@
+"""One decode step of the whole model: the kernels it needs (what the builder compiles) and
+the launches, in order, with their arguments (what the decoder queues or captures as a graph).
+
+Per layer, five kernels:
+
+  qkv        x = x + norm(mlp) * w_post_mlp (the previous layer's sandwich add; layer 0: the
+             embedding row), h = norm(x) * w_in; qkv = h W^T + b; RoPE; k, v -> cache at pos
+  attention  one block per (KV head, split of the context), all its query heads at once; the
+             last split to finish merges them: attn (NH * HD) fp32
+  o_proj     o = attn W^T
+  gate_up    x = x + norm(o) * w_post_attn; h = norm(x) * w_pre_mlp; act = silu(h Wg^T) * h Wu^T
+  down       mlp = act W^T
+and after the last layer
+  lm_head    x = x + norm(mlp) * w_post_mlp; h = norm(x) * w_final; logits; argmax -> next id
+
+The residual stream x is fp32 and alternates between two buffers (each fused norm reads one
+and block 0 writes the other), so no kernel reads what it writes. Everything a step reads from
+the host sits in one int32 control buffer: [pos, id_0, id_1, ..., id_burst]; step i of a burst
+reads its token from slot i, its position as pos + i, and writes its argmax into slot i + 1,
+so a burst of n steps is n copies of this list with i = 0..n-1, captured as one CUDA graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .args import AttnArgs, GemvArgs
+from .sources import Attention, Gemv, Shapes
+
+# Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
+# lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
+# the persistent grid: 0 = as many as fit at once (the driver's occupancy for the kernel),
+# N = N per SM. The builder records what it used; tuning replaces these.
+# min_blocks 2: ptxas otherwise spends ~187 registers on the int4 GEMVs (one block of 8 warps per
+# SM); with 2 it fits them in ~115 without spilling (3 spills), 16 warps and 64 KB in flight per SM
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0}
+DEFAULT_CONFIG = {
+    "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
+    "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
+    "attention": {"threads": 128, "chunk": 256},
+}
+
+
+def role(spec) -> str:
+    """The launch-parameter entry a kernel instance takes."""
+    return "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(spec.name, spec.name)
+
+
+def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
+    """Blocks of a persistent GEMV: blocks_per_sm per SM (0: as many as are resident at once),
+    never more than its tiles."""
+    per_sm = config.get(role(spec), GEMV).get("blocks_per_sm", 0) or device.occupancy(handle, spec.threads, spec.smem)
+    return max(1, min(spec.tiles(shapes), per_sm * device.sm_count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Formats:
+    linear: str        # the layers' matrices: "int4" or "f16"
+    block: int         # int4 block size along K
+    lm_head: str       # "int4", "f16" (V, H) or "f16_kn" (H, V)
+
+
+def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG) -> list:
+    """The kernel instances of one decode step (M = 1)."""
+    s, f = shapes, formats
+
+    def gemv(name, role, fmt, k, n, pro, epi):
+        c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
+        return Gemv(name, fmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
+                    min_blocks=c["min_blocks"])
+
+    threads = max(config["attention"]["threads"], -(-s.head_dim // 32) * 32)
+    return [
+        gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
+        gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
+        Attention("attention", s.head_dim, s.group, threads),
+        gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
+        gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
+        gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
+        gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "add_norm", "argmax"),
+    ]
+
+
+def attention_chunk(chunk: int, max_context: int, threads: int) -> int:
+    """Positions per split of the attention: the configured chunk, a multiple of the block's
+    threads (its tile), grown where needed so that at most `threads` splits cover the cache
+    (the last split merges them through one shared-memory row each)."""
+    chunk = max(chunk, -(-max_context // threads))
+    return -(-chunk // threads) * threads
+
+
+def kernel_from_dict(d: dict):
+    d = dict(d)
+    kind = d.pop("type")
+    return Gemv(**d) if kind == "gemv" else Attention(**d)
+
+
+def kernel_to_dict(k) -> dict:
+    return {"type": "gemv" if isinstance(k, Gemv) else "attention", **dataclasses.asdict(k)}
+
+
+def rope_table(cfg, positions: int) -> np.ndarray:
+    """(positions, rot/2, 2) float32 cos, sin, from float64 angles (transformers' frequencies,
+    YaRN scaling included): what the QKV epilogue rotates with."""
+    inv_freq, scale = cfg.rope_inv_freq()
+    ang = np.arange(positions, dtype=np.float64)[:, None] * inv_freq          # (P, rot/2)
+    return np.stack([np.cos(ang) * scale, np.sin(ang) * scale], axis=-1).astype(np.float32)
+
+
+class DecodeStep:
+    """The step's device buffers and its launches for each slot of a burst.
+
+    kernels: name -> (spec, handle); weights: name -> address (DeviceWeights); wmap: the
+    engine manifest's weight roles; kv: per layer (K cache, V cache) addresses."""
+
+    def __init__(self, device, kernels: dict, weights, wmap: dict, kv: list, cfg, max_context: int,
+                 burst: int, config: dict = DEFAULT_CONFIG):
+        self.device, self.kernels, self.w, self.wmap, self.kv = device, kernels, weights, wmap, kv
+        self.cfg, self.max_context, self.burst, self.config = cfg, max_context, burst, config
+        s = self.shapes = Shapes.from_config(cfg)
+        att_threads = kernels["attention"][0].threads
+        self.chunk = attention_chunk(config["attention"]["chunk"], max_context, att_threads)
+        self.splits = -(-max_context // self.chunk)
+        self.lm_grid = self.grid("lm_head")
+        f32, f16, i32 = 4, 2, 4
+        sizes = {                                        # name: bytes
+            "x0": s.hidden * f32, "x1": s.hidden * f32,  # the residual stream, ping-pong
+            "q": s.heads * s.head_dim * f32,
+            "part_o": s.heads * self.splits * s.head_dim * f32,
+            "part_ml": s.heads * self.splits * 2 * f32,
+            "attn": s.heads * s.head_dim * f32,
+            "o": s.hidden * f32,
+            "act": s.inter * f16,
+            "mlp": s.hidden * f32,
+            "logits": s.vocab * f32,
+            "part_val": self.lm_grid * f32, "part_idx": self.lm_grid * i32,
+            "counter": 4,
+            "att_counter": 4 * s.kv_heads,
+            "ctl": (burst + 2) * i32,                    # [pos, id_0 .. id_burst]
+            "rope": max_context * (s.rot // 2) * 2 * f32,
+        }
+        self.buf = {}
+        for name, n in sizes.items():
+            self.buf[name] = device.alloc(n)
+            device.zero(self.buf[name], n)
+        self._rope = rope_table(cfg, max_context)
+        device.upload(self.buf["rope"], self._rope)
+        device.synchronize()
+
+    def grid(self, name: str) -> int:
+        spec, handle = self.kernels[name]
+        return gemv_grid(spec, self.shapes, self.config, self.device, handle)
+
+    def _gemv(self, name: str, **fields):
+        spec, handle = self.kernels[name]
+        a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, **fields)
+        return handle, (self.grid(name),), spec.threads, spec.smem, a
+
+    def _linear(self, m: dict) -> dict:
+        return {"w": self.w[m["w"]], "scales": self.w[m.get("scales")], "bias": self.w[m.get("bias")]}
+
+    def launches(self, i: int) -> list:
+        """Burst slot i: every launch of one decode step, in order."""
+        b, w, s = self.buf, self.w, self.shapes
+        ctl = b["ctl"]
+        pos, token, token_out = ctl, ctl + 4 * (1 + i), ctl + 4 * (2 + i)
+        x = (b["x0"], b["x1"])
+        out = []
+        for layer, lw in enumerate(self.wmap["layers"]):
+            kc, vc = self.kv[layer]
+            qkv = dict(self._linear(lw["qkv"]), norm_x=w[lw["input_norm"]], x_out=x[1], q=b["q"],
+                       k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos, pos_add=i)
+            if layer == 0:
+                out.append(self._gemv("qkv_first", embed=w[self.wmap["embed"]], tokens=token, **qkv))
+            else:
+                prev = self.wmap["layers"][layer - 1]
+                out.append(self._gemv("qkv", x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
+            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
+                           out=b["attn"], counter=b["att_counter"], pos_add=i, max_seq=self.max_context,
+                           chunk=self.chunk, splits=self.splits)
+            spec, h = self.kernels["attention"]
+            out.append((h, (s.kv_heads, self.splits), spec.threads, 0, att))
+            out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
+            out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
+                                  norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))
+            out.append(self._gemv("down", h_in=b["act"], y=b["mlp"], **self._linear(lw["down"])))
+        last = self.wmap["layers"][-1]
+        out.append(self._gemv("lm_head", x_in=x[0], y_in=b["mlp"], norm_y=w[last["post_mlp_norm"]],
+                              norm_x=w[self.wmap["norm"]], x_out=x[1], y=b["logits"], part_val=b["part_val"],
+                              part_idx=b["part_idx"], counter=b["counter"], token_out=token_out,
+                              **self._linear(self.wmap["lm_head"])))
+        return out
+
+    def free(self) -> None:
+        for p in self.buf.values():
+            self.device.free(p)
+        self.buf.clear()

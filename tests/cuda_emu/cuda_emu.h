@@ -1,0 +1,263 @@
+// A CPU emulation of the CUDA subset glmrt's engine kernels use, so the tests can run the very
+// kernel source NVRTC compiles, on a machine without a GPU, against numpy.
+//
+// Blocks run one after another (in a shuffled order: no kernel may depend on block order);
+// a block's threads are cooperative fibers (a register-only switch on x86-64, ucontext
+// elsewhere) switched at __syncthreads() and at warp
+// shuffles, so barriers, shuffles, shared memory, atomics and the "last block" reductions
+// behave as on the device, just without parallel speed. A thread that returns counts as
+// arrived at every later barrier (as exited threads do on the GPU). A barrier no thread can
+// pass is reported as a deadlock instead of hanging. Dynamic shared memory is filled with NaN
+// bytes before each block, so reading what the block did not write shows.
+//
+// Not emulated: the memory model between blocks beyond sequential order, timing, occupancy,
+// register and shared-memory limits (the NVRTC compile and the GPU stage check those).
+#pragma once
+#define GLMRT_EMULATE 1
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+typedef unsigned short h16;
+typedef unsigned int h16x2;
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define DEV inline
+#define DYN_SMEM(type, name) type* name = (type*)emu::dyn_smem
+
+namespace emu {
+// ---- fibers: a register-only context switch on x86-64 (no system call per switch),
+// ucontext elsewhere
+#if defined(__x86_64__)
+extern "C" __attribute__((visibility("hidden"))) void emu_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .hidden emu_switch
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+struct Context { void* sp = nullptr; };
+inline Context scheduler;
+inline void switch_to(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+inline void make(Context& c, std::vector<char>& stack, void (*entry)()) {
+  uintptr_t top = ((uintptr_t)stack.data() + stack.size()) & ~(uintptr_t)15;
+  void** sp = (void**)top;
+  *--sp = nullptr;                  // the entry's return address: it never returns
+  *--sp = (void*)entry;             // where the first switch "returns" to
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;    // rbp rbx r12 r13 r14 r15
+  c.sp = sp;
+}
+#else
+struct Context { ucontext_t uc; };
+inline Context scheduler;
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make(Context& c, std::vector<char>& stack, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack.data();
+  c.uc.uc_stack.ss_size = stack.size();
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+  Context ctx;
+  std::vector<char> stack;
+  bool done = false;
+};
+inline std::vector<Fiber> fibers;
+inline int current = 0, live = 0, nthreads = 0;
+inline unsigned block_gen = 0, block_arrived = 0;
+inline std::vector<unsigned> warp_gen, warp_arrived, warp_live;
+inline unsigned long long progress = 0;
+inline dim3 block_idx, block_dim, grid_dim;
+inline char* dyn_smem = nullptr;
+inline std::vector<unsigned long long> xchg;
+inline void (*body)(const void*) = nullptr;
+inline const void* body_arg = nullptr;
+inline bool deadlock = false;
+
+inline dim3 thread_idx() { dim3 d; d.x = (unsigned)current; return d; }
+
+inline void yield() { switch_to(fibers[current].ctx, scheduler); }
+
+inline void sync_block() {
+  const unsigned g = block_gen;
+  ++progress;
+  if (++block_arrived == (unsigned)live) { block_arrived = 0; ++block_gen; return; }
+  while (block_gen == g && !deadlock) yield();
+}
+
+inline void sync_warp(int w) {
+  const unsigned g = warp_gen[w];
+  ++progress;
+  if (++warp_arrived[w] == warp_live[w]) { warp_arrived[w] = 0; ++warp_gen[w]; return; }
+  while (warp_gen[w] == g && !deadlock) yield();
+}
+
+template <class T> T shfl_xor(T v, int mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of a scalar");
+  const int t = current, w = t / 32, src = w * 32 + ((t % 32) ^ mask);
+  std::memcpy(&xchg[t], &v, sizeof(T));
+  sync_warp(w);
+  T r = v;
+  if (src < nthreads) std::memcpy(&r, &xchg[src], sizeof(T));
+  sync_warp(w);
+  return r;
+}
+
+inline void fiber_main() {
+  body(body_arg);
+  Fiber& f = fibers[current];
+  f.done = true;
+  --live;
+  const int w = current / 32;
+  --warp_live[w];
+  ++progress;
+  // an exited thread no longer holds back the barriers the others wait at
+  if (block_arrived && block_arrived == (unsigned)live) { block_arrived = 0; ++block_gen; }
+  if (warp_arrived[w] && warp_arrived[w] == warp_live[w]) { warp_arrived[w] = 0; ++warp_gen[w]; }
+  switch_to(f.ctx, scheduler);
+  std::abort();                     // never resumed
+}
+
+// Run one block of `threads` threads; false on a deadlock.
+inline bool run_block(int threads) {
+  const size_t stack = 128 * 1024;
+  if ((int)fibers.size() < threads) fibers.resize(threads);
+  nthreads = live = threads;
+  block_gen = block_arrived = 0;
+  const int warps = (threads + 31) / 32;
+  warp_gen.assign(warps, 0);
+  warp_arrived.assign(warps, 0);
+  warp_live.assign(warps, 0);
+  for (int t = 0; t < threads; ++t) ++warp_live[t / 32];
+  xchg.assign(threads, 0);
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = fibers[t];
+    f.done = false;
+    if (f.stack.size() < stack) f.stack.resize(stack);
+    make(f.ctx, f.stack, fiber_main);
+  }
+  int finished = 0;
+  while (finished < threads) {
+    const unsigned long long before = progress;
+    for (int t = 0; t < threads; ++t) {
+      if (fibers[t].done) continue;
+      current = t;
+      switch_to(scheduler, fibers[t].ctx);
+      if (fibers[t].done) ++finished;
+    }
+    if (progress == before && finished < threads) {     // every thread waits at a barrier no one can pass
+      deadlock = true;                                  // the fibers are abandoned, made anew next block
+      return false;
+    }
+  }
+  return true;
+}
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx())
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#define __syncthreads() emu::sync_block()
+#define __threadfence() ((void)0)
+
+inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
+inline int __shfl_xor_sync(unsigned, int v, int m) { return emu::shfl_xor(v, m); }
+inline unsigned __shfl_xor_sync(unsigned, unsigned v, int m) { return emu::shfl_xor(v, m); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p += v; return old; }
+inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+inline float h2f(h16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+inline h16 f2h(float f) { const _Float16 v = (_Float16)f; h16 h; std::memcpy(&h, &v, 2); return h; }
+inline h16x2 pack2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
+inline h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
+  return pack2(std::fma(h2f(a & 0xffff), h2f(b & 0xffff), h2f(c & 0xffff)),
+               std::fma(h2f(a >> 16), h2f(b >> 16), h2f(c >> 16)));
+}
+inline h16x2 hsub2(h16x2 a, h16x2 b) {
+  return pack2(h2f(a & 0xffff) - h2f(b & 0xffff), h2f(a >> 16) - h2f(b >> 16));
+}
+inline uint4 load_stream(const uint4* p) { return *p; }
+inline float load_l2(const float* p) { return *p; }
+inline int load_l2(const int* p) { return *p; }
+
+// The kernel table the generated source ends with (EMU_KERNEL lines).
+struct EmuKernel { const char* name; void (*run)(const void*); };
+#define EMU_KERNEL(name, Args) {#name, [](const void* p) { name(*(const Args*)p); }},
+
+std::vector<EmuKernel>& emu_kernels();
+
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
+                          unsigned smem, const void* args, unsigned seed) {
+  void (*run)(const void*) = nullptr;
+  for (const EmuKernel& k : emu_kernels())
+    if (std::strcmp(k.name, name) == 0) run = k.run;
+  if (!run) return 1;
+  std::vector<char> shared(smem + 16);
+  emu::dyn_smem = shared.data();
+  emu::body = run;
+  emu::body_arg = args;
+  emu::deadlock = false;
+  emu::grid_dim.x = gx; emu::grid_dim.y = gy; emu::grid_dim.z = gz;
+  emu::block_dim.x = threads; emu::block_dim.y = emu::block_dim.z = 1;
+  std::vector<unsigned> order(gx * gy * gz);
+  for (unsigned i = 0; i < order.size(); ++i) order[i] = i;
+  unsigned long long r = seed * 6364136223846793005ull + 1442695040888963407ull;
+  for (size_t i = order.size(); i > 1; --i) {        // a shuffled block order (seed 0: in order)
+    r = r * 6364136223846793005ull + 1442695040888963407ull;
+    if (seed) std::swap(order[i - 1], order[(r >> 33) % i]);
+  }
+  for (unsigned b : order) {
+    emu::block_idx.x = b % gx; emu::block_idx.y = (b / gx) % gy; emu::block_idx.z = b / (gx * gy);
+    std::memset(shared.data(), 0xff, shared.size());
+    if (!emu::run_block((int)threads)) return 2;
+  }
+  return 0;
+}

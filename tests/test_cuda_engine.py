@@ -1,0 +1,595 @@
+"""glmrt's cuda engine without a GPU: every kernel compiles with NVRTC for every architecture it
+targets; the host-side formats (int4 addressing, the x staging order, RoPE pairs, argument
+structs) against numpy and the exporter; every kernel, and the whole engine, run in the CPU
+emulation (tests/cuda_emu) against numpy and the float64 reference; the builder writes a valid
+engine for a named GPU; loading refuses what it must, in one line. On a machine with an NVIDIA
+GPU and driver, the `cudaengine` tests run the same checks on the device."""
+import ctypes
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import glmrt
+from glmrt import reference
+from glmrt.backends.cuda_engine import nvrtc, selfcheck
+from glmrt.backends.cuda_engine.args import STRUCTS
+from glmrt.backends.cuda_engine.sources import Gemv, Shapes, translation_unit
+from glmrt.backends.cuda_engine.step import Formats, decode_kernels, rope_table
+from glmrt.config import GlmConfig
+from glmrt.engine import check_cuda_engine, find_cuda_engine, read_engine
+from glmrt.engines.build import build
+from glmrt.errors import ArtifactError, GlmrtError
+from glmrt.export.quant import MatMulNBits, pack_nibbles
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_emu.emulator import EmulatedDevice, compiler  # noqa: E402
+
+try:
+    nvrtc.version()
+    HAS_NVRTC = True
+except GlmrtError:
+    HAS_NVRTC = False
+needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="NVRTC is not installed (pip install 'glmrt[cuda]')")
+needs_cxx = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler for the CUDA emulation")
+
+
+def has_gpu() -> bool:
+    try:
+        from glmrt.backends.cuda_engine.device import CudaDevice
+        CudaDevice()
+        return True
+    except GlmrtError:
+        return False
+
+
+GPU = 0 if not HAS_NVRTC else has_gpu()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no NVIDIA GPU and driver here")
+
+Z1_9B = Shapes(4096, 13696, 32, 2, 128, 64, 151552)
+G4_32B = Shapes(6144, 23040, 48, 2, 128, 64, 151552)
+SMALL = Shapes(128, 384, 4, 2, 32, 16, 1024)           # the "quant" test checkpoint's shapes
+FORMATS = {"int4-b32": Formats("int4", 32, "f16_kn"), "int4-b128-lmhead": Formats("int4", 128, "int4"),
+           "fp16": Formats("f16", 32, "f16")}
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+# ---- NVRTC: every kernel, every architecture ----------------------------------------------------
+@pytest.fixture(scope="module")
+def compiled_for_every_arch():
+    """One translation unit with every format and epilogue at GLM-Z1-9B's shapes (the fp16 and
+    int4-lm_head variants renamed beside the default int4 set), compiled for every
+    architecture at once (NVRTC runs outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    ks = decode_kernels(Z1_9B, FORMATS["int4-b32"])
+    for tag, f in (("f16", FORMATS["fp16"]), ("b128", FORMATS["int4-b128-lmhead"])):
+        ks += [Gemv(**{**vars(k), "name": f"{k.name}_{tag}"}) for k in decode_kernels(Z1_9B, f) if isinstance(k, Gemv)]
+    source = translation_unit(Z1_9B, ks)
+    with ThreadPoolExecutor(4) as pool:
+        done = dict(zip(nvrtc.ARCHS, pool.map(lambda a: _compile_or_error(source, a), nvrtc.ARCHS)))
+    return done, ks
+
+
+def _compile_or_error(source, arch):
+    try:
+        return nvrtc.compile_cubin(source, arch)
+    except GlmrtError as e:
+        return e
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
+def test_every_kernel_compiles_for_every_architecture(compiled_for_every_arch, arch):
+    done, ks = compiled_for_every_arch
+    compiled = done[arch]
+    if isinstance(compiled, Exception):
+        raise compiled
+    assert compiled.cubin[:4] == b"\x7fELF"
+    res = compiled.resources()
+    assert set(res) == {k.name for k in ks}
+    spills = {n: r["spill_bytes"] for n, r in res.items() if r["spill_bytes"]}
+    assert not spills, f"register spills on sm_{arch}: {spills}"
+
+
+@needs_nvrtc
+def test_glm4_32b_shapes_compile_and_fit_shared_memory():
+    ks = decode_kernels(G4_32B, FORMATS["int4-b32"])
+    compiled = nvrtc.compile_cubin(translation_unit(G4_32B, ks), 90)
+    assert compiled.cubin[:4] == b"\x7fELF"
+    down = next(k for k in ks if k.name == "down")
+    assert down.smem == 23040 // 32 * 80 and down.smem > 48 * 1024      # the attribute path of device.load
+
+
+@needs_nvrtc
+def test_a_compile_error_is_reported_with_nvrtcs_log():
+    with pytest.raises(GlmrtError, match=r"NVRTC could not compile the engine for sm_90:\n.*error"):
+        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', 90)
+
+
+# ---- host-side formats against numpy and the exporter ----------------------------------------
+def test_int4_layout_matches_the_exporter_bit_for_bit():
+    """selfcheck's MatMulNBits reader (the kernels' addressing, restated in numpy) gives the
+    exporter's dequantized weights exactly, K padded to the block included."""
+    rng = np.random.default_rng(1)
+    for block, k in ((32, 200), (128, 300)):
+        w = rng.standard_normal((24, k)).astype(np.float32)
+        scheme = MatMulNBits(4, block, True, "float16")
+        q = scheme.quantize(w)
+        packed = pack_nibbles(q.codes.reshape(24, -1, block))
+        np.testing.assert_array_equal(selfcheck.dequant_int4(packed, q.scales, k), scheme.dequantize(q))
+
+
+def test_the_int4_dot_product_order_matches_the_staged_x():
+    """The kernel takes nibbles (word >> 4s) & 0x000F000F, i.e. k = 8j+s and 8j+s+4 of each
+    32-value unit, and reads x from shared memory in XLayout<W_INT4>'s pair order: emulated in
+    numpy here, the products must be those of the dequantized row with x."""
+    rng = np.random.default_rng(2)
+    packed, scales = selfcheck.random_int4(rng, 3, 64, 32)
+    x = rng.standard_normal(64)
+    slot = lambda u, r: u * 40 + 2 * (4 * (r >> 3) + ((r & 7) & 3)) + ((r & 7) >> 2)   # gemv.cu XLayout
+    staged = np.zeros(2 * 40)
+    for kk in range(64):
+        staged[slot(kk // 32, kk % 32)] = x[kk]
+    deq = selfcheck.dequant_int4(packed, scales, 64)
+    for n in range(3):
+        total = 0.0
+        for u in range(2):
+            words = packed[n, u].view("<u4")                        # 4 words of 8 nibbles
+            for j in range(4):
+                for s in range(4):
+                    pair = (int(words[j]) >> (4 * s)) & 0x000F000F
+                    lo, hi = (pair & 0xF) - 8, (pair >> 16) - 8
+                    p = u * 40 + 2 * (4 * j + s)
+                    total += (lo * staged[p] + hi * staged[p + 1]) * float(scales[n, u])
+        assert total == pytest.approx(deq[n] @ x, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}])
+def test_rope_pairs_match_the_reference(rope_scaling):
+    raw = {"model_type": "glm4", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+           "max_position_embeddings": 4096, "rope_scaling": rope_scaling}
+    cfg = GlmConfig.from_hf(raw)
+    table = rope_table(cfg, 3000)
+    x = np.random.default_rng(3).standard_normal((4, 32))
+    for p in (0, 5, 2999):
+        want = reference.rope_interleaved(x[:, None, :], np.array([p]), cfg)[:, 0]
+        np.testing.assert_allclose(selfcheck.rope(x, table, p, cfg.rotary_dim), want, rtol=2e-6, atol=2e-6)
+
+
+@needs_cxx
+def test_argument_structs_match_the_c_layout():
+    """args.py's ctypes mirrors have the C compiler's field offsets and sizes."""
+    from cuda_emu.emulator import build as build_emu
+    lines = []
+    for name, cls in STRUCTS.items():
+        fields = [f for f, _ in cls._fields_]
+        lines.append(f'extern "C" void layout_{name}(long* o) {{ int i = 0; o[i++] = sizeof({name}); '
+                     + " ".join(f"o[i++] = offsetof({name}, {f});" for f in fields) + " }")
+    lib = build_emu(translation_unit(SMALL, decode_kernels(SMALL, FORMATS["int4-b32"]))
+                    + "#include <cstddef>\n" + "\n".join(lines) + "\n")
+    for name, cls in STRUCTS.items():
+        out = (ctypes.c_long * (1 + len(cls._fields_)))()
+        getattr(lib, f"layout_{name}")(out)
+        assert list(out) == [ctypes.sizeof(cls)] + [getattr(cls, f).offset for f, _ in cls._fields_], name
+
+
+# ---- every kernel in the emulation ----------------------------------------------------------------
+@needs_cxx
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+def test_every_kernel_passes_its_check_in_the_emulation(formats):
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=128)
+    assert [r["kernel"] for r in report] == list(selfcheck.CHECKS)
+    assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report if not r["ok"]]
+
+
+@needs_cxx
+def test_smoke_kernel_runs_in_the_emulation():
+    assert selfcheck.smoke(EmulatedDevice())["ok"]
+
+
+# A check that cannot fail is no check: each mutation breaks one thing a kernel must get right.
+MUTATIONS = {
+    "int4 nibble order": ("gemv.cu", "2 * (4 * j + (t & 3)) + (t >> 2)", "2 * (4 * j + (t >> 1)) + (t & 1)", "o_proj"),
+    "RoPE sign": ("gemv.cu", "r0 = x0 * c - x1 * s", "r0 = x0 * c + x1 * s", "qkv"),
+    "first index on ties": ("common.cuh", "v == bv && i < bi", "v == bv && i > bi", "lm_head"),
+    "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
+    "softmax rescale": ("attention.cu", "acc[g] *= corr_s[g];", "", "attention"),
+    "split merge weights": ("attention.cu", "num += sc[g][s] * load_l2", "num += load_l2", "attention"),
+    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[h] = 0u;", "", "attention"),
+    "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
+    "residual add": ("gemv.cu", "if (blockIdx.x == 0) a.x_out[m * H + k] = v;", "", "gate_up"),
+    "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
+    from glmrt.backends.cuda_engine import sources
+    file, old, new, kernel = MUTATIONS[mutation]
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
+                                  chunk=128, only=[kernel])
+    assert not report[0]["ok"], selfcheck.format_result(report[0])
+
+
+# ---- the builder, without a GPU -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_model(exported, tmp_path_factory):
+    """A copy of the int4 and fp16 (nk) cuda-form exports of the quant checkpoint, each with an
+    engine compiled for an H200 named on the command line."""
+    made = {}
+
+    def get(precision="int4", **options):
+        key = (precision, tuple(sorted(options.items())))
+        if key not in made:
+            model = tmp_path_factory.mktemp("cuda-engine") / "m"
+            shutil.copytree(exported("quant", precision, target="cuda", **options), model)
+            build(model, backend="cuda", gpu="NVIDIA H200@sm90")
+            made[key] = model
+        return made[key]
+    return get
+
+
+@needs_nvrtc
+def test_build_without_a_gpu_writes_a_complete_engine(engine_model):
+    import onnx
+    model = engine_model("int4")
+    where = model / "engines" / "nvidia-h200-sm90" / "int4"
+    em = read_engine(where)
+    assert em["kind"] == "cuda-engine" and em["gpu"] == {"name": "NVIDIA H200", "compute_capability": [9, 0]}
+    assert em["nvrtc"] == nvrtc.version() and em["min_driver"] == int(em["nvrtc"].split(".")[0]) * 1000
+    assert (where / "engine.cubin").read_bytes()[:4] == b"\x7fELF"
+    assert selfcheck.__name__ and em["source_sha256"] == __import__("hashlib").sha256(
+        (where / "engine.cu").read_bytes()).hexdigest()
+    assert em["formats"] == {"linear": "int4", "block": 32, "lm_head": "f16_kn"}
+    assert {k["name"] for k in em["kernels"]} == {"qkv_first", "qkv", "attention", "o_proj", "gate_up", "down",
+                                                   "lm_head"}
+    assert em["selfcheck"] is None and em["tuned"] is False          # no GPU here: compiled, not checked
+    # the weight index points where ONNX's external data does, and covers every matrix
+    g = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+    ext = {t.name: {e.key: e.value for e in t.external_data} for t in g.initializer}
+    for name, t in em["weights"]["tensors"].items():
+        assert (t["offset"], t["bytes"]) == (int(ext[name]["offset"]), int(ext[name]["length"])), name
+    assert len(em["weights"]["layers"]) == 2 and em["weights"]["layers"][1]["qkv"]["bias"] == "layers.1/attn/qkv_proj.bias"
+
+
+@needs_nvrtc
+def test_build_cli_names_a_gpu_and_refuses_an_old_one(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from glmrt.cli import main
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "cuda", "--gpu", "Jetson AGX Orin@sm87"])
+    assert r.exit_code == 0, r.output
+    assert (model / "engines" / "jetson-agx-orin-sm87" / "int4" / "engine.cubin").is_file()
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "cuda", "--gpu", "Tesla T4@sm75"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "int4 needs compute capability 8.0" in r.output
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("what,export,match", [
+    ("concat form", ("int4", "onnxruntime", {}), "export with --target cuda"),
+    ("fp16 stored as W^T", ("fp16", "cuda", {}), "export with --float-layout nk"),
+    ("int8", ("int8", "cuda", {}), "cuda engines are built for fp16 or int4, not int8"),
+])
+def test_build_refuses_what_the_engine_cannot_read(exported, tmp_path, what, export, match):
+    precision, target, options = export
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", precision, target=target, **options), model)
+    with pytest.raises(GlmrtError, match=match):
+        build(model, backend="cuda", gpu="NVIDIA H200@sm90")
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is here")
+def test_build_for_the_gpu_here_without_one_says_how_to_name_one(exported, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    with pytest.raises(GlmrtError, match=r"no NVIDIA GPU found .*--gpu NAME@smXY"):
+        build(model, backend="cuda")
+
+
+# ---- loading: what it refuses, in one line ---------------------------------------------------------
+ENGINE = {"kind": "cuda-engine", "gpu": {"name": "NVIDIA H200", "compute_capability": [9, 0]},
+          "nvrtc": "13.5", "min_driver": 13000}
+
+
+@pytest.mark.parametrize("cc,driver,match", [
+    ((9, 0), 13000, None), ((9, 0), 13020, None),
+    ((8, 9), 13000, r"compiled for sm90 \(NVIDIA H200\), this GPU is sm89; rebuild it here: glmrt build .* --backend cuda"),
+    ((9, 0), 12080, r"needs a CUDA 13.0 driver or newer \(compiled by NVRTC 13.5\); this driver supports CUDA 12.8"),
+])
+def test_loading_refuses_another_compute_capability_or_an_older_driver(tmp_path, cc, driver, match):
+    where = tmp_path / "m" / "engines" / "nvidia-h200-sm90" / "int4"
+    if match is None:
+        check_cuda_engine(ENGINE, cc, driver, where)
+        return
+    with pytest.raises(ArtifactError, match=match) as e:
+        check_cuda_engine(ENGINE, cc, driver, where)
+    assert "\n" not in str(e.value)
+
+
+@needs_nvrtc
+def test_the_engine_is_found_by_gpu_name_or_compute_capability(engine_model):
+    model = engine_model("int4")
+    here = model / "engines" / "nvidia-h200-sm90" / "int4"
+    assert find_cuda_engine(model, "int4", "NVIDIA H200", (9, 0)) == here
+    assert find_cuda_engine(model, "int4", "NVIDIA H100 80GB HBM3", (9, 0)) == here       # same cubin target
+    with pytest.raises(ArtifactError, match=r"no cuda engine for NVIDIA L4 \(sm89\) \(there are engines for "
+                                            r"nvidia-h200-sm90\); build one: glmrt build .* --backend cuda"):
+        find_cuda_engine(model, "int4", "NVIDIA L4", (8, 9))
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is here")
+def test_loading_without_a_driver_is_one_clear_line(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from glmrt.cli import main
+    model = exported("quant", "int4", target="cuda")
+    r = CliRunner().invoke(main, ["bench", str(model), "--backend", "cuda", "--prompt-lengths", "8",
+                                  "--contexts", "16"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: ") and ("NVIDIA driver" in r.output or "CUDA Python bindings" in r.output)
+
+
+# ---- the whole engine in the emulation -------------------------------------------------------------
+def emulated_decoder(model: Path, **options):
+    from glmrt import manifest as manifest_io
+    from glmrt.backends.cuda_engine.decoder import CudaDecoder
+    man = manifest_io.read(model)
+    where = find_cuda_engine(model, man["precision"]["name"], "NVIDIA H200", (9, 0))
+    return CudaDecoder(model, man, where, read_engine(where), EmulatedDevice(sm_count=2),
+                       max_context=options.pop("max_context", 64), **options)
+
+
+PROMPT = [5, 17, 250, 3, 99, 42, 7]
+
+
+@needs_nvrtc
+@needs_cxx
+@pytest.mark.parametrize("precision,options,tol", [("int4", {}, 3e-3), ("fp16", {"float_layout": "nk"}, 3e-3)])
+def test_the_engine_follows_the_float64_reference_on_its_own_weights(engine_model, precision, options, tol):
+    """Prefill token by token in the engine, then decode steps: logits against the float64
+    reference run on the very weights the engine reads (int4 dequantized); fp16 activations
+    between the kernels are the only rounding."""
+    model = engine_model(precision, **options)
+    dec = emulated_decoder(model, prefill="engine")
+    em = read_engine(dec.engine_path)
+    w = selfcheck.dequantized_weights(model, em, dec.cfg)
+    ref, cache = reference.forward(dec.cfg, w, PROMPT)
+    with dec.generation() as c:
+        got = dec.step(np.array([PROMPT]), c, keep=3)
+        assert got.shape == (1, 3, dec.cfg.vocab_size) and c.length == len(PROMPT)
+        assert rel(got[0], ref[-3:]) < tol
+        for token in (11, 300):
+            ref, cache = reference.forward(dec.cfg, w, [token], cache)
+            assert rel(dec.step(np.array([[token]]), c)[0, -1], ref[-1]) < tol
+
+
+@needs_nvrtc
+@needs_cxx
+def test_bursts_graphs_and_onnxruntime_prefill_agree_in_the_emulation(engine_model):
+    """The same greedy tokens: ONNX Runtime prefill (CPU provider on the emulated device's host
+    memory: the gqa form's KV layout shared with the engine) or the engine's own; bursts of 1
+    or 4 steps per graph; graphs or plain launches. A stop token inside a burst ends the text
+    where it stands, and the cache limit is the same error as the other forms'."""
+    model = engine_model("int4")
+    runs = {}
+    for name, options in {"ort+graphs": {}, "engine+graphs": {"prefill": "engine"},
+                          "ort+plain": {"cuda_graph": False}, "ort+burst1": {"burst": 1}}.items():
+        dec = emulated_decoder(model, burst=options.pop("burst", 4), **options)
+        with dec.generation() as c:
+            tokens = [dec.step_greedy(np.array([PROMPT]), c)]
+            while len(tokens) < 9:
+                tokens += dec.greedy_burst(tokens[-1], c, min(dec.caps.burst, 9 - len(tokens)))
+            assert c.length == len(PROMPT) + 8
+        runs[name] = tokens
+        assert dec.describe()["settings"]["prefill"] == ("engine" if name.startswith("engine") else "onnxruntime")
+    assert len({tuple(t) for t in runs.values()}) == 1, runs
+    from glmrt.generate import Generation, run
+    from glmrt.sampling import SamplingParams
+    dec = emulated_decoder(model, burst=4)
+    stop = runs["ort+graphs"][5]
+    res = Generation([])
+    out = list(run(dec, frozenset({stop}), np.array(PROMPT), SamplingParams(), 20, res))
+    assert out == runs["ort+graphs"][:runs["ort+graphs"].index(stop)] and res.finish_reason == "stop"
+    with dec.generation() as c:
+        dec.step(np.array([[5] * 62]), c)
+        with pytest.raises(GlmrtError, match="exceed the cache of 64 positions"):
+            dec.greedy_burst(3, c, 3)
+
+
+# ---- on a GPU --------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.cudaengine
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+def test_every_kernel_passes_its_check_on_the_gpu(formats):
+    from glmrt.backends.cuda_engine.device import CudaDevice
+    report = selfcheck.run_checks(CudaDevice(), Z1_9B, FORMATS[formats])
+    assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report if not r["ok"]]
+
+
+@needs_nvrtc
+@needs_cxx
+def test_shared_weights_are_the_engines_own_memory(engine_model):
+    """weights="shared": ONNX Runtime's prefill session is given the engine's buffers
+    (DLPack OrtValues, add_initializer) and computes with them: zero the embedding in the
+    engine's memory and every prompt prefills to the same logits; the engine's decode tokens
+    are those of its own copy."""
+    model = engine_model("int4")
+    own = emulated_decoder(model, burst=4)
+    shared = emulated_decoder(model, burst=4, weights="shared")
+    for dec in (own, shared):
+        with dec.generation() as c:
+            dec.tokens = [dec.step_greedy(np.array([PROMPT]), c)] + dec.greedy_burst(3, c, 4)
+    assert shared.tokens == own.tokens and shared.describe()["settings"]["weights"] == "shared"
+    embed = shared.weights.ptr[read_engine(shared.engine_path)["weights"]["embed"]]
+    shared.device.zero(embed, shared.cfg.vocab_size * shared.cfg.hidden_size * 2)
+    with shared.generation() as c:
+        a = shared.step(np.array([PROMPT]), c)
+    with shared.generation() as c:
+        b = shared.step(np.array([[9, 8, 7, 6]]), c)
+    np.testing.assert_array_equal(a, b)
+
+
+@needs_nvrtc
+@needs_cxx
+def test_build_on_the_gpu_here_checks_every_kernel_first(exported, tmp_path, monkeypatch):
+    """--gpu auto with that GPU present: the kernels are checked at the model's shapes before
+    the engine is written (the emulated GPU stands in), and the report is in the manifest."""
+    import glmrt.engines.cuda_build as cb
+    from glmrt.gpu import Gpu
+    monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    em = read_engine(build(model, backend="cuda"))
+    assert [r["kernel"] for r in em["selfcheck"]] == list(selfcheck.CHECKS) and all(r["ok"] for r in em["selfcheck"])
+
+
+# ---- the driver calls, without a driver ----------------------------------------------------------
+class _FakeDriver:
+    """cuda.bindings.driver where every call is first made for real (the bindings convert the
+    arguments before they look for libcuda, so a wrong type raises TypeError here) and then
+    answered with a plausible success: CudaDevice's every code path, run without a GPU."""
+
+    def __init__(self):
+        import cuda.bindings.driver as cu
+        self.cu, self.next_ptr, self.calls = cu, 1 << 20, []
+        ok = cu.CUresult.CUDA_SUCCESS
+        attr = cu.CUdevice_attribute
+        values = {attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: 9, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: 0,
+                  attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 132,
+                  attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 232448}
+        self.answers = {
+            "cuDeviceGet": lambda *a: (ok, cu.CUdevice(0)), "cuDeviceGetName": lambda *a: (ok, b"Fake H200\0\0"),
+            "cuDeviceGetAttribute": lambda a, d: (ok, values[a]), "cuDriverGetVersion": lambda: (ok, 13000),
+            "cuDevicePrimaryCtxRetain": lambda d: (ok, cu.CUcontext(0)), "cuStreamCreate": lambda f: (ok, cu.CUstream(0)),
+            "cuMemAlloc": self._alloc, "cuModuleLoadData": lambda i: (ok, cu.CUmodule(0)),
+            "cuModuleGetFunction": lambda m, n: (ok, cu.CUfunction(0)), "cuStreamEndCapture": lambda s: (ok, cu.CUgraph(0)),
+            "cuGraphInstantiate": lambda g, f: (ok, cu.CUgraphExec(0)), "cuMemGetInfo": lambda: (ok, 1 << 30, 2 << 30),
+            "cuEventCreate": lambda f: (ok, cu.CUevent(0)), "cuEventElapsedTime": lambda a, b: (ok, 1.5),
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor": lambda f, t, s: (ok, 2)}
+        self.ok = ok
+
+    def _alloc(self, n):
+        self.next_ptr += (n + 255) // 256 * 256
+        return self.ok, self.cu.CUdeviceptr(self.next_ptr)
+
+    def __getattr__(self, name):
+        real = getattr(self.cu, name)
+        if not name.startswith("cu") or not callable(real) or isinstance(real, type):
+            return real
+
+        def call(*args):
+            try:
+                real(*args)
+            except TypeError:
+                raise
+            except Exception:  # noqa: S110  (no libcuda here: the arguments were accepted)
+                pass
+            self.calls.append(name)
+            return self.answers.get(name, lambda *a: (self.ok,))(*args)
+        return call
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is here: the real device is tested instead")
+def test_every_driver_call_takes_its_arguments(monkeypatch):
+    from glmrt.backends.cuda_engine import device as device_mod
+    from glmrt.backends.cuda_engine.args import GemvArgs
+    pytest.importorskip("cuda.bindings.driver")
+    fake = _FakeDriver()
+    monkeypatch.setattr(device_mod, "_driver", lambda: fake)
+    d = device_mod.CudaDevice()
+    assert (d.name, d.compute_capability, d.sm_count, d.driver_version) == ("Fake H200", (9, 0), 132, 13000)
+    p = d.alloc(1000)
+    d.upload(p, np.arange(10, dtype=np.float32))
+    d.download(p, np.empty(10, np.float32))
+    d.zero(p, 40)
+    k = d.load(b"\x7fELF fake cubin", {"big": 60000, "small": 0})
+    d.launch(k["big"], (4, 2), 256, 60000, GemvArgs(w=p))
+    assert d.occupancy(k["big"], 256, 60000) == 2
+    graph = d.capture(lambda: d.launch(k["small"], (3,), 128, 0, GemvArgs()))
+    d.replay(graph)
+    assert d.memory() == (1 << 30, 2 << 30)
+    with d.timer() as t:
+        d.replay(graph)
+    assert t.ms == 1.5
+    d.free(p)
+    for call in ("cuFuncSetAttribute", "cuLaunchKernel", "cuStreamBeginCapture", "cuGraphLaunch", "cuMemcpyHtoDAsync"):
+        assert call in fake.calls
+
+
+@needs_nvrtc
+@pytest.mark.skipif(GPU, reason="a GPU is here: the real device is tested instead")
+def test_glmrt_load_runs_the_engine_through_every_driver_call(engine_model, monkeypatch):
+    """glmrt.load(backend="cuda") -> registry -> engine found for the (fake) H200 -> weights
+    uploaded, kernels loaded, graphs captured and replayed: the driver sees every call with
+    arguments it accepts (the results are meaningless without a GPU)."""
+    from glmrt.backends.cuda_engine import device as device_mod
+    pytest.importorskip("cuda.bindings.driver")
+    fake = _FakeDriver()
+    fake.answers["cuDeviceGetName"] = lambda *a: (fake.ok, b"NVIDIA H200\0")
+    monkeypatch.setattr(device_mod, "_driver", lambda: fake)
+    m = glmrt.load(engine_model("int4"), backend="cuda", max_context=64)
+    assert m.decoder.describe()["gpu"] == "NVIDIA H200 (sm90, 132 SMs)"
+    with m.decoder.generation() as c:
+        m.decoder.step_greedy(np.array([[5, 6, 7]]), c)
+        m.decoder.greedy_burst(3, c, 2)
+    assert fake.calls.count("cuGraphInstantiate") == 2 and "cuModuleLoadData" in fake.calls
+
+
+@needs_cxx
+@pytest.mark.parametrize("fmt", ["int4", "f16", "f16_kn"])
+def test_one_weight_load_serves_several_rows_of_x(fmt):
+    """M = 3 rows of x through one GEMV (what verification steps of speculative decoding and
+    batched slots will run): each row normalized on its own, the residual stream written per
+    row, each row's logits and argmax."""
+    from glmrt.backends.cuda_engine.args import GemvArgs
+    M, H, V = 3, SMALL.hidden, SMALL.vocab
+    k = Gemv("rows3", fmt, H, V, "add_norm", "argmax", block=32, m=M, warps=2, rpw=2, unroll=2)
+    dev = EmulatedDevice(sm_count=2)
+    handle = dev.load(translation_unit(SMALL, [k]).encode(), {k.name: k.smem})[k.name]
+    rng = np.random.default_rng(5)
+    x_in, y_in = rng.standard_normal((M, H)).astype(np.float32), rng.standard_normal((M, H)).astype(np.float32)
+    norm_y, norm_x = (1 + 0.1 * rng.standard_normal((2, H))).astype(np.float16)
+    if fmt == "int4":
+        packed, scales = selfcheck.random_int4(rng, V, H, 32)
+        w = {"w": packed, "scales": scales}
+        wd = selfcheck.dequant_int4(packed, scales, H)
+    else:
+        w16 = (rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
+        w = {"w": w16 if fmt == "f16" else np.ascontiguousarray(w16.T)}
+        wd = w16.astype(np.float64)
+    bufs = []
+
+    def put(a):
+        p = dev.alloc(a.nbytes)
+        dev.upload(p, a)
+        bufs.append(a)
+        return p
+    grid = min(k.tiles(SMALL), 8)
+    a = GemvArgs(**{n: put(v) for n, v in w.items()}, x_in=put(x_in), y_in=put(y_in), norm_y=put(norm_y),
+                 norm_x=put(norm_x), x_out=put(np.zeros((M, H), np.float32)), y=put(np.zeros((M, V), np.float32)),
+                 part_val=put(np.zeros(M * grid, np.float32)), part_idx=put(np.zeros(M * grid, np.int32)),
+                 counter=put(np.zeros(1, np.uint32)), token_out=put(np.zeros(M, np.int32)), eps=selfcheck.EPS)
+    dev.launch(handle, (grid,), k.threads, k.smem, a)
+    x = x_in.astype(np.float64) + selfcheck.rms_norm(y_in, norm_y, selfcheck.EPS)
+    h = selfcheck.rms_norm(x, norm_x, selfcheck.EPS).astype(np.float16).astype(np.float64)    # (M, H)
+    ref = h @ wd.T                                                                              # (M, V)
+    logits, x_out, tokens = np.empty((M, V), np.float32), np.empty((M, H), np.float32), np.empty(M, np.int32)
+    dev.download(a.y, logits)
+    dev.download(a.x_out, x_out)
+    dev.download(a.token_out, tokens)
+    assert rel(logits, ref) < selfcheck.TOL[fmt] and rel(x_out, x) < 1e-6
+    assert tokens.tolist() == np.argmax(logits, axis=1).tolist()
