@@ -8,15 +8,18 @@ formed (the role first, one finish_reason, the usage chunk last, ids consistent)
 token count must equal that reference: nothing lost, nothing mixed between streams.
 
     python3 bench/serve_load.py glm4-pydoc-onnx --clients 32 --seconds 30 --max-tokens 64
+    python3 bench/serve_load.py glm4-pydoc-onnx --ray-replicas 2      # glmrt serve --ray, 2 replicas
 
 Figures: time to first token (request sent -> first content delta; it includes waiting for a
-slot) p50/p95, aggregate completion tokens per second over the run, requests completed.
+slot) p50/p95, aggregate completion tokens per second over the run, requests completed, and how
+many requests each replica (x-glmrt-replica) answered.
 The exit status is 1 if any stream failed a check.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import platform
@@ -40,6 +43,9 @@ def main():
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--device", default=None)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--ray-replicas", type=int, default=None,
+                    help="serve with glmrt serve --ray --replicas N (a Ray of its own) instead")
+    ap.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray-replicas")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--check", choices=["text", "structure"], default="text",
                     help="text: every stream equals the answer fetched alone (exact on the CPU); "
@@ -50,6 +56,8 @@ def main():
            "--max-queue", str(a.max_queue), "--name", "bench", "--grace", "5"]
     cmd += ["--device", a.device] if a.device else []
     cmd += ["--backend", a.backend] if a.backend else []
+    if a.ray_replicas:
+        cmd += ["--ray", "--replicas", str(a.ray_replicas), "--cpus-per-replica", str(a.cpus_per_replica)]
     load_before = _loadavg()
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
@@ -100,7 +108,7 @@ async def load(url: str, a) -> dict:
         r = await client.chat.completions.create(model="bench", messages=[{"role": "user", "content": q}],
                                                  max_tokens=a.max_tokens, temperature=0)
         reference[q] = (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason)
-    ttft, failures, done = [], [], []
+    ttft, failures, done, served = [], [], [], {}
     tokens = 0
     t_start = time.perf_counter()
     t_stop = t_start + a.seconds
@@ -113,9 +121,12 @@ async def load(url: str, a) -> dict:
             i += a.clients
             t0 = time.perf_counter()
             try:
-                stream = await client.chat.completions.create(
+                raw = await client.chat.completions.with_raw_response.create(
                     model="bench", messages=[{"role": "user", "content": q}], max_tokens=a.max_tokens,
                     temperature=0, stream=True, stream_options={"include_usage": True})
+                replica = raw.headers.get("x-glmrt-replica", "?")
+                stream = raw.parse()              # the stream itself (a coroutine in some versions)
+                stream = await stream if inspect.isawaitable(stream) else stream
                 chunks, first = [], None
                 async for ch in stream:
                     if first is None and ch.choices and ch.choices[0].delta.content:
@@ -132,6 +143,7 @@ async def load(url: str, a) -> dict:
                 ttft.append(first - t0)
             tokens += chunks[-1].usage.completion_tokens
             done.append(time.perf_counter() - t0)
+            served[replica] = served.get(replica, 0) + 1
     await asyncio.gather(*(one_client(k) for k in range(a.clients)))
     wall = time.perf_counter() - t_start
     q = statistics.quantiles(ttft, n=20) if len(ttft) >= 2 else [float("nan")] * 19
@@ -141,7 +153,8 @@ async def load(url: str, a) -> dict:
             "failures": failures[:10], "ttft_p50_s": round(statistics.median(ttft), 4) if ttft else None,
             "ttft_p95_s": round(q[18], 4), "completion_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 1),
-            "request_p50_s": round(statistics.median(done), 3) if done else None}
+            "request_p50_s": round(statistics.median(done), 3) if done else None,
+            "ray_replicas": a.ray_replicas, "answered_per_replica": sorted(served.values(), reverse=True)}
 
 
 def check(chunks, ref, same_text: bool = True) -> str | None:

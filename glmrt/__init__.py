@@ -30,7 +30,7 @@ Modules (docs/ARCHITECTURE.md has the whole pipeline and the words used for it):
   cli.py         the `glmrt` command: each subcommand calls one library function
   errors.py      the error types (one line each, no tracebacks in the CLI)
   serve/         `glmrt serve`: OpenAI-compatible server and chat page (the serve extra;
-                 `import glmrt` never imports it)
+                 `import glmrt` never imports it), and its Ray Serve replicas (the ray extra)
 glmrt.export (export/) writes model folders; glmrt.engines (engines/) builds engines.
 """
 __version__ = "0.1.0"

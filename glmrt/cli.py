@@ -239,17 +239,45 @@ def chat(model, prompt, system, backend, device, threads, hide_reasoning, verify
               help="Seconds in-flight replies may run on after SIGTERM before they are cut.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the model files' checksums on load.")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run on Ray Serve: replicas of the model behind Ray's proxy (the ray extra).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="--ray: this many replicas (default 1), or autoscale with --min/--max-replicas.")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="--ray: autoscaling's lower bound.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="--ray: autoscaling's upper bound.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
+              help="--ray: GPUs each replica reserves (default 0; 1: one replica per GPU).")
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=None,
+              help="--ray: CPUs each replica reserves (default 1; on the CPU, also its threads).")
+@click.option("--ray-address", default=None,
+              help="--ray: the cluster to join ('auto': the one this machine is in; default: start one here).")
 @clean_errors
-def serve(model, host, port, backend, device, threads, slots, max_queue, api_key, name, grace, verify):
+def serve(model, host, port, backend, device, threads, slots, max_queue, api_key, name, grace, verify,
+          on_ray, replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica, ray_address):
     """Serve an exported MODEL with an OpenAI-compatible API and a chat page (needs the serve
-    extra: pip install "glmrt[serve]")."""
+    extra: pip install "glmrt[serve]"; --ray needs the ray extra)."""
+    ray_only = {k: v for k, v in dict(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                                      gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+                                      ray_address=ray_address).items() if v is not None}
+    if not on_ray:
+        if ray_only:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ray_only)
+            raise GlmrtError(f"{flags}: only with --ray (glmrt serve MODEL --ray ...)")
+        try:
+            from .serve.run import serve as run_server
+        except ImportError as e:
+            raise GlmrtError(f"glmrt serve needs the serve extra ({e.name} is missing): "
+                             'pip install "glmrt[serve]"') from None
+        run_server(model=model, host=host, port=port, backend=backend, device=device, threads=threads,
+                   slots=slots, max_queue=max_queue, api_key=api_key, name=name, grace=grace, verify=verify)
+        return
     try:
-        from .serve.run import serve as run_server
+        from .serve.ray_app import serve_on_ray
     except ImportError as e:
-        raise GlmrtError(f"glmrt serve needs the serve extra ({e.name} is missing): "
-                         'pip install "glmrt[serve]"') from None
-    run_server(model=model, host=host, port=port, backend=backend, device=device, threads=threads,
-               slots=slots, max_queue=max_queue, api_key=api_key, name=name, grace=grace, verify=verify)
+        raise GlmrtError(f"glmrt serve --ray needs the ray extra ({e.name} is missing): "
+                         'pip install "glmrt[serve,ray]"') from None
+    serve_on_ray(host=host, port=port, model=model, name=name, backend=backend, device=device, threads=threads,
+                 slots=slots, max_queue=max_queue, api_key=api_key, verify=verify, grace=grace, **ray_only)
 
 
 @main.command()

@@ -4,6 +4,7 @@ declared in glmrt/precision.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 
@@ -36,6 +37,7 @@ def parse_gpu(text: str) -> Gpu:
 
 
 def detect(index: int = 0) -> Gpu:
+    """CUDA's device `index` of this process: the one ONNX Runtime and TensorRT run on."""
     for probe in (_nvml, _cuda_driver, _nvidia_smi):
         try:
             gpu = probe(index)
@@ -47,11 +49,26 @@ def detect(index: int = 0) -> Gpu:
                      "name one with --gpu NAME@smXY")
 
 
+def visible(index: int) -> int | str:
+    """CUDA's device `index` as NVML and nvidia-smi name it. CUDA numbers only the GPUs that
+    CUDA_VISIBLE_DEVICES lists (Ray gives each replica its own GPU that way); NVML numbers every
+    GPU of the machine. An entry is an index or a UUID (GPU-..., MIG-...)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return index
+    ids = [v.strip() for v in listed.split(",") if v.strip()]
+    if index >= len(ids):
+        raise GlmrtError(f"CUDA_VISIBLE_DEVICES={listed!r} leaves no CUDA device {index}")
+    return int(ids[index]) if ids[index].isdigit() else ids[index]
+
+
 def _nvml(index):
     import pynvml
     pynvml.nvmlInit()
     try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        which = visible(index)
+        h = (pynvml.nvmlDeviceGetHandleByIndex(which) if isinstance(which, int)
+             else pynvml.nvmlDeviceGetHandleByUUID(which))
         name = pynvml.nvmlDeviceGetName(h)
         name = name.decode() if isinstance(name, bytes) else name
         return Gpu(name, tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)))
@@ -72,7 +89,7 @@ def _cuda_driver(index):
 
 
 def _nvidia_smi(index):
-    out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name,compute_cap",
+    out = subprocess.run(["nvidia-smi", f"--id={visible(index)}", "--query-gpu=name,compute_cap",
                           "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
     name, cc = out.stdout.strip().rsplit(",", 1)
     major, minor = cc.strip().split(".")

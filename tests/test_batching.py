@@ -151,6 +151,29 @@ def test_prompt_cache_reuse_prefills_only_the_new_tokens(pair):
     assert_idle(batched)
 
 
+def test_a_cached_prefix_in_the_later_of_two_equal_length_slots_is_reused(exported):
+    # two free slots whose caches hold as many tokens, the prefix in the second: picking it must
+    # not compare the caches' arrays (the scheduler's thread died on it, its caller waited forever)
+    m = glmrt.load(exported(), max_context=256, slots=2)
+    try:
+        def no_stop(ids, logits):
+            logits = logits.copy()
+            logits[sorted(m.eos_ids)] = -np.inf
+            return logits
+        m.generate([5, 6, 7], max_new_tokens=4, logits_processor=no_stop)
+        second = m.generate([8, 9, 10], max_new_tokens=4, logits_processor=no_stop)
+        assert [c.length for c in m.scheduler.free] == [6, 6]
+        result, got = Generation([]), []
+        t = threading.Thread(target=lambda: got.append(m.generate(
+            [8, 9, 10, *second, 11], max_new_tokens=2, result=result, logits_processor=no_stop)), daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "the request never ended"
+        assert len(got[0]) == 2 and result.cached_tokens == 6
+    finally:
+        m.close()
+
+
 def test_a_full_queue_is_a_typed_error_and_waiters_keep_their_order(exported):
     m = glmrt.load(exported(), max_context=256, slots=1, max_queue=1)
     gate = threading.Event()

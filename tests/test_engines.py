@@ -72,6 +72,22 @@ def test_fp8_and_int4_by_compute_capability(precision, cc, ok):
             check_precision(precision, gpu)
 
 
+def test_the_gpu_asked_about_is_cudas_device_not_nvmls(monkeypatch):
+    # a Ray replica (or a container) sees its own GPU as CUDA device 0; NVML and nvidia-smi
+    # number the machine's GPUs, so the engine folder must be chosen by the listed one
+    from glmrt.gpu import visible
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible(1) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert (visible(0), visible(1)) == (3, 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a, 2")
+    assert (visible(0), visible(1)) == ("GPU-8f2a", 2)
+    for listed in ("", "5"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+        with pytest.raises(GlmrtError, match="leaves no CUDA device 1"):
+            visible(1)
+
+
 def test_parse_gpu():
     assert parse_gpu("NVIDIA H200@sm90") == Gpu("NVIDIA H200", (9, 0))
     assert parse_gpu("Jetson AGX Orin@8.7") == Gpu("Jetson AGX Orin", (8, 7))

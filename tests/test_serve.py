@@ -398,8 +398,13 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(exported):
 
 def test_import_glmrt_does_not_import_the_server_stack():
     code = ("import sys, glmrt, glmrt.model, glmrt.cli; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'anyio', 'glmrt.serve')"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'anyio', 'ray')"
             " or m.startswith('glmrt.serve')]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # plain `glmrt serve` (run.py, the app) does not import Ray either: only --ray does
+    code = ("import sys, glmrt.serve.run, glmrt.serve.app; bad = [m for m in sys.modules if m.split('.')[0] == 'ray'"
+            " or m == 'glmrt.serve.ray_app']; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 

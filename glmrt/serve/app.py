@@ -213,7 +213,10 @@ class _GenerationResponse(Response):
 
         async def watch(cancel_scope):
             while True:
-                message = await receive()
+                try:
+                    message = await receive()
+                except Exception:  # noqa: BLE001  the host lost the client (Ray's proxy: its receive task cancelled)
+                    message = {"type": "http.disconnect"}
                 if message["type"] == "http.disconnect":
                     run.cancel("disconnect")
                     cancel_scope.cancel()
