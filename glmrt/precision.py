@@ -32,7 +32,7 @@ class Target:
 TARGETS = {t.name: t for t in (
     Target("onnxruntime", "concat", ("float32", "float16"), True,
            "standard ops + MatMulNBits, cache grown by Concat; ONNX Runtime CPU (and CUDA)",
-           int8_activations=True),
+           int8_activations=True, lm_head="int8"),
     Target("cuda", "gqa", ("float16",), True,
            "GroupQueryAttention, fused norms, device KV cache updated in place; ONNX Runtime CUDA"),
     Target("tensorrt", "concat", ("float16", "float32"), False,

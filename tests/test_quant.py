@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from glmrt.contract import TensorSpec
+from glmrt.precision import TARGETS
 from glmrt.errors import GlmrtError
 from glmrt.export.export import export_model
 from glmrt.export.onnx_builder import GraphBuilder, WeightFile
@@ -126,7 +127,7 @@ def unpack_int4(t, signed):
 
 def test_tensorrt_form_codes_equal_onnxruntime_form_minus_8_and_logits_agree(exported, model):
     opts = dict(block_size=128, activations="fp32")
-    ort_opts = dict(opts, int8_activations=False)          # both multiply in float: same logits
+    ort_opts = dict(opts, int8_activations=False, lm_head="float")   # both float: same logits
     ort_dir = exported("quant", "int4", target="onnxruntime", **ort_opts)
     trt_dir = exported("quant", "int4", target="tensorrt", **opts)
     m_ort, i_ort = initializers(ort_dir)
@@ -169,11 +170,15 @@ def test_quantized_logits_against_fp32(precision, target, model, exported):
     assert rel < bound_rel and disagree < bound_top1
     man = json.loads((exported("quant", precision, target=target) / "manifest.json").read_text())
     q = man["precision"]["quantization"]
-    assert q["lm_head"] == "float" and q["embed_tokens"] == "float"
-    assert set(q["errors"]) == {f"layers.{i}/{n}" for i in range(2) for n in
-                                ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
+    head = TARGETS[target].lm_head                           # the CPU form's lm_head is 8-bit by default
+    assert q["lm_head"] == ("float" if head == "float" else "quantized") and q["embed_tokens"] == "float"
+    layers = {f"layers.{i}/{n}" for i in range(2) for n in
+              ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
+    assert set(q["errors"]) == layers | ({"lm_head"} if head != "float" else set())
+    if head != "float":
+        assert q["lm_head_form"]["bits"] == 8 and q["lm_head_form"]["int8_activations"]
     if precision == "fp8":
-        assert set(q["calibration"]["input_amax"]) == set(q["errors"]) | {"lm_head"}
+        assert set(q["calibration"]["input_amax"]) == layers | {"lm_head"}
 
 
 def test_quantized_lm_head_is_recorded(exported):
@@ -261,7 +266,7 @@ def test_int8_activations_against_the_float64_reference(precision, checkpoint, m
     w = ck.weights_f32()
     scheme = MatMulNBits(int(precision[3:]), 32, True, "float32")
     deq = {k: (scheme.dequantize(scheme.quantize(v)) if v.ndim == 2 and k.startswith("model.layers.") else v)
-           for k, v in w.items()}                                     # lm_head stays float: the default here
+           for k, v in w.items()}                                     # lm_head float, as asked below
     ids = list(range(5, 700, 7))
     ref, _ = reference.forward(ck.cfg, deq, ids)                      # (seq, V) float64
     for int8, (bound, agree) in ((False, (1e-4, 1.0)), (True, INT8_ACTIVATIONS[precision])):
