@@ -8,6 +8,7 @@ Importing glmrt pulls in numpy only; onnxruntime and tokenizers load with a mode
 Modules (docs/ARCHITECTURE.md has the whole pipeline and the words used for it):
   model.py       the API facade: load, logits, generate, stream, chat, tools, search
   generate.py    the generation loop: greedy on the device, bursts, sampling on the host
+  scheduler.py   continuous batching (slots=N): one thread advances every running sequence
   chat.py        prompts from the chat template (truncation), reply deltas, parsing glue
   reply.py       what the model wrote: reasoning, content, GLM-4-0414 tool calls (pure)
   agent.py       running Python tools the model calls; search answers with citations
