@@ -32,7 +32,7 @@ from onnx import helper
 from glmrt.config import GlmConfig
 from glmrt.contract import Consumer, io_contract, past_key, past_value, present_key, present_value
 
-from .onnx_builder import ONNX_DTYPE
+from .onnx_builder import ONNX_DTYPE, unique_name
 
 GENAI_CONFIG = "genai_config.json"
 # onnxruntime-genai's model.type for "a plain decoder": no model-specific inputs, state or
@@ -79,11 +79,7 @@ class _Adapter:
         self.nodes, self.initializers, self.taken = [], [], taken
 
     def _name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def _op(self, target: str, op: str, inputs: list, out: str | None = None, **attrs) -> str:
         name = self._name(f"/model/adapter/{target}/{op}")

@@ -100,11 +100,7 @@ class GraphBuilder:
             self.scope.pop()
 
     def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used_names:
-            name, i = f"{base}_{i}", i + 1
-        self.used_names.add(name)
-        return name
+        return unique_name(base, self.used_names)
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
            domain: str = "", unused: tuple = (), **attrs):
@@ -164,3 +160,12 @@ class GraphBuilder:
                               producer_name="glmrt", doc_string=doc)
         m.ir_version = 10
         return m
+
+
+def unique_name(base: str, taken: set) -> str:
+    """`base`, or `base_1`, `base_2`, ... the first not in `taken` (which records it)."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name

@@ -199,6 +199,16 @@ def main():
             mask[r, :len(seq)] = 1
         return x, mask, x.masked_fill(mask == 0, -100)
 
+    def train_step(batch, opt, sched):
+        x, mask, labels = batch_tensors(batch)
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss
+
     def held_loss(windows) -> float:
         model.eval()
         total, count = 0.0, 0
@@ -224,13 +234,7 @@ def main():
             order = list(range(len(data)))
             random.shuffle(order)
         batch, order = [data[i] for i in order[:args.batch]], order[args.batch:]
-        x, mask, labels = batch_tensors(batch)
-        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = train_step(batch, opt, sched)
         step += 1
         if step % EVAL_EVERY == 0:
             h = held_loss(held_topics)
@@ -283,13 +287,7 @@ def main():
         batch = [rng2.choice(part0) for _ in range(args.batch)] + \
             [rng2.choice(openings) for _ in range(args.batch)] + \
             [rng2.choice(lm)[:2 * ANSWER_TOKENS + 1] for _ in range(args.batch // 2)]
-        x, mask, labels = batch_tensors(batch)
-        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = train_step(batch, opt, sched)
         if step2 % EVAL_EVERY == 0 or step2 == n2:
             h, a = held_loss(held_topics), answered()
             answers_curve.append({"step": step2, "train_loss": round(loss.item(), 4), "answered": a,
