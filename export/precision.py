@@ -88,6 +88,8 @@ def _lm_head(spec, form: str, target, same: bool, choice: str | None, scheme, op
             raise ValueError("pass --quantize-lm-head or --lm-head, not both")
         return scheme
     choice = choice or target.lm_head
+    if choice == "same":                       # a target's default: the weights' own bits
+        return scheme if form == "matmulnbits" else None
     if choice == "float":
         return None
     if choice not in LM_HEAD_BITS:

@@ -25,14 +25,15 @@ class Target:
     contrib_ops: bool            # may use ONNX Runtime's com.microsoft ops
     what: str                    # one line for --help and the architecture page
     int8_activations: bool = False   # MatMulNBits computes with int8 activations by default
-    lm_head: str = "float"       # quantized exports: lm_head's default ("float", or bits "int8")
+    lm_head: str = "float"       # quantized exports: lm_head's default: "float", "int8", "int4" or
+                                 # "same" (the weights' own bits, MatMulNBits forms; float otherwise)
     fp16_compute: str = "float16"    # the dtype fp16 weights multiply in by default
 
 
 TARGETS = {t.name: t for t in (
     Target("onnxruntime", "concat", ("float32", "float16"), True,
            "standard ops + MatMulNBits, cache grown by Concat; ONNX Runtime CPU (and CUDA)",
-           int8_activations=True, lm_head="int8"),
+           int8_activations=True, lm_head="same"),
     Target("cuda", "gqa", ("float16",), True,
            "GroupQueryAttention, fused norms, device KV cache updated in place; ONNX Runtime CUDA"),
     Target("tensorrt", "concat", ("float16", "float32"), False,
