@@ -124,8 +124,13 @@ def part_smoke(args):
 
 # ---- kernels one by one ------------------------------------------------------------------------------
 SHAPES = {"glm-z1-9b": (4096, 13696, 32, 2, 128, 64, 151552), "glm-4-32b": (6144, 23040, 48, 2, 128, 64, 151552)}
-CASES = [("glm-z1-9b", "int4", 32, "f16_kn"), ("glm-z1-9b", "int4", 128, "int4"), ("glm-z1-9b", "f16", 32, "f16"),
-         ("glm-4-32b", "int4", 32, "f16_kn")]
+LAYERS = {"glm-z1-9b": 40, "glm-4-32b": 61}
+CASES = [  # (shape, layers' format, int4 block, lm_head format, what int4 weights multiply: f16 or int8 x)
+    ("glm-z1-9b", "int4", 32, "f16_kn", "f16"), ("glm-z1-9b", "int4", 128, "int4", "f16"),
+    ("glm-z1-9b", "f16", 32, "f16", "f16"), ("glm-4-32b", "int4", 32, "f16_kn", "f16"),
+    ("glm-z1-9b", "int4", 32, "f16_kn", "int8"), ("glm-z1-9b", "int4", 128, "int4", "int8"),
+    ("glm-4-32b", "int4", 32, "f16_kn", "int8")]
+TIMED = (0, 4, 2, 3, 6)       # the CASES timed kernel by kernel
 
 
 def part_kernels(args):
@@ -137,21 +142,22 @@ def part_kernels(args):
     if args.emulate:                       # the emulation runs small shapes
         shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}
     report = {"checks": [], "timing": {}}
-    for shape, linear, block, lm in CASES:
-        say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}, lm_head {lm}")
+    for shape, linear, block, lm, act in CASES:
+        a8 = " int8 x" if act == "int8" else ""
+        say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}{a8}, lm_head {lm}")
         t = time.perf_counter()
-        rows = run_checks(device, shapes[shape], Formats(linear, block, lm), log=say)
+        rows = run_checks(device, shapes[shape], Formats(linear, block, lm, act), log=say)
         for r in rows:
-            r["case"] = f"{shape} {linear} b{block} lm_head {lm}"
+            r["case"] = f"{shape} {linear} b{block}{a8} lm_head {lm}"
         report["checks"] += rows
         say(f"   ({time.perf_counter() - t:.1f} s)")
         save("kernels", report)
     if args.time:
-        for shape, linear, block, lm in (CASES[0], CASES[2], CASES[3]):
-            key = f"{shape} {linear} lm_head {lm}"
+        for shape, linear, block, lm, act in (CASES[i] for i in TIMED):
+            key = f"{shape} {linear}{' int8 x' if act == 'int8' else ''} lm_head {lm}"
             say(f"== timing {key}: each kernel alone, weights cycled through copies larger than L2")
             try:
-                rows = time_kernels(device, shapes[shape], Formats(linear, block, lm), log=say,
+                rows = time_kernels(device, shapes[shape], Formats(linear, block, lm, act), log=say,
                                     **({"launches": 2, "l2_bytes": 1 << 16, "contexts": (16, 300)} if args.emulate else {}))
             except Exception as e:  # timing failures do not hide the checks above
                 say(f"FAIL  timing {key}: {type(e).__name__}: {e}")
@@ -185,7 +191,7 @@ def step_share(rows: list, shape: tuple, log) -> dict:
 
 SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident)
     (8, 2, 4, 2, 0), (8, 1, 4, 2, 0), (8, 1, 4, 3, 0), (8, 2, 2, 3, 0), (4, 2, 4, 4, 0), (4, 1, 4, 4, 0),
-    (16, 1, 4, 1, 0), (8, 4, 2, 2, 0)]
+    (16, 1, 4, 1, 0), (8, 4, 2, 2, 0), (8, 2, 8, 2, 0), (8, 4, 4, 2, 0)]
 ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits)
     (128, 4, 32, 32, 64), (128, 2, 32, 32, 64), (128, 8, 32, 32, 64), (128, 16, 32, 32, 64), (128, 4, 32, 32, 32),
     (128, 4, 32, 32, 128), (128, 4, 64, 64, 32), (128, 8, 64, 64, 64), (256, 8, 64, 64, 64), (64, 4, 32, 32, 64)]
@@ -202,7 +208,7 @@ def part_sweep(args):
     shapes = Shapes(*SHAPES["glm-z1-9b"]) if not args.emulate else Shapes(128, 384, 4, 2, 32, 16, 1024)
     emu = {"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}
     out = {"gemv": [], "attention": []}
-    for threads, hpb, tile, chunk, splits in ATT_SWEEP:
+    for threads, hpb, tile, chunk, splits in ATT_SWEEP if args.only in (None, "attention") else ():
         knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits}
         say(f"== attention: {threads} threads, {hpb} query heads a block, tile {tile}, chunk {chunk}+, {splits} splits")
         try:
@@ -214,13 +220,13 @@ def part_sweep(args):
             continue
         out["attention"].append({**knobs, "kernels": rows})
         save("sweep", out)
-    for warps, rpw, unroll, min_blocks, per_sm in SWEEP:
+    for warps, rpw, unroll, min_blocks, per_sm in SWEEP if args.only in (None, "gemv") else ():
         knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm}
         config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
-        say(f"== warps {warps}, rows per warp {rpw}, units in flight {unroll}, launch bounds min blocks "
-            f"{min_blocks}, blocks per SM {per_sm or 'resident'}")
+        say(f"== {'int8 x, ' if args.act == 'int8' else ''}warps {warps}, rows per warp {rpw}, units in flight "
+            f"{unroll}, launch bounds min blocks {min_blocks}, blocks per SM {per_sm or 'resident'}")
         try:
-            rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config=config, log=say,
+            rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn", args.act), config=config, log=say,
                                 only=("qkv", "o_proj", "gate_up", "down"), **emu)
         except Exception as e:  # a config that does not fit (registers, shared memory) is reported
             say(f"FAIL  {knobs}: {type(e).__name__}: {str(e)[:200]}")
@@ -242,13 +248,18 @@ def part_step(args):
     if args.emulate:
         shapes, layers, contexts, reps = Shapes(128, 384, 4, 2, 32, 16, 1024), 2, (16, 300), 1
     else:
-        shapes, layers, contexts, reps = Shapes(*SHAPES["glm-z1-9b"]), 40, (128, 8192), 3
+        shapes, layers, contexts, reps = Shapes(*SHAPES[args.shape]), LAYERS[args.shape], (128, 8192), 3
     out = {}
-    for name, formats in (("int4", Formats("int4", 32, "f16_kn")), ("fp16", Formats("f16", 32, "f16"))):
-        say(f"== glm-z1-9b {name} ({layers} layers), lm_head {formats.lm_head}: the step's graph, {reps} steps a replay")
+    sets = [("int4", Formats("int4", 32, "f16_kn")), ("fp16", Formats("f16", 32, "f16"))]
+    if args.act == "int8":                  # int4 with int8 x, and the fp16-x int4 step beside it
+        sets = [("int4 int8 x", Formats("int4", 32, "f16_kn", "int8")), sets[0]]
+    if args.shape != "glm-z1-9b":          # the int4 steps only
+        sets = [x for x in sets if x[0] != "fp16"]
+    for name, formats in sets:
+        say(f"== {args.shape} {name} ({layers} layers), lm_head {formats.lm_head}: the step's graph, {reps} steps a replay")
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
         try:
-            out[name] = bench.time(DEFAULT_CONFIG, contexts, reps, log=say, variants=name == "int4")
+            out[name] = bench.time(DEFAULT_CONFIG, contexts, reps, log=say, variants=name == sets[0][0])
             try:                            # the same with programmatic dependent launch (sm_90+)
                 out[name] += bench.time({**DEFAULT_CONFIG, "pdl": True}, contexts, reps, log=say, variants=False,
                                         label="programmatic dependent launch")
@@ -257,6 +268,66 @@ def part_step(args):
         finally:
             bench.free()
         save("step", out)
+
+
+# ---- Nsight Compute: each kernel of real decode steps ----------------------------------------------------
+ENGINE_KERNELS = ("qkv_first", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def part_ncu_run(args):
+    """What ncu profiles: an engine folder's decode steps as plain launches (no graph, bursts of
+    1), after a 128-token prefill by the engine itself (no ONNX Runtime needed). Run under
+    `ncu --kernel-name regex:'^(qkv_first|qkv|attention|o_proj|gate_up|down|lm_head)$'`."""
+    eng, _ = load_engine(args, Path(args.model), max_context=args.max_context, burst=1, cuda_graph=False,
+                         prefill="engine")
+    rng = np.random.default_rng(0)
+    with eng.generation() as c:
+        tok = eng.step_greedy(np.array([rng.integers(3, 1000, size=128).tolist()]), c)
+        for _ in range(args.steps):
+            tok = eng.step_greedy(np.array([[tok]]), c)
+    eng.device.synchronize()
+    say(f"profiled {args.steps} decode steps of {args.model}")
+
+
+def part_ncu_report(args):
+    """ncu's CSV (gpu__time_duration.sum, dram__bytes_read.sum per kernel launch) -> each engine
+    kernel's mean time, share of the step, DRAM bytes read and achieved TB/s; the last `steps`
+    decode steps of `layers` layers (the prefill's launches before them are left out)."""
+    import csv
+    rows = {}
+    with open(args.model, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    launches = {}
+    for r in csv.DictReader(lines):
+        name = r["Kernel Name"].split("(")[0].strip()
+        if name not in ENGINE_KERNELS:
+            continue
+        key = (r["ID"], name)
+        v = float(r["Metric Value"].replace(",", ""))
+        launches.setdefault(key, {})[r["Metric Name"]] = v
+    per_step = 5 * args.layers + 1
+    ordered = sorted(launches.items(), key=lambda kv: int(kv[0][0]))[-per_step * args.steps:]
+    for (_, name), m in ordered:
+        t = rows.setdefault(name, {"n": 0, "ns": 0.0, "bytes": 0.0})
+        t["n"] += 1
+        t["ns"] += m.get("gpu__time_duration.sum", 0.0)
+        t["bytes"] += m.get("dram__bytes_read.sum", 0.0)
+    total = sum(t["ns"] for t in rows.values())
+    say(f"| kernel | launches per step | us each | share of the step's kernel time | DRAM read per launch | TB/s |")
+    say("|---|---|---|---|---|---|")
+    table = []
+    for name in ENGINE_KERNELS:
+        if name not in rows:
+            continue
+        t = rows[name]
+        us = t["ns"] / t["n"] / 1e3
+        tb = t["bytes"] / t["ns"] / 1e3 if t["ns"] else 0.0
+        say(f"| {name} | {t['n'] / args.steps:g} | {us:.2f} | {100 * t['ns'] / total:.1f}% | "
+            f"{t['bytes'] / t['n'] / 1e6:.2f} MB | {tb:.2f} |")
+        table.append({"kernel": name, "per_step": t["n"] / args.steps, "us": us, "share": t["ns"] / total,
+                      "dram_read_bytes": t["bytes"] / t["n"], "tbps": tb})
+    say(f"kernels' time per step: {total / args.steps / 1e3:.1f} us ({args.layers} layers)")
+    save(f"ncu-{args.tag}", {"csv": args.model, "layers": args.layers, "steps": args.steps, "kernels": table})
 
 
 # ---- the whole engine against ONNX Runtime ------------------------------------------------------------
@@ -308,6 +379,11 @@ def part_model(args):
     eng, _ = load_engine(args, model, device=device, max_context=n_ctx, burst=8)
     ort = OrtGqaDecoder(model, man, ort_device(args), None, n_ctx, not args.emulate, 8)
     figures["load_s"] = time.perf_counter() - t0
+    from glmrt.engine import read_engine
+    act = read_engine(eng.engine_path, verify=False)["formats"].get("act", "f16")
+    if act == "int8":                   # int8 x (per 32 values) in every int4 GEMV: bars stated here
+        tol_ort, tol_ref = 2.5e-2, 2.5e-2
+    figures["act"] = act
     say(f"loaded engine ({eng.describe()['settings']}) and ONNX Runtime's {ort_device(args)} form in "
         f"{figures['load_s']:.1f} s")
 
@@ -426,6 +502,18 @@ def part_memory(args):
         toks = [eng.step_greedy(np.random.default_rng(0).integers(3, 1000, size=(1, 512)), c)]
         toks += eng.greedy_burst(toks[-1], c, 8)
     free1 = device.memory()
+    prefill_ms = {}                     # ONNX Runtime's prefill on these weights: median of 5
+    for n in (128, 2048):
+        if n >= args.max_context:
+            continue
+        times = []
+        for _ in range(6):
+            with eng.generation() as c:
+                t = time.perf_counter()
+                eng.step_greedy(np.random.default_rng(1).integers(3, 1000, size=(1, n)), c)
+                times.append(time.perf_counter() - t)
+        prefill_ms[n] = float(np.median(times[1:]) * 1e3)
+        say(f"prefill {n:5d} tokens, weights {args.weights}: {prefill_ms[n]:.2f} ms (median of 5, first token included)")
     em = read_engine(eng.engine_path, verify=False)
     weights = sum(t["bytes"] for t in em["weights"]["tensors"].values())
     cfg = eng.cfg
@@ -433,7 +521,7 @@ def part_memory(args):
     bound = 1.1 * weights + kv + 1e9
     used = (free0[0] - free1[0]) if free0 and free1 else None
     r = {"weights_mode": args.weights, "used_bytes": used, "weight_bytes": weights, "kv_bytes": kv,
-         "bound_bytes": bound, "tokens": toks, "max_context": args.max_context}
+         "bound_bytes": bound, "tokens": toks, "max_context": args.max_context, "prefill_ms": prefill_ms}
     if used is None:
         say("memory: not measurable on this device")
     else:
@@ -489,7 +577,8 @@ def part_summary(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "step", "model", "memory", "summary"])
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "step", "model", "memory", "ncu-run",
+                                     "ncu-report", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
     ap.add_argument("--reference", nargs="?", const="float64", choices=["float64", "float32"],
@@ -498,11 +587,17 @@ def main():
     ap.add_argument("--weights", choices=["engine", "shared"], default="engine")
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--layers", type=int, default=8, help="ncu-report: the profiled model's layers")
+    ap.add_argument("--only", choices=["attention", "gemv"], default=None, help="sweep: one half of it")
+    ap.add_argument("--shape", choices=list(SHAPES), default="glm-z1-9b", help="step: the model's shapes")
+    ap.add_argument("--steps", type=int, default=3, help="ncu-run: decode steps profiled")
+    ap.add_argument("--act", choices=["f16", "int8"], default="f16",
+                    help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--emulate", action="store_true", help="the CPU emulation (a dry run without a GPU)")
     args = ap.parse_args()
     say(f"== engine {args.part} {args.model or ''} ({time.strftime('%H:%M:%S')})")
     try:
-        globals()[f"part_{args.part}"](args)
+        globals()[f"part_{args.part.replace('-', '_')}"](args)
     except Exception as e:  # one line of verdict, then the traceback for the log
         say(f"FAIL  {args.part}: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
         traceback.print_exc()

@@ -188,7 +188,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     if [ "${ENGINE_PARTS:-all}" != models ]; then
       part 60 $C env
       part 60 $C smoke
-      part 200 $C kernels --time
+      part ${KERNELS_LIMIT:-200} $C kernels --time
     fi
     if [ "${ENGINE_PARTS:-all}" = kernels ]; then
       part 150 $C step
@@ -219,19 +219,45 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
         xport "synthetic:$shape" "$dir" "$prec" $flags
         echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
       fi
-      start=$(date +%s)
-      # the GPU here: compiled, every kernel checked at the model's shapes; if a check fails,
-      # compiled without it, so that the speed is still measured
-      build "$dir" && echo "glmrt build --backend cuda (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
-        build "$dir" --gpu "NVIDIA H200@sm90"
       bflags="--prompt-lengths 128,2048 --contexts 128,8192 --repeats 3"
-      part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda.json"
+      # ACTS="fp16 default": the engine built with --activations fp16 (int4: fp16 x) and benched,
+      # then with the default (the engine left for the memory parts is the last one built)
+      for act in ${ACTS:-default}; do
+        aflag=""; [ "$act" != default ] && aflag="--activations $act"
+        start=$(date +%s)
+        # the GPU here: compiled, every kernel checked at the model's shapes; if a check fails,
+        # compiled without it, so that the speed is still measured
+        build "$dir" $aflag && echo "glmrt build --backend cuda $aflag (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
+          build "$dir" --gpu "NVIDIA H200@sm90" $aflag
+        part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda${aflag:+-$act}.json"
+      done
       part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
       for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
+      [ -n "${ATT_SWEEP:-}" ] && part 120 $C sweep --only attention
       [ "$keep" = 1 ] || rm -rf "$dir"
     done
   fi
   timeout 30 $C summary 2>&1 | tee -a "$LOG"
+  ;;
+engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
+              # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  dir=$W/engine-9b-8L-int4
+  python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite 2>&1 | tail -1
+  per=$(( 5 * 8 + 1 ))
+  for act in fp16 int8; do
+    python3 -m glmrt.cli build "$dir" --backend cuda --overwrite --gpu "NVIDIA H200@sm90" --activations $act | tail -1
+    run timeout 240 "$NCU" --clock-control none --csv --print-units base --print-kernel-base function \
+      --kernel-name "regex:^(qkv_first|qkv|attention|o_proj|gate_up|down|lm_head)$" \
+      --launch-skip $(( 124 * per )) --launch-count $(( 8 * per )) \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file "$OUT/ncu-engine-9b-8L-$act.csv" \
+      $C ncu-run "$dir" --steps 3 2>&1 | tail -2
+    $C ncu-report "$OUT/ncu-engine-9b-8L-$act.csv" --layers 8 --steps 3 --tag "9b-8L-int4-$act" 2>&1 | tee -a "$OUT/engine-ncu.log"
+  done
+  run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
   ;;
 genai)  # SETS="int4 fp16" (precisions), CONTEXTS=128,2048; all 40 layers
   whl=$(ls "$REPO"/.whl/onnxruntime_genai_cuda-*-cp312-*.whl 2>/dev/null | head -1)

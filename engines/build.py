@@ -30,6 +30,7 @@ class BuildOptions:
     max_prompt: int = 2048
     max_context: int = 4096
     opt_level: int = 3           # TensorRT builder optimization level
+    activations: str | None = None   # cuda: what int4 weights multiply, "int8" or "fp16" (None: the default)
 
 
 def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | None = None,
@@ -43,6 +44,8 @@ def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | 
     b = lookup(backend)
     if b.builder is None:
         raise GlmrtError(f"--backend {backend} builds no engines")
+    if options.get("activations") is not None and backend != "cuda":
+        raise GlmrtError(f"--activations applies to --backend cuda (glmrt's engine), not to --backend {backend}")
     builder = importlib.import_module(f"glmrt.engines.{b.builder}")
     out, make = builder.plan(model_dir, man, BuildOptions(**options))
     return _write(model_dir, man, out, make, overwrite)

@@ -17,6 +17,7 @@ it, kernels and their launch parameters, the weight index.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from glmrt.backends.cuda_engine import nvrtc
@@ -43,6 +44,7 @@ def plan(model_dir: Path, man: dict, options):
     arch = 10 * target.compute_capability[0] + target.compute_capability[1]
     cfg = GlmConfig.from_dict(man["config"])
     weights, formats = index_export(Path(model_dir), man, cfg)
+    formats = dataclasses.replace(formats, act=activations(formats, options.activations))
     shapes = Shapes.from_config(cfg)
     kernels = decode_kernels(shapes, formats, DEFAULT_CONFIG)
     for k in kernels:
@@ -81,6 +83,24 @@ def plan(model_dir: Path, man: dict, options):
                                              for r in bad[:4]))
         return entry
     return out, make
+
+
+# What int4 weights multiply by default: fp16 x, as ONNX Runtime's CUDA form. int8 x (dp4a,
+# --activations int8) is faster (H200, GLM-Z1-9B int4: 2.38 ms a step against 2.63) but moves
+# the logits 4.5e-2 from ONNX Runtime's form on GLM-Z1-9B shapes (fp16 x: 7e-3), enough to part
+# greedy tokens that are not near ties: an option, measured in bench/RESULTS.md
+DEFAULT_INT4_ACTIVATIONS = "f16"
+
+
+def activations(formats: Formats, asked: str | None) -> str:
+    """The Formats.act of this engine: int4 weights take int8 x unless --activations fp16;
+    fp16 weights always multiply fp16 x."""
+    if formats.linear != "int4":
+        if asked == "int8":
+            raise GlmrtError("--activations int8: the engine quantizes x for int4 weights only; this export is "
+                             f"{formats.linear} (export --precision int4, or leave --activations out)")
+        return "f16"
+    return {"int8": "int8", "fp16": "f16", None: DEFAULT_INT4_ACTIVATIONS}[asked]
 
 
 def _gpu_here(target):

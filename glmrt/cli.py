@@ -349,13 +349,18 @@ def _token_counts(text: str | None, name: str):
 @click.option("--max-prompt", default=2048, show_default=True)
 @click.option("--max-context", default=4096, show_default=True)
 @click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimization level 0-5.")
+@click.option("--activations", type=click.Choice(["int8", "fp16"]), default=None,
+              help="cuda backend, int4 models: what the weights multiply: fp16 x (default, as ONNX Runtime's "
+                   "form) or int8 x per 32 values (faster, less accurate).")
 @click.option("--overwrite", is_flag=True)
 @clean_errors
-def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, overwrite):
+def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, activations,
+          overwrite):
     """Build an engine for one backend from an exported MODEL folder (stored inside it)."""
     from glmrt.engines.build import build as run_build
     out = run_build(model, backend=backend, precision=precision, overwrite=overwrite, gpu=gpu, device=device,
-                    max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, opt_level=opt_level)
+                    max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, opt_level=opt_level,
+                    activations=activations)
     click.echo(f"built {out}")
 
 

@@ -225,6 +225,11 @@ inline h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
 inline h16x2 hsub2(h16x2 a, h16x2 b) {
   return pack2(h2f(a & 0xffff) - h2f(b & 0xffff), h2f(a >> 16) - h2f(b >> 16));
 }
+inline int dp4a_us(unsigned a, unsigned b, int c) {
+  for (int i = 0; i < 4; ++i) c += (int)((a >> (8 * i)) & 0xffu) * (int)(signed char)((b >> (8 * i)) & 0xffu);
+  return c;
+}
+inline int f2i_rn(float f) { return (int)std::nearbyint(f); }     // round half to even, as cvt.rni
 inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }

@@ -21,7 +21,8 @@ from .sources import SMOKE, Shapes, translation_unit
 from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
-TOL = {"int4": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
+# (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
 EPS = 1e-5
 
 
@@ -41,6 +42,18 @@ def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     codes[..., 0::2] = packed & 0xF
     codes[..., 1::2] = packed >> 4
     return ((codes.astype(np.float64) - 8.0) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+
+
+def quant_a8(v: np.ndarray) -> np.ndarray:
+    """x as an int4_a8 GEMV multiplies it (float64): each 32 values (zero-padded) as int8
+    q = rint(x * 127 / absmax) times absmax / 127, in float32 as the kernel computes them."""
+    v = np.asarray(v, np.float32).reshape(-1)
+    n = v.size
+    u = np.pad(v, (0, -n % 32)).reshape(-1, 32)
+    amax = np.abs(u).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    q = np.rint(u * inv.astype(np.float32))
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(-1)[:n]
 
 
 def rms_norm(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -163,6 +176,18 @@ class _Ctx:
             self.dev.free(p)
         self.ptrs, self.keep = [], []
 
+    @property
+    def lin(self) -> str:
+        """The layers' kernel format (the name the tolerances and reports use)."""
+        return self.f.kernel(self.f.linear)
+
+    def xin(self, v, fmt: str | None = None) -> np.ndarray:
+        """x as the GEMV of weight format `fmt` (the layers' by default) multiplies it:
+        rounded to fp16, or quantized to int8 per 32 values (int4 with int8 x)."""
+        if self.f.kernel(fmt or self.f.linear) == "int4_a8":
+            return quant_a8(v)
+        return np.asarray(v).astype(np.float16).astype(np.float64)
+
     def grid(self, name: str) -> int:
         return gemv_grid(self.spec[name], self.s, self.config, self.dev, self.h[name])
 
@@ -227,7 +252,7 @@ def check_qkv(c: _Ctx, first: bool) -> dict:
         a.x_in, a.y_in, a.norm_y = c.put(x_in), c.put(y_in), c.put(norm_y)
         x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
     c.gemv(name, a)
-    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    h = c.xin(rms_norm(x, norm_x, EPS))
     y = wd @ h + (bias.astype(np.float64) if first else 0.0)
     q = rope(y[:nh * hd].reshape(nh, hd), table, p, s.rot)
     k = rope(y[nh * hd:(nh + nkv) * hd].reshape(nkv, hd), table, p, s.rot)
@@ -238,8 +263,8 @@ def check_qkv(c: _Ctx, first: bool) -> dict:
             "x_out": rel(c.get(a.x_out, H, np.float32), x)}
     untouched = bool(np.all(kc[:, :p] == 0) and np.all(kc[:, p + 1:] == 0) and np.all(vc[:, :p] == 0))
     err = max(errs.values()) if untouched else float("inf")
-    return _result(f"{name} ({c.f.linear}, {'embedding' if first else 'residual add'} + norm -> "
-                   f"qkv{' + bias' if first else ''}, RoPE, cache append)", err, TOL[c.f.linear],
+    return _result(f"{name} ({c.lin}, {'embedding' if first else 'residual add'} + norm -> "
+                   f"qkv{' + bias' if first else ''}, RoPE, cache append)", err, TOL[c.lin],
                    errors=errs, other_positions_untouched=untouched)
 
 
@@ -289,8 +314,8 @@ def check_o_proj(c: _Ctx) -> dict:
     x = c.vec32(K)
     a = GemvArgs(**wf, y_in=c.put(x), y=c.zeros(4 * N))
     c.gemv("o_proj", a)
-    ref = wd @ x.astype(np.float16).astype(np.float64)
-    return _result(f"o_proj ({c.f.linear}, fp32 in -> store)", rel(c.get(a.y, N, np.float32), ref), TOL[c.f.linear])
+    ref = wd @ c.xin(x)
+    return _result(f"o_proj ({c.lin}, fp32 in -> store)", rel(c.get(a.y, N, np.float32), ref), TOL[c.lin])
 
 
 def check_gate_up(c: _Ctx) -> dict:
@@ -303,13 +328,13 @@ def check_gate_up(c: _Ctx) -> dict:
                  x_out=c.zeros(4 * H), act=c.zeros(2 * I))
     c.gemv("gate_up", a)
     x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
-    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    h = c.xin(rms_norm(x, norm_x, EPS))
     gu = wd @ h
     g, u = gu[:I], gu[I:]
     act = g / (1 + np.exp(-g)) * u
     errs = {"act": rel(c.get(a.act, I, np.float16), act), "x_out": rel(c.get(a.x_out, H, np.float32), x)}
-    return _result(f"gate_up ({c.f.linear}, residual add + norm -> SwiGLU)", max(errs.values()),
-                   TOL[c.f.linear], errors=errs)
+    return _result(f"gate_up ({c.lin}, residual add + norm -> SwiGLU)", max(errs.values()),
+                   TOL[c.lin], errors=errs)
 
 
 def check_down(c: _Ctx) -> dict:
@@ -318,8 +343,8 @@ def check_down(c: _Ctx) -> dict:
     x = c.vec16(s.inter)
     a = GemvArgs(**wf, h_in=c.put(x), y=c.zeros(4 * s.hidden))
     c.gemv("down", a)
-    ref = wd @ x.astype(np.float64)
-    return _result(f"down ({c.f.linear}, fp16 in -> store)", rel(c.get(a.y, s.hidden, np.float32), ref), TOL[c.f.linear])
+    ref = wd @ c.xin(x)
+    return _result(f"down ({c.lin}, fp16 in -> store)", rel(c.get(a.y, s.hidden, np.float32), ref), TOL[c.lin])
 
 
 def check_lm_head(c: _Ctx) -> dict:
@@ -330,7 +355,7 @@ def check_lm_head(c: _Ctx) -> dict:
     x_in, y_in = c.vec32(H), c.vec32(H)
     norm_y, norm_x = c.vec16(H, 1.0, 0.1), c.vec16(H, 1.0, 0.1)
     x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
-    h = rms_norm(x, norm_x, EPS).astype(np.float16).astype(np.float64)
+    h = c.xin(rms_norm(x, norm_x, EPS), fmt)
     first, second = 3, V - 5                         # equal rows, both beat every other row
     if fmt == "int4":
         packed, scales = random_int4(c.rng, V, H, c.f.block)
@@ -360,8 +385,9 @@ def check_lm_head(c: _Ctx) -> dict:
     err = rel(logits, ref)
     counter = int(c.get(a.counter, 1, np.uint32)[0])
     ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
-    return _result(f"lm_head ({fmt}, residual add + final norm -> logits + argmax, tie between rows "
-                   f"{first} and {second})", err if ok else float("inf"), TOL[fmt],
+    kfmt = c.f.kernel(fmt)
+    return _result(f"lm_head ({kfmt}, residual add + final norm -> logits + argmax, tie between rows "
+                   f"{first} and {second})", err if ok else float("inf"), TOL[kfmt],
                    tokens=tokens, logits_err=err, counter_after=counter)
 
 
@@ -477,7 +503,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
             def record(args=args, spec=spec, grid=grid, name=name):
                 for i in range(launches):
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
-            rows.append(_time(device, record, launches, f"{name} ({fmt}, {n} x {k})", nbytes, grid, log))
+            rows.append(_time(device, record, launches, f"{name} ({c.f.kernel(fmt)}, {n} x {k})", nbytes, grid, log))
         blocks = att_spec.blocks_x(s.kv_heads)
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
                        part_o=c.zeros(4 * s.heads * splits * s.head_dim), part_ml=c.zeros(8 * s.heads * splits),

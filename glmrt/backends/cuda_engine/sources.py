@@ -15,7 +15,9 @@ from importlib import resources
 
 KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 
-FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN"}
+# int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu)
+FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8"}
+INT4_FORMATS = ("int4", "int4_a8")
 PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM"}
 EPILOGUES = {"store": "EPI_STORE", "qkv": "EPI_QKV", "swiglu": "EPI_SWIGLU", "argmax": "EPI_ARGMAX"}
 KN_TILE = 256                  # columns per tile of the W^T GEMV (32 lanes x 8 values)
@@ -88,13 +90,15 @@ class Gemv:
     @property
     def kp(self) -> int:
         """K as stored: int4 rows are padded to whole blocks."""
-        return -(-self.k // self.block) * self.block if self.fmt == "int4" else self.k
+        return -(-self.k // self.block) * self.block if self.fmt in INT4_FORMATS else self.k
 
     @property
     def smem(self) -> int:
         """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums)."""
         if self.fmt == "int4":
             return self.m * (self.kp // 32) * 80
+        if self.fmt == "int4_a8":
+            return self.m * (self.kp // 32) * 48
         if self.fmt == "f16":
             return self.m * self.k * 2
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4

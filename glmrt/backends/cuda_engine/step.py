@@ -66,6 +66,11 @@ class Formats:
     linear: str        # the layers' matrices: "int4" or "f16"
     block: int         # int4 block size along K
     lm_head: str       # "int4", "f16" (V, H) or "f16_kn" (H, V)
+    act: str = "f16"   # what int4 weights multiply: "f16" x, or "int8" x per 32 values (W4A8)
+
+    def kernel(self, fmt: str) -> str:
+        """The kernel format of weights stored as `fmt` (int4 with int8 x: "int4_a8")."""
+        return "int4_a8" if fmt == "int4" and self.act == "int8" else fmt
 
 
 def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG) -> list:
@@ -74,7 +79,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
 
     def gemv(name, role, fmt, k, n, pro, epi):
         c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
-        return Gemv(name, fmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
+        return Gemv(name, f.kernel(fmt), k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"])
 
     att = {**ATTENTION, **config["attention"]}

@@ -24,6 +24,11 @@ DEV h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
   h16x2 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
 DEV h16x2 hsub2(h16x2 a, h16x2 b) { h16x2 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+// 4 unsigned bytes of a times 4 signed bytes of b, summed into c (int8 activations)
+DEV int dp4a_us(unsigned a, unsigned b, int c) {
+  int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+DEV int f2i_rn(float f) { int i; asm("cvt.rni.s32.f32 %0, %1;" : "=r"(i) : "f"(f)); return i; }
 // weights are read once per token: stream them past the caches
 DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
 // written by other blocks of this kernel (the last-block reductions): read through L2

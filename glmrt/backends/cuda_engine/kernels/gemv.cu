@@ -7,6 +7,13 @@
 //             padded to the block (docs/FORMATS.md).
 //   W_F16     fp16 (N, K), the checkpoint's [out, in] (export --float-layout nk).
 //   W_F16_KN  fp16 (K, N), W^T as ONNX MatMul reads it (a default export's float lm_head).
+//   W_INT4_A8 W_INT4's bytes with x quantized to int8 (W4A8): each 32 values of x (one weight
+//             unit) get a scale sx = absmax / 127 and q = rint(x / sx); a 32-bit word of weights
+//             gives its 8 products in 2 dp4a (the nibbles as unsigned bytes, x as signed bytes)
+//             and a unit's sum is sx * (sum of n * q - 8 * sum of q) in fp32: 5 instructions per
+//             8 products where W_INT4 takes ~15 (on the H200 the W_INT4 GEMVs read 1.3-2.6
+//             TB/s where the fp16 ones read 2.7-4.2 with the same loads: their arithmetic, not
+//             memory, is the limit). An accuracy trade, as llama.cpp's Q4_0 x Q8_1.
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -23,6 +30,10 @@
 //           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
 //           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
 //   W_F16   8 values in order (16 bytes per unit).
+//   W_INT4_A8  per unit 48 bytes: word j of the weights pairs with the 8 bytes at 8j: first the
+//           int8 x of its even nibbles (k = 32u + 8j + 0, 2, 4, 6 in bytes 0..3), then of the odd
+//           ones; then (sx, -8 * sx * sum of the unit's q) as floats and 8 bytes of pad (units 48
+//           bytes apart: a phase of 8 lanes' 16-byte loads covers all 32 banks once).
 //
 // Prologues (how x is made):
 //   PRO_F16         x = h_in (M, K) fp16
@@ -46,6 +57,8 @@
 #define W_INT4 0
 #define W_F16 1
 #define W_F16_KN 2
+#define W_INT4_A8 3
+#define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8)   // the MatMulNBits bytes and scales
 
 #define PRO_F16 0
 #define PRO_F32 1
@@ -96,6 +109,9 @@ template <> struct XLayout<W_F16> {
   static constexpr int VALS = 8, XU = 1;
 };
 template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
+template <> struct XLayout<W_INT4_A8> {
+  static constexpr int VALS = 32, XU = 3;
+};
 
 // ---- prologue: x (M, K) into shared memory as fp16 ------------------------------------------
 // Vectorized: a thread takes 8 consecutive values at a time (k0 = 8c, c = tid, tid + NT, ...;
@@ -118,15 +134,45 @@ template <int FMT> DEV uint4 x_word_h(uint4 w) {       // 8 fp16 values in order
   return make_uint4((w.x & 0xffffu) | (w.z << 16), (w.x >> 16) | (w.z & 0xffff0000u),
                     (w.y & 0xffffu) | (w.w << 16), (w.y >> 16) | (w.w & 0xffff0000u));
 }
+// Write 8 values of x at k0 (a multiple of 8) into staged x row xm, when store. W_INT4_A8
+// quantizes per 32 values: the 4 threads holding a unit are 4 neighbouring lanes of one warp
+// (k0 = 8 * (tid + i * NT), NT a multiple of 32), and EVERY thread of the block calls this in
+// the same pass (store false, values 0 where there is nothing to write) for the shuffles.
+template <int FMT> DEV void put8(uint4* xm, int k0, bool store, const float (&v)[8]) {
+  if (FMT != W_INT4_A8) {
+    if (store) xm[x_word_at<FMT>(k0)] = x_word<FMT>(v);
+    return;
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int q[8], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) { q[j] = f2i_rn(v[j] * inv); sum += q[j]; }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  if (!store) return;
+  unsigned* unit = (unsigned*)(xm + (k0 / 32) * XLayout<W_INT4_A8>::XU);
+  const int j = (k0 % 32) / 8;
+  unit[2 * j] = (q[0] & 0xff) | (q[2] & 0xff) << 8 | (q[4] & 0xff) << 16 | (unsigned)(q[6] & 0xff) << 24;
+  unit[2 * j + 1] = (q[1] & 0xff) | (q[3] & 0xff) << 8 | (q[5] & 0xff) << 16 | (unsigned)(q[7] & 0xff) << 24;
+  if (j == 0) {
+    const float sx = amax / 127.f;
+    xm[(k0 / 32) * XLayout<W_INT4_A8>::XU + 2] = make_uint4(__float_as_uint(sx), __float_as_uint(-8.f * sx * (float)sum), 0u, 0u);
+  }
+}
 DEV void load8(const float* p, float (&v)[8]) {
   const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-DEV void load8(const h16* p, float (&v)[8]) {
-  const uint4 w = *(const uint4*)p;
+DEV void unpack8(uint4 w, float (&v)[8]) {     // 8 fp16 values in order
   const float2 a = h2x2f(w.x), b = h2x2f(w.y), c = h2x2f(w.z), d = h2x2f(w.w);
   v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
 }
+DEV void load8(const h16* p, float (&v)[8]) { unpack8(*(const uint4*)p, v); }
 
 template <class C, int FMT, int K, int KP, int M, int PRO, int NT>
 DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
@@ -148,7 +194,13 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 #pragma unroll
       for (int i = 0; i < PER; ++i) {
         const int k0 = 8 * (tid + i * NT);
-        if (k0 < KP) xm[x_word_at<FMT>(k0)] = x_word_h<FMT>(w[i]);
+        if (FMT == W_INT4_A8) {
+          float v[8];
+          unpack8(w[i], v);                             // zeros past K
+          put8<FMT>(xm, k0, k0 < KP, v);
+        } else if (k0 < KP) {
+          xm[x_word_at<FMT>(k0)] = x_word_h<FMT>(w[i]);
+        }
       }
     } else if (PRO == PRO_F32) {
       float v[PER][8];
@@ -161,10 +213,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
           for (int j = 0; j < 8; ++j) v[i][j] = 0.f;
       }
 #pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        const int k0 = 8 * (tid + i * NT);
-        if (k0 < KP) xm[x_word_at<FMT>(k0)] = x_word<FMT>(v[i]);
-      }
+      for (int i = 0; i < PER; ++i) put8<FMT>(xm, 8 * (tid + i * NT), 8 * (tid + i * NT) < KP, v[i]);
     } else {
       static_assert((PRO != PRO_ADD_NORM && PRO != PRO_EMBED_NORM) || K == C::H,
                     "a fused norm feeds a GEMV over the hidden size");
@@ -218,21 +267,24 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 #pragma unroll
       for (int i = 0; i < HW; ++i) {
         const int k0 = 8 * (tid + i * NT);
-        if (k0 >= H) continue;
-        float nx[8], h[8];
-        load8(a.norm_x + k0, nx);
-        if (blockIdx.x == 0) {
-          ((float4*)(a.x_out + m * H + k0))[0] = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
-          ((float4*)(a.x_out + m * H + k0))[1] = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
-        }
+        float h[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (k0 < H) {
+          float nx[8];
+          load8(a.norm_x + k0, nx);
+          if (blockIdx.x == 0) {
+            ((float4*)(a.x_out + m * H + k0))[0] = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+            ((float4*)(a.x_out + m * H + k0))[1] = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+          }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) h[j] = v[i][j] * rx * nx[j];
-        xm[x_word_at<FMT>(k0)] = x_word<FMT>(h);
+          for (int j = 0; j < 8; ++j) h[j] = v[i][j] * rx * nx[j];
+        }
+        put8<FMT>(xm, k0, k0 < H, h);
       }
+      const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < (KP - H) / 8 / NT + 1; ++i) {   // int4 padding past H (none at real shapes)
         const int k0 = H + 8 * (tid + i * NT);
-        if (k0 < KP) xm[x_word_at<FMT>(k0)] = make_uint4(0u, 0u, 0u, 0u);
+        put8<FMT>(xm, k0, k0 < KP, zero);
       }
     }
   }
@@ -258,6 +310,20 @@ DEV float dot_int4(uint4 w, const uint4* xu) {
     sum += f.x + f.y;
   }
   return sum;
+}
+
+// int4 x int8 (W_INT4_A8): 8 dp4a over the unit's 4 words, then the unit's x scale and the
+// -8 offset of the nibbles (both staged with x): sx * sum(n * q) - 8 * sx * sum(q)
+DEV float dot_int4_a8(uint4 w, const uint4* xu) {
+  const uint4 xa = xu[0], xb = xu[1], meta = xu[2];
+  const unsigned words[4] = {w.x, w.y, w.z, w.w}, xq[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  int d = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    d = dp4a_us(words[j] & 0x0F0F0F0Fu, xq[2 * j], d);
+    d = dp4a_us((words[j] >> 4) & 0x0F0F0F0Fu, xq[2 * j + 1], d);
+  }
+  return fmaf(__uint_as_float(meta.x), (float)d, __uint_as_float(meta.y));
 }
 
 DEV float dot_f16(uint4 w, const uint4* xu) {
@@ -401,14 +467,14 @@ template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
 template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
-  constexpr int KP = FMT == W_INT4 ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
-  constexpr int KB = KP / (FMT == W_INT4 ? BLOCK : 1);       // scales per row
+  constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
+  constexpr int KB = KP / (INT4_FMT(FMT) ? BLOCK : 1);       // scales per row
   constexpr int U = KP / L::VALS;                             // units per row
   constexpr int ROWS = WARPS * RPW;
   constexpr int TILES = tiles<ROWS, N, EPI, C>();
   constexpr int STEPS = (U + 32 * UNROLL - 1) / (32 * UNROLL);  // per tile
   static_assert(FMT != W_F16 || K % 8 == 0, "fp16 rows are read in 8-value units");
-  static_assert(FMT != W_INT4 || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
+  static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
 
   DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x
@@ -428,7 +494,7 @@ DEV void gemv_nk(const GemvArgs& a) {
         const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
         const int row = row_of<ROWS, N, EPI, C>(tile, lr);
         st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
-        st.s[uu][r] = FMT == W_INT4 && ok ? h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]) : 1.f;
+        st.s[uu][r] = INT4_FMT(FMT) && ok ? h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]) : 1.f;
       }
     }
   };
@@ -462,7 +528,8 @@ DEV void gemv_nk(const GemvArgs& a) {
         const uint4* xu = xs + (m * U + u) * L::XU;
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
-          acc[r][m] += (FMT == W_INT4 ? dot_int4(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
+          acc[r][m] += (FMT == W_INT4 ? dot_int4(cur.w[uu][r], xu)
+                        : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
       }
     }
     if (step == STEPS - 1) {                // the tile is done: reduce, then its epilogue
