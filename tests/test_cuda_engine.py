@@ -445,13 +445,14 @@ def test_every_kernel_passes_its_check_on_the_gpu(formats):
 @needs_nvrtc
 @needs_cxx
 def test_shared_weights_are_the_engines_own_memory(engine_model):
-    """weights="shared": ONNX Runtime's prefill session is given the engine's buffers
+    """weights="shared" (the default): ONNX Runtime's prefill session is given the engine's buffers
     (DLPack OrtValues, add_initializer) and computes with them: zero the embedding in the
     engine's memory and every prompt prefills to the same logits; the engine's decode tokens
     are those of its own copy."""
     model = engine_model("int4")
-    own = emulated_decoder(model, burst=4)
-    shared = emulated_decoder(model, burst=4, weights="shared")
+    own = emulated_decoder(model, burst=4, weights="engine")
+    shared = emulated_decoder(model, burst=4)                 # the default with ONNX Runtime's prefill
+    assert own.describe()["settings"]["weights"] == "engine"
     for dec in (own, shared):
         with dec.generation() as c:
             dec.tokens = [dec.step_greedy(np.array([PROMPT]), c)] + dec.greedy_burst(3, c, 4)

@@ -39,7 +39,7 @@ def ort_available(device: str) -> bool:
 class CudaDecoder(Decoder):
     def __init__(self, folder: Path, manifest: dict, engine_path: Path, engine: dict, device, *,
                  max_context: int | None = None, cuda_graph: bool = True, burst: int | None = None,
-                 prefill: str | None = None, weights: str = "engine", threads: int | None = None):
+                 prefill: str | None = None, weights: str | None = None, threads: int | None = None):
         self.folder, self.engine_path, self.device = Path(folder), Path(engine_path), device
         cfg = self.cfg = GlmConfig.from_dict(manifest["config"])
         limit = cfg.max_position_embeddings
@@ -50,6 +50,11 @@ class CudaDecoder(Decoder):
         prefill = prefill or ("onnxruntime" if ort_available(device.ort_device) else "engine")
         if prefill not in ("onnxruntime", "engine"):
             raise GlmrtError(f"prefill={prefill!r}; expected 'onnxruntime' or 'engine'")
+        # one copy of the weights on the device by default: ONNX Runtime's prefill computes with
+        # the engine's buffers ("shared"); "engine" gives the prefill session its own copy
+        weights = weights or ("shared" if prefill == "onnxruntime" else "engine")
+        if weights not in ("shared", "engine"):
+            raise GlmrtError(f"weights={weights!r}; expected 'shared' or 'engine'")
         if weights == "shared" and prefill != "onnxruntime":
             raise GlmrtError("weights='shared' hands the engine's weights to ONNX Runtime's prefill: "
                              "it needs prefill='onnxruntime'")

@@ -179,18 +179,31 @@ DEV void attention(const AttnArgs& a) {
   __threadfence();
   // merge: per query head (a warp each) its largest running max M and each split's weight
   // e^(m_s - M) (into the V tile's space, free now), then every (query head, 4 dims) output
-  // from the splits' sums, 8 splits' loads in flight at a time
+  // from the splits' sums, 16 splits' loads in flight at a time
   float* wsm = (float*)vs;                               // (HPB, ATT_MAX_SPLITS)
+  constexpr int SPL = ATT_MAX_SPLITS / 32;               // splits per lane
   for (int g = warp; g < HPB; g += WARPS) {
     const float* ml = a.part_ml + (size_t)(head0 + g) * a.splits * 2;
-    float mx = __int_as_float(0xff800000);
-    for (int s = lane; s < used; s += 32) mx = fmaxf(mx, load_l2(ml + 2 * s));
+    float mv[SPL], lv[SPL];                              // every (m, l) loaded at once: one round trip
+#pragma unroll
+    for (int i = 0; i < SPL; ++i) {
+      const int s = lane + 32 * i;
+      mv[i] = s < used ? load_l2(ml + 2 * s) : __int_as_float(0xff800000);
+      lv[i] = s < used ? load_l2(ml + 2 * s + 1) : 0.f;
+    }
+    float mx = mv[0];
+#pragma unroll
+    for (int i = 1; i < SPL; ++i) mx = fmaxf(mx, mv[i]);
     mx = warp_max(mx);
     float den = 0.f;
-    for (int s = lane; s < used; s += 32) {
-      const float w = __expf(load_l2(ml + 2 * s) - mx);
-      wsm[g * ATT_MAX_SPLITS + s] = w;
-      den += w * load_l2(ml + 2 * s + 1);
+#pragma unroll
+    for (int i = 0; i < SPL; ++i) {
+      const int s = lane + 32 * i;
+      if (s < used) {
+        const float w = __expf(mv[i] - mx);
+        wsm[g * ATT_MAX_SPLITS + s] = w;
+        den += w * lv[i];
+      }
     }
     den = warp_sum(den);
     if (lane == 0) den_s[g] = den;
@@ -201,7 +214,7 @@ DEV void attention(const AttnArgs& a) {
     const float4* po = (const float4*)(a.part_o + (size_t)(head0 + g) * a.splits * HD) + d4;
     const float* w = wsm + g * ATT_MAX_SPLITS;
     float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll 16
     for (int s = 0; s < used; ++s) {
       const float4 o = load_l2(po + (size_t)s * (HD / 4));
       num.x += w[s] * o.x; num.y += w[s] * o.y; num.z += w[s] * o.z; num.w += w[s] * o.w;
