@@ -189,12 +189,13 @@ def step_share(rows: list, shape: tuple, log) -> dict:
                                          for n, us, b in parts]}
 
 
-SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident)
-    (8, 2, 4, 2, 0), (8, 1, 4, 2, 0), (8, 1, 4, 3, 0), (8, 2, 2, 3, 0), (4, 2, 4, 4, 0), (4, 1, 4, 4, 0),
-    (16, 1, 4, 1, 0), (8, 4, 2, 2, 0), (8, 2, 8, 2, 0), (8, 4, 4, 2, 0)]
+SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch bounds), blocks per SM: 0 = resident,
+           #  int4 with fp16 x: words per half2 sum)
+    (8, 2, 4, 2, 0, 1), (8, 2, 4, 2, 0, 2), (8, 2, 4, 2, 0, 4), (8, 1, 4, 2, 0, 2), (8, 2, 2, 3, 0, 2),
+    (8, 2, 8, 2, 0, 2), (8, 1, 4, 3, 0, 4), (8, 2, 2, 3, 0, 4)]
 ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits)
-    (128, 4, 32, 32, 64), (128, 2, 32, 32, 64), (128, 8, 32, 32, 64), (128, 16, 32, 32, 64), (128, 4, 32, 32, 32),
-    (128, 4, 32, 32, 128), (128, 4, 64, 64, 32), (128, 8, 64, 64, 64), (256, 8, 64, 64, 64), (64, 4, 32, 32, 64)]
+    (128, 4, 32, 32, 64), (256, 8, 64, 64, 64), (512, 16, 32, 32, 64), (256, 16, 32, 32, 64), (512, 16, 32, 32, 128),
+    (512, 16, 64, 64, 64), (256, 8, 32, 32, 64), (512, 16, 32, 32, 32), (1024, 16, 64, 64, 64)]
 
 
 def part_sweep(args):
@@ -220,11 +221,13 @@ def part_sweep(args):
             continue
         out["attention"].append({**knobs, "kernels": rows})
         save("sweep", out)
-    for warps, rpw, unroll, min_blocks, per_sm in SWEEP if args.only in (None, "gemv") else ():
-        knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm}
+    for warps, rpw, unroll, min_blocks, per_sm, hsum in SWEEP if args.only in (None, "gemv") else ():
+        knobs = {"warps": warps, "rpw": rpw, "unroll": unroll, "min_blocks": min_blocks, "blocks_per_sm": per_sm,
+                 "hsum": hsum}
         config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
         say(f"== {'int8 x, ' if args.act == 'int8' else ''}warps {warps}, rows per warp {rpw}, units in flight "
-            f"{unroll}, launch bounds min blocks {min_blocks}, blocks per SM {per_sm or 'resident'}")
+            f"{unroll}, launch bounds min blocks {min_blocks}, blocks per SM {per_sm or 'resident'}, "
+            f"words per half2 sum {hsum}")
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn", args.act), config=config, log=say,
                                 only=("qkv", "o_proj", "gate_up", "down"), **emu)
@@ -255,6 +258,24 @@ def part_step(args):
         sets = [("int4 int8 x", Formats("int4", 32, "f16_kn", "int8")), sets[0]]
     if args.shape != "glm-z1-9b":          # the int4 steps only
         sets = [x for x in sets if x[0] != "fp16"]
+    if args.configs:                        # candidate launch configurations: the full step only, first set
+        from glmrt.backends.cuda_engine.step import GEMV
+        name, formats = sets[0]
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        try:
+            for label, o in json.loads(args.configs).items():
+                config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], **o.get("gemv", {})}
+                                               for r in ("qkv", "o_proj", "gate_up", "down")},
+                          "attention": {**DEFAULT_CONFIG["attention"], **o.get("attention", {})}}
+                say(f"== {args.shape} {name}, {label}: {o}")
+                try:
+                    out[label] = bench.time(config, contexts, reps, log=say, variants=False, label=label)
+                except Exception as e:  # a candidate that does not compile or fit is reported
+                    say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
+                save("step-configs", out)
+        finally:
+            bench.free()
+        return
     for name, formats in sets:
         say(f"== {args.shape} {name} ({layers} layers), lm_head {formats.lm_head}: the step's graph, {reps} steps a replay")
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
@@ -589,6 +610,8 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--layers", type=int, default=8, help="ncu-report: the profiled model's layers")
     ap.add_argument("--only", choices=["attention", "gemv"], default=None, help="sweep: one half of it")
+    ap.add_argument("--configs", default=None,
+                    help='step: JSON {label: {"gemv": {...}, "attention": {...}}} of launch configurations to time')
     ap.add_argument("--shape", choices=list(SHAPES), default="glm-z1-9b", help="step: the model's shapes")
     ap.add_argument("--steps", type=int, default=3, help="ncu-run: decode steps profiled")
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",

@@ -67,9 +67,12 @@ case "$stage" in
 chunk)    # carry .gpu/partK (and, with the last part, .whl: the small wheels the server needs)
   k=${2:?part}
   mkdir -p /tmp/chunks /tmp/site && cp "$REPO/.gpu/part$k" /tmp/chunks/ && ls -la /tmp/chunks
-  ls "$REPO"/.whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
-    --upgrade --target /tmp/site "$REPO"/.whl/*.whl && echo "wheels installed: $(ls "$REPO"/.whl | wc -l)"
-  [ "$k" = 0 ] && (cd "$REPO" && bash bench/gpu.sh prep)
+  # (its exit status is the copy's and the install's: `chunk 4 && install` must not stop on a missing .whl)
+  if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$REPO"/.whl/*.whl &&
+      echo "wheels installed: $(ls "$REPO"/.whl | wc -l)" || exit 1
+  fi
+  if [ "$k" = 0 ]; then (cd "$REPO" && bash bench/gpu.sh prep) || exit 1; fi
   ;;
 prep)
   mkdir -p /tmp/site
@@ -238,6 +241,16 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     done
   fi
   timeout 30 $C summary 2>&1 | tee -a "$LOG"
+  ;;
+engine-tune)  # launch-configuration candidates for glmrt's engine, kernels only (no ONNX Runtime, no export):
+              # the GEMV and attention sweeps, then GLM-Z1-9B's whole int4 step under each of CONFIGS
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH
+  [ "${SWEEP:-1}" = 1 ] && run timeout 200 $C sweep 2>&1 | tee -a "$OUT/engine-tune.log"
+  [ -n "${CONFIGS:-}" ] || CONFIGS='{"default": {}}'
+  [ "${SWEEP:-1}" = 1 ] || echo "(sweep skipped)"
+  run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$OUT/engine-tune.log"
   ;;
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
               # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)

@@ -126,6 +126,18 @@ def test_int4_layout_matches_the_exporter_bit_for_bit():
         np.testing.assert_array_equal(selfcheck.dequant_int4(packed, q.scales, k), scheme.dequantize(q))
 
 
+def test_the_int4_magic_numbers_give_the_code_minus_8_exactly():
+    """kernels/gemv.cu dot_int4: a nibble OR-ed into 0x6400 at bits 0-3 is 1024 + q (minus 1032),
+    at bits 4-7 it is 1024 + 16 q (times 0x2C00 = 1/16, plus 0xD480 = -72, one fp16 fma):
+    q - 8 for every code, with no rounding."""
+    h = lambda bits: np.array([bits], np.uint16).view(np.float16)[0]
+    assert float(h(0x2C00)) == 1 / 16 and float(h(0xD480)) == -72.0 and float(h(0x6408)) == 1032.0
+    for q in range(16):
+        assert float(h(0x6400 | q)) - 1032.0 == q - 8
+        hi = float(h(0x6400 | q << 4))                       # exact: 1024 + 16 q
+        assert hi == 1024 + 16 * q and np.float16(hi * (1 / 16) - 72.0) == q - 8
+
+
 def test_the_int4_dot_product_order_matches_the_staged_x():
     """The kernel takes nibbles (word >> 4s) & 0x000F000F, i.e. k = 8j+s and 8j+s+4 of each
     32-value unit, and reads x from shared memory in XLayout<W_INT4>'s pair order: emulated in
@@ -202,6 +214,18 @@ def test_attention_variants_pass_in_the_emulation(att):
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300, chunk=32,
                                   splits=3, only=["attention"], config=config)
     assert report[0]["ok"], selfcheck.format_result(report[0])
+
+
+@needs_cxx
+@pytest.mark.parametrize("hsum", [2, 4])
+def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
+    """The tuning option hsum (words of products summed in half2 before fp32): every int4
+    GEMV against numpy under the same bar."""
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV
+    config = {**DEFAULT_CONFIG, **{r: {**GEMV, "hsum": hsum} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b128-lmhead"], max_seq=300,
+                                  chunk=32, splits=3, config=config, only=["qkv", "o_proj", "gate_up", "down", "lm_head"])
+    assert len(report) == 5 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
 
 
 @needs_cxx

@@ -72,6 +72,7 @@ class Gemv:
     rpw: int = 2
     unroll: int = 4
     min_blocks: int = 1      # __launch_bounds__' minimum resident blocks per SM (caps registers)
+    hsum: int = 1            # int4 with fp16 x: 32-bit words whose products are summed in half2 before fp32
 
     @property
     def threads(self) -> int:
@@ -109,7 +110,8 @@ class Gemv:
                     f"{PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
-                    f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
+                    f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
+                    f"{self.hsum}>(a);")
         return (f'extern "C" __global__ void __launch_bounds__({self.threads}, {self.min_blocks}) '
                 f"{self.name}(const GemvArgs a) {{ {call} }}\n")
 

@@ -33,8 +33,12 @@ from .sources import ATT_MAX_SPLITS, Attention, Gemv, Shapes
 # the persistent grid: 0 = as many as fit at once (the driver's occupancy for the kernel),
 # N = N per SM. The builder records what it used; tuning replaces these.
 # min_blocks 2: ptxas otherwise spends ~187 registers on the int4 GEMVs (one block of 8 warps per
-# SM); with 2 it fits them in ~115 without spilling (3 spills), 16 warps and 64 KB in flight per SM
-GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0}
+# SM); with 2 it fits them in ~115 without spilling (3 spills), 16 warps and 64 KB in flight per SM.
+# hsum (int4, fp16 x): 32-bit words whose products are summed in half2 before fp32. 4 (a unit's 32
+# products, 16 per half) made GLM-Z1-9B int4's step 2.48 ms against 2.58 (H200, session 7) but
+# moved 4 GLM-Z1-9B layers' logits 7.2e-3 from the float reference (1: 4.4e-3; ONNX Runtime's
+# form: 4.1e-3): 1 stays the default, 2 and 4 are tuning options
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -80,7 +84,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     def gemv(name, role, fmt, k, n, pro, epi):
         c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
         return Gemv(name, f.kernel(fmt), k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
-                    min_blocks=c["min_blocks"])
+                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1))
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

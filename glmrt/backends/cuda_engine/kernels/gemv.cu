@@ -291,23 +291,33 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 }
 
 // ---- dot products of one 16-byte weight unit with staged x ----------------------------------
-// int4: 1024 + q as fp16 by OR-ing the nibble into 0x6400's mantissa, minus 1032 = q - 8
-// (exact); 8 products summed in half2 per 32-bit word, words summed in fp32.
+// int4, q - 8 as fp16, exactly, with one shift per word: the nibbles at bits 0 and 16 OR-ed into
+// 0x6400's mantissa are 1024 + q (minus 1032: q - 8); those at bits 4 and 20 (masked in place)
+// are 1024 + 16 q (times 1/16 minus 72: q - 8); the word shifted by 8 gives the other two pairs.
+// HSUM words' products (4 per half, 8 for the pair) are summed in half2, then in fp32.
+template <int HSUM>
 DEV float dot_int4(uint4 w, const uint4* xu) {
+  static_assert(HSUM == 1 || HSUM == 2 || HSUM == 4, "words per half2 sum: 1, 2 or 4");
   const unsigned words[4] = {w.x, w.y, w.z, w.w};
   float sum = 0.f;
+  h16x2 acc = 0u;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint4 xv = xu[j];
-    const h16x2 xp[4] = {xv.x, xv.y, xv.z, xv.w};
-    h16x2 acc = 0u;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const h16x2 q = ((words[j] >> (4 * s)) & 0x000F000Fu) | 0x64006400u;
-      acc = hfma2(hsub2(q, 0x64086408u), xp[s], acc);
+    const unsigned lo = words[j], hi = words[j] >> 8;
+    const h16x2 q0 = hsub2((lo & 0x000F000Fu) | 0x64006400u, 0x64086408u);
+    const h16x2 q1 = hfma2((lo & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);   // 1/16, -72
+    const h16x2 q2 = hsub2((hi & 0x000F000Fu) | 0x64006400u, 0x64086408u);
+    const h16x2 q3 = hfma2((hi & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);
+    acc = hfma2(q0, xv.x, acc);
+    acc = hfma2(q1, xv.y, acc);
+    acc = hfma2(q2, xv.z, acc);
+    acc = hfma2(q3, xv.w, acc);
+    if ((j + 1) % HSUM == 0) {
+      const float2 f = h2x2f(acc);
+      sum += f.x + f.y;
+      acc = 0u;
     }
-    const float2 f = h2x2f(acc);
-    sum += f.x + f.y;
   }
   return sum;
 }
@@ -464,7 +474,8 @@ template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
   float s[UNROLL][RPW];
 };
 
-template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI>
+template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI,
+          int HSUM = 1>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
   constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
@@ -528,7 +539,7 @@ DEV void gemv_nk(const GemvArgs& a) {
         const uint4* xu = xs + (m * U + u) * L::XU;
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
-          acc[r][m] += (FMT == W_INT4 ? dot_int4(cur.w[uu][r], xu)
+          acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(cur.w[uu][r], xu)
                         : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
       }
     }
