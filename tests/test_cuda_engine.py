@@ -323,6 +323,32 @@ def test_build_cli_names_a_gpu_and_refuses_an_old_one(exported, tmp_path):
 
 
 @needs_nvrtc
+def test_build_cli_takes_int8_activations_for_int4_only(exported, tmp_path):
+    """--activations int8 compiles the int4_a8 GEMVs into the engine and its manifest; on an
+    fp16 export, or for another backend, it is one line and exit 2, with nothing written."""
+    from click.testing import CliRunner
+
+    from glmrt.cli import main
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "cuda", "--gpu", "NVIDIA H200@sm90",
+                                  "--activations", "int8"])
+    assert r.exit_code == 0, r.output
+    em = read_engine(model / "engines" / "nvidia-h200-sm90" / "int4")
+    assert em["formats"]["act"] == "int8"
+    assert {k["fmt"] for k in em["kernels"] if k["type"] == "gemv"} == {"int4_a8", "f16_kn"}
+    fp16 = tmp_path / "f"
+    shutil.copytree(exported("quant", "fp16", target="cuda", float_layout="nk"), fp16)
+    r = CliRunner().invoke(main, ["build", str(fp16), "--backend", "cuda", "--gpu", "NVIDIA H200@sm90",
+                                  "--activations", "int8"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "int4 weights only" in r.output, r.output
+    assert not (fp16 / "engines").exists()
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "onnxruntime", "--device", "cpu",
+                                  "--activations", "fp16"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "applies to --backend cuda" in r.output, r.output
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("what,export,match", [
     ("concat form", ("int4", "onnxruntime", {}), "export with --target cuda"),
     ("fp16 stored as W^T", ("fp16", "cuda", {}), "export with --float-layout nk"),
