@@ -25,7 +25,13 @@
 #   bash bench/gpu.sh engine-bench   glmrt's cuda engine, speed: GLM-Z1-9B int4 (40 layers) built on the GPU
 #                                    (build time), glmrt bench --backend cuda and ONNX Runtime's form in the
 #                                    same run, device memory with the engine's own or shared weights;
-#                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call)
+#                                    SETS="glm-z1-9b:fp16 glm-4-32b:int4" for the others (one per call);
+#                                    ACTS="int8 default": also the engine built with --activations int8
+#   bash bench/gpu.sh engine-tune    launch-configuration candidates, kernels only: the GEMV and attention
+#                                    sweeps (SWEEP=0 skips them), then the whole step under each of
+#                                    CONFIGS='{"label": {"gemv": {...}, "attention": {...}}, ...}'
+#   bash bench/gpu.sh engine-ncu     Nsight Compute on the engine's decode steps (8 GLM-Z1-9B int4 layers,
+#                                    fp16 x and int8 x), then GLM-4-32B's whole int4 step as a graph
 #   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
 #                                    folder (export --for onnxruntime-genai; bench/genai_bench.py), after
 #                                    `install`; onnxruntime_genai_cuda-0.18.0-cp312-*.whl in .whl/ (chunk
@@ -223,8 +229,8 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
         echo "export $shape $prec: $(( $(date +%s) - start )) s, $(du -sh "$dir" | cut -f1)" | tee -a "$LOG"
       fi
       bflags="--prompt-lengths 128,2048 --contexts 128,8192 --repeats 3"
-      # ACTS="fp16 default": the engine built with --activations fp16 (int4: fp16 x) and benched,
-      # then with the default (the engine left for the memory parts is the last one built)
+      # ACTS="int8 default": the engine built with --activations int8 (int4 x int8 activations) and
+      # benched, then with the default (the engine left for the memory parts is the last one built)
       for act in ${ACTS:-default}; do
         aflag=""; [ "$act" != default ] && aflag="--activations $act"
         start=$(date +%s)
@@ -259,10 +265,10 @@ engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 dec
     --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   dir=$W/engine-9b-8L-int4
-  python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite 2>&1 | tail -1
+  python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite || exit 1
   per=$(( 5 * 8 + 1 ))
   for act in fp16 int8; do
-    python3 -m glmrt.cli build "$dir" --backend cuda --overwrite --gpu "NVIDIA H200@sm90" --activations $act | tail -1
+    python3 -m glmrt.cli build "$dir" --backend cuda --overwrite --gpu "NVIDIA H200@sm90" --activations $act || exit 1
     run timeout 240 "$NCU" --clock-control none --csv --print-units base --print-kernel-base function \
       --kernel-name "regex:^(qkv_first|qkv|attention|o_proj|gate_up|down|lm_head)$" \
       --launch-skip $(( 124 * per )) --launch-count $(( 8 * per )) \

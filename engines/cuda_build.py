@@ -93,8 +93,10 @@ DEFAULT_INT4_ACTIVATIONS = "f16"
 
 
 def activations(formats: Formats, asked: str | None) -> str:
-    """The Formats.act of this engine: int4 weights take int8 x unless --activations fp16;
+    """The Formats.act of this engine: int4 weights take fp16 x unless --activations int8;
     fp16 weights always multiply fp16 x."""
+    if asked not in ("int8", "fp16", None):
+        raise GlmrtError(f"activations={asked!r}; expected 'int8' or 'fp16'")
     if formats.linear != "int4":
         if asked == "int8":
             raise GlmrtError("--activations int8: the engine quantizes x for int4 weights only; this export is "

@@ -83,6 +83,29 @@ def test_kernel_report_from_an_ncu_csv(tmp_path, capsys):
     assert saved["busy_us_per_step"] == pytest.approx(36.0)
 
 
+def test_engine_kernel_report_from_an_ncu_csv(tmp_path, capsys, monkeypatch):
+    """cuda_engine_check.py ncu-report: the last `steps` decode steps of a 1-layer engine (6
+    launches each); a prefill launch before them and other programs' kernels are left out."""
+    check = load_bench_script("cuda_engine_check")
+    monkeypatch.setattr(check, "OUT", tmp_path)
+    rows = ['"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"']
+    step = [("qkv_first", 8000, 10_000_000), ("attention", 6000, 100_000), ("o_proj", 5000, 9_000_000),
+            ("gate_up", 20000, 60_000_000), ("down", 10000, 30_000_000), ("lm_head", 300000, 1_200_000_000)]
+    launches = [("gate_up", 99999, 1)] + [("MatMulFloat4BitsKernelM1", 7, 7)] + step * 2
+    for i, (name, ns, read) in enumerate(launches):
+        rows.append(f'"{i}","{name}","(264, 1, 1)","gpu__time_duration.sum","ns","{ns:,}"')
+        rows.append(f'"{i}","{name}","(264, 1, 1)","dram__bytes_read.sum","byte","{read:,}"')
+    csv = tmp_path / "e.csv"
+    csv.write_text("==PROF== a log line ncu writes\n" + "\n".join(rows) + "\n")
+    check.part_ncu_report(type("A", (), {"model": str(csv), "layers": 1, "steps": 2, "tag": "t"})())
+    text = capsys.readouterr().out
+    assert "| gate_up | 1 | 20.00 | 5.7% | 60.00 MB | 3.00 |" in text
+    assert "| lm_head | 1 | 300.00 | 86.0% | 1200.00 MB | 4.00 |" in text
+    assert "kernels' time per step: 349.0 us" in text
+    saved = json.loads((tmp_path / "engine-ncu-t.json").read_text())
+    assert [k["kernel"] for k in saved["kernels"]] == ["qkv_first", "attention", "o_proj", "gate_up", "down", "lm_head"]
+
+
 def test_bench_picks_the_device_present_and_checks_its_lengths(exported, monkeypatch):
     """Without --device, bench runs where it can (the CPU here); lengths the model cannot hold
     are one clear line naming the value; the defaults are cut to what the model holds; the

@@ -217,6 +217,17 @@ def test_attention_variants_pass_in_the_emulation(att):
 
 
 @needs_cxx
+@pytest.mark.parametrize("formats", ["int4-a8-b32", "int4-a8-b128-lmhead", "int4-b32"])
+def test_int4_gemvs_with_k_not_a_multiple_of_32_pass_in_the_emulation(formats):
+    """Hidden and intermediate sizes that leave a partial 32-value unit (and a partial block):
+    the padding of staged x (quantized to zeros with int8 x) adds nothing."""
+    odd = Shapes(136, 392, 4, 2, 32, 16, 1024)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), odd, FORMATS[formats], max_seq=300, chunk=32,
+                                  splits=3, only=["qkv_first", "qkv", "o_proj", "gate_up", "down", "lm_head"])
+    assert len(report) == 6 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+@needs_cxx
 @pytest.mark.parametrize("hsum", [2, 4])
 def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
     """The tuning option hsum (words of products summed in half2 before fp32): every int4

@@ -85,11 +85,12 @@ class CudaDecoder(Decoder):
         self.vocab = cfg.vocab_size
         self.caps = Capabilities(max_context=max_context, burst=burst, device_argmax=True)
         self._host_ctl = np.zeros(2, np.int32)               # [pos, id_0], uploaded per step
+        self.activations = {"int8": "int8", "f16": "fp16"}[engine.get("formats", {}).get("act", "f16")]
 
     def describe(self) -> dict:
         d = self.device
         return {"backend": "cuda", "form": "gqa", "device": "cuda", "cuda_graph": self.cuda_graph,
-                "settings": {"prefill": self.prefill, "weights": self.weights_mode},
+                "settings": {"prefill": self.prefill, "weights": self.weights_mode, "activations": self.activations},
                 "greedy": "device argmax", "engine": str(self.engine_path),
                 "gpu": f"{d.name} (sm{d.compute_capability[0]}{d.compute_capability[1]}, {d.sm_count} SMs)"}
 
@@ -170,6 +171,7 @@ class CudaDecoder(Decoder):
 
     def close(self) -> None:
         self.step_plan.free()
+        self.ort = None                  # the prefill session first: with shared weights it reads their memory
         self.weights.free()
         for p in getattr(self, "_own_kv", []):
             self.device.free(p)

@@ -51,7 +51,7 @@ def quant_a8(v: np.ndarray) -> np.ndarray:
     n = v.size
     u = np.pad(v, (0, -n % 32)).reshape(-1, 32)
     amax = np.abs(u).max(axis=1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    inv = np.where(amax > 1e-30, np.float32(127) / np.where(amax > 1e-30, amax, np.float32(1)), np.float32(0))
     q = np.rint(u * inv.astype(np.float32))
     return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(-1)[:n]
 

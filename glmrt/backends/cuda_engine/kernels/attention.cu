@@ -181,6 +181,7 @@ DEV void attention(const AttnArgs& a) {
   // e^(m_s - M) (into the V tile's space, free now), then every (query head, 4 dims) output
   // from the splits' sums, 16 splits' loads in flight at a time
   float* wsm = (float*)vs;                               // (HPB, ATT_MAX_SPLITS)
+  static_assert(ATT_MAX_SPLITS % 32 == 0, "the merge gives each lane ATT_MAX_SPLITS / 32 splits");
   constexpr int SPL = ATT_MAX_SPLITS / 32;               // splits per lane
   for (int g = warp; g < HPB; g += WARPS) {
     const float* ml = a.part_ml + (size_t)(head0 + g) * a.splits * 2;

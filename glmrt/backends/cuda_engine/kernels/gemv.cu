@@ -148,7 +148,7 @@ template <int FMT> DEV void put8(uint4* xm, int k0, bool store, const float (&v)
   for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  const float inv = amax > 1e-30f ? 127.f / amax : 0.f;      // (tinier: all zeros, not inf)
   int q[8], sum = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) { q[j] = f2i_rn(v[j] * inv); sum += q[j]; }
