@@ -232,8 +232,8 @@ def part_sweep(args):
                  "hsum": hsum}
         config = {**DEFAULT_CONFIG, **{r: knobs for r in ("qkv", "o_proj", "gate_up", "down")}}
         say(f"== {'int8 x, ' if args.act == 'int8' else ''}warps {warps}, rows per warp {rpw}, units in flight "
-            f"{unroll}, launch bounds min blocks {min_blocks}, blocks per SM {per_sm or 'resident'}, "
-            f"words per half2 sum {hsum}")
+            f"{unroll}, launch bounds min blocks {min_blocks}, blocks per SM {per_sm or 'resident'}"
+            + (f", words per half2 sum {hsum}" if args.act == "f16" else ""))
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn", args.act), config=config, log=say,
                                 only=("qkv", "o_proj", "gate_up", "down"), **emu)

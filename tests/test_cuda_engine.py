@@ -237,6 +237,9 @@ def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b128-lmhead"], max_seq=300,
                                   chunk=32, splits=3, config=config, only=["qkv", "o_proj", "gate_up", "down", "lm_head"])
     assert len(report) == 5 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    # only int4 with fp16 x sums in half2: the other formats' instances keep hsum 1
+    ks = decode_kernels(SMALL, FORMATS["int4-a8-b32"], config) + decode_kernels(SMALL, FORMATS["fp16"], config)
+    assert {k.hsum for k in ks if isinstance(k, Gemv)} == {1}
 
 
 @needs_cxx
@@ -505,12 +508,13 @@ def test_every_kernel_passes_its_check_on_the_gpu(formats):
 
 @needs_nvrtc
 @needs_cxx
-def test_shared_weights_are_the_engines_own_memory(engine_model):
+@pytest.mark.parametrize("precision,options", [("int4", {}), ("fp16", {"float_layout": "nk"})], ids=["int4", "fp16"])
+def test_shared_weights_are_the_engines_own_memory(engine_model, precision, options):
     """weights="shared" (the default): ONNX Runtime's prefill session is given the engine's buffers
     (DLPack OrtValues, add_initializer) and computes with them: zero the embedding in the
     engine's memory and every prompt prefills to the same logits; the engine's decode tokens
     are those of its own copy."""
-    model = engine_model("int4")
+    model = engine_model(precision, **options)
     own = emulated_decoder(model, burst=4, weights="engine")
     shared = emulated_decoder(model, burst=4)                 # the default with ONNX Runtime's prefill
     assert own.describe()["settings"]["weights"] == "engine"

@@ -83,8 +83,9 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
 
     def gemv(name, role, fmt, k, n, pro, epi):
         c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
-        return Gemv(name, f.kernel(fmt), k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
-                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1))
+        kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
+        return Gemv(name, kfmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
+                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group
