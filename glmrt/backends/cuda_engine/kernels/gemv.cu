@@ -174,6 +174,19 @@ DEV void unpack8(uint4 w, float (&v)[8]) {     // 8 fp16 values in order
 }
 DEV void load8(const h16* p, float (&v)[8]) { unpack8(*(const uint4*)p, v); }
 
+// 1 / rms over the block of the H values its threads hold, 8 per word: word i of thread t holds
+// k = 8 (t + i NT) .. + 7 (words past H are not summed)
+template <int HW, int NT, int H>
+DEV float inv_rms(const float (&v)[HW][8], float* red, float eps) {
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < HW; ++i)
+    if (8 * (threadIdx.x + i * NT) < H)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
+  return rsqrtf(block_sum(ss, red) / H + eps);
+}
+
 template <class C, int FMT, int K, int KP, int M, int PRO, int NT>
 DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
   typedef XLayout<FMT> L;
@@ -223,7 +236,6 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
       if (PRO == PRO_ADD_NORM) {
         float y[HW][8];
         uint4 nw[HW];                                   // norm_y, fp16 until used
-        float ss = 0.f;
 #pragma unroll
         for (int i = 0; i < HW; ++i) {
           const int k0 = 8 * (tid + i * NT);
@@ -233,12 +245,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
             nw[i] = *(const uint4*)(a.norm_y + k0);
           }
         }
-#pragma unroll
-        for (int i = 0; i < HW; ++i)
-          if (8 * (tid + i * NT) < H)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss += y[i][j] * y[i][j];
-        const float ry = rsqrtf(block_sum(ss, red) / H + a.eps);
+        const float ry = inv_rms<HW, NT, H>(y, red, a.eps);
 #pragma unroll
         for (int i = 0; i < HW; ++i) {
           const h16x2 wp[4] = {nw[i].x, nw[i].y, nw[i].z, nw[i].w};
@@ -257,13 +264,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
           if (k0 < H) load8(a.embed + (size_t)tok * H + k0, v[i]);
         }
       }
-      float ss = 0.f;
-#pragma unroll
-      for (int i = 0; i < HW; ++i)
-        if (8 * (tid + i * NT) < H)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
-      const float rx = rsqrtf(block_sum(ss, red) / H + a.eps);
+      const float rx = inv_rms<HW, NT, H>(v, red, a.eps);
 #pragma unroll
       for (int i = 0; i < HW; ++i) {
         const int k0 = 8 * (tid + i * NT);
