@@ -64,6 +64,13 @@ export_bg() {   # name -> /tmp/work/NAME (shape-precision[:layers][+genai]), log
   echo done >> $W/exports.done
 }
 
+fresh_glmrt() {   # this checkout's glmrt, fresh every time (a warm machine's /tmp/glmrt-site may be an
+                  # older one, and background exports may be running from it): its own folder, first on the path
+  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH &&
+    echo "glmrt from $REPO installed for this stage"
+}
+
 wait_exports() {
   for i in $(seq 1 120); do [ -f $W/exports.done ] && break; sleep 5; done
   cat $W/exports.log 2>/dev/null | grep -v "export layers" | tail -5
@@ -174,11 +181,7 @@ hf)
   ;;
 engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one hang or crash costs only its part
   C="python3 $REPO/bench/cuda_engine_check.py ${ENGINE_FLAGS:-}"    # ENGINE_FLAGS=--emulate: a dry run without a GPU
-  # this checkout's glmrt, fresh every time (a warm machine's /tmp/glmrt-site may be an older
-  # one, and background exports may be running from it): its own folder, first on the path
-  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
-    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH &&
-    echo "glmrt from $REPO installed for this stage"
+  fresh_glmrt
   LOG=$OUT/$stage.log
   T0=$(date +%s); BUDGET=${BUDGET:-500}       # parts end within BUDGET seconds (later ones shrink or skip), then the summary
   part() { local limit=$1 left=$(( BUDGET - $(date +%s) + T0 )); shift
@@ -251,8 +254,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
 engine-tune)  # launch-configuration candidates for glmrt's engine, kernels only (no ONNX Runtime, no export):
               # the GEMV and attention sweeps, then GLM-Z1-9B's whole int4 step under each of CONFIGS
   C="python3 $REPO/bench/cuda_engine_check.py"
-  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
-    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH
+  fresh_glmrt
   [ "${SWEEP:-1}" = 1 ] && run timeout 200 $C sweep 2>&1 | tee -a "$OUT/engine-tune.log"
   [ -n "${CONFIGS:-}" ] || CONFIGS='{"default": {}}'
   [ "${SWEEP:-1}" = 1 ] || echo "(sweep skipped)"
@@ -261,8 +263,7 @@ engine-tune)  # launch-configuration candidates for glmrt's engine, kernels only
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
               # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)
   C="python3 $REPO/bench/cuda_engine_check.py"
-  rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
-    --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH
+  fresh_glmrt
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   dir=$W/engine-9b-8L-int4
   python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite || exit 1
