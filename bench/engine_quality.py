@@ -23,6 +23,7 @@ import glmrt
 from glmrt import manifest as manifest_io
 from glmrt.engine import find_cuda_engine, read_engine
 from glmrt.engines.build import build
+from glmrt.evaluate import window_nll
 from glmrt.export.export import export_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +50,7 @@ def scores(logits: np.ndarray, ref: np.ndarray, windows: list[list[int]]) -> dic
     err = np.abs(logits - ref).max(-1) / np.abs(ref).max(-1)
     nll, n, at = 0.0, 0, 0
     for w in windows:
-        lg = logits[at:at + len(w) - 1].astype(np.float64)
-        logz = lg.max(-1) + np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1))
-        nll += float((logz - lg[np.arange(len(w) - 1), w[1:]]).sum())
+        nll += window_nll(logits[at:at + len(w)], w)
         n += len(w) - 1
         at += len(w)
     return {"max_rel_err": float(err.max()), "median_rel_err": float(np.median(err)),

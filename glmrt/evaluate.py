@@ -8,6 +8,14 @@ import numpy as np
 from .errors import InputError
 
 
+def window_nll(logits: np.ndarray, ids) -> float:
+    """logits (n, V) of a window of n token ids -> the summed negative log-likelihood of ids[1:]
+    (position i predicts id i + 1; the last position predicts nothing)."""
+    lg = np.asarray(logits, np.float64)[:-1]                                 # (n-1, V)
+    logz = lg.max(-1) + np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1))
+    return float((logz - lg[np.arange(len(ids) - 1), ids[1:]]).sum())
+
+
 def perplexity(model, text: str, window: int = 512) -> dict:
     """exp(mean negative log-likelihood) of every token after the first of each window.
     Windows do not overlap: each starts with no context, as a scoring run of that length.
@@ -23,9 +31,7 @@ def perplexity(model, text: str, window: int = 512) -> dict:
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
-        logits = model.logits(chunk).astype(np.float64)[:-1]              # (n-1, V)
-        logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-        nll += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        nll += window_nll(model.logits(chunk), chunk)
         count += len(chunk) - 1
     return {"perplexity": math.exp(nll / count), "tokens": count, "window": window,
             "window_asked": asked, "vocab_size": model.config.vocab_size}
