@@ -34,20 +34,23 @@ def rope_interleaved(x, positions, cfg: GlmConfig):
 
 
 def _observe(observe, name, x):
-    if observe is not None:
-        observe(name, x)
+    """observe(name, x) sees a linear's input; what it returns, unless None, is used instead
+    (calibration only looks; an experiment can perturb the input, bench/a8_sensitivity.py)."""
+    seen = None if observe is None else observe(name, x)
+    return x if seen is None else seen
 
 
 def layer(cfg: GlmConfig, w, i: int, x, positions, past=None, observe=None):
     """One decoder layer. x (seq, H); past (k, v) each (nkv, past, hd) -> x, (k, v).
 
-    w(key) returns a weight in the working dtype; observe(name, input) sees each linear's input."""
+    w(key) returns a weight in the working dtype; observe(name, input) sees each linear's input
+    (and may replace it: _observe)."""
     nh, nkv, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     seq = x.shape[0]
     p = f"model.layers.{i}."
     # --- attention, sandwiched between input_layernorm and post_self_attn_layernorm
     h = rms_norm(x, w(p + "input_layernorm.weight"), eps)
-    _observe(observe, f"layers.{i}/attn/qkv_proj", h)
+    h = _observe(observe, f"layers.{i}/attn/qkv_proj", h)
     q, k, v = (h @ w(p + f"self_attn.{n}_proj.weight").T for n in "qkv")
     if cfg.attention_bias:
         q, k, v = (t + w(p + f"self_attn.{n}_proj.bias") for t, n in zip((q, k, v), "qkv"))
@@ -67,15 +70,15 @@ def layer(cfg: GlmConfig, w, i: int, x, positions, past=None, observe=None):
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     probs = scores / scores.sum(-1, keepdims=True)
     attn = (probs @ vv).transpose(1, 0, 2).reshape(seq, nh * hd)
-    _observe(observe, f"layers.{i}/attn/o_proj", attn)
+    attn = _observe(observe, f"layers.{i}/attn/o_proj", attn)
     attn = attn @ w(p + "self_attn.o_proj.weight").T
     x = x + rms_norm(attn, w(p + "post_self_attn_layernorm.weight"), eps)
     # --- MLP: post_attention_layernorm is the PRE-MLP norm, post_mlp_layernorm after
     h = rms_norm(x, w(p + "post_attention_layernorm.weight"), eps)
-    _observe(observe, f"layers.{i}/mlp/gate_up_proj", h)
+    h = _observe(observe, f"layers.{i}/mlp/gate_up_proj", h)
     gate, up = np.split(h @ w(p + "mlp.gate_up_proj.weight").T, 2, axis=-1)  # (seq, I) each
     act = gate / (1 + np.exp(-gate)) * up
-    _observe(observe, f"layers.{i}/mlp/down_proj", act)
+    act = _observe(observe, f"layers.{i}/mlp/down_proj", act)
     mlp = act @ w(p + "mlp.down_proj.weight").T
     x = x + rms_norm(mlp, w(p + "post_mlp_layernorm.weight"), eps)
     return x, (k, v)
@@ -84,13 +87,14 @@ def layer(cfg: GlmConfig, w, i: int, x, positions, past=None, observe=None):
 def head(cfg: GlmConfig, w, x, observe=None):
     """Final norm and lm_head: x (seq, H) -> logits (seq, V)."""
     x = rms_norm(x, w("model.norm.weight"), cfg.rms_norm_eps)
-    _observe(observe, "lm_head", x)
+    x = _observe(observe, "lm_head", x)
     key = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     return x @ w(key).T
 
 
-def forward(cfg: GlmConfig, weights, input_ids, cache=None, dtype=np.float64):
-    """input_ids (seq,) -> logits (seq, V), new cache (per layer (k, v), K after RoPE)."""
+def forward(cfg: GlmConfig, weights, input_ids, cache=None, dtype=np.float64, observe=None):
+    """input_ids (seq,) -> logits (seq, V), new cache (per layer (k, v), K after RoPE);
+    observe: as in layer(), for every linear's input."""
     def w(key):
         return np.asarray(weights[key], dtype=dtype)
 
@@ -100,6 +104,6 @@ def forward(cfg: GlmConfig, weights, input_ids, cache=None, dtype=np.float64):
     x = w("model.embed_tokens.weight")[ids]                # (seq, H)
     new_cache = []
     for i in range(cfg.num_hidden_layers):
-        x, kv = layer(cfg, w, i, x, positions, None if cache is None else cache[i])
+        x, kv = layer(cfg, w, i, x, positions, None if cache is None else cache[i], observe)
         new_cache.append(kv)
-    return head(cfg, w, x), new_cache
+    return head(cfg, w, x, observe), new_cache
