@@ -22,7 +22,7 @@ from pathlib import Path
 
 from glmrt.backends.cuda_engine import nvrtc
 from glmrt.backends.cuda_engine.sources import Shapes, kernel_text, sha256, translation_unit
-from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kernels, kernel_to_dict
+from glmrt.backends.cuda_engine.step import ACTIVATIONS, DEFAULT_CONFIG, Formats, decode_kernels, kernel_to_dict
 from glmrt.config import GlmConfig
 from glmrt.engine import engine_dir
 from glmrt.errors import GlmrtError
@@ -95,14 +95,14 @@ DEFAULT_INT4_ACTIVATIONS = "f16"
 def activations(formats: Formats, asked: str | None) -> str:
     """The Formats.act of this engine: int4 weights take fp16 x unless --activations int8;
     fp16 weights always multiply fp16 x."""
-    if asked not in ("int8", "fp16", None):
+    if asked is not None and asked not in ACTIVATIONS:
         raise GlmrtError(f"activations={asked!r}; expected 'int8' or 'fp16'")
     if formats.linear != "int4":
         if asked == "int8":
             raise GlmrtError("--activations int8: the engine quantizes x for int4 weights only; this export is "
                              f"{formats.linear} (export --precision int4, or leave --activations out)")
         return "f16"
-    return {"int8": "int8", "fp16": "f16", None: DEFAULT_INT4_ACTIVATIONS}[asked]
+    return ACTIVATIONS[asked] if asked else DEFAULT_INT4_ACTIVATIONS
 
 
 def _gpu_here(target):

@@ -20,7 +20,7 @@ import numpy as np
 from ...config import GlmConfig
 from ...errors import ArtifactError, GlmrtError
 from ..base import Cache, Capabilities, Decoder
-from .step import DEFAULT_CONFIG, DecodeStep, kernel_from_dict
+from .step import ACTIVATIONS, DEFAULT_CONFIG, DecodeStep, kernel_from_dict
 from .weights import DeviceWeights
 
 DEFAULT_BURST = 8
@@ -85,7 +85,8 @@ class CudaDecoder(Decoder):
         self.vocab = cfg.vocab_size
         self.caps = Capabilities(max_context=max_context, burst=burst, device_argmax=True)
         self._host_ctl = np.zeros(2, np.int32)               # [pos, id_0], uploaded per step
-        self.activations = {"int8": "int8", "f16": "fp16"}[engine.get("formats", {}).get("act", "f16")]
+        act = engine.get("formats", {}).get("act", "f16")
+        self.activations = next(name for name, a in ACTIVATIONS.items() if a == act)
 
     def describe(self) -> dict:
         d = self.device

@@ -65,6 +65,10 @@ def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
     return max(1, min(spec.tiles(shapes), per_sm * device.sm_count))
 
 
+# what int4 weights multiply, as the CLI and describe() name it -> Formats.act
+ACTIVATIONS = {"fp16": "f16", "int8": "int8"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Formats:
     linear: str        # the layers' matrices: "int4" or "f16"
