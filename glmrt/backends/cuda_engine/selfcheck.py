@@ -44,16 +44,19 @@ def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     return ((codes.astype(np.float64) - 8.0) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
 
 
-def quant_a8(v: np.ndarray) -> np.ndarray:
-    """x as an int4_a8 GEMV multiplies it (float64): each 32 values (zero-padded) as int8
-    q = rint(x * 127 / absmax) times absmax / 127, in float32 as the kernel computes them."""
+def quant_a8(v: np.ndarray, group: int = 32) -> np.ndarray:
+    """x as an int4_a8 GEMV multiplies it (float64, v's shape): each 32 values (zero-padded) as
+    int8 q = rint(x * 127 / absmax) times absmax / 127, in float32 as the kernel computes them.
+    Rows of a 2-D v are quantized apart when their length is a multiple of `group` (bench/
+    a8_sensitivity.py tries other groups)."""
+    shape = np.shape(v)
     v = np.asarray(v, np.float32).reshape(-1)
     n = v.size
-    u = np.pad(v, (0, -n % 32)).reshape(-1, 32)
+    u = np.pad(v, (0, -n % group)).reshape(-1, group)
     amax = np.abs(u).max(axis=1, keepdims=True)
     inv = np.where(amax > 1e-30, np.float32(127) / np.where(amax > 1e-30, amax, np.float32(1)), np.float32(0))
     q = np.rint(u * inv.astype(np.float32))
-    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(-1)[:n]
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(-1)[:n].reshape(shape)
 
 
 def rms_norm(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
