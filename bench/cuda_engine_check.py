@@ -15,6 +15,10 @@ PASS/FAIL lines with its figures and writes OUT/engine-<part>[-tag].json.
                             a model's whole decode step timed as a graph, and with chosen kernels
                             made empty (where the step's time goes beyond its kernels); --configs
                             times the full step under each candidate launch configuration
+  rows [--variants JSON]    GLM-Z1-9B's four int4 GEMVs (fp16 x in, fp32 out) at M = 1, 2, 4, 8 rows
+                            of x (batched slots): the CUDA-core GEMV and the tensor-core one (mma)
+                            under launch variants, each checked against numpy, then timed alone
+  kernels --mma             the kernel checks with the tensor-core int4 GEMVs
   ncu-run DIR / ncu-report CSV
                             decode steps of an engine as plain launches for Nsight Compute, and
                             its CSV as each kernel's time, share, DRAM bytes and TB/s
@@ -142,28 +146,35 @@ TIMED = (0, 4, 2, 3, 6)       # the CASES timed kernel by kernel
 def part_kernels(args):
     from glmrt.backends.cuda_engine.selfcheck import run_checks, time_kernels
     from glmrt.backends.cuda_engine.sources import Shapes
-    from glmrt.backends.cuda_engine.step import Formats
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV, Formats
     device = make_device(args)
+    config = DEFAULT_CONFIG
+    if args.mma:                           # the tensor-core int4 GEMVs for every int4 role
+        config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], "mma": True}
+                                       for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
     shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
     if args.emulate:                       # the emulation runs small shapes
         shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}
     report = {"checks": [], "timing": {}}
-    for shape, linear, block, lm, act in CASES:
+    cases, timed = CASES, [CASES[i] for i in TIMED]
+    if args.mma:                           # only the cases the mma GEMV changes: int4 with fp16 x
+        cases = timed = [c for c in CASES if c[1] == "int4" and c[4] == "f16"]
+    for shape, linear, block, lm, act in cases:
         a8 = " int8 x" if act == "int8" else ""
         say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}{a8}, lm_head {lm}")
         t = time.perf_counter()
-        rows = run_checks(device, shapes[shape], Formats(linear, block, lm, act), log=say)
+        rows = run_checks(device, shapes[shape], Formats(linear, block, lm, act), log=say, config=config)
         for r in rows:
             r["case"] = f"{shape} {linear} b{block}{a8} lm_head {lm}"
         report["checks"] += rows
         say(f"   ({time.perf_counter() - t:.1f} s)")
         save("kernels", report)
     if args.time:
-        for shape, linear, block, lm, act in (CASES[i] for i in TIMED):
+        for shape, linear, block, lm, act in timed:
             key = f"{shape} {linear}{' int8 x' if act == 'int8' else ''} lm_head {lm}"
             say(f"== timing {key}: each kernel alone, weights cycled through copies larger than L2")
             try:
-                rows = time_kernels(device, shapes[shape], Formats(linear, block, lm, act), log=say,
+                rows = time_kernels(device, shapes[shape], Formats(linear, block, lm, act), log=say, config=config,
                                     **({"launches": 2, "l2_bytes": 1 << 16, "contexts": (16, 300)} if args.emulate else {}))
             except Exception as e:  # timing failures do not hide the checks above
                 say(f"FAIL  timing {key}: {type(e).__name__}: {e}")
@@ -242,6 +253,117 @@ def part_sweep(args):
             continue
         out["gemv"].append({**knobs, "kernels": rows})
         save("sweep", out)
+
+
+# ---- several rows of x (batched slots): the CUDA-core and the tensor-core int4 GEMV ------------------
+SMEM_MAX = 227 * 1024      # dynamic shared memory one block may take on sm_90
+ROWS_VARIANTS = {   # label: GEMV launch knobs over step.GEMV (int4 block 32, fp16 x)
+    "simt": {},
+    "mma w8 ks1 u4": {"mma": True},
+    "mma w8 ks2 u4": {"mma": True, "ksplit": 2},
+    "mma w8 ks4 u4": {"mma": True, "ksplit": 4},
+    "mma w8 ks2 u2 mb3": {"mma": True, "ksplit": 2, "unroll": 2, "min_blocks": 3},
+    "mma w4 ks1 u4": {"mma": True, "warps": 4},
+}
+
+
+def part_rows(args):
+    """GLM-Z1-9B's four int4 GEMVs, fp16 x (M, K) in and fp32 y (M, N) out (no fused norm or
+    epilogue: the matrix product alone), for M = 1, 2, 4, 8: each variant's kernels checked
+    against numpy on random weights (rows at both ends of the matrix, every M), then timed alone
+    (a graph of launches over zero-filled weight copies larger than L2)."""
+    from glmrt.backends.cuda_engine.selfcheck import _time, dequant_int4, image_for, random_int4, rel
+    from glmrt.backends.cuda_engine.sources import Gemv, Shapes, translation_unit
+    from glmrt.backends.cuda_engine.step import GEMV
+    from glmrt.backends.cuda_engine.args import GemvArgs
+    device = make_device(args)
+    if args.emulate:
+        s, ms, launches, l2 = Shapes(128, 384, 4, 2, 32, 16, 1024), (1, 3, 8), 2, 1 << 16
+    else:
+        s, ms, launches, l2 = Shapes(*SHAPES["glm-z1-9b"]), (1, 2, 4, 8), 40, 256 << 20
+    mats = {"qkv": (s.qkv, s.hidden), "o_proj": (s.hidden, s.heads * s.head_dim), "gate_up": (2 * s.inter, s.hidden),
+            "down": (s.hidden, s.inter)}
+    variants = json.loads(args.variants) if args.variants else ROWS_VARIANTS
+    rng = np.random.default_rng(3)
+    out = {"shapes": mats, "rows": list(ms), "variants": {}}
+    checks = Checks("rows", out)
+    for label, knobs in variants.items():
+        c = {**GEMV, **knobs}
+        fmt = "int4_mma" if c.get("mma") else "int4"
+        ks = [Gemv(f"{name}_m{m}", fmt, k, n, "f16", "store", block=32, m=m, warps=c["warps"], rpw=c["rpw"],
+                   unroll=c["unroll"], min_blocks=c["min_blocks"], ksplit=c.get("ksplit", 1) if fmt == "int4_mma" else 1)
+              for name, (n, k) in mats.items() for m in ms]
+        say(f"== {label}: {knobs}")
+        for k in [k for k in ks if k.smem > SMEM_MAX]:
+            say(f"SKIP  {label} {k.name}: x staged for {k.m} rows takes {k.smem} bytes of shared memory (> {SMEM_MAX})")
+        ks = [k for k in ks if k.smem <= SMEM_MAX]
+        try:
+            handles = device.load(image_for(device, translation_unit(s, ks)), {k.name: k.smem for k in ks})
+        except Exception as e:  # a variant that does not compile or fit is reported, the others run
+            say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        res = out["variants"][label] = {"knobs": knobs, "kernels": []}
+        ptrs = []
+
+        def put(a):
+            a = np.ascontiguousarray(a)
+            p = device.alloc(a.nbytes)
+            device.upload(p, a)
+            ptrs.append(p)
+            return p
+        try:
+            for spec in ks:
+                n, k, m = spec.n, spec.k, spec.m
+                grid = max(1, min(spec.tiles(s), device.occupancy(handles[spec.name], spec.threads, spec.smem)
+                                  * device.sm_count))
+                # the check: random codes, every row of the matrix; the reference on the first and last rows
+                packed, scales = random_int4(rng, n, k, 32)
+                x = rng.standard_normal((m, k)).astype(np.float16)
+                a = GemvArgs(w=put(packed), scales=put(scales), h_in=put(x), y=put(np.zeros((m, n), np.float32)))
+                device.launch(handles[spec.name], (grid,), spec.threads, spec.smem, a)
+                y = np.empty((m, n), np.float32)
+                device.download(a.y, y)
+                sel = np.r_[0:min(n, 256), max(0, n - 256):n]
+                ref = x.astype(np.float64) @ dequant_int4(packed[sel], scales[sel], k).T
+                err = rel(y[:, sel], ref)
+                checks.append(verdict(f"{label} {spec.name} ({n} x {k}, M = {m})", err < 3e-3, f"max rel err {err:.2e}"))
+                for p in ptrs:
+                    device.free(p)
+                ptrs.clear()
+                # the timing: zero weights, copies past L2
+                nbytes = packed.nbytes + scales.nbytes
+                copies = []
+                for _ in range(max(1, min(16, -(-l2 // nbytes)))):
+                    w, sc = device.alloc(packed.nbytes), device.alloc(scales.nbytes)
+                    device.zero(w, packed.nbytes)
+                    device.zero(sc, scales.nbytes)
+                    ptrs += [w, sc]
+                    copies.append((w, sc))
+                xs, ys = put(np.zeros((m, k), np.float16)), put(np.zeros((m, n), np.float32))
+                argl = [GemvArgs(w=w, scales=sc, h_in=xs, y=ys) for w, sc in copies]
+
+                def record(spec=spec, grid=grid, argl=argl):
+                    for i in range(launches):
+                        device.launch(handles[spec.name], (grid,), spec.threads, spec.smem, argl[i % len(argl)])
+                row = _time(device, record, launches, f"{label} {spec.name} M={m}", nbytes, grid, say)
+                res["kernels"].append({"kernel": spec.name, "m": m, "n": n, "k": k, "err": err, **row})
+                for p in ptrs:
+                    device.free(p)
+                ptrs.clear()
+                save("rows", out)
+        except Exception as e:  # reported; the other variants still run
+            say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            device.synchronize()
+            for p in ptrs:
+                device.free(p)
+        by = {(r["kernel"].rsplit("_m", 1)[0], r["m"]): r["us"] for r in res["kernels"]}
+        for m in ms:
+            if all((name, m) in by for name in mats):
+                tot = sum(by[(name, m)] for name in mats)
+                say(f"   {label}: M = {m}: the four GEMVs {tot:.1f} us a layer"
+                    + (f" ({tot / sum(by[(name, ms[0])] for name in mats):.2f} x M = {ms[0]})" if m != ms[0] else ""))
+        save("rows", out)
 
 
 # ---- the whole decode step, timed ---------------------------------------------------------------------
@@ -609,7 +731,7 @@ def part_summary(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["env", "smoke", "kernels", "sweep", "step", "model", "memory", "ncu-run",
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "model", "memory", "ncu-run",
                                      "ncu-report", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
@@ -627,6 +749,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="ncu-run: decode steps profiled")
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
+    ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
+    ap.add_argument("--variants", default=None, help="rows: JSON {label: {GEMV knobs}} instead of ROWS_VARIANTS")
     ap.add_argument("--emulate", action="store_true", help="the CPU emulation (a dry run without a GPU)")
     args = ap.parse_args()
     say(f"== engine {args.part} {args.model or ''} ({time.strftime('%H:%M:%S')})")

@@ -30,6 +30,8 @@
 #   bash bench/gpu.sh engine-tune    launch-configuration candidates, kernels only: the GEMV and attention
 #                                    sweeps (SWEEP=0 skips them), then the whole step under each of
 #                                    CONFIGS='{"label": {"gemv": {...}, "attention": {...}}, ...}'
+#   bash bench/gpu.sh engine-mma     the tensor-core int4 GEMV: rows of x 1..8 against the CUDA-core one, its
+#                                    kernel checks, the whole step under CONFIGS (kernels only)
 #   bash bench/gpu.sh engine-ncu     Nsight Compute on the engine's decode steps (8 GLM-Z1-9B int4 layers,
 #                                    fp16 x and int8 x), then GLM-4-32B's whole int4 step as a graph
 #   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
@@ -259,6 +261,16 @@ engine-tune)  # launch-configuration candidates for glmrt's engine, kernels only
   [ -n "${CONFIGS:-}" ] || CONFIGS='{"default": {}}'
   [ "${SWEEP:-1}" = 1 ] || echo "(sweep skipped)"
   run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$OUT/engine-tune.log"
+  ;;
+engine-mma)   # the tensor-core int4 GEMV, kernels only (no ONNX Runtime, no export): GLM-Z1-9B's four GEMVs at
+              # M = 1, 2, 4, 8 rows of x against the CUDA-core one (checked, then timed), every int4 kernel
+              # checked with it at GLM-Z1-9B/GLM-4-32B shapes and timed, and the whole step under CONFIGS
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-mma.log
+  run timeout ${ROWS_LIMIT:-200} $C rows ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee -a "$LOG"
+  run timeout 150 $C kernels --mma --time 2>&1 | tee -a "$LOG"
+  [ -n "${CONFIGS:-}" ] && run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$LOG"
   ;;
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
               # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)

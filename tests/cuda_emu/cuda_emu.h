@@ -15,6 +15,7 @@
 #pragma once
 #define GLMRT_EMULATE 1
 
+#include <array>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -224,6 +225,35 @@ inline h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
 }
 inline h16x2 hsub2(h16x2 a, h16x2 b) {
   return pack2(h2f(a & 0xffff) - h2f(b & 0xffff), h2f(a >> 16) - h2f(b >> 16));
+}
+inline h16x2 hmul2(h16x2 a, h16x2 b) {
+  return pack2(h2f(a & 0xffff) * h2f(b & 0xffff), h2f(a >> 16) * h2f(b >> 16));
+}
+// mma.sync m16n8k16 (fp16 in, fp32 accumulate) as a warp collective: every lane leaves its
+// fragments, the warp meets, each lane computes its own 4 results from everyone's (products
+// exact in float, summed in k order), the warp meets again before the fragments are reused.
+namespace emu { inline std::vector<std::array<unsigned, 6>> mma_x; }
+inline void mma_16816(float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
+  using namespace emu;
+  const int t = current, w = t / 32, lane = t % 32, base = w * 32;
+  if ((int)mma_x.size() < nthreads) mma_x.resize(nthreads);
+  mma_x[t] = {a[0], a[1], a[2], a[3], b0, b1};
+  sync_warp(w);
+  auto half = [](unsigned r, int k) { return h2f((h16)(k & 1 ? r >> 16 : r & 0xffffu)); };
+  auto A = [&](int row, int k) {          // A[row][k]: lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
+    return half(mma_x[base + 4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k);
+  };
+  auto B = [&](int k, int n) { return half(mma_x[base + 4 * n + (k % 8) / 2][4 + (k >= 8)], k); };
+  const int g = lane / 4, tg = lane % 4;
+  float r[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * tg + (i & 1);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    r[i] = d[i] + s;
+  }
+  sync_warp(w);
+  for (int i = 0; i < 4; ++i) d[i] = r[i];
 }
 inline int dp4a_us(unsigned a, unsigned b, int c) {
   for (int i = 0; i < 4; ++i) c += (int)((a >> (8 * i)) & 0xffu) * (int)(signed char)((b >> (8 * i)) & 0xffu);

@@ -22,7 +22,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, gemv
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
 EPS = 1e-5
 
 
@@ -181,8 +181,8 @@ class _Ctx:
 
     @property
     def lin(self) -> str:
-        """The layers' kernel format (the name the tolerances and reports use)."""
-        return self.f.kernel(self.f.linear)
+        """The layers' kernel format as compiled (the name the tolerances and reports use)."""
+        return self.spec["o_proj"].fmt
 
     def xin(self, v, fmt: str | None = None) -> np.ndarray:
         """x as the GEMV of weight format `fmt` (the layers' by default) multiplies it:
@@ -388,7 +388,7 @@ def check_lm_head(c: _Ctx) -> dict:
     err = rel(logits, ref)
     counter = int(c.get(a.counter, 1, np.uint32)[0])
     ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
-    kfmt = c.f.kernel(fmt)
+    kfmt = c.spec["lm_head"].fmt
     return _result(f"lm_head ({kfmt}, residual add + final norm -> logits + argmax, tie between rows "
                    f"{first} and {second})", err if ok else float("inf"), TOL[kfmt],
                    tokens=tokens, logits_err=err, counter_after=counter)

@@ -15,9 +15,11 @@ from importlib import resources
 
 KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 
-# int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu)
-FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8"}
-INT4_FORMATS = ("int4", "int4_a8")
+# int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu);
+# int4_mma: int4's bytes and fp16 x on the tensor cores (gemv_mma)
+FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA"}
+INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
+MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
 PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM"}
 EPILOGUES = {"store": "EPI_STORE", "qkv": "EPI_QKV", "swiglu": "EPI_SWIGLU", "argmax": "EPI_ARGMAX"}
 KN_TILE = 256                  # columns per tile of the W^T GEMV (32 lanes x 8 values)
@@ -59,7 +61,8 @@ class Gemv:
     """One GEMV kernel: y (m, n) = x (m, k) W^T in weight format `fmt` (int4 block `block`,
     f16 as (n, k), f16_kn as (k, n)), prologue `pro`, epilogue `epi`, and its launch shape:
     `warps` warps, `rpw` rows per warp, `unroll` 16-byte units in flight per lane and row
-    (f16_kn: rows of W^T in flight per warp)."""
+    (f16_kn: rows of W^T in flight per warp). int4_mma: each warp owns 16 rows, `ksplit`
+    warps share them (splitting K), and rpw is unused."""
     name: str
     fmt: str
     k: int
@@ -73,6 +76,7 @@ class Gemv:
     unroll: int = 4
     min_blocks: int = 1      # __launch_bounds__' minimum resident blocks per SM (caps registers)
     hsum: int = 1            # int4 with fp16 x: 32-bit words whose products are summed in half2 before fp32
+    ksplit: int = 1          # int4_mma: warps sharing a group of 16 rows
 
     @property
     def threads(self) -> int:
@@ -81,6 +85,8 @@ class Gemv:
     @property
     def rows(self) -> int:
         """Output rows per tile."""
+        if self.fmt == "int4_mma":
+            return MMA_ROWS * (self.warps // self.ksplit)
         return KN_TILE if self.fmt == "f16_kn" else self.warps * self.rpw
 
     def tiles(self, shapes: Shapes) -> int:
@@ -96,7 +102,7 @@ class Gemv:
     @property
     def smem(self) -> int:
         """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums)."""
-        if self.fmt == "int4":
+        if self.fmt in ("int4", "int4_mma"):
             return self.m * (self.kp // 32) * 80
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48
@@ -105,7 +111,10 @@ class Gemv:
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
 
     def instance(self) -> str:
-        if self.fmt == "f16_kn":
+        if self.fmt == "int4_mma":
+            call = (f"gemv_mma<Cfg, {self.block}, {self.k}, {self.n}, {self.m}, {self.warps}, {self.ksplit}, "
+                    f"{self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
+        elif self.fmt == "f16_kn":
             call = (f"gemv_kn<Cfg, {self.k}, {self.n}, {self.m}, {self.warps}, {self.unroll}, "
                     f"{PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
         else:

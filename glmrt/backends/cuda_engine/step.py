@@ -38,7 +38,9 @@ from .sources import ATT_MAX_SPLITS, Attention, Gemv, Shapes
 # products, 16 per half) made GLM-Z1-9B int4's step 2.48 ms against 2.58 (H200, session 7) but
 # moved 4 GLM-Z1-9B layers' logits 7.2e-3 from the float reference (1: 4.4e-3; ONNX Runtime's
 # form: 5.0e-3): 1 stays the default, 2 and 4 are tuning options
-GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1}
+# mma (int4 with fp16 x): the tensor-core GEMV (kernels/gemv.cu gemv_mma; 16 rows a warp, ksplit
+# warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -88,8 +90,11 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     def gemv(name, role, fmt, k, n, pro, epi):
         c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
+        if kfmt == "int4" and c.get("mma"):
+            kfmt = "int4_mma"
         return Gemv(name, kfmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
-                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1)
+                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
+                    ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

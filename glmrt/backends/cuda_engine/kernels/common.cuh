@@ -24,6 +24,18 @@ DEV h16x2 hfma2(h16x2 a, h16x2 b, h16x2 c) {
   h16x2 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
 DEV h16x2 hsub2(h16x2 a, h16x2 b) { h16x2 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+DEV h16x2 hmul2(h16x2 a, h16x2 b) { h16x2 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+// d += A B on the tensor cores (sm_80+), one warp: A 16 x 16 fp16 (4 registers of half2 a lane),
+// B 16 x 8 fp16 (2), d 16 x 8 fp32 (4). Lane l = 4 g + t holds A[g][2t, 2t+1] (a0), A[g + 8][2t,
+// 2t+1] (a1), A[g][2t + 8, 2t + 9] (a2), A[g + 8][2t + 8, 2t + 9] (a3); B[2t, 2t+1][g] (b0),
+// B[2t + 8, 2t + 9][g] (b1); d[g][2t, 2t+1], d[g + 8][2t, 2t+1] (the lower k in the low half).
+// Every lane of the warp must execute it (no divergence around it).
+DEV void mma_16816(float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 // 4 unsigned bytes of a times 4 signed bytes of b, summed into c (int8 activations)
 DEV int dp4a_us(unsigned a, unsigned b, int c) {
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;

@@ -14,6 +14,9 @@
 //             8 products where W_INT4 takes ~15 (on the H200 the W_INT4 GEMVs read 1.3-2.6
 //             TB/s where the fp16 ones read 2.7-4.2 with the same loads: their arithmetic, not
 //             memory, is the limit). An accuracy trade, as llama.cpp's Q4_0 x Q8_1.
+//   W_INT4_MMA W_INT4's bytes and staged x on the tensor cores (gemv_mma below): each weight
+//             dequantized once to fp16 (q - 8) * scale, then mma.sync m16n8k16 multiplies 16
+//             rows by up to 8 rows of x at once: M = 1..8 cost the same arithmetic.
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -58,7 +61,9 @@
 #define W_F16 1
 #define W_F16_KN 2
 #define W_INT4_A8 3
-#define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8)   // the MatMulNBits bytes and scales
+#define W_INT4_MMA 4
+#define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8 || (F) == W_INT4_MMA)   // the MatMulNBits bytes and scales
+#define PAIRED_X(F) ((F) == W_INT4 || (F) == W_INT4_MMA)   // x staged in the nibbles' pair order
 
 #define PRO_F16 0
 #define PRO_F32 1
@@ -112,6 +117,7 @@ template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
 template <> struct XLayout<W_INT4_A8> {
   static constexpr int VALS = 32, XU = 3;
 };
+template <> struct XLayout<W_INT4_MMA> : XLayout<W_INT4> {};
 
 // ---- prologue: x (M, K) into shared memory as fp16 ------------------------------------------
 // Vectorized: a thread takes 8 consecutive values at a time (k0 = 8c, c = tid, tid + NT, ...;
@@ -121,16 +127,16 @@ template <> struct XLayout<W_INT4_A8> {
 // x_word_at says where, x_word packs them in that word's order.
 template <int FMT> DEV int x_word_at(int k0) {          // in uint4 units of xs (one row of x)
   typedef XLayout<FMT> L;
-  return FMT == W_INT4 ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
+  return PAIRED_X(FMT) ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
 }
 DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
 template <int FMT> DEV uint4 x_word(const float (&v)[8]) {
   // int4: pairs (s, s + 4) (the nibble order of dot_int4); fp16: in order
-  return FMT == W_INT4 ? make_uint4(pack_h2(v[0], v[4]), pack_h2(v[1], v[5]), pack_h2(v[2], v[6]), pack_h2(v[3], v[7]))
+  return PAIRED_X(FMT) ? make_uint4(pack_h2(v[0], v[4]), pack_h2(v[1], v[5]), pack_h2(v[2], v[6]), pack_h2(v[3], v[7]))
                        : make_uint4(pack_h2(v[0], v[1]), pack_h2(v[2], v[3]), pack_h2(v[4], v[5]), pack_h2(v[6], v[7]));
 }
 template <int FMT> DEV uint4 x_word_h(uint4 w) {       // 8 fp16 values in order -> the word's order
-  if (FMT != W_INT4) return w;
+  if (!PAIRED_X(FMT)) return w;
   return make_uint4((w.x & 0xffffu) | (w.z << 16), (w.x >> 16) | (w.z & 0xffff0000u),
                     (w.y & 0xffffu) | (w.w << 16), (w.y >> 16) | (w.w & 0xffff0000u));
 }
@@ -554,6 +560,132 @@ DEV void gemv_nk(const GemvArgs& a) {
           acc[r][m] = 0.f;
         }
       __syncthreads();
+      epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+      __syncthreads();
+    }
+    if (!more) break;
+    cur = nxt;
+    tile = nt;
+    step = ns;
+  }
+  if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
+}
+
+// ---- the int4 GEMV on the tensor cores (W_INT4_MMA) --------------------------------------------
+// One 32-bit word of a row's weights -> its 8 values (q - 8) * s as 4 half2, in the staged x's
+// pair order (pair s = nibbles at bits 4s and 16 + 4s: k = 8j + s and 8j + s + 4 of word j):
+// q - 8 exactly (dot_int4's magic numbers), then one rounding of the product with the scale.
+DEV void dequant_word(unsigned w, h16x2 s2, h16x2 (&p)[4]) {
+  const unsigned hi = w >> 8;
+  p[0] = hmul2(hsub2((w & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+  p[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);
+  p[2] = hmul2(hsub2((hi & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+  p[3] = hmul2(hfma2((hi & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);
+}
+
+// Work split: a warp owns 16 output rows (the mma's M) and KSPLIT warps share them, each taking
+// every KSPLIT-th chunk of the row's units; a tile is ROWS = 16 * WARPS / KSPLIT rows. Lane
+// l = 4 g + c loads the same unit (16 bytes: 32 values of one scale block) of rows g and g + 8:
+// units 4 uu + c of the warp's chunk, so 4 lanes read 64 contiguous bytes of a row. The mma's
+// k is any order both operands agree on: a lane's A registers are pairs of its own unit (rows g,
+// g + 8), and the B registers of lane (g, c) are the same pairs of staged x, row g (x row g: the
+// batch's column g; rows past M read as zeros). So every weight is dequantized once, scaled in
+// fp16 (each lane's unit has its own scale, so the scale cannot wait until after the sum), and
+// 8 words of a lane (rows g, g + 8) feed 8 mma: 2 per word pair. The fp32 sums stay in the
+// mma's accumulators over the whole row; the KSPLIT warps of a row group add theirs in shared
+// memory, and the tile's results take the same epilogues as gemv_nk (red[lr * M + m]).
+template <class C, int BLOCK, int K, int N, int M, int WARPS, int KSPLIT, int UNROLL, int PRO, int EPI>
+DEV void gemv_mma(const GemvArgs& a) {
+  typedef XLayout<W_INT4_MMA> L;
+  constexpr int KP = (K + BLOCK - 1) / BLOCK * BLOCK, KB = KP / BLOCK, U = KP / 32;
+  constexpr int ROWS = 16 * (WARPS / KSPLIT);
+  constexpr int TILES = tiles<ROWS, N, EPI, C>();
+  constexpr int CHUNK = 4 * UNROLL;                            // units of a row per warp step
+  constexpr int STEPS = (U + CHUNK * KSPLIT - 1) / (CHUNK * KSPLIT);
+  static_assert(M >= 1 && M <= 8, "the mma's N is 8: 1 to 8 rows of x");
+  static_assert(WARPS % KSPLIT == 0, "the warps split into whole row groups");
+  static_assert(BLOCK % 32 == 0, "int4 blocks of 32 values or more");
+  static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
+
+  DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x
+  __shared__ float red[ROWS * M > 33 ? ROWS * M : 33];
+  __shared__ float part[KSPLIT > 1 ? KSPLIT * ROWS * M : 1];
+  __shared__ float best_v[M];
+  __shared__ int best_i[M];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, c = lane % 4, grp = warp / KSPLIT, ks = warp % KSPLIT;
+  const uint4* W = (const uint4*)a.w;
+
+  struct Stage { uint4 w[UNROLL][2]; unsigned s[UNROLL][2]; };
+  auto load = [&](Stage& st, int tile, int step) {
+#pragma unroll
+    for (int uu = 0; uu < UNROLL; ++uu) {
+      const int u = (step * KSPLIT + ks) * CHUNK + 4 * uu + c;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lr = grp * 16 + g + 8 * r;
+        const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
+        const int row = row_of<ROWS, N, EPI, C>(tile, lr);
+        st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
+        st.s[uu][r] = ok ? (unsigned)a.scales[(size_t)row * KB + u * 32 / BLOCK] : 0u;   // 0: adds nothing
+      }
+    }
+  };
+
+  Stage cur, nxt;
+  int tile = blockIdx.x, step = 0;
+  load(cur, tile, 0);                       // in flight while x is staged (and the previous kernel ends)
+  grid_launch_dependents();
+  grid_wait();
+  if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
+  stage_x<C, W_INT4_MMA, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
+  __syncthreads();
+
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  while (true) {
+    int nt = tile, ns = step + 1;
+    if (ns == STEPS) { ns = 0; nt += gridDim.x; }
+    const bool more = nt < TILES;
+    if (more) load(nxt, nt, ns);
+#pragma unroll
+    for (int uu = 0; uu < UNROLL; ++uu) {
+      const int u0 = (step * KSPLIT + ks) * CHUNK + 4 * uu;   // the warp's first unit: uniform
+      if (u0 >= U) break;
+      const int u = u0 + c;
+      const bool xok = u < U && g < M;                         // else B is zero (never NaN x 0)
+      const uint4* xu = xs + (g * U + u) * L::XU;
+      const h16x2 s0 = cur.s[uu][0] | cur.s[uu][0] << 16, s1 = cur.s[uu][1] | cur.s[uu][1] << 16;
+      const unsigned w0[4] = {cur.w[uu][0].x, cur.w[uu][0].y, cur.w[uu][0].z, cur.w[uu][0].w};
+      const unsigned w1[4] = {cur.w[uu][1].x, cur.w[uu][1].y, cur.w[uu][1].z, cur.w[uu][1].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        h16x2 p0[4], p1[4];
+        dequant_word(w0[j], s0, p0);
+        dequant_word(w1[j], s1, p1);
+        const uint4 xv = xok ? xu[j] : make_uint4(0u, 0u, 0u, 0u);
+        const h16x2 a01[4] = {p0[0], p1[0], p0[1], p1[1]}, a23[4] = {p0[2], p1[2], p0[3], p1[3]};
+        mma_16816(d, a01, xv.x, xv.y);
+        mma_16816(d, a23, xv.z, xv.w);
+      }
+    }
+    if (step == STEPS - 1) {                // the tile is done: rows g, g + 8 of the group, x rows 2c, 2c + 1
+      float* dst = KSPLIT > 1 ? part + ks * ROWS * M : red;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 2 * c + (i & 1), lr = grp * 16 + g + 8 * (i >> 1);
+        if (m < M) dst[lr * M + m] = d[i];
+        d[i] = 0.f;
+      }
+      __syncthreads();
+      if (KSPLIT > 1) {
+        for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
+          float v = 0.f;
+#pragma unroll
+          for (int k2 = 0; k2 < KSPLIT; ++k2) v += part[k2 * ROWS * M + e];
+          red[e] = v;
+        }
+        __syncthreads();
+      }
       epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
       __syncthreads();
     }
