@@ -27,6 +27,10 @@ PASS/FAIL lines with its figures and writes OUT/engine-<part>[-tag].json.
                             prefill and decode logits, 64 greedy steps (a divergence passes
                             only on a near tie of ONNX Runtime's logits), bursts, a stop token
                             inside a burst, the cache limit, graphs against plain launches
+  slots DIR                 an engine built with --max-batch: every bucket's batched step against the
+                            single-sequence step (logits of each slot, mixed prompt lengths), and
+                            32 greedy steps of all slots together against each alone (a divergence
+                            passes only on a near tie)
   memory DIR --weights engine|shared   device memory a loaded engine holds, against
                             1.1 x weights + KV cache + 1 GB; "shared" hands the engine's weights
                             to ONNX Runtime's prefill session (add_initializer)
@@ -510,6 +514,66 @@ def engine_prefill(eng):
         eng.ort = ort
 
 
+def part_slots(args):
+    """Batched slots of an engine built with --max-batch N against the same engine one sequence
+    at a time: for each bucket b, b slots prefilled with prompts of different lengths, one
+    batched step's logits (each row against the single-sequence step at the same prefix), then
+    32 greedy batched steps against 32 greedy single ones (equal, or parting at a near tie of
+    the single sequence's logits)."""
+    model = Path(args.model)
+    device = make_device(args)
+    eng, man = load_engine(args, model, max_context=args.max_context, device=device)
+    figures = {"model": str(model), "slots_built": eng.slots_built}
+    checks = Checks(f"slots-{args.tag or model.name}", figures)
+    tol, tie, steps = 1e-2, 1e-2, 32 if not args.emulate else 4
+    rng = np.random.default_rng(1)
+    vocab = min(1000, eng.vocab)
+    try:
+        for b in eng.step_plan.buckets:
+            caches = eng.open_slots(b)
+            prompts = [rng.integers(3, vocab, size=5 + 23 * i).tolist() for i in range(b)]
+            first = []
+            for c, pr in zip(caches, prompts):
+                first.append(int(np.argmax(eng.step(np.array([pr]), c)[0, -1])))
+            got = eng.step_batch(np.array(first), caches)                        # (b, V)
+            errs = []
+            singles = []
+            for i, pr in enumerate(prompts):
+                with eng.generation() as c:
+                    row = eng.step(np.array([pr + [first[i]]]), c)[0, -1]
+                singles.append(row)
+                errs.append(rel(got[i], row))
+            checks.append(verdict(f"bucket {b}: batched step logits against one sequence at a time, per slot",
+                                  max(errs) <= tol, f"max rel err {max(errs):.2e} (tol {tol:.0e}) over {b} slots"))
+            # greedy: all slots together, then each alone
+            ids = np.argmax(got, -1)
+            together = [[int(t)] for t in ids]
+            for _ in range(steps - 1):
+                ids = np.array(eng.step_batch_greedy(ids, caches))
+                for i, t in enumerate(ids):
+                    together[i].append(int(t))
+            ok, where = True, []
+            for i, pr in enumerate(prompts):
+                with eng.generation() as c:
+                    seq = pr + [first[i]]
+                    alone = [eng.step_greedy(np.array([seq]), c)]
+                    for _ in range(steps - 1):
+                        alone.append(eng.step_greedy(np.array([[alone[-1]]]), c))
+                j = next((k for k, (x, y) in enumerate(zip(together[i], alone)) if x != y), None)
+                if j is None:
+                    continue
+                with eng.generation() as c:
+                    row = eng.step(np.array([seq + alone[:j]]), c)[0, -1]
+                gap = abs(float(row[alone[j]] - row[together[i][j]])) / float(np.abs(row).max())
+                where.append((i, j, gap))
+                ok &= gap <= tie
+            checks.append(verdict(f"bucket {b}: {steps} greedy steps of {b} slots together against each alone",
+                                  ok, "equal" if not where else "parting at (slot, step, top-2 gap) "
+                                  + ", ".join(f"({i}, {j}, {g:.1e})" for i, j, g in where)))
+    finally:
+        eng.close()
+
+
 def part_model(args):
     from glmrt import manifest as manifest_io
     from glmrt.backends.ort_gqa import OrtGqaDecoder
@@ -731,7 +795,7 @@ def part_summary(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "model", "memory", "ncu-run",
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "model", "slots", "memory", "ncu-run",
                                      "ncu-report", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")

@@ -32,6 +32,9 @@
 #                                    CONFIGS='{"label": {"gemv": {...}, "attention": {...}}, ...}'
 #   bash bench/gpu.sh engine-mma     the tensor-core int4 GEMV: rows of x 1..8 against the CUDA-core one, its
 #                                    kernel checks, the whole step under CONFIGS (kernels only)
+#   bash bench/gpu.sh engine-slots   continuous batching on the engine: GLM-Z1-9B int4 built with --max-batch 8,
+#                                    glmrt bench --slots 1,2,4,8 of it and of ONNX Runtime's form, the batched
+#                                    steps against single ones (after `install`)
 #   bash bench/gpu.sh engine-ncu     Nsight Compute on the engine's decode steps (8 GLM-Z1-9B int4 layers,
 #                                    fp16 x and int8 x), then GLM-4-32B's whole int4 step as a graph
 #   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
@@ -271,6 +274,28 @@ engine-mma)   # the tensor-core int4 GEMV, kernels only (no ONNX Runtime, no exp
   run timeout ${ROWS_LIMIT:-200} $C rows ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee -a "$LOG"
   run timeout 150 $C kernels --mma --time 2>&1 | tee -a "$LOG"
   [ -n "${CONFIGS:-}" ] && run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$LOG"
+  ;;
+engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-9B int4 (40 layers, `prep`'s export)
+              # built with --max-batch 8 (checked on the GPU), glmrt bench --slots 1,2,4,8 of the engine and of
+              # ONNX Runtime's form in the same call; then a 4-layer GLM-Z1-9B model's batched steps against
+              # single ones (bench/cuda_engine_check.py slots)
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-slots.log
+  dir=$W/9b-int4
+  [ -f $W/exports.log ] && wait_exports
+  [ -f $dir/manifest.json ] || run python3 -m glmrt.cli export synthetic:glm-z1-9b -o "$dir" --precision int4 --target cuda --overwrite
+  start=$(date +%s)
+  run timeout 200 python3 -m glmrt.cli build "$dir" --backend cuda --max-batch ${MAX_BATCH:-8} --overwrite 2>&1 | tee -a "$LOG"
+  echo "glmrt build --backend cuda --max-batch ${MAX_BATCH:-8} (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  run timeout 200 python3 -m glmrt.cli bench "$dir" --backend cuda --slots 1,2,4,8 --contexts 128 \
+    --json "$OUT/slots-engine-9b-int4${TAG:+-$TAG}.json" 2>&1 | tee -a "$LOG"
+  [ "${ORT_SLOTS:-1}" = 1 ] && run timeout 150 python3 -m glmrt.cli bench "$dir" --slots 1,2,4,8 --contexts 128 \
+    --json "$OUT/slots-ort-9b-int4${TAG:+-$TAG}.json" 2>&1 | tee -a "$LOG"
+  small=$W/engine-9b-4L-int4
+  [ -f "$small/manifest.json" ] || python3 -m glmrt.cli export synthetic:glm-z1-9b:4 -o "$small" --precision int4 --target cuda --overwrite >/dev/null
+  python3 -m glmrt.cli build "$small" --backend cuda --max-batch 8 --overwrite --gpu "NVIDIA H200@sm90" >/dev/null &&
+    run timeout 150 $C slots "$small" --max-context 512 --tag 9b-4L 2>&1 | tee -a "$LOG"
   ;;
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
               # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)

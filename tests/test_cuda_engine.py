@@ -255,12 +255,12 @@ MUTATIONS = {
     "counter re-armed": ("gemv.cu", "if (tid == 0) *a.counter = 0u;", "", "lm_head"),
     "softmax rescale": ("attention.cu", "float v = acc[o] * corr_s[g];", "float v = acc[o];", "attention"),
     "split merge weights": ("attention.cu", "num.x += w[s] * o.x;", "num.x += o.x;", "attention"),
-    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[blockIdx.x] = 0u;", "", "attention"),
+    "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[row * gridDim.x + blockIdx.x] = 0u;", "", "attention"),
     "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
     "attention grown split": ("attention.cu", "max(a.chunk, (per + TILE - 1) / TILE * TILE)", "a.chunk", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
-    "KV cache position": ("gemv.cu", "const int p = *a.pos + a.pos_add + m;", "const int p = *a.pos + m;", "qkv"),
+    "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
 }
 
 

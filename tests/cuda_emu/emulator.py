@@ -94,9 +94,9 @@ class EmulatedDevice(Device):
 
     def _run(self, kernel, grid, threads, smem, args):
         lib, name = kernel
-        gx, gy = (tuple(grid) + (1, 1))[:2]
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         self.launches += 1
-        rc = lib.emu_launch(name.encode(), gx, gy, 1, threads, smem, ctypes.addressof(args), self.launches)
+        rc = lib.emu_launch(name.encode(), gx, gy, gz, threads, smem, ctypes.addressof(args), self.launches)
         if rc:
             raise RuntimeError(f"emulated kernel {name}: " + {1: "not in the module", 2: "deadlock"}.get(rc, str(rc)))
 

@@ -15,13 +15,13 @@ class GemvArgs(ctypes.Structure):
         "x_out", "y", "act", "q", "k_cache", "v_cache", "rope", "pos", "part_val", "part_idx",
         "counter", "token_out")] + [
         ("eps", ctypes.c_float), ("pos_add", ctypes.c_int32), ("max_seq", ctypes.c_int32),
-        ("pad_", ctypes.c_int32)]
+        ("slot_stride", ctypes.c_int32)]
 
 
 class AttnArgs(ctypes.Structure):
     _fields_ = [(name, P) for name in ("q", "k_cache", "v_cache", "pos", "part_o", "part_ml", "out", "counter")] + [
         ("pos_add", ctypes.c_int32), ("max_seq", ctypes.c_int32), ("chunk", ctypes.c_int32),
-        ("splits", ctypes.c_int32)]
+        ("splits", ctypes.c_int32), ("slot_stride", ctypes.c_int32), ("pad_", ctypes.c_int32)]
 
 
 STRUCTS = {"GemvArgs": GemvArgs, "AttnArgs": AttnArgs}

@@ -8,6 +8,12 @@ layout: (1, kv_heads, max_context, head_dim) fp16 per layer and K/V); without
 onnxruntime-gpu, or with prefill="engine", the engine itself steps through the prompt one
 token at a time (correct, slow for long prompts). The device buffers belong to the decoder:
 generations take turns (a lock).
+
+Continuous batching (an engine built with --max-batch N; glmrt.load(..., slots=n), n <= N):
+open_slots gives n caches, rows of one buffer per layer and K/V (ONNX Runtime's slot buffers,
+which its prefill of a slot writes); step_batch advances rows 0..b-1 for the smallest bucket b
+holding every slot asked for, as one CUDA graph per bucket. Rows not asked for run too, on
+token 0 written at their length, past their cached tokens (as the ONNX Runtime form does).
 """
 from __future__ import annotations
 
@@ -78,20 +84,27 @@ class CudaDecoder(Decoder):
         image = engine["cubin"] if device.image_kind == "cubin" else engine["source_file"]
         handles = device.load((self.engine_path / image).read_bytes(), {k.name: k.smem for k in specs})
         kernels = {k.name: (k, handles[k.name]) for k in specs}
+        self.slots_built = int(engine.get("slots", 1))
         self.step_plan = DecodeStep(device, kernels, self.weights, engine["weights"], kv, cfg, max_context,
-                                    burst, engine.get("config", DEFAULT_CONFIG))
+                                    burst, engine.get("config", DEFAULT_CONFIG), slots=self.slots_built)
         self.graphs: dict[int, object] = {}
         self.lock = threading.Lock()
         self.vocab = cfg.vocab_size
-        self.caps = Capabilities(max_context=max_context, burst=burst, device_argmax=True)
+        self.caps = Capabilities(max_context=max_context, burst=burst, device_argmax=True, batch=self.slots_built)
         self._host_ctl = np.zeros(2, np.int32)               # [pos, id_0], uploaded per step
+        self._host_bctl = np.zeros(3 * self.step_plan.slots, np.int32)   # batched: [pos.., id.., out..]
+        self.slot_caches: list[Cache] | None = None          # open_slots
+        self.slot_kv: list | None = None
+        self.batch_graphs: dict[int, object] = {}
+        self._own_slot_kv: list[int] = []
         act = engine.get("formats", {}).get("act", "f16")
         self.activations = next(name for name, a in ACTIVATIONS.items() if a == act)
 
     def describe(self) -> dict:
         d = self.device
         return {"backend": "cuda", "form": "gqa", "device": "cuda", "cuda_graph": self.cuda_graph,
-                "settings": {"prefill": self.prefill, "weights": self.weights_mode, "activations": self.activations},
+                "settings": {"prefill": self.prefill, "weights": self.weights_mode, "activations": self.activations,
+                             "slots": self.slots_built},
                 "greedy": "device argmax", "engine": str(self.engine_path),
                 "gpu": f"{d.name} (sm{d.compute_capability[0]}{d.compute_capability[1]}, {d.sm_count} SMs)"}
 
@@ -135,6 +148,8 @@ class CudaDecoder(Decoder):
             raise GlmrtError("the cuda engine runs batch 1")
         self.check_room(cache, seq)
         self.device.activate()
+        if cache.slot is not None:
+            return self._slot_step(ids, cache, keep)
         if seq > 1 and self.ort is not None:
             return self.ort.step(ids, cache, keep)
         if keep > seq:
@@ -153,6 +168,8 @@ class CudaDecoder(Decoder):
             raise GlmrtError("the cuda engine runs batch 1")
         self.check_room(cache, seq)
         self.device.activate()
+        if cache.slot is not None:
+            return int(np.argmax(self._slot_step(ids, cache, 1)[0, -1]))
         if seq > 1:
             if self.ort is not None:
                 return self.ort.step_greedy(ids, cache)
@@ -162,6 +179,8 @@ class CudaDecoder(Decoder):
         return token
 
     def greedy_burst(self, last: int, cache: Cache, n: int) -> list[int]:
+        if cache.slot is not None:                  # slots decode in step_batch, not bursts
+            return super().greedy_burst(last, cache, n)
         if not 1 <= n <= self.caps.burst:
             raise GlmrtError(f"a burst of {n} steps; this decoder runs 1 to {self.caps.burst}")
         self.check_room(cache, n)
@@ -170,7 +189,100 @@ class CudaDecoder(Decoder):
         cache.length += n
         return ids.tolist()
 
+    # ---- slots: continuous batching ------------------------------------------------------------
+    def open_slots(self, n: int) -> list[Cache]:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.slots_built:
+            raise GlmrtError(f"slots={n}: this engine batches at most {self.slots_built} sequences; rebuild it for "
+                             f"more: glmrt build {self.folder} --backend cuda --max-batch N --overwrite (N <= 8)")
+        self.device.activate()
+        self._free_slots()
+        cfg = self.cfg
+        stride = cfg.num_key_value_heads * self.caps.max_context * cfg.head_dim     # h16 elements a slot
+        if self.ort is not None:                    # ONNX Runtime's slot buffers: its prefill writes them
+            caches = self.ort.open_slots(n)
+            kv = [(int(self.ort.slot_kv[2 * i].data_ptr()), int(self.ort.slot_kv[2 * i + 1].data_ptr()))
+                  for i in range(cfg.num_hidden_layers)]
+        else:
+            kv = [(self.device.alloc(2 * n * stride), self.device.alloc(2 * n * stride))
+                  for _ in range(cfg.num_hidden_layers)]
+            self._own_slot_kv = [p for pair in kv for p in pair]
+            caches = [Cache(0, None, i) for i in range(n)]
+        self.slot_caches, self.slot_kv, self.slot_stride = caches, kv, stride
+        return list(caches)
+
+    def _free_slots(self) -> None:
+        self.batch_graphs = {}                      # captured with the old buffers' addresses
+        for p in self._own_slot_kv:
+            self.device.free(p)
+        self._own_slot_kv = []
+        self.slot_caches = self.slot_kv = None
+
+    def _run_batch(self, ids, caches: list[Cache]) -> int:
+        """One batched decode step: each cache's next token; the bucket it ran (rows 0..b-1)."""
+        rows = [c.slot for c in caches]
+        if (self.slot_caches is None or None in rows
+                or any(not 0 <= r < len(self.slot_caches) or self.slot_caches[r] is not c for r, c in zip(rows, caches))):
+            raise GlmrtError("step_batch takes the caches open_slots returned")
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) != len(caches):
+            raise GlmrtError(f"step_batch: {len(ids)} ids for {len(caches)} caches")
+        for c in caches:
+            self.check_room(c, 1)
+        for t in ids:
+            if not 0 <= t < self.vocab:
+                raise GlmrtError(f"token id {t} is outside the vocabulary [0, {self.vocab})")
+        b = next(k for k in self.step_plan.buckets if k >= max(rows) + 1)
+        S, ctl = self.step_plan.slots, self._host_bctl
+        for c in self.slot_caches[:b]:
+            c.length = min(c.length, self.caps.max_context - 1)     # an idle full row gives up its last
+        ctl[:] = 0
+        ctl[:b] = [c.length for c in self.slot_caches[:b]]          # each row writes at its own length
+        ctl[S + np.asarray(rows)] = ids
+        self.device.activate()
+        self.device.upload(self.step_plan.buf["bctl"], ctl)
+        if self.cuda_graph:
+            if b not in self.batch_graphs:
+                self.batch_graphs[b] = self.device.capture(lambda: self._record_batch(b))
+            self.device.replay(self.batch_graphs[b])
+        else:
+            self._record_batch(b)
+        for c in caches:
+            c.length += 1
+        return b
+
+    def _record_batch(self, b: int) -> None:
+        for launch in self.step_plan.batch_launches(b, self.slot_kv, self.slot_stride):
+            self.device.launch(*launch)
+
+    def step_batch(self, ids: np.ndarray, caches: list[Cache]) -> np.ndarray:
+        b = self._run_batch(ids, caches)
+        logits = np.empty((b, self.vocab), np.float32)
+        self.device.download(self.step_plan.buf["logits"], logits)          # synchronizes
+        return logits[[c.slot for c in caches]]
+
+    def step_batch_greedy(self, ids: np.ndarray, caches: list[Cache]) -> list[int]:
+        b = self._run_batch(ids, caches)
+        out = np.empty(b, np.int32)
+        self.device.download(self.step_plan.buf["bctl"] + 8 * self.step_plan.slots, out)
+        return out[[c.slot for c in caches]].tolist()
+
+    def _slot_step(self, ids: np.ndarray, cache: Cache, keep: int) -> np.ndarray:
+        """A prompt chunk (or one token) into a slot: ONNX Runtime's prefill of its row, or
+        without it the engine's batched step a token at a time."""
+        seq = ids.shape[1]
+        if self.ort is not None:
+            return self.ort.step(ids, cache, keep)
+        if keep > seq:
+            raise GlmrtError(f"keep={keep} exceeds the {seq} positions of this step")
+        out = np.empty((1, keep, self.vocab), np.float32)
+        for j, token in enumerate(ids[0]):
+            row = self.step_batch(np.array([token]), [cache])[0]
+            if j >= seq - keep:
+                out[0, j - (seq - keep)] = row
+        return out
+
     def close(self) -> None:
+        self._free_slots()
         self.step_plan.free()
         self.ort = None                  # the prefill session first: with shared weights it reads their memory
         self.weights.free()

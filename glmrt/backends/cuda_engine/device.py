@@ -165,14 +165,14 @@ class CudaDevice(Device):
 
     def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure, pdl: bool = False) -> None:
         params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-        gx, gy = (grid + (1,))[:2] if len(grid) < 2 else grid[:2]
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         if not pdl or self.compute_capability < (9, 0):
-            self._ck(self.cu.cuLaunchKernel(kernel, gx, gy, 1, threads, 1, 1, smem, self.stream,
+            self._ck(self.cu.cuLaunchKernel(kernel, gx, gy, gz, threads, 1, 1, smem, self.stream,
                                             ctypes.addressof(params), 0), "cuLaunchKernel")
             return
         cu = self.cu
         cfg = cu.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, 1
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = threads, 1, 1
         cfg.sharedMemBytes, cfg.hStream = smem, self.stream
         attr = cu.CUlaunchAttribute()

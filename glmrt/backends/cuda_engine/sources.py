@@ -102,8 +102,10 @@ class Gemv:
     @property
     def smem(self) -> int:
         """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums)."""
-        if self.fmt in ("int4", "int4_mma"):
+        if self.fmt == "int4":
             return self.m * (self.kp // 32) * 80
+        if self.fmt == "int4_mma":
+            return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48
         if self.fmt == "f16":

@@ -13,6 +13,13 @@ Per layer, five kernels:
 and after the last layer
   lm_head    x = x + norm(mlp) * w_post_mlp; h = norm(x) * w_final; logits; argmax -> next id
 
+Batched slots (continuous batching, engines built with --max-batch N): KV caches for N
+sequences, slot i a row of one buffer per layer and K/V; a batched step over rows 0..b-1 (b a
+bucket: 1, 2, 4, 8, or N) runs the same kernels compiled for M = b rows (the int4 GEMVs on the
+tensor cores, whose cost barely grows with the rows), each row its own position and cache
+(GemvArgs/AttnArgs slot_stride; the attention's grid z is the row), one CUDA graph per bucket.
+Its control buffer: [pos_0 .. pos_{N-1}, id_0 .. id_{N-1}, out_0 .. out_{N-1}].
+
 The residual stream x is fp32 and alternates between two buffers (each fused norm reads one
 and block 0 writes the other), so no kernel reads what it writes. Everything a step reads from
 the host sits in one int32 control buffer: [pos, id_0, id_1, ..., id_burst]; step i of a burst
@@ -48,6 +55,10 @@ DEFAULT_CONFIG = {
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
     # split takes (short contexts use len / chunk splits, long ones all of them)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
+    # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching): int4 on the
+    # tensor cores, 4 warps sharing 16 rows (H200, GLM-Z1-9B's four GEMVs at 8 rows of x: 1.1x the
+    # time of one row; the CUDA-core GEMV takes 2.9x)
+    "rows": {"mma": True, "ksplit": 4},
     # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
     # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
     "pdl": True,          # sm_90+: measured 2.61 vs 2.85 ms per 9B int4 step on the H200 (session 6)
@@ -57,7 +68,8 @@ ATTENTION = DEFAULT_CONFIG["attention"]
 
 def role(spec) -> str:
     """The launch-parameter entry a kernel instance takes."""
-    return "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(spec.name, spec.name)
+    name = spec.name.rsplit("_b", 1)[0] if spec.m > 1 else spec.name      # a batched step's instance
+    return "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(name, name)
 
 
 def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
@@ -83,21 +95,42 @@ class Formats:
         return "int4_a8" if fmt == "int4" and self.act == "int8" else fmt
 
 
-def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG) -> list:
-    """The kernel instances of one decode step (M = 1)."""
+MAX_SLOTS = 8          # rows of x one batched step takes (the mma's N)
+
+
+def slot_buckets(slots: int) -> tuple[int, ...]:
+    """The batch sizes an engine for `slots` sequences compiles: 1, 2, 4, 8 below it and itself."""
+    return tuple(sorted({b for b in (1, 2, 4, 8) if b < slots} | {slots}))
+
+
+def bucket_name(name: str, rows: int) -> str:
+    return name if rows == 1 else f"{name}_b{rows}"
+
+
+def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG, rows: int = 1) -> list:
+    """The kernel instances of one decode step: M = 1, or the GEMVs of a batched step over
+    `rows` slots (named name_b<rows>; the attention instance serves every row count)."""
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role]}
+        c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role], **(config.get("rows", {}) if rows > 1 else {})}
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
-        return Gemv(name, kfmt, k, n, pro, epi, block=f.block, warps=c["warps"], rpw=c["rpw"], unroll=c["unroll"],
+        return Gemv(bucket_name(name, rows), kfmt, k, n, pro, epi, block=f.block, m=rows, warps=c["warps"],
+                    rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
                     ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group
+    if rows > 1:
+        return [gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
+                gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
+                gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
+                gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
+                gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
+                gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "add_norm", "argmax")]
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
@@ -144,30 +177,33 @@ class DecodeStep:
     engine manifest's weight roles; kv: per layer (K cache, V cache) addresses."""
 
     def __init__(self, device, kernels: dict, weights, wmap: dict, kv: list, cfg, max_context: int,
-                 burst: int, config: dict = DEFAULT_CONFIG):
+                 burst: int, config: dict = DEFAULT_CONFIG, slots: int = 1):
         self.device, self.kernels, self.w, self.wmap, self.kv = device, kernels, weights, wmap, kv
         self.cfg, self.max_context, self.burst, self.config = cfg, max_context, burst, config
+        self.slots = S = max(1, slots)           # rows every per-token buffer holds
         s = self.shapes = Shapes.from_config(cfg)
         att = kernels["attention"][0]
         self.chunk, self.splits = attention_split(config, max_context, att.tile)
         self.att_blocks = att.blocks_x(s.kv_heads)
         self.pdl = bool(config.get("pdl")) and tuple(device.compute_capability) >= (9, 0)
-        self.lm_grid = self.grid("lm_head")
+        self.buckets = slot_buckets(S) if S > 1 else (1,)
+        self.lm_grid = max(self.grid(bucket_name("lm_head", b)) for b in self.buckets)
         f32, f16, i32 = 4, 2, 4
-        sizes = {                                        # name: bytes
-            "x0": s.hidden * f32, "x1": s.hidden * f32,  # the residual stream, ping-pong
-            "q": s.heads * s.head_dim * f32,
-            "part_o": s.heads * self.splits * s.head_dim * f32,
-            "part_ml": s.heads * self.splits * 2 * f32,
-            "attn": s.heads * s.head_dim * f32,
-            "o": s.hidden * f32,
-            "act": s.inter * f16,
-            "mlp": s.hidden * f32,
-            "logits": s.vocab * f32,
-            "part_val": self.lm_grid * f32, "part_idx": self.lm_grid * i32,
+        sizes = {                                        # name: bytes (S rows each where per token)
+            "x0": S * s.hidden * f32, "x1": S * s.hidden * f32,  # the residual stream, ping-pong
+            "q": S * s.heads * s.head_dim * f32,
+            "part_o": S * s.heads * self.splits * s.head_dim * f32,
+            "part_ml": S * s.heads * self.splits * 2 * f32,
+            "attn": S * s.heads * s.head_dim * f32,
+            "o": S * s.hidden * f32,
+            "act": S * s.inter * f16,
+            "mlp": S * s.hidden * f32,
+            "logits": S * s.vocab * f32,
+            "part_val": S * self.lm_grid * f32, "part_idx": S * self.lm_grid * i32,
             "counter": 4,
-            "att_counter": 4 * self.att_blocks,
+            "att_counter": 4 * S * self.att_blocks,
             "ctl": (burst + 2) * i32,                    # [pos, id_0 .. id_burst]
+            "bctl": 3 * S * i32,                         # batched: [pos_0.., id_0.., out_0..]
             "rope": max_context * (s.rot // 2) * 2 * f32,
         }
         self.buf = {}
@@ -217,6 +253,39 @@ class DecodeStep:
             out.append(self._gemv("down", h_in=b["act"], y=b["mlp"], **self._linear(lw["down"])))
         last = self.wmap["layers"][-1]
         out.append(self._gemv("lm_head", x_in=x[0], y_in=b["mlp"], norm_y=w[last["post_mlp_norm"]],
+                              norm_x=w[self.wmap["norm"]], x_out=x[1], y=b["logits"], part_val=b["part_val"],
+                              part_idx=b["part_idx"], counter=b["counter"], token_out=token_out,
+                              **self._linear(self.wmap["lm_head"])))
+        return out
+
+    def batch_launches(self, rows: int, kv: list, slot_stride: int) -> list:
+        """Every launch of one batched decode step over slots 0..rows-1 (rows: a bucket), slot
+        i's caches at kv[layer] + i * slot_stride (h16 elements)."""
+        b, w, S = self.buf, self.w, self.slots
+        pos, token, token_out = b["bctl"], b["bctl"] + 4 * S, b["bctl"] + 8 * S
+        x = (b["x0"], b["x1"])
+        name = lambda n: bucket_name(n, rows)                                     # noqa: E731
+        out = []
+        for layer, lw in enumerate(self.wmap["layers"]):
+            kc, vc = kv[layer]
+            qkv = dict(self._linear(lw["qkv"]), norm_x=w[lw["input_norm"]], x_out=x[1], q=b["q"],
+                       k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos, slot_stride=slot_stride)
+            if layer == 0:
+                out.append(self._gemv(name("qkv_first"), embed=w[self.wmap["embed"]], tokens=token, **qkv))
+            else:
+                prev = self.wmap["layers"][layer - 1]
+                out.append(self._gemv(name("qkv"), x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
+            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
+                           out=b["attn"], counter=b["att_counter"], pos_add=0, max_seq=self.max_context,
+                           chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
+            spec, h = self.kernels["attention"]
+            out.append((h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl))
+            out.append(self._gemv(name("o_proj"), y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
+            out.append(self._gemv(name("gate_up"), x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
+                                  norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))
+            out.append(self._gemv(name("down"), h_in=b["act"], y=b["mlp"], **self._linear(lw["down"])))
+        last = self.wmap["layers"][-1]
+        out.append(self._gemv(name("lm_head"), x_in=x[0], y_in=b["mlp"], norm_y=w[last["post_mlp_norm"]],
                               norm_x=w[self.wmap["norm"]], x_out=x[1], y=b["logits"], part_val=b["part_val"],
                               part_idx=b["part_idx"], counter=b["counter"], token_out=token_out,
                               **self._linear(self.wmap["lm_head"])))

@@ -22,6 +22,9 @@
 // len = *pos + pos_add + 1: the cache already holds this token's K and V (the QKV epilogue
 // wrote them). Cache layout (NKV, max_seq, HD) fp16 per layer, K after RoPE (the gqa form's).
 // Query head j is served by KV head j / G (transformers' repeat_interleave).
+// Batched slots (slot_stride != 0): the grid's z is the row m; row m is slot m, its query at
+// q + m * NH * HD, its cache at k_cache/v_cache + m * slot_stride, its length pos[m] + pos_add + 1,
+// its partials, output and counters a row of their own.
 
 struct AttnArgs {
   const float* q;         // (NH * HD) after RoPE
@@ -36,6 +39,8 @@ struct AttnArgs {
   int max_seq;
   int chunk;              // the fewest positions per split, a multiple of TILE
   int splits;             // the attention grid's y, at most ATT_MAX_SPLITS
+  int slot_stride;        // 0: one sequence; else rows (grid z) are slots this many h16 apart
+  int pad_;
 };
 
 #define ATT_MAX_SPLITS 128
@@ -58,7 +63,8 @@ DEV void attention(const AttnArgs& a) {
   static_assert(HPB * ATT_MAX_SPLITS * 4 <= TILE * RW * 16, "the merge weights fit where V was");
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = blockIdx.x / QG, head0 = h * G + (blockIdx.x % QG) * HPB, split = blockIdx.y;
-  const int len = *a.pos + a.pos_add + 1;
+  const int row = blockIdx.z, rh = row * gridDim.x * HPB;   // rh: the row's first query head (NH a row)
+  const int len = (a.slot_stride ? a.pos[row] : *a.pos) + a.pos_add + 1;
   const int per = (len + a.splits - 1) / a.splits;
   const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
   const int t0 = split * chunk;
@@ -66,8 +72,8 @@ DEV void attention(const AttnArgs& a) {
   if (t0 >= len) return;                     // the whole block: nothing to read here (pos is the host's)
   grid_wait();                               // q and this token's K, V: the previous kernel's
   const int t1 = min(len, t0 + chunk);
-  const uint4* kbase = (const uint4*)(a.k_cache + (size_t)h * a.max_seq * HD);
-  const uint4* vbase = (const uint4*)(a.v_cache + (size_t)h * a.max_seq * HD);
+  const uint4* kbase = (const uint4*)(a.k_cache + (size_t)row * a.slot_stride + (size_t)h * a.max_seq * HD);
+  const uint4* vbase = (const uint4*)(a.v_cache + (size_t)row * a.slot_stride + (size_t)h * a.max_seq * HD);
 
   uint4 kr[LPT], vr[LPT];
   auto load = [&](int tt) {                  // the tile at tt into registers (zeros past t1)
@@ -82,7 +88,7 @@ DEV void attention(const AttnArgs& a) {
   load(t0);
   const float scale = rsqrtf((float)HD);
   for (int i = tid; i < HPB * HD / 4; i += THREADS) {
-    float4 v = ((const float4*)(a.q + (size_t)head0 * HD))[i];
+    float4 v = ((const float4*)(a.q + (size_t)(rh + head0) * HD))[i];
     v.x *= scale; v.y *= scale; v.z *= scale; v.w *= scale;
     ((float4*)&qs[0][0])[i] = v;
   }
@@ -157,23 +163,23 @@ DEV void attention(const AttnArgs& a) {
 #pragma unroll
     for (int o = 0; o < OUT; ++o) {
       const int e = tid + o * THREADS;
-      if (e < HPB * HD) a.out[(size_t)head0 * HD + e] = acc[o] / l_s[e / HD];
+      if (e < HPB * HD) a.out[(size_t)(rh + head0) * HD + e] = acc[o] / l_s[e / HD];
     }
     return;
   }
 #pragma unroll
   for (int o = 0; o < OUT; ++o) {
     const int e = tid + o * THREADS, g = e / HD, d = e % HD;
-    if (e < HPB * HD) a.part_o[((size_t)(head0 + g) * a.splits + split) * HD + d] = acc[o];
+    if (e < HPB * HD) a.part_o[((size_t)(rh + head0 + g) * a.splits + split) * HD + d] = acc[o];
   }
   if (tid < HPB) {
-    a.part_ml[((head0 + tid) * a.splits + split) * 2] = m_s[tid];
-    a.part_ml[((head0 + tid) * a.splits + split) * 2 + 1] = l_s[tid];
+    a.part_ml[((size_t)(rh + head0 + tid) * a.splits + split) * 2] = m_s[tid];
+    a.part_ml[((size_t)(rh + head0 + tid) * a.splits + split) * 2 + 1] = l_s[tid];
   }
   __threadfence();                                       // the partials, before the count
   __shared__ int is_last;
   __syncthreads();
-  if (tid == 0) is_last = atomicAdd(a.counter + blockIdx.x, 1u) == (unsigned)used - 1;
+  if (tid == 0) is_last = atomicAdd(a.counter + row * gridDim.x + blockIdx.x, 1u) == (unsigned)used - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -184,7 +190,7 @@ DEV void attention(const AttnArgs& a) {
   static_assert(ATT_MAX_SPLITS % 32 == 0, "the merge gives each lane ATT_MAX_SPLITS / 32 splits");
   constexpr int SPL = ATT_MAX_SPLITS / 32;               // splits per lane
   for (int g = warp; g < HPB; g += WARPS) {
-    const float* ml = a.part_ml + (size_t)(head0 + g) * a.splits * 2;
+    const float* ml = a.part_ml + (size_t)(rh + head0 + g) * a.splits * 2;
     float mv[SPL], lv[SPL];                              // every (m, l) loaded at once: one round trip
 #pragma unroll
     for (int i = 0; i < SPL; ++i) {
@@ -212,7 +218,7 @@ DEV void attention(const AttnArgs& a) {
   __syncthreads();
   for (int e = tid; e < HPB * HD / 4; e += THREADS) {
     const int g = e / (HD / 4), d4 = e % (HD / 4);
-    const float4* po = (const float4*)(a.part_o + (size_t)(head0 + g) * a.splits * HD) + d4;
+    const float4* po = (const float4*)(a.part_o + (size_t)(rh + head0 + g) * a.splits * HD) + d4;
     const float* w = wsm + g * ATT_MAX_SPLITS;
     float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 16
@@ -221,7 +227,7 @@ DEV void attention(const AttnArgs& a) {
       num.x += w[s] * o.x; num.y += w[s] * o.y; num.z += w[s] * o.z; num.w += w[s] * o.w;
     }
     const float r = 1.f / den_s[g];
-    ((float4*)(a.out + (size_t)(head0 + g) * HD))[d4] = make_float4(num.x * r, num.y * r, num.z * r, num.w * r);
+    ((float4*)(a.out + (size_t)(rh + head0 + g) * HD))[d4] = make_float4(num.x * r, num.y * r, num.z * r, num.w * r);
   }
-  if (tid == 0) a.counter[blockIdx.x] = 0u;
+  if (tid == 0) a.counter[row * gridDim.x + blockIdx.x] = 0u;
 }

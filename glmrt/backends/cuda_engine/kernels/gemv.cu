@@ -51,7 +51,8 @@
 //   EPI_QKV     + bias; RoPE (partial, interleaved pairs (2i, 2i+1) of the first ROT dims of each
 //               q and k head; cos/sin from the fp32 table at the row's position) on q and k;
 //               q -> q (M, NH*HD) fp32, k and v -> the layer's KV cache (NKV, max_seq, HD) fp16
-//               at that position (the gqa form's layout: K after RoPE, V as projected)
+//               at that position (the gqa form's layout: K after RoPE, V as projected); with
+//               slot_stride, row m into slot m's cache at its own position
 //   EPI_SWIGLU  a tile holds gate rows j and up rows I + j: act[j] = silu(gate) * up (fp16)
 //   EPI_ARGMAX  logits y (if given) and each row's argmax; every block leaves its best, the
 //               last block to finish picks the overall best (first index on ties) into
@@ -93,7 +94,7 @@ struct GemvArgs {
   h16* k_cache;           // (NKV, max_seq, HD)                          EPI_QKV
   h16* v_cache;           // (NKV, max_seq, HD)                          EPI_QKV
   const float* rope;      // (max_seq, ROT/2, 2): cos, sin               EPI_QKV
-  const int* pos;         // row m sits at position *pos + pos_add + m   EPI_QKV
+  const int* pos;         // row m sits at position *pos + pos_add + m   EPI_QKV (slot_stride: pos[m] + pos_add)
   float* part_val;        // (M, gridDim.x) each block's best            EPI_ARGMAX
   int* part_idx;          // (M, gridDim.x)
   unsigned* counter;      // blocks done; zero between launches          EPI_ARGMAX
@@ -101,7 +102,9 @@ struct GemvArgs {
   float eps;              // RMSNorm epsilon
   int pos_add;            // this step's offset in a burst
   int max_seq;            // positions in the KV cache
-  int pad_;
+  int slot_stride;        // 0: the M rows are one sequence's consecutive positions; else row m is slot m
+                          // (batched slots): its own position pos[m] + pos_add, its cache at
+                          // k_cache/v_cache + m * slot_stride (h16 elements)
 };
 
 // ---- shared memory layout of x ---------------------------------------------------------------
@@ -117,7 +120,16 @@ template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
 template <> struct XLayout<W_INT4_A8> {
   static constexpr int VALS = 32, XU = 3;
 };
-template <> struct XLayout<W_INT4_MMA> : XLayout<W_INT4> {};
+template <> struct XLayout<W_INT4_MMA> {
+  static constexpr int VALS = 32, XU = 4;   // no pad: the words of a unit swizzled instead (mma_swizzle)
+};
+// W_INT4_MMA's staged x: word j of unit u of row m sits at word j ^ mma_swizzle(u, m) of the unit.
+// The 8 lanes of a 16-byte shared load phase are (g, c) for two rows g and c = 0..3 (units
+// u0 + c, u0 a multiple of 4): units 64 bytes apart put c and c + 2 on the same banks and the two
+// rows' units at the same offset (or half a bank row apart); the swizzle gives the 8 lanes 8
+// different bank groups. 64 bytes a unit (80 with a pad) let 8 rows of GLM-Z1-9B's 13696-wide x
+// fit in shared memory.
+DEV int mma_swizzle(int u, int m) { return ((u >> 1) & 1) | ((m & 1) << 1); }
 
 // ---- prologue: x (M, K) into shared memory as fp16 ------------------------------------------
 // Vectorized: a thread takes 8 consecutive values at a time (k0 = 8c, c = tid, tid + NT, ...;
@@ -125,8 +137,9 @@ template <> struct XLayout<W_INT4_MMA> : XLayout<W_INT4> {};
 // are unrolled: NT is the block's thread count, a compile-time constant), so a pass costs one
 // round trip to L2, not one per value. The 8 values land as ONE 16-byte word of staged x:
 // x_word_at says where, x_word packs them in that word's order.
-template <int FMT> DEV int x_word_at(int k0) {          // in uint4 units of xs (one row of x)
+template <int FMT> DEV int x_word_at(int k0, int m) {   // in uint4 units of xs (row m's own)
   typedef XLayout<FMT> L;
+  if (FMT == W_INT4_MMA) return (k0 / 32) * L::XU + (((k0 % 32) / 8) ^ mma_swizzle(k0 / 32, m));
   return PAIRED_X(FMT) ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
 }
 DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
@@ -144,9 +157,9 @@ template <int FMT> DEV uint4 x_word_h(uint4 w) {       // 8 fp16 values in order
 // quantizes per 32 values: the 4 threads holding a unit are 4 neighbouring lanes of one warp
 // (k0 = 8 * (tid + i * NT), NT a multiple of 32), and EVERY thread of the block calls this in
 // the same pass (store false, values 0 where there is nothing to write) for the shuffles.
-template <int FMT> DEV void put8(uint4* xm, int k0, bool store, const float (&v)[8]) {
+template <int FMT> DEV void put8(uint4* xm, int m, int k0, bool store, const float (&v)[8]) {
   if (FMT != W_INT4_A8) {
-    if (store) xm[x_word_at<FMT>(k0)] = x_word<FMT>(v);
+    if (store) xm[x_word_at<FMT>(k0, m)] = x_word<FMT>(v);
     return;
   }
   float amax = 0.f;
@@ -216,9 +229,9 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
         if (FMT == W_INT4_A8) {
           float v[8];
           unpack8(w[i], v);                             // zeros past K
-          put8<FMT>(xm, k0, k0 < KP, v);
+          put8<FMT>(xm, m, k0, k0 < KP, v);
         } else if (k0 < KP) {
-          xm[x_word_at<FMT>(k0)] = x_word_h<FMT>(w[i]);
+          xm[x_word_at<FMT>(k0, m)] = x_word_h<FMT>(w[i]);
         }
       }
     } else if (PRO == PRO_F32) {
@@ -232,7 +245,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
           for (int j = 0; j < 8; ++j) v[i][j] = 0.f;
       }
 #pragma unroll
-      for (int i = 0; i < PER; ++i) put8<FMT>(xm, 8 * (tid + i * NT), 8 * (tid + i * NT) < KP, v[i]);
+      for (int i = 0; i < PER; ++i) put8<FMT>(xm, m, 8 * (tid + i * NT), 8 * (tid + i * NT) < KP, v[i]);
     } else {
       static_assert((PRO != PRO_ADD_NORM && PRO != PRO_EMBED_NORM) || K == C::H,
                     "a fused norm feeds a GEMV over the hidden size");
@@ -285,13 +298,13 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) h[j] = v[i][j] * rx * nx[j];
         }
-        put8<FMT>(xm, k0, k0 < H, h);
+        put8<FMT>(xm, m, k0, k0 < H, h);
       }
       const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < (KP - H) / 8 / NT + 1; ++i) {   // int4 padding past H (none at real shapes)
         const int k0 = H + 8 * (tid + i * NT);
-        put8<FMT>(xm, k0, k0 < KP, zero);
+        put8<FMT>(xm, m, k0, k0 < KP, zero);
       }
     }
   }
@@ -389,7 +402,7 @@ DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, 
       float x0 = red[lr * M + m], x1 = red[(lr + 1) * M + m];
       if (a.bias) { x0 += h2f(a.bias[n]); x1 += h2f(a.bias[n + 1]); }
       const int head = n / C::HD, d = n % C::HD;                  // d even
-      const int p = *a.pos + a.pos_add + m;
+      const int p = a.slot_stride ? a.pos[m] + a.pos_add : *a.pos + a.pos_add + m;
       if (head < C::NH + C::NKV && d < C::ROT) {                  // q or k: rotate the pair
         const float c = a.rope[(p * (C::ROT / 2) + d / 2) * 2], s = a.rope[(p * (C::ROT / 2) + d / 2) * 2 + 1];
         const float r0 = x0 * c - x1 * s, r1 = x1 * c + x0 * s;
@@ -402,7 +415,7 @@ DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, 
         const bool is_k = head < C::NH + C::NKV;
         const int kvh = is_k ? head - C::NH : head - C::NH - C::NKV;
         h16* cache = is_k ? a.k_cache : a.v_cache;
-        const size_t at = ((size_t)kvh * a.max_seq + p) * C::HD + d;
+        const size_t at = (size_t)m * a.slot_stride + ((size_t)kvh * a.max_seq + p) * C::HD + d;
         cache[at] = f2h(x0);
         cache[at + 1] = f2h(x1);
       }
@@ -654,6 +667,7 @@ DEV void gemv_mma(const GemvArgs& a) {
       const int u = u0 + c;
       const bool xok = u < U && g < M;                         // else B is zero (never NaN x 0)
       const uint4* xu = xs + (g * U + u) * L::XU;
+      const int sw = mma_swizzle(u, g);
       const h16x2 s0 = cur.s[uu][0] | cur.s[uu][0] << 16, s1 = cur.s[uu][1] | cur.s[uu][1] << 16;
       const unsigned w0[4] = {cur.w[uu][0].x, cur.w[uu][0].y, cur.w[uu][0].z, cur.w[uu][0].w};
       const unsigned w1[4] = {cur.w[uu][1].x, cur.w[uu][1].y, cur.w[uu][1].z, cur.w[uu][1].w};
@@ -662,7 +676,7 @@ DEV void gemv_mma(const GemvArgs& a) {
         h16x2 p0[4], p1[4];
         dequant_word(w0[j], s0, p0);
         dequant_word(w1[j], s1, p1);
-        const uint4 xv = xok ? xu[j] : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 xv = xok ? xu[j ^ sw] : make_uint4(0u, 0u, 0u, 0u);
         const h16x2 a01[4] = {p0[0], p1[0], p0[1], p1[1]}, a23[4] = {p0[2], p1[2], p0[3], p1[3]};
         mma_16816(d, a01, xv.x, xv.y);
         mma_16816(d, a23, xv.z, xv.w);
