@@ -429,7 +429,13 @@ def part_step(args):
 
 
 # ---- Nsight Compute: each kernel of real decode steps ----------------------------------------------------
-ENGINE_KERNELS = ("qkv_first", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+ENGINE_KERNELS = ("qkv_first", "row_embed", "row_norm", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def kernel_role(name: str) -> str:
+    """An engine kernel's name without its bucket (qkv_b8 -> qkv)."""
+    base, _, rows = name.rpartition("_b")
+    return base if base and rows.isdigit() else name
 
 
 def part_ncu_run(args):
@@ -439,6 +445,16 @@ def part_ncu_run(args):
     eng, _ = load_engine(args, Path(args.model), max_context=args.max_context, burst=1, cuda_graph=False,
                          prefill="engine")
     rng = np.random.default_rng(0)
+    if args.slots:                          # batched steps of that many slots at 128 cached positions
+        caches = eng.open_slots(args.slots)
+        for c in caches:
+            c.length = 128                  # the cache's contents do not matter for timing
+        ids = rng.integers(3, 1000, size=args.slots)
+        for _ in range(args.steps):
+            eng.step_batch_greedy(ids, caches)       # the same ids each step: the cache holds no text
+        eng.device.synchronize()
+        say(f"profiled {args.steps} batched decode steps of {args.slots} slots of {args.model}")
+        return
     with eng.generation() as c:
         tok = eng.step_greedy(np.array([rng.integers(3, 1000, size=128).tolist()]), c)
         for _ in range(args.steps):
@@ -457,13 +473,13 @@ def part_ncu_report(args):
         lines = [ln for ln in f if ln.startswith('"')]
     launches = {}
     for r in csv.DictReader(lines):
-        name = r["Kernel Name"].split("(")[0].strip()
+        name = kernel_role(r["Kernel Name"].split("(")[0].strip())
         if name not in ENGINE_KERNELS:
             continue
         key = (r["ID"], name)
         v = float(r["Metric Value"].replace(",", ""))
         launches.setdefault(key, {})[r["Metric Name"]] = v
-    per_step = 5 * args.layers + 1
+    per_step = args.per_step or 5 * args.layers + 1
     ordered = sorted(launches.items(), key=lambda kv: int(kv[0][0]))[-per_step * args.steps:]
     for (_, name), m in ordered:
         t = rows.setdefault(name, {"n": 0, "ns": 0.0, "bytes": 0.0})
@@ -814,6 +830,8 @@ def main():
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
+    ap.add_argument("--slots", type=int, default=0, help="ncu-run: batched steps of this many slots")
+    ap.add_argument("--per-step", type=int, default=0, help="ncu-report: launches per step (batched: 7 x layers + 2)")
     ap.add_argument("--variants", default=None, help="rows: JSON {label: {GEMV knobs}} instead of ROWS_VARIANTS")
     ap.add_argument("--emulate", action="store_true", help="the CPU emulation (a dry run without a GPU)")
     args = ap.parse_args()

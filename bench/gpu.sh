@@ -295,7 +295,21 @@ engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-
   small=$W/engine-9b-4L-int4
   [ -f "$small/manifest.json" ] || python3 -m glmrt.cli export synthetic:glm-z1-9b:4 -o "$small" --precision int4 --target cuda --overwrite >/dev/null
   python3 -m glmrt.cli build "$small" --backend cuda --max-batch 8 --overwrite --gpu "NVIDIA H200@sm90" >/dev/null &&
-    run timeout 150 $C slots "$small" --max-context 512 --tag 9b-4L 2>&1 | tee -a "$LOG"
+    [ "${CHECK:-1}" = 1 ] && run timeout 150 $C slots "$small" --max-context 512 --tag 9b-4L 2>&1 | tee -a "$LOG"
+  if [ "${NCU:-0}" = 1 ]; then   # Nsight Compute: 3 batched steps of 8 slots of 8 GLM-Z1-9B layers (7 launches a layer + 2)
+    NCUBIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    d8=$W/engine-9b-8L-int4
+    [ -f "$d8/manifest.json" ] || python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$d8" --precision int4 --target cuda --overwrite >/dev/null
+    python3 -m glmrt.cli build "$d8" --backend cuda --max-batch 8 --overwrite --gpu "NVIDIA H200@sm90" >/dev/null
+    for n in ${NCU_SLOTS:-8}; do
+      run timeout 200 "$NCUBIN" --clock-control none --csv --print-units base --print-kernel-base function \
+        --kernel-name "regex:^(row_norm|row_embed|qkv|attention|o_proj|gate_up|down|lm_head)(_b[0-9]+)?$" \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file "$OUT/ncu-slots$n-9b-8L.csv" \
+        $C ncu-run "$d8" --slots $n --steps 3 2>&1 | tail -1
+      $C ncu-report "$OUT/ncu-slots$n-9b-8L.csv" --layers 8 --steps 3 --per-step $(( n > 1 ? 7 * 8 + 2 : 5 * 8 + 1 )) \
+        --tag "slots$n-9b-8L" 2>&1 | tee -a "$LOG"
+    done
+  fi
   ;;
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
               # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)

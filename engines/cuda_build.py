@@ -22,8 +22,8 @@ from pathlib import Path
 
 from glmrt.backends.cuda_engine import nvrtc
 from glmrt.backends.cuda_engine.sources import Shapes, kernel_text, sha256, translation_unit
-from glmrt.backends.cuda_engine.step import (ACTIVATIONS, DEFAULT_CONFIG, MAX_SLOTS, Formats, decode_kernels,
-                                             kernel_to_dict, slot_buckets)
+from glmrt.backends.cuda_engine.step import (ACTIVATIONS, DEFAULT_CONFIG, MAX_SLOTS, Formats, engine_kernels,
+                                             kernel_to_dict)
 from glmrt.config import GlmConfig
 from glmrt.engine import engine_dir
 from glmrt.errors import GlmrtError
@@ -50,14 +50,12 @@ def plan(model_dir: Path, man: dict, options):
     slots = options.max_batch
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
         raise GlmrtError(f"--max-batch {slots!r}: the cuda engine batches 1 to {MAX_SLOTS} sequences")
-    kernels = decode_kernels(shapes, formats, DEFAULT_CONFIG)
-    for rows in slot_buckets(slots)[1:] if slots > 1 else ():        # the GEMVs of each batched step
-        kernels += decode_kernels(shapes, formats, DEFAULT_CONFIG, rows=rows)
+    kernels = engine_kernels(shapes, formats, DEFAULT_CONFIG, slots)
     for k in kernels:
         if k.smem > SMEM_LIMIT.get(arch, 99 * 1024):
             raise GlmrtError(f"kernel {k.name} needs {k.smem} bytes of shared memory per block; sm_{arch} "
                              f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}"
-                             + (f" (x staged for {k.m} rows: build with a smaller --max-batch)" if k.m > 1 else ""))
+                             + (f" (x staged for {k.m} rows: build with a smaller --max-batch)" if getattr(k, "m", 1) > 1 else ""))
     out = engine_dir(model_dir, "cuda", precision, gpu_name=target.name, compute_capability=target.compute_capability)
 
     def make(tmp: Path) -> dict:

@@ -168,6 +168,25 @@ ATT_MAX_SPLITS = 128           # kernels/attention.cu: the splits one merge take
 
 
 @dataclasses.dataclass(frozen=True)
+class RowNorm:
+    """The norms of a batched step, one block per row (kernels/gemv.cu norm_rows): `pro`
+    add_norm (the sandwich norm's residual add) or embed_norm (layer 0's embedding row)."""
+    name: str
+    pro: str
+    threads: int = 256
+
+    @property
+    def smem(self) -> int:
+        return 0
+
+    def instance(self) -> str:
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
+                f"(const GemvArgs a) {{ norm_rows<Cfg, {PROLOGUES[self.pro]}, {self.threads}>(a); }}\n")
+
+    args = "GemvArgs"
+
+
+@dataclasses.dataclass(frozen=True)
 class Stub:
     """An empty kernel taking another kernel's argument struct, launched in its place with its
     grid, threads and shared memory: timing a decode step without that kernel's work."""

@@ -15,9 +15,11 @@ and after the last layer
 
 Batched slots (continuous batching, engines built with --max-batch N): KV caches for N
 sequences, slot i a row of one buffer per layer and K/V; a batched step over rows 0..b-1 (b a
-bucket: 1, 2, 4, 8, or N) runs the same kernels compiled for M = b rows (the int4 GEMVs on the
-tensor cores, whose cost barely grows with the rows), each row its own position and cache
-(GemvArgs/AttnArgs slot_stride; the attention's grid z is the row), one CUDA graph per bucket.
+bucket: 1, 2, 4, 8, or N) runs GEMVs compiled for M = b rows (int4 on the tensor cores, whose
+cost barely grows with the rows), each row its own position and cache (GemvArgs/AttnArgs
+slot_stride; the attention's grid z is the row), one CUDA graph per bucket. Its norms run
+once per row in a kernel of their own (row_norm, row_embed: a block per row, writing the fp16
+input of the GEMV after it), not in every block of the GEMVs' prologues.
 Its control buffer: [pos_0 .. pos_{N-1}, id_0 .. id_{N-1}, out_0 .. out_{N-1}].
 
 The residual stream x is fp32 and alternates between two buffers (each fused norm reads one
@@ -33,7 +35,7 @@ import dataclasses
 import numpy as np
 
 from .args import AttnArgs, GemvArgs
-from .sources import ATT_MAX_SPLITS, Attention, Gemv, Shapes
+from .sources import ATT_MAX_SPLITS, Attention, Gemv, RowNorm, Shapes
 
 # Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
 # lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
@@ -124,13 +126,12 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group
-    if rows > 1:
-        return [gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
-                gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
+    if rows > 1:                         # the norms ran before (row_norm): every GEMV reads fp16 x
+        return [gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "f16", "qkv"),
                 gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
-                gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
+                gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "f16", "swiglu"),
                 gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
-                gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "add_norm", "argmax")]
+                gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "f16", "argmax")]
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
@@ -140,6 +141,20 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
         gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "add_norm", "argmax"),
     ]
+
+
+ROW_NORMS = [RowNorm("row_norm", "add_norm"), RowNorm("row_embed", "embed_norm")]
+
+
+def engine_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG, slots: int = 1) -> list:
+    """Every kernel instance an engine for `slots` sequences compiles: the decode step (M = 1),
+    and for slots > 1 each bucket's GEMVs and the row norms."""
+    kernels = decode_kernels(shapes, formats, config)
+    if slots > 1:
+        for rows in slot_buckets(slots)[1:]:
+            kernels += decode_kernels(shapes, formats, config, rows=rows)
+        kernels += ROW_NORMS
+    return kernels
 
 
 def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int]:
@@ -152,14 +167,16 @@ def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int
     return chunk, splits
 
 
+KINDS = {"gemv": Gemv, "attention": Attention, "norm": RowNorm}
+
+
 def kernel_from_dict(d: dict):
     d = dict(d)
-    kind = d.pop("type")
-    return Gemv(**d) if kind == "gemv" else Attention(**d)
+    return KINDS[d.pop("type")](**d)
 
 
 def kernel_to_dict(k) -> dict:
-    return {"type": "gemv" if isinstance(k, Gemv) else "attention", **dataclasses.asdict(k)}
+    return {"type": next(name for name, cls in KINDS.items() if isinstance(k, cls)), **dataclasses.asdict(k)}
 
 
 def rope_table(cfg, positions: int) -> np.ndarray:
@@ -198,6 +215,7 @@ class DecodeStep:
             "o": S * s.hidden * f32,
             "act": S * s.inter * f16,
             "mlp": S * s.hidden * f32,
+            "h": S * s.hidden * f16,                     # batched: a row norm's output, a GEMV's x
             "logits": S * s.vocab * f32,
             "part_val": S * self.lm_grid * f32, "part_idx": S * self.lm_grid * i32,
             "counter": 4,
@@ -264,6 +282,8 @@ class DecodeStep:
         b, w, S = self.buf, self.w, self.slots
         pos, token, token_out = b["bctl"], b["bctl"] + 4 * S, b["bctl"] + 8 * S
         x = (b["x0"], b["x1"])
+        if rows > 1:
+            return self._bucket_launches(rows, kv, slot_stride, pos, token, token_out, x)
         name = lambda n: bucket_name(n, rows)                                     # noqa: E731
         out = []
         for layer, lw in enumerate(self.wmap["layers"]):
@@ -289,6 +309,45 @@ class DecodeStep:
                               norm_x=w[self.wmap["norm"]], x_out=x[1], y=b["logits"], part_val=b["part_val"],
                               part_idx=b["part_idx"], counter=b["counter"], token_out=token_out,
                               **self._linear(self.wmap["lm_head"])))
+        return out
+
+    def _norm(self, name: str, rows: int, **fields):
+        spec, handle = self.kernels[name]
+        a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, act=self.buf["h"], **fields)
+        return handle, (rows,), spec.threads, 0, a, self.pdl
+
+    def _bucket_launches(self, rows: int, kv: list, slot_stride: int, pos: int, token: int, token_out: int, x) -> list:
+        """A batched step of rows > 1: each norm once per row (row_norm, row_embed), then the
+        bucket's GEMVs on its fp16 output."""
+        b, w, h = self.buf, self.w, self.buf["h"]
+        name = lambda n: bucket_name(n, rows)                                     # noqa: E731
+        out = []
+        for layer, lw in enumerate(self.wmap["layers"]):
+            kc, vc = kv[layer]
+            if layer == 0:
+                out.append(self._norm("row_embed", rows, embed=w[self.wmap["embed"]], tokens=token,
+                                      norm_x=w[lw["input_norm"]], x_out=x[1]))
+            else:
+                prev = self.wmap["layers"][layer - 1]
+                out.append(self._norm("row_norm", rows, x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]],
+                                      norm_x=w[lw["input_norm"]], x_out=x[1]))
+            out.append(self._gemv(name("qkv"), h_in=h, q=b["q"], k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos,
+                                  slot_stride=slot_stride, **self._linear(lw["qkv"])))
+            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
+                           out=b["attn"], counter=b["att_counter"], pos_add=0, max_seq=self.max_context,
+                           chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
+            spec, hd = self.kernels["attention"]
+            out.append((hd, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl))
+            out.append(self._gemv(name("o_proj"), y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
+            out.append(self._norm("row_norm", rows, x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
+                                  norm_x=w[lw["pre_mlp_norm"]], x_out=x[0]))
+            out.append(self._gemv(name("gate_up"), h_in=h, act=b["act"], **self._linear(lw["gate_up"])))
+            out.append(self._gemv(name("down"), h_in=b["act"], y=b["mlp"], **self._linear(lw["down"])))
+        last = self.wmap["layers"][-1]
+        out.append(self._norm("row_norm", rows, x_in=x[0], y_in=b["mlp"], norm_y=w[last["post_mlp_norm"]],
+                              norm_x=w[self.wmap["norm"]], x_out=x[1]))
+        out.append(self._gemv(name("lm_head"), h_in=h, y=b["logits"], part_val=b["part_val"], part_idx=b["part_idx"],
+                              counter=b["counter"], token_out=token_out, **self._linear(self.wmap["lm_head"])))
         return out
 
     def free(self) -> None:

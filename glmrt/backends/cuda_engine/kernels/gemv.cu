@@ -89,7 +89,7 @@ struct GemvArgs {
   const int* tokens;      // (M,) ids                                    PRO_EMBED_NORM
   float* x_out;           // (M, H) the new residual stream
   float* y;               // (M, N)                                      EPI_STORE; EPI_ARGMAX (logits, or null)
-  h16* act;               // (M, I)                                      EPI_SWIGLU
+  h16* act;               // (M, I)                                      EPI_SWIGLU; norm_rows: (M, H)
   float* q;               // (M, NH * HD)                                EPI_QKV
   h16* k_cache;           // (NKV, max_seq, HD)                          EPI_QKV
   h16* v_cache;           // (NKV, max_seq, HD)                          EPI_QKV
@@ -206,6 +206,47 @@ DEV float inv_rms(const float (&v)[HW][8], float* red, float eps) {
   return rsqrtf(block_sum(ss, red) / H + eps);
 }
 
+// x_new of row m (this thread's words of it: word i holds k = 8 (t + i NT) .. + 7, fp32) and
+// 1 / rms(x_new): the sandwich norm's residual add x_in + rmsnorm(y_in) * norm_y (PRO_ADD_NORM)
+// or the embedding row of tokens[m] (PRO_EMBED_NORM). Every thread of the block calls it.
+template <class C, int PRO, int NT, int HW>
+DEV float residual_row(const GemvArgs& a, int m, float (&v)[HW][8], float* red) {
+  constexpr int H = C::H;
+  const int tid = threadIdx.x;
+  if (PRO == PRO_ADD_NORM) {
+    float y[HW][8];
+    uint4 nw[HW];                                   // norm_y, fp16 until used
+#pragma unroll
+    for (int i = 0; i < HW; ++i) {
+      const int k0 = 8 * (tid + i * NT);
+      if (k0 < H) {
+        load8(a.y_in + m * H + k0, y[i]);
+        load8(a.x_in + m * H + k0, v[i]);
+        nw[i] = *(const uint4*)(a.norm_y + k0);
+      }
+    }
+    const float ry = inv_rms<HW, NT, H>(y, red, a.eps);
+#pragma unroll
+    for (int i = 0; i < HW; ++i) {
+      const h16x2 wp[4] = {nw[i].x, nw[i].y, nw[i].z, nw[i].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = h2x2f(wp[j]);
+        v[i][2 * j] += y[i][2 * j] * ry * f.x;
+        v[i][2 * j + 1] += y[i][2 * j + 1] * ry * f.y;
+      }
+    }
+  } else {
+    const int tok = min(max(a.tokens[m], 0), C::V - 1);   // a bad id reads row 0 or V-1, never past the table
+#pragma unroll
+    for (int i = 0; i < HW; ++i) {
+      const int k0 = 8 * (tid + i * NT);
+      if (k0 < H) load8(a.embed + (size_t)tok * H + k0, v[i]);
+    }
+  }
+  return inv_rms<HW, NT, H>(v, red, a.eps);
+}
+
 template <class C, int FMT, int K, int KP, int M, int PRO, int NT>
 DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
   typedef XLayout<FMT> L;
@@ -252,38 +293,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
       static_assert(H % 8 == 0, "the hidden size is staged 8 values at a time");
       constexpr int HW = (H / 8 + NT - 1) / NT;
       float v[HW][8];                                 // x_new, 8 values per word this thread holds
-      if (PRO == PRO_ADD_NORM) {
-        float y[HW][8];
-        uint4 nw[HW];                                   // norm_y, fp16 until used
-#pragma unroll
-        for (int i = 0; i < HW; ++i) {
-          const int k0 = 8 * (tid + i * NT);
-          if (k0 < H) {
-            load8(a.y_in + m * H + k0, y[i]);
-            load8(a.x_in + m * H + k0, v[i]);
-            nw[i] = *(const uint4*)(a.norm_y + k0);
-          }
-        }
-        const float ry = inv_rms<HW, NT, H>(y, red, a.eps);
-#pragma unroll
-        for (int i = 0; i < HW; ++i) {
-          const h16x2 wp[4] = {nw[i].x, nw[i].y, nw[i].z, nw[i].w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 f = h2x2f(wp[j]);
-            v[i][2 * j] += y[i][2 * j] * ry * f.x;
-            v[i][2 * j + 1] += y[i][2 * j + 1] * ry * f.y;
-          }
-        }
-      } else {
-        const int tok = min(max(a.tokens[m], 0), C::V - 1);   // a bad id reads row 0 or V-1, never past the table
-#pragma unroll
-        for (int i = 0; i < HW; ++i) {
-          const int k0 = 8 * (tid + i * NT);
-          if (k0 < H) load8(a.embed + (size_t)tok * H + k0, v[i]);
-        }
-      }
-      const float rx = inv_rms<HW, NT, H>(v, red, a.eps);
+      const float rx = residual_row<C, PRO, NT, HW>(a, m, v, red);
 #pragma unroll
       for (int i = 0; i < HW; ++i) {
         const int k0 = 8 * (tid + i * NT);
@@ -307,6 +317,37 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
         put8<FMT>(xm, m, k0, k0 < KP, zero);
       }
     }
+  }
+}
+
+// ---- the norms of a batched step, once per row ------------------------------------------------
+// Batched steps (M > 1 rows) do not fuse the norms into their GEMVs' prologues: every block of
+// a GEMV would recompute M rows' norms from L2, one row after another. Block m of this kernel
+// computes row m once: x_new -> x_out (fp32), rmsnorm(x_new) * norm_x -> act (M, H) fp16, which
+// the GEMVs then stage as PRO_F16.
+template <class C, int PRO, int NT>
+DEV void norm_rows(const GemvArgs& a) {
+  static_assert(PRO == PRO_ADD_NORM || PRO == PRO_EMBED_NORM, "a residual add or an embedding row");
+  static_assert(C::H % 8 == 0, "the hidden size is handled 8 values at a time");
+  constexpr int H = C::H, HW = (H / 8 + NT - 1) / NT;
+  __shared__ float red[33];
+  const int m = blockIdx.x, tid = threadIdx.x;
+  grid_launch_dependents();
+  grid_wait();
+  float v[HW][8];
+  const float rx = residual_row<C, PRO, NT, HW>(a, m, v, red);
+#pragma unroll
+  for (int i = 0; i < HW; ++i) {
+    const int k0 = 8 * (tid + i * NT);
+    if (k0 >= H) continue;
+    float nx[8];
+    load8(a.norm_x + k0, nx);
+    ((float4*)(a.x_out + m * H + k0))[0] = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+    ((float4*)(a.x_out + m * H + k0))[1] = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+    *(uint4*)(a.act + m * H + k0) = make_uint4(pack_h2(v[i][0] * rx * nx[0], v[i][1] * rx * nx[1]),
+                                               pack_h2(v[i][2] * rx * nx[2], v[i][3] * rx * nx[3]),
+                                               pack_h2(v[i][4] * rx * nx[4], v[i][5] * rx * nx[5]),
+                                               pack_h2(v[i][6] * rx * nx[6], v[i][7] * rx * nx[7]));
   }
 }
 
