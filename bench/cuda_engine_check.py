@@ -390,6 +390,26 @@ def part_step(args):
         sets = [("int4 int8 x", Formats("int4", 32, "f16_kn", "int8")), sets[0]]
     if args.shape != "glm-z1-9b":          # the int4 steps only
         sets = [x for x in sets if x[0] != "fp16"]
+    if args.slots:                          # the batched steps of an engine for that many slots
+        name, formats = sets[-1] if args.act == "int8" else sets[0]
+        if args.act == "int8":
+            name, formats = sets[0]
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        try:
+            configs = json.loads(args.configs) if args.configs else {"default": {}}
+            for label, o in configs.items():
+                config = {**DEFAULT_CONFIG, **{k: ({**DEFAULT_CONFIG[k], **v} if isinstance(v, dict) else v)
+                                               for k, v in o.items()}}
+                say(f"== {args.shape} {name}, batched steps of {args.slots} slots, {label}: {o}")
+                try:
+                    out[label] = bench.batch_time(args.slots, config, contexts[:1], reps, log=say,
+                                                  variants=args.variants_step)
+                except Exception as e:  # reported; the other configurations still run
+                    say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
+                save("step-slots", out)
+        finally:
+            bench.free()
+        return
     if args.configs:                        # candidate launch configurations: the full step only, first set
         from glmrt.backends.cuda_engine.step import GEMV
         name, formats = sets[0]
@@ -830,7 +850,9 @@ def main():
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
-    ap.add_argument("--slots", type=int, default=0, help="ncu-run: batched steps of this many slots")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="ncu-run, step: batched steps of this many slots (step: --configs over DEFAULT_CONFIG keys)")
+    ap.add_argument("--variants-step", action="store_true", help="step --slots: each kernel role emptied in turn")
     ap.add_argument("--per-step", type=int, default=0, help="ncu-report: launches per step (batched: 7 x layers + 2)")
     ap.add_argument("--variants", default=None, help="rows: JSON {label: {GEMV knobs}} instead of ROWS_VARIANTS")
     ap.add_argument("--emulate", action="store_true", help="the CPU emulation (a dry run without a GPU)")

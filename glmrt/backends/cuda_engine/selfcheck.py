@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, gemv_grid, rope_table
+from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, engine_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
@@ -677,6 +677,71 @@ class StepBench:
                         log(f"   {role:10s} costs {full - r['us']:7.1f} us per step in it ({(full - r['us']) / n:.2f} us each)")
         finally:
             step.free()
+        return rows
+
+    def batch_time(self, slots: int, config: dict = DEFAULT_CONFIG, contexts=(128,), reps: int = 3, log=None,
+                   variants: bool = True) -> list[dict]:
+        """The batched step of every bucket of an engine for `slots` sequences (all rows at the
+        same context); with `variants`, the largest bucket again with each kernel role empty."""
+        from .sources import Stub
+        from .sources import translation_unit as tu
+        from .step import DecodeStep, bucket_name
+        kernels = engine_kernels(self.s, self.f, config, slots)
+        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels]
+        handles = self.dev.load(image_for(self.dev, tu(self.s, kernels + stubs)),
+                                {k.name: k.smem for k in kernels + stubs})
+        step = DecodeStep(self.dev, {k.name: (k, handles[k.name]) for k in kernels}, self.w, self.wmap, self.kv,
+                          self.cfg, self.max_context, 1, config, slots=slots)
+        role_of = {handles[k.name]: k.name.rsplit("_b", 1)[0] if getattr(k, "m", 1) > 1 else
+                   ("qkv" if k.name == "qkv_first" else k.name) for k in kernels}
+        stub_of = {handles[k.name]: handles["stub_" + k.name] for k in kernels}
+        stride = self.s.kv_heads * self.max_context * self.s.head_dim
+        kv = []
+        for _ in range(self.layers):
+            pair = (self.dev.alloc(2 * slots * stride), self.dev.alloc(2 * slots * stride))
+            for p in pair:
+                self.dev.zero(p, 2 * slots * stride)
+            kv.append(pair)
+        rows = []
+        try:
+            def run(what, launches, ctx, b):
+                ctl = np.zeros(3 * slots, np.int32)
+                ctl[:b] = ctx - 1
+                self.dev.upload(step.buf["bctl"], ctl)
+                self.dev.synchronize()
+
+                def record():
+                    for _ in range(reps):
+                        for h, *rest in launches:
+                            self.dev.launch(h, *rest)
+                r = _time(self.dev, record, reps, f"batched step, {b} rows, {what}, context {ctx}", 0, len(launches), None)
+                r.update(what=what, context=ctx, rows=b, nodes=len(launches))
+                if log:
+                    log(f"{r['kernel']:70s} {r['us']:9.1f} us  {b * 1e6 / r['us']:8.1f} tok/s in all")
+                rows.append(r)
+                return r
+            for ctx in contexts:
+                for b in step.buckets:
+                    run("full", step.batch_launches(b, kv, stride), ctx, b)
+            if variants:
+                b, ctx = step.buckets[-1], contexts[0]
+                base = step.batch_launches(b, kv, stride)
+                roles = sorted({role_of[h] for h, *_ in base})
+                full = next(r["us"] for r in rows if r["rows"] == b and r["context"] == ctx)
+                for role in roles:
+                    r = run(f"{role} empty", [(stub_of[h], *rest) if role_of[h] == role else (h, *rest)
+                                              for h, *rest in base], ctx, b)
+                    n = sum(1 for h, *_ in base if role_of[h] == role)
+                    if log:
+                        log(f"   {role:10s} costs {full - r['us']:7.1f} us per step in it "
+                            f"({(full - r['us']) / n:.2f} us each, {n} a step)")
+                r = run("every kernel empty", [(stub_of[h], *rest) for h, *rest in base], ctx, b)
+        finally:
+            step.free()
+            self.dev.synchronize()
+            for pair in kv:
+                for p in pair:
+                    self.dev.free(p)
         return rows
 
     def free(self):
