@@ -57,10 +57,14 @@ DEFAULT_CONFIG = {
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
     # split takes (short contexts use len / chunk splits, long ones all of them)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
-    # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching): int4 on the
-    # tensor cores, 4 warps sharing 16 rows (H200, GLM-Z1-9B's four GEMVs at 8 rows of x: 1.1x the
-    # time of one row; the CUDA-core GEMV takes 2.9x)
-    "rows": {"mma": True, "ksplit": 4},
+    # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
+    # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's four GEMVs alone at 8 rows of x:
+    # 1.1x the time of one row; the CUDA-core GEMV takes 2.9x), the 8 warps of a block sharing 16
+    # rows (H200, the 9B step with 2 / 4 / 8 rows: 2.88 / 3.64 / 4.03 ms; 4 warps a group: 3.29 /
+    # 4.18 / 4.01 ms)
+    "rows": {"qkv": {"mma": True, "ksplit": 8}, "o_proj": {"mma": True, "ksplit": 8},
+             "gate_up": {"mma": True, "ksplit": 8}, "down": {"mma": True, "ksplit": 8},
+             "lm_head": {"mma": True, "ksplit": 8}, "lm_head_kn": {}},
     # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
     # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
     "pdl": True,          # sm_90+: measured 2.61 vs 2.85 ms per 9B int4 step on the H200 (session 6)
@@ -115,7 +119,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        c = {**GEMV, **config["lm_head_kn" if fmt == "f16_kn" else role], **(config.get("rows", {}) if rows > 1 else {})}
+        key = "lm_head_kn" if fmt == "f16_kn" else role
+        c = {**GEMV, **config[key], **(config.get("rows", {}).get(key, {}) if rows > 1 else {})}
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
