@@ -65,6 +65,12 @@ DEFAULT_CONFIG = {
     "rows": {"qkv": {"mma": True, "ksplit": 8}, "o_proj": {"mma": True, "ksplit": 8},
              "gate_up": {"mma": True, "ksplit": 8}, "down": {"mma": True, "ksplit": 8},
              "lm_head": {"mma": True, "ksplit": 8}, "lm_head_kn": {}},
+    # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 2 / 4 / 8
+    # rows: 2.92 / 3.11 / 3.96 ms; without these 2.87 / 3.64 / 4.03): down's wide x staged for 2-4
+    # rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight a lane
+    "rows_by_bucket": {"2": {"down": {"warps": 16, "ksplit": 8, "min_blocks": 1}},
+                       "4": {"down": {"warps": 16, "ksplit": 8, "min_blocks": 1}},
+                       "8": {"down": {"unroll": 2, "min_blocks": 3}}},
     # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
     # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
     "pdl": True,          # sm_90+: measured 2.61 vs 2.85 ms per 9B int4 step on the H200 (session 6)
@@ -120,7 +126,10 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
 
     def gemv(name, role, fmt, k, n, pro, epi):
         key = "lm_head_kn" if fmt == "f16_kn" else role
-        c = {**GEMV, **config[key], **(config.get("rows", {}).get(key, {}) if rows > 1 else {})}
+        c = {**GEMV, **config[key]}
+        if rows > 1:
+            c.update(config.get("rows", {}).get(key, {}))
+            c.update(config.get("rows_by_bucket", {}).get(str(rows), {}).get(key, {}))
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
