@@ -391,9 +391,7 @@ def part_step(args):
     if args.shape != "glm-z1-9b":          # the int4 steps only
         sets = [x for x in sets if x[0] != "fp16"]
     if args.slots:                          # the batched steps of an engine for that many slots
-        name, formats = sets[-1] if args.act == "int8" else sets[0]
-        if args.act == "int8":
-            name, formats = sets[0]
+        name, formats = sets[0]
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
         try:
             configs = json.loads(args.configs) if args.configs else {"default": {}}
@@ -402,7 +400,7 @@ def part_step(args):
                                                for k, v in o.items()}}
                 say(f"== {args.shape} {name}, batched steps of {args.slots} slots, {label}: {o}")
                 try:
-                    out[label] = bench.batch_time(args.slots, config, contexts[:1], reps, log=say,
+                    out[label] = bench.batch_time(args.slots, config, contexts, reps, log=say,
                                                   variants=args.variants_step)
                 except Exception as e:  # reported; the other configurations still run
                     say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")

@@ -2,7 +2,8 @@
 the CPU: what several threads get together equals what each gets alone; requests join and
 leave mid-stream, stop on their own conditions, can be cancelled; a prompt that begins with a
 slot's cached tokens prefills only the rest and gives the cold tokens; a full queue is a typed
-error; no slot leaks."""
+error; no slot leaks. The "engine" row runs glmrt's cuda engine built with --max-batch (on the
+GPU where there is one, else in the CPU emulation of its kernels)."""
 import threading
 import time
 
@@ -12,21 +13,41 @@ import pytest
 import glmrt
 from glmrt.errors import QueueFullError
 from glmrt.generate import Generation
+from test_backends import cuda_engine_gpu, emulated_gpu, runnable
 
 HAS_CUDA = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
 # form -> (checkpoint, precision, export options, device); the CUDA row runs where a GPU is
 FORMS = {"concat": ("tiny", "fp32", {}, "cpu"), "gqa": ("quant", "fp16", {"target": "cuda"}, "cpu"),
-         "gqa-cuda": ("quant", "int4", {"target": "cuda"}, "cuda")}
+         "gqa-cuda": ("quant", "int4", {"target": "cuda"}, "cuda"),
+         "engine": ("quant", "int4", {"target": "cuda"}, "engine")}
 PROMPTS = [list(range(5, 5 + n)) for n in (7, 31, 4, 19, 12, 45)]
 
 
 @pytest.fixture(scope="module", params=list(FORMS))
-def pair(request, exported):
+def pair(request, exported, tmp_path_factory):
     """(one sequence at a time, the same model with 3 slots), both 256 positions."""
     name, precision, opts, device = FORMS[request.param]
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs onnxruntime-gpu with a CUDA device")
     folder = exported(name, precision, **opts)
+    if device == "engine":                  # glmrt's cuda engine, built for 3 sequences
+        why = runnable("cuda", "cuda")
+        if why:
+            pytest.skip(why)
+        import contextlib
+        import shutil
+
+        from glmrt.engines.build import build
+        copy = tmp_path_factory.mktemp("engine") / "m"
+        shutil.copytree(folder, copy)
+        emulate = not cuda_engine_gpu()
+        build(copy, backend="cuda", max_batch=3, **({"gpu": "NVIDIA H200@sm90"} if emulate else {}))
+        with emulated_gpu() if emulate else contextlib.nullcontext():
+            alone = glmrt.load(copy, backend="cuda", max_context=256, burst=1)
+            batched = glmrt.load(copy, backend="cuda", max_context=256, slots=3, prefill_chunk=8)
+        yield alone, batched
+        batched.close()
+        return
     alone = glmrt.load(folder, max_context=256, device=device, burst=1)
     batched = glmrt.load(folder, max_context=256, device=device, slots=3, prefill_chunk=8)
     yield alone, batched

@@ -17,7 +17,7 @@ from glmrt import reference
 from glmrt.backends.cuda_engine import nvrtc, selfcheck
 from glmrt.backends.cuda_engine.args import STRUCTS
 from glmrt.backends.cuda_engine.sources import Gemv, Shapes, translation_unit
-from glmrt.backends.cuda_engine.step import Formats, decode_kernels, rope_table
+from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV, Formats, decode_kernels, engine_kernels, rope_table
 from glmrt.config import GlmConfig
 from glmrt.engine import check_cuda_engine, find_cuda_engine, read_engine
 from glmrt.engines.build import build
@@ -60,6 +60,12 @@ def rel(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
+# every int4 GEMV on the tensor cores (the launch knob step.GEMV["mma"]), 2 warps sharing 16 rows,
+# one unit of each of 4 lanes a step: at the test shapes' K (128 to 416) the warps split K for real
+MMA = {**DEFAULT_CONFIG, **{r: {**GEMV, "mma": True, "ksplit": 2, "unroll": 1}
+                            for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
+
+
 # ---- NVRTC: every kernel, every architecture ----------------------------------------------------
 @pytest.fixture(scope="module")
 def compiled_for_every_arch():
@@ -71,6 +77,10 @@ def compiled_for_every_arch():
     for tag, f in (("f16", FORMATS["fp16"]), ("b128", FORMATS["int4-b128-lmhead"]),
                    ("a8", FORMATS["int4-a8-b128-lmhead"])):
         ks += [Gemv(**{**vars(k), "name": f"{k.name}_{tag}"}) for k in decode_kernels(Z1_9B, f) if isinstance(k, Gemv)]
+    # the tensor-core GEMVs at M = 1 (int4 lm_head too), and an engine for 8 slots' batched kernels
+    ks += [Gemv(**{**vars(k), "name": f"{k.name}_mma"}) for k in decode_kernels(Z1_9B, FORMATS["int4-b128-lmhead"], MMA)
+           if isinstance(k, Gemv)]
+    ks += [k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], DEFAULT_CONFIG, 8) if k.name not in {x.name for x in ks}]
     source = translation_unit(Z1_9B, ks)
     with ThreadPoolExecutor(4) as pool:
         done = dict(zip(nvrtc.ARCHS, pool.map(lambda a: _compile_or_error(source, a), nvrtc.ARCHS)))
@@ -243,6 +253,19 @@ def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
 
 
 @needs_cxx
+@pytest.mark.parametrize("formats,shapes", [("int4-b32", SMALL), ("int4-b128-lmhead", SMALL),
+                                            ("int4-b32", Shapes(136, 392, 4, 2, 32, 16, 1024))], ids=str)
+def test_int4_gemvs_on_the_tensor_cores_pass_in_the_emulation(formats, shapes):
+    """The mma GEMV (every weight dequantized once, x's rows as the mma's N) with each prologue
+    and epilogue against numpy, K a multiple of 32 or not; mma.sync runs as a warp collective
+    in the emulation (tests/cuda_emu), whose fragment layout the H200 confirmed (session 8)."""
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes, FORMATS[formats], max_seq=300, chunk=32,
+                                  splits=3, config=MMA, only=["qkv_first", "qkv", "o_proj", "gate_up", "down", "lm_head"])
+    assert len(report) == 6 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    assert "int4_mma" in report[0]["name"]
+
+
+@needs_cxx
 def test_smoke_kernel_runs_in_the_emulation():
     assert selfcheck.smoke(EmulatedDevice())["ok"]
 
@@ -262,6 +285,30 @@ MUTATIONS = {
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
 }
+
+
+MMA_MUTATIONS = {
+    "mma x swizzle": ("gemv.cu", "xu[j ^ sw]", "xu[j]"),
+    "mma A fragment order": ("gemv.cu", "a01[4] = {p0[0], p1[0], p0[1], p1[1]}", "a01[4] = {p0[0], p0[1], p1[0], p1[1]}"),
+    "mma scale": ("gemv.cu", "p[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);",
+                  "p[1] = hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);"),
+    "mma split-K sum": ("gemv.cu", "for (int k2 = 0; k2 < KSPLIT; ++k2) v += part[k2 * ROWS * M + e];",
+                        "for (int k2 = 0; k2 < 1; ++k2) v += part[k2 * ROWS * M + e];"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", MMA_MUTATIONS)
+def test_the_checks_catch_a_broken_tensor_core_gemv(monkeypatch, mutation):
+    from glmrt.backends.cuda_engine import sources
+    file, old, new = MMA_MUTATIONS[mutation]
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
+                                  chunk=32, splits=3, only=["down"], config=MMA)
+    assert not report[0]["ok"], selfcheck.format_result(report[0])
 
 
 @needs_cxx
@@ -641,20 +688,21 @@ def test_glmrt_load_runs_the_engine_through_every_driver_call(engine_model, monk
 
 
 @needs_cxx
-@pytest.mark.parametrize("fmt", ["int4", "f16", "f16_kn"])
-def test_one_weight_load_serves_several_rows_of_x(fmt):
+@pytest.mark.parametrize("fmt,M", [("int4", 3), ("f16", 3), ("f16_kn", 3), ("int4_mma", 3), ("int4_mma", 8)])
+def test_one_weight_load_serves_several_rows_of_x(fmt, M):
     """M = 3 rows of x through one GEMV (what verification steps of speculative decoding and
     batched slots will run): each row normalized on its own, the residual stream written per
     row, each row's logits and argmax."""
     from glmrt.backends.cuda_engine.args import GemvArgs
-    M, H, V = 3, SMALL.hidden, SMALL.vocab
-    k = Gemv("rows3", fmt, H, V, "add_norm", "argmax", block=32, m=M, warps=2, rpw=2, unroll=2)
+    H, V = SMALL.hidden, SMALL.vocab
+    k = Gemv("rows", fmt, H, V, "add_norm", "argmax", block=32, m=M, warps=2, rpw=2, unroll=2,
+             ksplit=2 if fmt == "int4_mma" else 1)
     dev = EmulatedDevice(sm_count=2)
     handle = dev.load(translation_unit(SMALL, [k]).encode(), {k.name: k.smem})[k.name]
     rng = np.random.default_rng(5)
     x_in, y_in = rng.standard_normal((M, H)).astype(np.float32), rng.standard_normal((M, H)).astype(np.float32)
     norm_y, norm_x = (1 + 0.1 * rng.standard_normal((2, H))).astype(np.float16)
-    if fmt == "int4":
+    if fmt.startswith("int4"):
         packed, scales = selfcheck.random_int4(rng, V, H, 32)
         w = {"w": packed, "scales": scales}
         wd = selfcheck.dequant_int4(packed, scales, H)
@@ -684,3 +732,94 @@ def test_one_weight_load_serves_several_rows_of_x(fmt):
     dev.download(a.token_out, tokens)
     assert rel(logits, ref) < selfcheck.TOL[fmt] and rel(x_out, x) < 1e-6
     assert tokens.tolist() == np.argmax(logits, axis=1).tolist()
+
+
+# ---- continuous batching on the engine ------------------------------------------------------------
+SLOT_MUTATIONS = {
+    "attention reads row 0's cache for every slot": ("attention.cu", "a.k_cache + (size_t)row * a.slot_stride", "a.k_cache"),
+    "qkv writes every slot at row 0's position": ("gemv.cu", "a.slot_stride ? a.pos[m] + a.pos_add", "a.slot_stride ? a.pos[0] + a.pos_add"),
+    "a row norm of the wrong row": ("gemv.cu", "const int m = blockIdx.x, tid = threadIdx.x;", "const int m = 0, tid = threadIdx.x;"),
+}
+
+
+@needs_nvrtc
+@needs_cxx
+@pytest.mark.parametrize("mutation", [None, *SLOT_MUTATIONS])
+def test_batched_slots_equal_one_sequence_at_a_time_in_the_emulation(exported, tmp_path, monkeypatch, mutation):
+    """An engine built with --max-batch 4: slots prefilled with prompts of different lengths
+    (ONNX Runtime's CPU provider writing the slot rows), each bucket's batched step (rows 0..b-1)
+    gives each slot the logits its sequence gets alone (1e-2 of the largest: the batched GEMVs
+    round differently), and 4 greedy steps the same tokens; a broken slot offset is caught."""
+    from glmrt.backends.cuda_engine import sources
+    if mutation:
+        file, old, new = SLOT_MUTATIONS[mutation]
+        real = sources.kernel_text()
+        assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
+        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+        monkeypatch.setattr("glmrt.engines.cuda_build.kernel_text", sources.kernel_text)
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    build(model, backend="cuda", gpu="NVIDIA H200@sm90", max_batch=4)
+    assert read_engine(model / "engines" / "nvidia-h200-sm90" / "int4")["slots"] == 4
+    dec = emulated_decoder(model, max_context=96)
+    try:
+        assert dec.caps.batch == 4 and dec.step_plan.buckets == (1, 2, 4)
+        ok = _slots_agree(dec) if mutation is None else _caught(lambda: _slots_agree(dec))
+        assert ok == (mutation is None)
+    finally:
+        dec.close()
+
+
+def _caught(check) -> bool:
+    """A broken kernel's verdict: its numbers disagree, or its NaN ids are refused."""
+    try:
+        return check()
+    except GlmrtError:
+        return False
+
+
+def _slots_agree(dec) -> bool:
+    """Buckets 2 and 4: each slot's batched logits and 4 greedy steps against its sequence alone."""
+    rng = np.random.default_rng(2)
+    ok = True
+    for b in (2, 4):
+        caches = dec.open_slots(b)
+        prompts = [rng.integers(3, 1000, size=3 + 9 * i).tolist() for i in range(b)]
+        first = [int(np.argmax(dec.step(np.array([p]), c)[0, -1])) for c, p in zip(caches, prompts)]
+        got = dec.step_batch(np.array(first), caches)
+        ids, together = np.argmax(got, -1), []
+        for _ in range(3):
+            together.append(ids.tolist())
+            ids = np.array(dec.step_batch_greedy(ids, caches))
+        together.append(ids.tolist())
+        for i, p in enumerate(prompts):
+            with dec.generation() as c:
+                want = dec.step(np.array([p + [first[i]]]), c)[0, -1]
+                alone = [int(np.argmax(want))]
+                for _ in range(3):
+                    alone.append(dec.step_greedy(np.array([[alone[-1]]]), c))
+            ok &= rel(got[i], want) < 1e-2 and [t[i] for t in together] == alone
+        assert [c.length for c in caches] == [len(p) + 4 for p in prompts]
+    return ok
+
+
+@needs_nvrtc
+def test_max_batch_is_checked_and_slots_beyond_it_say_how_to_rebuild(engine_model, exported, tmp_path):
+    from click.testing import CliRunner
+
+    from glmrt.cli import main
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "cuda", "--gpu", "NVIDIA H200@sm90",
+                                  "--max-batch", "9"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "batches 1 to 8" in r.output
+    assert not (model / "engines").exists()
+    dec = emulated_decoder(engine_model("int4"))               # built for one sequence
+    try:
+        assert dec.caps.batch == 1
+        with pytest.raises(GlmrtError, match="at most 1 sequences.*--max-batch N"):
+            dec.open_slots(2)
+    finally:
+        dec.close()
+    big = [k for k in engine_kernels(G4_32B, FORMATS["int4-b32"], DEFAULT_CONFIG, 8) if k.smem > 227 * 1024]
+    assert [k.name for k in big] == ["down_b8"]           # GLM-4-32B's 23040-wide x for 8 rows: max-batch 4 there
