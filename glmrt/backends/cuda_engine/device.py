@@ -17,7 +17,6 @@ import numpy as np
 from ...errors import GlmrtError
 from .nvrtc import INSTALL
 
-MAX_STATIC_SMEM = 48 * 1024       # dynamic shared memory beyond this needs the function attribute
 
 
 class Device(abc.ABC):
@@ -153,7 +152,9 @@ class CudaDevice(Device):
         out = {}
         for name, smem in kernels.items():
             fn = self._ck(cu.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction {name}")
-            if smem > MAX_STATIC_SMEM:
+            # the default limit, 48 KB, counts a kernel's static shared memory too: raise it for
+            # every kernel taking dynamic memory (GLM-4-32B's x for 4 rows: 48 KB + 2.3 KB static)
+            if smem > 0:
                 if smem > self.max_smem:
                     raise GlmrtError(f"kernel {name} needs {smem} bytes of shared memory; {self.name} "
                                      f"gives a block at most {self.max_smem}")
@@ -168,7 +169,8 @@ class CudaDevice(Device):
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         if not pdl or self.compute_capability < (9, 0):
             self._ck(self.cu.cuLaunchKernel(kernel, gx, gy, gz, threads, 1, 1, smem, self.stream,
-                                            ctypes.addressof(params), 0), "cuLaunchKernel")
+                                            ctypes.addressof(params), 0),
+                     f"cuLaunchKernel (grid {gx}x{gy}x{gz}, {threads} threads, {smem} bytes of shared memory)")
             return
         cu = self.cu
         cfg = cu.CUlaunchConfig()
@@ -180,7 +182,9 @@ class CudaDevice(Device):
         attr.value.programmaticStreamSerializationAllowed = 1
         cfg.attrs = [attr]
         cfg.numAttrs = 1
-        self._ck(cu.cuLaunchKernelEx(cfg, kernel, ctypes.addressof(params), 0), "cuLaunchKernelEx (programmatic dependent launch)")
+        self._ck(cu.cuLaunchKernelEx(cfg, kernel, ctypes.addressof(params), 0),
+                 f"cuLaunchKernelEx (programmatic dependent launch; grid {gx}x{gy}x{gz}, {threads} threads, "
+                 f"{smem} bytes of shared memory)")
 
     def synchronize(self) -> None:
         self._ck(self.cu.cuStreamSynchronize(self.stream), "cuStreamSynchronize (a kernel failed)")
@@ -191,8 +195,10 @@ class CudaDevice(Device):
                  "cuStreamBeginCapture")
         try:
             record()
-        finally:
-            graph = self._ck(cu.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
+        except BaseException:
+            cu.cuStreamEndCapture(self.stream)      # ends the (invalidated) capture; the launch's own error is the news
+            raise
+        graph = self._ck(cu.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
         return self._ck(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 
     def replay(self, graph) -> None:
