@@ -350,7 +350,7 @@ def part_rows(args):
                     for i in range(launches):
                         device.launch(handles[spec.name], (grid,), spec.threads, spec.smem, argl[i % len(argl)])
                 row = _time(device, record, launches, f"{label} {spec.name} M={m}", nbytes, grid, say)
-                res["kernels"].append({"kernel": spec.name, "m": m, "n": n, "k": k, "err": err, **row})
+                res["kernels"].append({**row, "kernel": spec.name, "m": m, "n": n, "k": k, "err": err})
                 for p in ptrs:
                     device.free(p)
                 ptrs.clear()
