@@ -497,7 +497,7 @@ def part_ncu_report(args):
         key = (r["ID"], name)
         v = float(r["Metric Value"].replace(",", ""))
         launches.setdefault(key, {})[r["Metric Name"]] = v
-    per_step = args.per_step or 5 * args.layers + 1
+    per_step = getattr(args, "per_step", 0) or 5 * args.layers + 1
     ordered = sorted(launches.items(), key=lambda kv: int(kv[0][0]))[-per_step * args.steps:]
     for (_, name), m in ordered:
         t = rows.setdefault(name, {"n": 0, "ns": 0.0, "bytes": 0.0})

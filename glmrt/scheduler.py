@@ -95,6 +95,7 @@ class TokenStream:
 class Scheduler:
     def __init__(self, decoder: Decoder, slots: int, *, max_queue: int, prefill_chunk: int):
         if decoder.caps.batch < slots:
+            decoder.open_slots(slots)            # the decoder's own refusal says what would batch more
             raise GlmrtError(f"slots={slots}: this decoder batches at most {decoder.caps.batch}")
         self.decoder = decoder
         self.slots = decoder.open_slots(slots)

@@ -821,5 +821,9 @@ def test_max_batch_is_checked_and_slots_beyond_it_say_how_to_rebuild(engine_mode
             dec.open_slots(2)
     finally:
         dec.close()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_backends import emulated_gpu
+    with emulated_gpu(), pytest.raises(GlmrtError, match="batches at most 1 sequences.*--max-batch N"):
+        glmrt.load(engine_model("int4"), backend="cuda", max_context=64, slots=2)
     big = [k for k in engine_kernels(G4_32B, FORMATS["int4-b32"], DEFAULT_CONFIG, 8) if k.smem > 227 * 1024]
     assert [k.name for k in big] == ["down_b8"]           # GLM-4-32B's 23040-wide x for 8 rows: max-batch 4 there
