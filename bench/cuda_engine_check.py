@@ -153,9 +153,9 @@ def part_kernels(args):
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV, Formats
     device = make_device(args)
     config = DEFAULT_CONFIG
-    if args.mma:                           # the tensor-core int4 GEMVs for every int4 role
+    if args.mma:                           # the tensor-core GEMVs for every int4 role and the W^T lm_head
         config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], "mma": True}
-                                       for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
+                                       for r in ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")}}
     shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
     if args.emulate:                       # the emulation runs small shapes
         shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}

@@ -287,6 +287,30 @@ MUTATIONS = {
 }
 
 
+KN_MMA = {**DEFAULT_CONFIG, "lm_head_kn": {**DEFAULT_CONFIG["lm_head_kn"], "mma": True, "warps": 2, "unroll": 2}}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", [None, "B not transposed", "columns of the wrong lanes"])
+def test_the_fp16_wt_gemv_on_the_tensor_cores_passes_and_its_bugs_are_caught(monkeypatch, mutation):
+    """The lm_head of batched steps (W^T fp16, movmatrix's transpose feeding mma): logits and the
+    first-index argmax with a planted tie against numpy; two deliberate bugs must fail."""
+    from glmrt.backends.cuda_engine import sources
+    broken = {"B not transposed": ("mma_16816(d[j], ax, movmatrix_t(lo[j]), movmatrix_t(hi[j]))",
+                                   "mma_16816(d[j], ax, lo[j], hi[j])"),
+              "columns of the wrong lanes": ("part[(warp * ROWS + 8 * c + 2 * j + e) * M + g]",
+                                             "part[(warp * ROWS + 8 * j + 2 * c + e) * M + g]")}
+    if mutation:
+        old, new = broken[mutation]
+        real = sources.kernel_text()
+        assert real.count(old) == 1, mutation
+        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+        monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300, chunk=32,
+                                  splits=3, config=KN_MMA, only=["lm_head"])
+    assert "f16_kn_mma" in report[0]["name"] and report[0]["ok"] == (mutation is None), selfcheck.format_result(report[0])
+
+
 MMA_MUTATIONS = {
     "mma x swizzle": ("gemv.cu", "xu[j ^ sw]", "xu[j]"),
     "mma A fragment order": ("gemv.cu", "a01[4] = {p0[0], p1[0], p0[1], p1[1]}", "a01[4] = {p0[0], p0[1], p1[0], p1[1]}"),
@@ -688,7 +712,8 @@ def test_glmrt_load_runs_the_engine_through_every_driver_call(engine_model, monk
 
 
 @needs_cxx
-@pytest.mark.parametrize("fmt,M", [("int4", 3), ("f16", 3), ("f16_kn", 3), ("int4_mma", 3), ("int4_mma", 8)])
+@pytest.mark.parametrize("fmt,M", [("int4", 3), ("f16", 3), ("f16_kn", 3), ("int4_mma", 3), ("int4_mma", 8),
+                                   ("f16_kn_mma", 3), ("f16_kn_mma", 8)])
 def test_one_weight_load_serves_several_rows_of_x(fmt, M):
     """M = 3 rows of x through one GEMV (what verification steps of speculative decoding and
     batched slots will run): each row normalized on its own, the residual stream written per

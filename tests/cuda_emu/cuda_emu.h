@@ -255,6 +255,22 @@ inline void mma_16816(float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
   sync_warp(w);
   for (int i = 0; i < 4; ++i) d[i] = r[i];
 }
+// movmatrix.sync.aligned.m8n8.trans.b16 as a warp collective: lane 4r + c holds S[r][2c, 2c+1];
+// it gets S^T[r][2c, 2c+1] = (S[2c][r], S[2c+1][r]), S[q][col] being half col % 2 of lane 4q + col / 2.
+inline h16x2 movmatrix_t(h16x2 a) {
+  using namespace emu;
+  const int t = current, w = t / 32, lane = t % 32, base = w * 32;
+  std::memcpy(&xchg[t], &a, sizeof a);
+  sync_warp(w);
+  const int r = lane / 4, c = lane % 4;
+  auto at = [&](int q, int col) {
+    unsigned v; std::memcpy(&v, &xchg[base + 4 * q + col / 2], sizeof v);
+    return (col % 2) ? v >> 16 : v & 0xffffu;
+  };
+  const h16x2 d = at(2 * c, r) | at(2 * c + 1, r) << 16;
+  sync_warp(w);
+  return d;
+}
 inline int dp4a_us(unsigned a, unsigned b, int c) {
   for (int i = 0; i < 4; ++i) c += (int)((a >> (8 * i)) & 0xffu) * (int)(signed char)((b >> (8 * i)) & 0xffu);
   return c;

@@ -22,7 +22,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, engi
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "attention": 1e-3, "smoke": 0.0}
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0}
 EPS = 1e-5
 
 

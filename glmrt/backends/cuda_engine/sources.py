@@ -17,7 +17,9 @@ KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 
 # int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu);
 # int4_mma: int4's bytes and fp16 x on the tensor cores (gemv_mma)
-FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA"}
+FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA",
+           "f16_kn_mma": "W_F16_KN_MMA"}
+KN_MMA_TILE = 32               # columns per tile of the W^T GEMV on the tensor cores
 INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
 MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
 PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM"}
@@ -87,6 +89,8 @@ class Gemv:
         """Output rows per tile."""
         if self.fmt == "int4_mma":
             return MMA_ROWS * (self.warps // self.ksplit)
+        if self.fmt == "f16_kn_mma":
+            return KN_MMA_TILE
         return KN_TILE if self.fmt == "f16_kn" else self.warps * self.rpw
 
     def tiles(self, shapes: Shapes) -> int:
@@ -108,12 +112,15 @@ class Gemv:
             return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48
-        if self.fmt == "f16":
+        if self.fmt in ("f16", "f16_kn_mma"):
             return self.m * self.k * 2
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
 
     def instance(self) -> str:
-        if self.fmt == "int4_mma":
+        if self.fmt == "f16_kn_mma":
+            call = (f"gemv_kn_mma<Cfg, {self.k}, {self.n}, {self.m}, {self.warps}, {self.unroll}, "
+                    f"{PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
+        elif self.fmt == "int4_mma":
             call = (f"gemv_mma<Cfg, {self.block}, {self.k}, {self.n}, {self.m}, {self.warps}, {self.ksplit}, "
                     f"{self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}>(a);")
         elif self.fmt == "f16_kn":

@@ -64,7 +64,9 @@ DEFAULT_CONFIG = {
     # 4.18 / 4.01 ms)
     "rows": {"qkv": {"mma": True, "ksplit": 8}, "o_proj": {"mma": True, "ksplit": 8},
              "gate_up": {"mma": True, "ksplit": 8}, "down": {"mma": True, "ksplit": 8},
-             "lm_head": {"mma": True, "ksplit": 8}, "lm_head_kn": {}},
+             "lm_head": {"mma": True, "ksplit": 8},
+             # the fp16 W^T lm_head on the tensor cores (movmatrix; every warp of a block on one tile)
+             "lm_head_kn": {"mma": True, "unroll": 4}},
     # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 2 / 4 / 8
     # rows: 2.92 / 3.11 / 3.96 ms; without these 2.87 / 3.64 / 4.03): down's wide x staged for 2-4
     # rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight a lane
@@ -81,7 +83,7 @@ ATTENTION = DEFAULT_CONFIG["attention"]
 def role(spec) -> str:
     """The launch-parameter entry a kernel instance takes."""
     name = spec.name.rsplit("_b", 1)[0] if spec.m > 1 else spec.name      # a batched step's instance
-    return "lm_head_kn" if spec.fmt == "f16_kn" else {"qkv_first": "qkv"}.get(name, name)
+    return "lm_head_kn" if spec.fmt in ("f16_kn", "f16_kn_mma") else {"qkv_first": "qkv"}.get(name, name)
 
 
 def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
@@ -133,6 +135,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
+        if kfmt == "f16_kn" and c.get("mma") and k % 16 == 0:
+            kfmt = "f16_kn_mma"
         return Gemv(bucket_name(name, rows), kfmt, k, n, pro, epi, block=f.block, m=rows, warps=c["warps"],
                     rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,

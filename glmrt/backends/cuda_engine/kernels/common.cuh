@@ -41,6 +41,11 @@ DEV int dp4a_us(unsigned a, unsigned b, int c) {
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
 DEV int f2i_rn(float f) { int i; asm("cvt.rni.s32.f32 %0, %1;" : "=r"(i) : "f"(f)); return i; }
+// the 8 x 8 fp16 matrix the warp holds (lane 4 r + c: row r, columns 2c, 2c + 1), transposed:
+// lane 4 r + c gets the transpose's row r, columns 2c, 2c + 1 (sm_75+, every lane executes it)
+DEV h16x2 movmatrix_t(h16x2 a) {
+  h16x2 d; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a)); return d;
+}
 // weights are read once per token: stream them past the caches
 DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
 // written by other blocks of this kernel (the last-block reductions): read through L2

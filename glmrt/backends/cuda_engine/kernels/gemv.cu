@@ -14,6 +14,7 @@
 //             8 products where W_INT4 takes ~15 (on the H200 the W_INT4 GEMVs read 1.3-2.6
 //             TB/s where the fp16 ones read 2.7-4.2 with the same loads: their arithmetic, not
 //             memory, is the limit). An accuracy trade, as llama.cpp's Q4_0 x Q8_1.
+//   W_F16_KN_MMA W_F16_KN on the tensor cores (gemv_kn_mma below; batched steps' lm_head).
 //   W_INT4_MMA W_INT4's bytes and staged x on the tensor cores (gemv_mma below): each weight
 //             dequantized once to fp16 (q - 8) * scale, then mma.sync m16n8k16 multiplies 16
 //             rows by up to 8 rows of x at once: M = 1..8 cost the same arithmetic.
@@ -63,6 +64,7 @@
 #define W_F16_KN 2
 #define W_INT4_A8 3
 #define W_INT4_MMA 4
+#define W_F16_KN_MMA 5
 #define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8 || (F) == W_INT4_MMA)   // the MatMulNBits bytes and scales
 #define PAIRED_X(F) ((F) == W_INT4 || (F) == W_INT4_MMA)   // x staged in the nibbles' pair order
 
@@ -816,6 +818,90 @@ DEV void gemv_kn(const GemvArgs& a) {
       float v = 0.f;
       for (int w = 0; w < WARPS; ++w) v += part[w * ROWS * M + e];
       red[e] = v;                           // e = lr * M + m
+    }
+    __syncthreads();
+    epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+    __syncthreads();
+  }
+  if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
+}
+
+// ---- the GEMV on W^T (K, N) fp16 on the tensor cores (W_F16_KN_MMA) -------------------------------
+// A batched step's lm_head: on the CUDA cores 8 rows of x take 64 fp32 FMAs a 16-byte load of W^T,
+// twice the time of one row. Here the mma's A is x (rows g < M of the 16; the others zero) and
+// its B 16 k x 8 columns of W^T: lane (g, c) loads W^T rows k0 + g and k0 + 8 + g, columns
+// n0 + 8c .. + 7 (16 bytes each: 4 lanes read 64 contiguous bytes of a row), and word j of those
+// loads is its part of an 8 x 8 block whose columns are n0 + 8c' + 2j + {0, 1} (c' = 0..3):
+// movmatrix's transpose turns it into B's fragment for those 8 columns, in that order. So a
+// k-step of 16 feeds 4 mma covering 32 columns, and lane (g, c) ends with row g's results for
+// columns n0 + 8c + 2j + {0, 1}. All WARPS warps of a block share one tile of 32 columns, each
+// taking every WARPS-th k-step, and add their sums in shared memory; the epilogues are
+// gemv_nk's (store, argmax).
+template <class C, int K, int N, int M, int WARPS, int UNROLL, int PRO, int EPI>
+DEV void gemv_kn_mma(const GemvArgs& a) {
+  constexpr int ROWS = 32;                          // output columns a tile
+  constexpr int TILES = (N + ROWS - 1) / ROWS;
+  constexpr int STEPS = K / 16;                     // k-steps of the whole row
+  static_assert(M >= 1 && M <= 8, "the mma's rows: 1 to 8 rows of x");
+  static_assert(K % 16 == 0 && N % 8 == 0, "W^T in whole k-steps of 16 and 8-column words");
+  static_assert(EPI == EPI_STORE || EPI == EPI_ARGMAX, "W^T tiles are columns: store or argmax");
+  DYN_SMEM(uint4, xs);                              // (M, K) fp16 x in order
+  __shared__ float red[ROWS * M > 33 ? ROWS * M : 33];
+  __shared__ float part[WARPS * ROWS * M];
+  __shared__ float best_v[M];
+  __shared__ int best_i[M];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  const uint4* W = (const uint4*)a.w;
+  const h16* xh = (const h16*)xs;
+
+  grid_launch_dependents();
+  grid_wait();
+  if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
+  stage_x<C, W_F16_KN, K, K, M, PRO, WARPS * 32>(a, (h16*)xs, red);
+  __syncthreads();
+  for (int tile = blockIdx.x; tile < TILES; tile += gridDim.x) {
+    const int col = tile * ROWS + 8 * c;            // this lane's 8 columns
+    const bool ok = col < N;
+    float d[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) d[j][i] = 0.f;
+    for (int s0 = warp; s0 < STEPS; s0 += WARPS * UNROLL) {
+      uint4 w[UNROLL][2];
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu) {         // every load of the group in flight
+        const int k0 = 16 * (s0 + uu * WARPS);
+        const bool in = ok && k0 < K;
+        w[uu][0] = in ? load_stream(W + ((size_t)(k0 + g) * N + col) / 8) : make_uint4(0u, 0u, 0u, 0u);
+        w[uu][1] = in ? load_stream(W + ((size_t)(k0 + 8 + g) * N + col) / 8) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu) {
+        const int k0 = 16 * (s0 + uu * WARPS);
+        if (k0 >= K) break;                         // uniform: the warp's k-step
+        const bool xr = g < M;
+        const h16x2 x0 = xr ? *(const h16x2*)(xh + g * K + k0 + 2 * c) : 0u;
+        const h16x2 x1 = xr ? *(const h16x2*)(xh + g * K + k0 + 8 + 2 * c) : 0u;
+        const h16x2 ax[4] = {x0, 0u, x1, 0u};
+        const unsigned lo[4] = {w[uu][0].x, w[uu][0].y, w[uu][0].z, w[uu][0].w};
+        const unsigned hi[4] = {w[uu][1].x, w[uu][1].y, w[uu][1].z, w[uu][1].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816(d[j], ax, movmatrix_t(lo[j]), movmatrix_t(hi[j]));
+      }
+    }
+    // lane (g, c): x row g, columns 8c + 2j + {0, 1} of the tile
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (g < M) part[(warp * ROWS + 8 * c + 2 * j + e) * M + g] = d[j][e];
+    __syncthreads();
+    for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
+      float v = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < WARPS; ++w2) v += part[w2 * ROWS * M + e];
+      red[e] = v;                                   // e = lr * M + m
     }
     __syncthreads();
     epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
