@@ -65,8 +65,10 @@ DEFAULT_CONFIG = {
     "rows": {"qkv": {"mma": True, "ksplit": 8}, "o_proj": {"mma": True, "ksplit": 8},
              "gate_up": {"mma": True, "ksplit": 8}, "down": {"mma": True, "ksplit": 8},
              "lm_head": {"mma": True, "ksplit": 8},
-             # the fp16 W^T lm_head on the tensor cores (movmatrix; every warp of a block on one tile)
-             "lm_head_kn": {"mma": True, "unroll": 4}},
+             # the fp16 W^T lm_head stays on the CUDA cores: on the tensor cores ("mma": true,
+             # movmatrix) it is correct on the H200 but no faster in the step (8 rows: 4.00 against
+             # 3.98 ms; 2 rows: 3.08 against 2.94)
+             "lm_head_kn": {}},
     # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 2 / 4 / 8
     # rows: 2.92 / 3.11 / 3.96 ms; without these 2.87 / 3.64 / 4.03): down's wide x staged for 2-4
     # rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight a lane
