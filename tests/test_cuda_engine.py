@@ -81,6 +81,7 @@ def compiled_for_every_arch():
     ks += [Gemv(**{**vars(k), "name": f"{k.name}_mma"}) for k in decode_kernels(Z1_9B, FORMATS["int4-b128-lmhead"], MMA)
            if isinstance(k, Gemv)]
     ks += [k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], DEFAULT_CONFIG, 8) if k.name not in {x.name for x in ks}]
+    ks += [Gemv("lm_head_kn_mma", "f16_kn_mma", Z1_9B.hidden, Z1_9B.vocab, "f16", "argmax", m=8, unroll=4)]
     source = translation_unit(Z1_9B, ks)
     with ThreadPoolExecutor(4) as pool:
         done = dict(zip(nvrtc.ARCHS, pool.map(lambda a: _compile_or_error(source, a), nvrtc.ARCHS)))
