@@ -551,9 +551,10 @@ def engine_prefill(eng):
 def part_slots(args):
     """Batched slots of an engine built with --max-batch N against the same engine one sequence
     at a time: for each bucket b, b slots prefilled with prompts of different lengths, one
-    batched step's logits (each row against the single-sequence step at the same prefix), then
-    32 greedy batched steps against 32 greedy single ones (equal, or parting at a near tie of
-    the single sequence's logits)."""
+    batched step's logits (each row against the engine's one-sequence step after the same
+    prefill: bucket 1 runs the same kernels, the others the batched ones), then 32 greedy batched
+    steps against 32 greedy single ones (equal, or parting at a near tie of the single
+    sequence's logits)."""
     model = Path(args.model)
     device = make_device(args)
     eng, man = load_engine(args, model, max_context=args.max_context, device=device)
@@ -574,7 +575,8 @@ def part_slots(args):
             singles = []
             for i, pr in enumerate(prompts):
                 with eng.generation() as c:
-                    row = eng.step(np.array([pr + [first[i]]]), c)[0, -1]
+                    eng.step(np.array([pr]), c)                       # the same prefill, then the engine's step
+                    row = eng.step(np.array([[first[i]]]), c)[0, -1]
                 singles.append(row)
                 errs.append(rel(got[i], row))
             checks.append(verdict(f"bucket {b}: batched step logits against one sequence at a time, per slot",

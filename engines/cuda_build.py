@@ -61,6 +61,13 @@ def plan(model_dir: Path, man: dict, options):
     def make(tmp: Path) -> dict:
         source = translation_unit(shapes, kernels)
         compiled = nvrtc.compile_cubin(source, arch)
+        limit, res = SMEM_LIMIT.get(arch, 99 * 1024), compiled.resources()
+        for k in kernels:                           # dynamic and static shared memory together
+            total = k.smem + (res.get(k.name, {}).get("smem_static") or 0)
+            if total > limit:
+                raise GlmrtError(f"kernel {k.name} needs {total} bytes of shared memory per block; sm_{arch} "
+                                 f"allows {limit}" + (f" (x staged for {k.m} rows: build with a smaller --max-batch)"
+                                                      if getattr(k, "m", 1) > 1 else ""))
         (tmp / "engine.cubin").write_bytes(compiled.cubin)
         (tmp / "engine.cu").write_text(source, encoding="utf-8")
         version = nvrtc.version()

@@ -11,9 +11,11 @@ generations take turns (a lock).
 
 Continuous batching (an engine built with --max-batch N; glmrt.load(..., slots=n), n <= N):
 open_slots gives n caches, rows of one buffer per layer and K/V (ONNX Runtime's slot buffers,
-which its prefill of a slot writes); step_batch advances rows 0..b-1 for the smallest bucket b
-holding every slot asked for, as one CUDA graph per bucket. Rows not asked for run too, on
-token 0 written at their length, past their cached tokens (as the ONNX Runtime form does).
+which its prefill of a slot writes), the buffer holding the smallest bucket >= n rows (the
+compiled batch sizes: 1, 2, 4, 8 and N); step_batch advances rows 0..b-1 for the smallest bucket
+b holding every slot asked for, as one CUDA graph per bucket. Rows not asked for run too, on
+token 0 written at their length, past their cached tokens (as the ONNX Runtime form does). The
+slot methods share the step's buffers with generation(): one thread calls them (the scheduler's).
 """
 from __future__ import annotations
 
@@ -198,17 +200,18 @@ class CudaDecoder(Decoder):
         self._free_slots()
         cfg = self.cfg
         stride = cfg.num_key_value_heads * self.caps.max_context * cfg.head_dim     # h16 elements a slot
+        rows = next(b for b in self.step_plan.buckets if b >= n)   # a batched step runs a whole bucket
         if self.ort is not None:                    # ONNX Runtime's slot buffers: its prefill writes them
-            caches = self.ort.open_slots(n)
+            caches = self.ort.open_slots(rows)
             kv = [(int(self.ort.slot_kv[2 * i].data_ptr()), int(self.ort.slot_kv[2 * i + 1].data_ptr()))
                   for i in range(cfg.num_hidden_layers)]
         else:
-            kv = [(self.device.alloc(2 * n * stride), self.device.alloc(2 * n * stride))
+            kv = [(self.device.alloc(2 * rows * stride), self.device.alloc(2 * rows * stride))
                   for _ in range(cfg.num_hidden_layers)]
             self._own_slot_kv = [p for pair in kv for p in pair]
-            caches = [Cache(0, None, i) for i in range(n)]
+            caches = [Cache(0, None, i) for i in range(rows)]
         self.slot_caches, self.slot_kv, self.slot_stride = caches, kv, stride
-        return list(caches)
+        return list(caches[:n])                     # rows past n: idle, never handed out
 
     def _free_slots(self) -> None:
         self.batch_graphs = {}                      # captured with the old buffers' addresses
@@ -220,9 +223,9 @@ class CudaDecoder(Decoder):
     def _run_batch(self, ids, caches: list[Cache]) -> int:
         """One batched decode step: each cache's next token; the bucket it ran (rows 0..b-1)."""
         rows = [c.slot for c in caches]
-        if (self.slot_caches is None or None in rows
+        if (self.slot_caches is None or None in rows or len(set(rows)) != len(rows)
                 or any(not 0 <= r < len(self.slot_caches) or self.slot_caches[r] is not c for r, c in zip(rows, caches))):
-            raise GlmrtError("step_batch takes the caches open_slots returned")
+            raise GlmrtError("step_batch takes the caches open_slots returned, each once")
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(ids) != len(caches):
             raise GlmrtError(f"step_batch: {len(ids)} ids for {len(caches)} caches")

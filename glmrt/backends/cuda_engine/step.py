@@ -58,8 +58,8 @@ DEFAULT_CONFIG = {
     # split takes (short contexts use len / chunk splits, long ones all of them)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
-    # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone:
-    # 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
+    # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
+    # 4 warps sharing 16 rows: 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
     # rows (H200, the 9B step with 2 / 4 / 8 rows: 2.88 / 3.64 / 4.03 ms; 4 warps a group: 3.29 /
     # 4.18 / 4.01 ms)
     "rows": {"qkv": {"mma": True, "ksplit": 8}, "o_proj": {"mma": True, "ksplit": 8},
@@ -69,11 +69,10 @@ DEFAULT_CONFIG = {
              # movmatrix) it is correct on the H200 but no faster in the step (8 rows: 4.00 against
              # 3.98 ms; 2 rows: 3.08 against 2.94)
              "lm_head_kn": {}},
-    # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 2 / 4 / 8
-    # rows: 2.92 / 3.11 / 3.96 ms; without these 2.87 / 3.64 / 4.03): down's wide x staged for 2-4
-    # rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight a lane
-    "rows_by_bucket": {"2": {"down": {"warps": 16, "ksplit": 8, "min_blocks": 1}},
-                       "4": {"down": {"warps": 16, "ksplit": 8, "min_blocks": 1}},
+    # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 4 / 8 rows:
+    # 3.10 / 3.97 ms; without these 3.64 / 4.03; at 2 rows they cost 2.92 against 2.87): down's wide
+    # x staged for 4 rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight
+    "rows_by_bucket": {"4": {"down": {"warps": 16, "ksplit": 8, "min_blocks": 1}},
                        "8": {"down": {"unroll": 2, "min_blocks": 3}}},
     # programmatic dependent launch (sm_90+): each kernel launched while the previous one ends,
     # its first weights loaded before it waits for it (kernels/common.cuh grid_wait)
@@ -88,10 +87,20 @@ def role(spec) -> str:
     return "lm_head_kn" if spec.fmt in ("f16_kn", "f16_kn_mma") else {"qkv_first": "qkv"}.get(name, name)
 
 
+def knobs(config: dict, key: str, rows: int = 1) -> dict:
+    """The launch knobs of a GEMV role ("lm_head_kn" for the W^T lm_head) at `rows` rows of x:
+    step.GEMV, the role's own, then for batched steps "rows" and "rows_by_bucket"."""
+    c = {**GEMV, **config.get(key, {})}
+    if rows > 1:
+        c.update(config.get("rows", {}).get(key, {}))
+        c.update(config.get("rows_by_bucket", {}).get(str(rows), {}).get(key, {}))
+    return c
+
+
 def gemv_grid(spec, shapes, config: dict, device, handle) -> int:
     """Blocks of a persistent GEMV: blocks_per_sm per SM (0: as many as are resident at once),
     never more than its tiles."""
-    per_sm = config.get(role(spec), GEMV).get("blocks_per_sm", 0) or device.occupancy(handle, spec.threads, spec.smem)
+    per_sm = knobs(config, role(spec), spec.m).get("blocks_per_sm", 0) or device.occupancy(handle, spec.threads, spec.smem)
     return max(1, min(spec.tiles(shapes), per_sm * device.sm_count))
 
 
@@ -129,11 +138,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        key = "lm_head_kn" if fmt == "f16_kn" else role
-        c = {**GEMV, **config[key]}
-        if rows > 1:
-            c.update(config.get("rows", {}).get(key, {}))
-            c.update(config.get("rows_by_bucket", {}).get(str(rows), {}).get(key, {}))
+        c = knobs(config, "lm_head_kn" if fmt == "f16_kn" else role, rows)
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
