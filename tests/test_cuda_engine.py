@@ -319,6 +319,9 @@ MMA_MUTATIONS = {
                   "p[1] = hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);"),
     "mma split-K sum": ("gemv.cu", "for (int k2 = 0; k2 < KSPLIT; ++k2) v += part[k2 * ROWS * M + e];",
                         "for (int k2 = 0; k2 < 1; ++k2) v += part[k2 * ROWS * M + e];"),
+    # lanes whose own unit is past K leave the loop: the others' mma.sync then runs without them
+    # (undefined on a GPU; the emulation reports a deadlock or a divergent warp collective)
+    "mma skipped by some lanes": ("gemv.cu", "if (u0 >= U) break;", "if (u0 + c >= U) break;"),
 }
 
 
@@ -331,7 +334,8 @@ def test_the_checks_catch_a_broken_tensor_core_gemv(monkeypatch, mutation):
     assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
     monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
     monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
+    odd = Shapes(136, 392, 4, 2, 32, 16, 1024)        # down: 13 units a row, the last chunk partial
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), odd, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=["down"], config=MMA)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
 

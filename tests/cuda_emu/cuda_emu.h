@@ -8,7 +8,9 @@
 // behave as on the device, just without parallel speed. A thread that returns counts as
 // arrived at every later barrier (as exited threads do on the GPU). A barrier no thread can
 // pass is reported as a deadlock instead of hanging. Dynamic shared memory is filled with NaN
-// bytes before each block, so reading what the block did not write shows.
+// bytes before each block, so reading what the block did not write shows. A warp collective
+// (shuffle, mma, movmatrix) must be met by all 32 lanes at the same call (source line): a warp
+// whose lanes meet at different ones, or with lanes gone, is reported as divergent.
 //
 // Not emulated: the memory model between blocks beyond sequential order, timing, occupancy,
 // register and shared-memory limits (the NVRTC compile and the GPU stage check those).
@@ -115,6 +117,8 @@ inline std::vector<unsigned long long> xchg;
 inline void (*body)(const void*) = nullptr;
 inline const void* body_arg = nullptr;
 inline bool deadlock = false;
+inline bool divergent = false;             // a warp collective not met by every lane at one call
+inline std::vector<int> warp_site;         // per thread: the source line of its pending collective
 
 inline dim3 thread_idx() { dim3 d; d.x = (unsigned)current; return d; }
 
@@ -127,18 +131,27 @@ inline void sync_block() {
   while (block_gen == g && !deadlock) yield();
 }
 
-inline void sync_warp(int w) {
+inline void sync_warp(int w, int site = 0) {
   const unsigned g = warp_gen[w];
   ++progress;
-  if (++warp_arrived[w] == warp_live[w]) { warp_arrived[w] = 0; ++warp_gen[w]; return; }
+  if (site) warp_site[current] = site;
+  if (++warp_arrived[w] == warp_live[w]) {
+    if (site) {                            // the last lane to arrive checks the warp met as one
+      const int lanes = std::min(32, nthreads - w * 32);
+      bool same = (int)warp_live[w] == lanes;
+      for (int l = 0; l < lanes && same; ++l) same = warp_site[w * 32 + l] == site;
+      if (!same) { divergent = true; deadlock = true; return; }
+    }
+    warp_arrived[w] = 0; ++warp_gen[w]; return;
+  }
   while (warp_gen[w] == g && !deadlock) yield();
 }
 
-template <class T> T shfl_xor(T v, int mask) {
+template <class T> T shfl_xor(T v, int mask, int site) {
   static_assert(sizeof(T) <= 8, "shuffle of a scalar");
   const int t = current, w = t / 32, src = w * 32 + ((t % 32) ^ mask);
   std::memcpy(&xchg[t], &v, sizeof(T));
-  sync_warp(w);
+  sync_warp(w, site);
   T r = v;
   if (src < nthreads) std::memcpy(&r, &xchg[src], sizeof(T));
   sync_warp(w);
@@ -172,6 +185,7 @@ inline bool run_block(int threads) {
   warp_live.assign(warps, 0);
   for (int t = 0; t < threads; ++t) ++warp_live[t / 32];
   xchg.assign(threads, 0);
+  warp_site.assign(threads, 0);
   for (int t = 0; t < threads; ++t) {
     Fiber& f = fibers[t];
     f.done = false;
@@ -203,9 +217,8 @@ inline bool run_block(int threads) {
 #define __syncthreads() emu::sync_block()
 #define __threadfence() ((void)0)
 
-inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
-inline int __shfl_xor_sync(unsigned, int v, int m) { return emu::shfl_xor(v, m); }
-inline unsigned __shfl_xor_sync(unsigned, unsigned v, int m) { return emu::shfl_xor(v, m); }
+// warp collectives carry their call's source line (the divergence check)
+#define __shfl_xor_sync(mask, v, m) emu::shfl_xor((v), (m), __LINE__)
 inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p += v; return old; }
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -233,12 +246,12 @@ inline h16x2 hmul2(h16x2 a, h16x2 b) {
 // fragments, the warp meets, each lane computes its own 4 results from everyone's (products
 // exact in float, summed in k order), the warp meets again before the fragments are reused.
 namespace emu { inline std::vector<std::array<unsigned, 6>> mma_x; }
-inline void mma_16816(float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
+inline void mma_16816_at(int site, float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
   using namespace emu;
   const int t = current, w = t / 32, lane = t % 32, base = w * 32;
   if ((int)mma_x.size() < nthreads) mma_x.resize(nthreads);
   mma_x[t] = {a[0], a[1], a[2], a[3], b0, b1};
-  sync_warp(w);
+  sync_warp(w, site);
   auto half = [](unsigned r, int k) { return h2f((h16)(k & 1 ? r >> 16 : r & 0xffffu)); };
   auto A = [&](int row, int k) {          // A[row][k]: lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
     return half(mma_x[base + 4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k);
@@ -257,11 +270,11 @@ inline void mma_16816(float (&d)[4], const h16x2 (&a)[4], h16x2 b0, h16x2 b1) {
 }
 // movmatrix.sync.aligned.m8n8.trans.b16 as a warp collective: lane 4r + c holds S[r][2c, 2c+1];
 // it gets S^T[r][2c, 2c+1] = (S[2c][r], S[2c+1][r]), S[q][col] being half col % 2 of lane 4q + col / 2.
-inline h16x2 movmatrix_t(h16x2 a) {
+inline h16x2 movmatrix_t_at(int site, h16x2 a) {
   using namespace emu;
   const int t = current, w = t / 32, lane = t % 32, base = w * 32;
   std::memcpy(&xchg[t], &a, sizeof a);
-  sync_warp(w);
+  sync_warp(w, site);
   const int r = lane / 4, c = lane % 4;
   auto at = [&](int q, int col) {
     unsigned v; std::memcpy(&v, &xchg[base + 4 * q + col / 2], sizeof v);
@@ -271,6 +284,8 @@ inline h16x2 movmatrix_t(h16x2 a) {
   sync_warp(w);
   return d;
 }
+#define mma_16816(...) mma_16816_at(__LINE__, __VA_ARGS__)
+#define movmatrix_t(a) movmatrix_t_at(__LINE__, (a))
 inline int dp4a_us(unsigned a, unsigned b, int c) {
   for (int i = 0; i < 4; ++i) c += (int)((a >> (8 * i)) & 0xffu) * (int)(signed char)((b >> (8 * i)) & 0xffu);
   return c;
@@ -299,7 +314,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   emu::dyn_smem = shared.data();
   emu::body = run;
   emu::body_arg = args;
-  emu::deadlock = false;
+  emu::deadlock = emu::divergent = false;
   emu::grid_dim.x = gx; emu::grid_dim.y = gy; emu::grid_dim.z = gz;
   emu::block_dim.x = threads; emu::block_dim.y = emu::block_dim.z = 1;
   std::vector<unsigned> order(gx * gy * gz);
@@ -312,7 +327,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   for (unsigned b : order) {
     emu::block_idx.x = b % gx; emu::block_idx.y = (b / gx) % gy; emu::block_idx.z = b / (gx * gy);
     std::memset(shared.data(), 0xff, shared.size());
-    if (!emu::run_block((int)threads)) return 2;
+    if (!emu::run_block((int)threads)) return emu::divergent ? 3 : 2;
   }
   return 0;
 }

@@ -98,7 +98,8 @@ class EmulatedDevice(Device):
         self.launches += 1
         rc = lib.emu_launch(name.encode(), gx, gy, gz, threads, smem, ctypes.addressof(args), self.launches)
         if rc:
-            raise RuntimeError(f"emulated kernel {name}: " + {1: "not in the module", 2: "deadlock"}.get(rc, str(rc)))
+            raise RuntimeError(f"emulated kernel {name}: " + {1: "not in the module", 2: "deadlock",
+                                                                 3: "a warp collective not met by all 32 lanes at one call"}.get(rc, str(rc)))
 
     def synchronize(self) -> None:
         pass
