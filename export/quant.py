@@ -219,7 +219,8 @@ class MatMulNBits(BlockInt):
     def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
         if int8_activations is None:               # the CPU form's default; CUDA ignores it
             int8_activations = TARGETS[target].int8_activations
-        return cls(bits, block_size or 32, symmetric, activations, int8_activations)
+        block = block_size or dict(TARGETS[target].blocks).get(bits, 32)    # the target's default
+        return cls(bits, block, symmetric, activations, int8_activations)
 
     def params(self) -> dict:
         return {"form": self.name, "bits": self.bits, "block_size": self.block,
