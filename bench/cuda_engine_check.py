@@ -19,6 +19,7 @@ PASS/FAIL lines with its figures and writes OUT/engine-<part>[-tag].json.
                             of x (batched slots): the CUDA-core GEMV and the tensor-core one (mma)
                             under launch variants, each checked against numpy, then timed alone
   kernels --mma             the kernel checks with the tensor-core int4 GEMVs
+  kernels --slots N         also each bucket's kernels of an engine for N slots (GLM-4-32B: 4)
   ncu-run DIR / ncu-report CSV
                             decode steps of an engine as plain launches for Nsight Compute, and
                             its CSV as each kernel's time, share, DRAM bytes and TB/s
@@ -184,6 +185,15 @@ def part_kernels(args):
                 say(f"FAIL  timing {key}: {type(e).__name__}: {e}")
                 continue
             report["timing"][key] = {"kernels": rows, "step": step_share(rows, SHAPES[shape], say)}
+            save("kernels", report)
+    if args.slots:                          # the batched steps' kernels, bucket by bucket
+        from glmrt.backends.cuda_engine.selfcheck import run_bucket_checks
+        for shape, slots in (("glm-z1-9b", args.slots), ("glm-4-32b", min(args.slots, 4))):
+            say(f"== {shape}: int4 block 32, lm_head f16_kn, the buckets of {slots} slots")
+            rows = run_bucket_checks(device, shapes[shape], Formats("int4", 32, "f16_kn"), slots, log=say)
+            for r in rows:
+                r["case"] = f"{shape} int4 b32 buckets of {slots}"
+            report["checks"] += rows
             save("kernels", report)
     bad = [r for r in report["checks"] if not r["ok"]]
     say(f"kernels: {len(report['checks']) - len(bad)} of {len(report['checks'])} checks passed")

@@ -8,7 +8,7 @@ export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128
            launch parameters, by NVRTC, to a cubin for the GPU's compute capability; works
            without a GPU (--gpu NAME@smXY); ptxas' registers and spills go in the manifest
   check    with --gpu auto (the GPU here): every kernel against numpy at the model's shapes
-           (selfcheck.py) before the engine is written; tuning launch parameters there is the
+           (selfcheck.py), with --max-batch each bucket's kernels too, before the engine is written; tuning launch parameters there is the
            next step, not done yet. A named GPU (--gpu NAME@smXY) is compiled for, not checked.
 
 Writes engines/<gpu>-sm<cc>/<precision>/ with engine.cubin, engine.cu (the source compiled)
@@ -85,8 +85,10 @@ def plan(model_dir: Path, man: dict, options):
         }
         here = _gpu_here(target) if detected else None
         if here is not None:
-            from glmrt.backends.cuda_engine.selfcheck import run_checks
+            from glmrt.backends.cuda_engine.selfcheck import run_bucket_checks, run_checks
             report = run_checks(here, shapes, formats)
+            if slots > 1:                           # the batched steps' kernels, bucket by bucket
+                report += run_bucket_checks(here, shapes, formats, slots)
             entry["selfcheck"] = report
             bad = [r for r in report if not r["ok"]]
             if bad:

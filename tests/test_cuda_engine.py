@@ -620,6 +620,9 @@ def test_build_on_the_gpu_here_checks_every_kernel_first(exported, tmp_path, mon
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
     em = read_engine(build(model, backend="cuda"))
     assert [r["kernel"] for r in em["selfcheck"]] == list(selfcheck.CHECKS) and all(r["ok"] for r in em["selfcheck"])
+    em = read_engine(build(model, backend="cuda", max_batch=3, overwrite=True))      # buckets 2 and 3 too
+    assert [r["kernel"] for r in em["selfcheck"]] == [*selfcheck.CHECKS, "bucket 2", "bucket 3"]
+    assert all(r["ok"] for r in em["selfcheck"])
 
 
 # ---- the driver calls, without a driver ----------------------------------------------------------
@@ -770,6 +773,23 @@ SLOT_MUTATIONS = {
     "qkv writes every slot at row 0's position": ("gemv.cu", "a.slot_stride ? a.pos[m] + a.pos_add", "a.slot_stride ? a.pos[0] + a.pos_add"),
     "a row norm of the wrong row": ("gemv.cu", "const int m = blockIdx.x, tid = threadIdx.x;", "const int m = 0, tid = threadIdx.x;"),
 }
+
+
+@needs_cxx
+@pytest.mark.parametrize("formats", ["int4-b32", "int4-b128-lmhead", "fp16"])
+@pytest.mark.parametrize("mutation", [None, *SLOT_MUTATIONS])
+def test_the_bucket_checks_pass_and_catch_slot_bugs(monkeypatch, formats, mutation):
+    """What `glmrt build --max-batch` checks on the GPU, in the emulation: each bucket's row norms,
+    GEMVs, slot cache writes and per-slot attention against numpy; each slot bug must fail."""
+    if mutation:
+        from glmrt.backends.cuda_engine import sources
+        file, old, new = SLOT_MUTATIONS[mutation]
+        real = sources.kernel_text()
+        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+        monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], 4)
+    assert [r["kernel"] for r in report] == ["bucket 2", "bucket 4"]
+    assert all(r["ok"] for r in report) == (mutation is None), [selfcheck.format_result(r) for r in report]
 
 
 @needs_nvrtc

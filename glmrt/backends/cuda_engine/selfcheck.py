@@ -446,6 +446,136 @@ def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_s
     return report
 
 
+# ---- the batched steps' kernels (engines built with --max-batch) -----------------------------------
+def check_bucket(c: _Ctx, rows: int) -> dict:
+    """One bucket's kernels with `rows` rows, each row a slot with its own position and cache
+    (slot_stride): the row norms, the five GEMVs (their x fp16 from the norm or the previous
+    kernel, as in the batched step) and the attention (grid z = row, lengths differing)."""
+    from .step import bucket_name
+    s, M = c.s, rows
+    H, I, V, N, nh, nkv, hd = s.hidden, s.inter, s.vocab, s.qkv, s.heads, s.kv_heads, s.head_dim
+    name = lambda n: bucket_name(n, rows)                                     # noqa: E731
+    errs = {}
+    # row_norm: x_new = x_in + rms(y_in) w_y; h = rms(x_new) w_x (fp16)
+    x_in, y_in = c.rng.standard_normal((M, H)).astype(np.float32), c.rng.standard_normal((M, H)).astype(np.float32)
+    norm_y, norm_x = c.vec16(H, 1.0, 0.1), c.vec16(H, 1.0, 0.1)
+    a = GemvArgs(x_in=c.put(x_in), y_in=c.put(y_in), norm_y=c.put(norm_y), norm_x=c.put(norm_x),
+                 x_out=c.zeros(4 * M * H), act=c.zeros(2 * M * H), eps=EPS, max_seq=c.max_seq)
+    c.dev.launch(c.h["row_norm"], (M,), c.spec["row_norm"].threads, 0, a)
+    x = x_in.astype(np.float64) + rms_norm(y_in, norm_y, EPS)
+    errs["row_norm x"] = rel(c.get(a.x_out, (M, H), np.float32), x)
+    errs["row_norm h"] = rel(c.get(a.act, (M, H), np.float16), rms_norm(x, norm_x, EPS))
+    # row_embed
+    toks = (np.arange(M) * 37 + 5) % V
+    table = c.vec16(V * H).reshape(V, H)
+    a = GemvArgs(embed=c.put(table), tokens=c.put(toks.astype(np.int32)), norm_x=c.put(norm_x),
+                 x_out=c.zeros(4 * M * H), act=c.zeros(2 * M * H), eps=EPS, max_seq=c.max_seq)
+    c.dev.launch(c.h["row_embed"], (M,), c.spec["row_embed"].threads, 0, a)
+    e = table[toks].astype(np.float64)
+    errs["row_embed h"] = rel(c.get(a.act, (M, H), np.float16), rms_norm(e, norm_x, EPS))
+    # qkv: row m is slot m at its own position
+    h = c.rng.standard_normal((M, H)).astype(np.float16)
+    wf, wd, _ = c.weights(c.f.linear, N, H)
+    bias = c.vec16(N, 0.0, 0.1)
+    pos = (np.arange(M) * 11 + 3).astype(np.int32)
+    stride = nkv * c.max_seq * hd
+    table_r = rope_table_for(c)
+    a = GemvArgs(**wf, bias=c.put(bias), h_in=c.put(h), q=c.zeros(4 * M * nh * hd), k_cache=c.zeros(2 * M * stride),
+                 v_cache=c.zeros(2 * M * stride), rope=c.put(table_r), pos=c.put(pos), slot_stride=stride)
+    c.gemv(name("qkv"), a)
+    y = h.astype(np.float64) @ wd.T + bias.astype(np.float64)
+    kc = c.get(a.k_cache, (M, nkv, c.max_seq, hd), np.float16)
+    vc = c.get(a.v_cache, (M, nkv, c.max_seq, hd), np.float16)
+    qg = c.get(a.q, (M, nh, hd), np.float32)
+    for m in range(M):
+        p = int(pos[m])
+        errs[f"qkv q row {m}"] = rel(qg[m], rope(y[m, :nh * hd].reshape(nh, hd), table_r, p, s.rot))
+        errs[f"qkv k row {m}"] = rel(kc[m, :, p], rope(y[m, nh * hd:(nh + nkv) * hd].reshape(nkv, hd), table_r, p, s.rot))
+        errs[f"qkv v row {m}"] = rel(vc[m, :, p], y[m, (nh + nkv) * hd:].reshape(nkv, hd))
+    written = np.zeros(kc.shape, bool)
+    written[np.arange(M), :, pos] = True
+    untouched = bool(np.all(kc[~written] == 0) and np.all(vc[~written] == 0))
+    # attention over each row's own cache and length
+    kc2 = c.vec16(M * stride).reshape(M, nkv, c.max_seq, hd)
+    vc2 = c.vec16(M * stride).reshape(M, nkv, c.max_seq, hd)
+    lens = np.minimum(c.max_seq, np.array([1 + 97 * (m + 1) % c.max_seq for m in range(M)]))
+    q = c.rng.standard_normal((M, nh * hd)).astype(np.float32)
+    spec = c.spec["attention"]
+    blocks = spec.blocks_x(nkv)
+    att = AttnArgs(q=c.put(q), k_cache=c.put(kc2), v_cache=c.put(vc2), pos=c.put((lens - 1).astype(np.int32)),
+                   part_o=c.zeros(4 * M * nh * c.splits * hd), part_ml=c.zeros(8 * M * nh * c.splits),
+                   out=c.zeros(4 * M * nh * hd), counter=c.zeros(4 * M * blocks), pos_add=0, max_seq=c.max_seq,
+                   chunk=c.chunk, splits=c.splits, slot_stride=stride)
+    c.dev.launch(c.h["attention"], (blocks, c.splits, M), spec.threads, 0, att)
+    out = c.get(att.out, (M, nh, hd), np.float32)
+    for m in range(M):
+        errs[f"attention row {m}"] = rel(out[m], attention(q[m].reshape(nh, hd), kc2[m][:, :lens[m]], vc2[m][:, :lens[m]]))
+    # o_proj (fp32 in), gate_up (fp16 in -> SwiGLU), down (fp16 in)
+    K = nh * hd
+    wf, wd, _ = c.weights(c.f.linear, H, K)
+    xo = c.rng.standard_normal((M, K)).astype(np.float32)
+    a = GemvArgs(**wf, y_in=c.put(xo), y=c.zeros(4 * M * H))
+    c.gemv(name("o_proj"), a)
+    errs["o_proj"] = rel(c.get(a.y, (M, H), np.float32), c.xin(xo) @ wd.T)
+    wf, wd, _ = c.weights(c.f.linear, 2 * I, H)
+    a = GemvArgs(**wf, h_in=c.put(h), act=c.zeros(2 * M * I))
+    c.gemv(name("gate_up"), a)
+    gu = h.astype(np.float64) @ wd.T
+    errs["gate_up"] = rel(c.get(a.act, (M, I), np.float16), gu[:, :I] / (1 + np.exp(-gu[:, :I])) * gu[:, I:])
+    wf, wd, _ = c.weights(c.f.linear, H, I)
+    xd = c.rng.standard_normal((M, I)).astype(np.float16)
+    a = GemvArgs(**wf, h_in=c.put(xd), y=c.zeros(4 * M * H))
+    c.gemv(name("down"), a)
+    errs["down"] = rel(c.get(a.y, (M, H), np.float32), xd.astype(np.float64) @ wd.T)
+    # lm_head: logits and each row's argmax
+    lm = c.f.lm_head
+    wf, wd, _ = c.weights("f16" if lm in ("f16", "f16_kn") else lm, V, H)
+    if lm == "f16_kn":
+        w16 = c.get(wf["w"], (V, H), np.float16)
+        c.dev.upload(wf["w"], np.ascontiguousarray(w16.T))
+    grid = c.grid(name("lm_head"))
+    a = GemvArgs(**wf, h_in=c.put(h), y=c.zeros(4 * M * V), part_val=c.zeros(4 * M * grid),
+                 part_idx=c.zeros(4 * M * grid), counter=c.zeros(4), token_out=c.zeros(4 * M))
+    c.gemv(name("lm_head"), a)
+    logits = c.get(a.y, (M, V), np.float32)
+    errs["lm_head"] = rel(logits, np.concatenate([h.astype(np.float64) @ wd[i:i + 8192].T for i in range(0, V, 8192)], 1))
+    tokens_ok = c.get(a.token_out, M, np.int32).tolist() == np.argmax(logits, 1).tolist()
+    tol = TOL[c.spec[name("o_proj")].fmt]
+    err = max(errs.values()) if untouched and tokens_ok else float("inf")
+    return _result(f"bucket of {rows} rows ({c.spec[name('o_proj')].fmt}): row norms, qkv into each slot's cache, "
+                   "attention per slot, o_proj, gate_up, down, lm_head + argmax", err, tol, errors=errs,
+                   other_positions_untouched=untouched, argmax_ok=tokens_ok)
+
+
+def run_bucket_checks(device, shapes: Shapes, formats: Formats, slots: int, *, seed: int = 0, log=None,
+                      config: dict = DEFAULT_CONFIG, max_seq: int = 320) -> list[dict]:
+    """The kernels of an engine for `slots` sequences that batched steps run, bucket by bucket,
+    against numpy (what `glmrt build --max-batch N` checks on the GPU it builds for)."""
+    from .step import slot_buckets
+    kernels = engine_kernels(shapes, formats, config, slots)
+    handles = device.load(image_for(device, translation_unit(shapes, kernels)), {k.name: k.smem for k in kernels})
+    tile = next(k for k in kernels if k.name == "attention").tile
+    chunk, splits = attention_split(config, max_seq, tile)
+    report = []
+    for rows in slot_buckets(slots)[1:]:
+        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)
+        t = time.perf_counter()
+        try:
+            r = check_bucket(c, rows)
+        except Exception as e:  # the report names it; the next bucket is still checked
+            r = _result(f"bucket of {rows} rows", float("inf"), 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        finally:
+            try:
+                c.free()
+            except Exception:  # a failed kernel can leave the device unusable; the report says so
+                pass
+        r["kernel"], r["seconds"] = f"bucket {rows}", round(time.perf_counter() - t, 3)
+        report.append(r)
+        if log:
+            log(format_result(r))
+    return report
+
+
 def format_result(r: dict) -> str:
     verdict = "PASS" if r["ok"] else "FAIL"
     extra = f"  ({r['error']})" if "error" in r else ""
