@@ -345,7 +345,8 @@ def _token_counts(text: str | None, name: str):
               help="Must match the exported model's (default: the model's).")
 @click.option("--device", type=click.Choice(list(DEVICES)), default="cuda", show_default=True,
               help="onnxruntime backend: which provider to optimize for.")
-@click.option("--max-batch", default=1, show_default=True)
+@click.option("--max-batch", default=1, show_default=True,
+              help="Sequences one engine step takes: TensorRT's profile; the cuda engine's batched slots (up to 8).")
 @click.option("--max-prompt", default=2048, show_default=True)
 @click.option("--max-context", default=4096, show_default=True)
 @click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimization level 0-5.")
