@@ -17,7 +17,8 @@
 #                                    (cubins from 'python3 bench/gemv_probe.py build', carried in build/gemv)
 #   bash bench/gpu.sh hf             HF transformers eager bf16 baseline, same shapes
 #   bash bench/gpu.sh engine         glmrt's cuda engine, correctness (bench/cuda_engine_check.py): toolchain
-#                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes and timed
+#                                    smoke, every kernel vs numpy at GLM-Z1-9B/GLM-4-32B shapes (and each
+#                                    bucket's of an engine for 8 slots; GLM-4-32B: 4) and timed
 #                                    alone, the whole engine vs ONNX Runtime's CUDA form and the float64
 #                                    reference (small and 4-layer GLM-Z1-9B models, int4 and fp16), the
 #                                    decoder conformance tests on it, a launch-parameter sweep; each part
@@ -205,7 +206,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     if [ "${ENGINE_PARTS:-all}" != models ]; then
       part 60 $C env
       part 60 $C smoke
-      part ${KERNELS_LIMIT:-200} $C kernels --time
+      part ${KERNELS_LIMIT:-240} $C kernels --time --slots 8
     fi
     if [ "${ENGINE_PARTS:-all}" = kernels ]; then
       part 150 $C step
