@@ -317,8 +317,7 @@ MMA_MUTATIONS = {
     "mma A fragment order": ("gemv.cu", "a01[4] = {p0[0], p1[0], p0[1], p1[1]}", "a01[4] = {p0[0], p0[1], p1[0], p1[1]}"),
     "mma scale": ("gemv.cu", "p[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);",
                   "p[1] = hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);"),
-    "mma split-K sum": ("gemv.cu", "for (int k2 = 0; k2 < KSPLIT; ++k2) v += part[k2 * ROWS * M + e];",
-                        "for (int k2 = 0; k2 < 1; ++k2) v += part[k2 * ROWS * M + e];"),
+    "mma split-K sum": ("gemv.cu", "sum_parts<KSPLIT, ROWS, M>(part, red);", "sum_parts<1, ROWS, M>(part, red);"),
     # lanes whose own unit is past K leave the loop: the others' mma.sync then runs without them
     # (undefined on a GPU; the emulation reports a deadlock or a divergent warp collective)
     "mma skipped by some lanes": ("gemv.cu", "if (u0 >= U) break;", "if (u0 + c >= U) break;"),

@@ -531,6 +531,18 @@ DEV void argmax_finish(const GemvArgs& a, const float* best_v, const int* best_i
   if (tid == 0) *a.counter = 0u;
 }
 
+// A tile's results red[lr * M + m] summed over PARTS partial sums (warps that split K) laid out
+// part[p * ROWS * M + lr * M + m]; the caller synchronizes before and after.
+template <int PARTS, int ROWS, int M>
+DEV void sum_parts(const float* part, float* red) {
+  for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
+    float v = 0.f;
+#pragma unroll
+    for (int p = 0; p < PARTS; ++p) v += part[p * ROWS * M + e];
+    red[e] = v;
+  }
+}
+
 // ---- the GEMV on the NK formats (W_INT4, W_F16) -------------------------------------------------
 template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
   uint4 w[UNROLL][RPW];
@@ -735,12 +747,7 @@ DEV void gemv_mma(const GemvArgs& a) {
       }
       __syncthreads();
       if (KSPLIT > 1) {
-        for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
-          float v = 0.f;
-#pragma unroll
-          for (int k2 = 0; k2 < KSPLIT; ++k2) v += part[k2 * ROWS * M + e];
-          red[e] = v;
-        }
+        sum_parts<KSPLIT, ROWS, M>(part, red);
         __syncthreads();
       }
       epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
@@ -814,11 +821,7 @@ DEV void gemv_kn(const GemvArgs& a) {
 #pragma unroll
       for (int m = 0; m < M; ++m) part[(warp * ROWS + lane * 8 + i) * M + m] = acc[i][m];
     __syncthreads();
-    for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
-      float v = 0.f;
-      for (int w = 0; w < WARPS; ++w) v += part[w * ROWS * M + e];
-      red[e] = v;                           // e = lr * M + m
-    }
+    sum_parts<WARPS, ROWS, M>(part, red);
     __syncthreads();
     epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
     __syncthreads();
@@ -897,12 +900,7 @@ DEV void gemv_kn_mma(const GemvArgs& a) {
       for (int e = 0; e < 2; ++e)
         if (g < M) part[(warp * ROWS + 8 * c + 2 * j + e) * M + g] = d[j][e];
     __syncthreads();
-    for (int e = threadIdx.x; e < ROWS * M; e += blockDim.x) {
-      float v = 0.f;
-#pragma unroll
-      for (int w2 = 0; w2 < WARPS; ++w2) v += part[w2 * ROWS * M + e];
-      red[e] = v;                                   // e = lr * M + m
-    }
+    sum_parts<WARPS, ROWS, M>(part, red);
     __syncthreads();
     epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
     __syncthreads();
