@@ -271,25 +271,42 @@ class DecodeStep:
 
     def launches(self, i: int) -> list:
         """Burst slot i: every launch of one decode step, in order."""
-        b, w, s = self.buf, self.w, self.shapes
-        ctl = b["ctl"]
-        pos, token, token_out = ctl, ctl + 4 * (1 + i), ctl + 4 * (2 + i)
+        ctl = self.buf["ctl"]
+        return self._fused(self.kv, ctl, ctl + 4 * (1 + i), ctl + 4 * (2 + i), pos_add=i)
+
+    def batch_launches(self, rows: int, kv: list, slot_stride: int) -> list:
+        """Every launch of one batched decode step over slots 0..rows-1 (rows: a bucket), slot
+        i's caches at kv[layer] + i * slot_stride (h16 elements). One row runs the fused M = 1
+        kernels, slot 0 at its own position."""
+        b, S = self.buf, self.slots
+        pos, token, token_out = b["bctl"], b["bctl"] + 4 * S, b["bctl"] + 8 * S
+        if rows == 1:
+            return self._fused(kv, pos, token, token_out, pos_add=0, slot_stride=slot_stride)
+        return self._bucket_launches(rows, kv, slot_stride, pos, token, token_out)
+
+    def _attention(self, kc: int, vc: int, pos: int, pos_add: int, slot_stride: int, rows: int):
+        b = self.buf
+        att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
+                       out=b["attn"], counter=b["att_counter"], pos_add=pos_add, max_seq=self.max_context,
+                       chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
+        spec, h = self.kernels["attention"]
+        return h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl
+
+    def _fused(self, kv: list, pos: int, token: int, token_out: int, pos_add: int, slot_stride: int = 0) -> list:
+        """The M = 1 step: each norm fused into the GEMV after it (the kernels' prologues)."""
+        b, w = self.buf, self.w
         x = (b["x0"], b["x1"])
         out = []
         for layer, lw in enumerate(self.wmap["layers"]):
-            kc, vc = self.kv[layer]
+            kc, vc = kv[layer]
             qkv = dict(self._linear(lw["qkv"]), norm_x=w[lw["input_norm"]], x_out=x[1], q=b["q"],
-                       k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos, pos_add=i)
+                       k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos, pos_add=pos_add, slot_stride=slot_stride)
             if layer == 0:
                 out.append(self._gemv("qkv_first", embed=w[self.wmap["embed"]], tokens=token, **qkv))
             else:
                 prev = self.wmap["layers"][layer - 1]
                 out.append(self._gemv("qkv", x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
-            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
-                           out=b["attn"], counter=b["att_counter"], pos_add=i, max_seq=self.max_context,
-                           chunk=self.chunk, splits=self.splits)
-            spec, h = self.kernels["attention"]
-            out.append((h, (self.att_blocks, self.splits), spec.threads, 0, att, self.pdl))
+            out.append(self._attention(kc, vc, pos, pos_add, slot_stride, 1))
             out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))
@@ -301,50 +318,16 @@ class DecodeStep:
                               **self._linear(self.wmap["lm_head"])))
         return out
 
-    def batch_launches(self, rows: int, kv: list, slot_stride: int) -> list:
-        """Every launch of one batched decode step over slots 0..rows-1 (rows: a bucket), slot
-        i's caches at kv[layer] + i * slot_stride (h16 elements)."""
-        b, w, S = self.buf, self.w, self.slots
-        pos, token, token_out = b["bctl"], b["bctl"] + 4 * S, b["bctl"] + 8 * S
-        x = (b["x0"], b["x1"])
-        if rows > 1:
-            return self._bucket_launches(rows, kv, slot_stride, pos, token, token_out, x)
-        name = lambda n: bucket_name(n, rows)                                     # noqa: E731
-        out = []
-        for layer, lw in enumerate(self.wmap["layers"]):
-            kc, vc = kv[layer]
-            qkv = dict(self._linear(lw["qkv"]), norm_x=w[lw["input_norm"]], x_out=x[1], q=b["q"],
-                       k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos, slot_stride=slot_stride)
-            if layer == 0:
-                out.append(self._gemv(name("qkv_first"), embed=w[self.wmap["embed"]], tokens=token, **qkv))
-            else:
-                prev = self.wmap["layers"][layer - 1]
-                out.append(self._gemv(name("qkv"), x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
-            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
-                           out=b["attn"], counter=b["att_counter"], pos_add=0, max_seq=self.max_context,
-                           chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
-            spec, h = self.kernels["attention"]
-            out.append((h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl))
-            out.append(self._gemv(name("o_proj"), y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
-            out.append(self._gemv(name("gate_up"), x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
-                                  norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))
-            out.append(self._gemv(name("down"), h_in=b["act"], y=b["mlp"], **self._linear(lw["down"])))
-        last = self.wmap["layers"][-1]
-        out.append(self._gemv(name("lm_head"), x_in=x[0], y_in=b["mlp"], norm_y=w[last["post_mlp_norm"]],
-                              norm_x=w[self.wmap["norm"]], x_out=x[1], y=b["logits"], part_val=b["part_val"],
-                              part_idx=b["part_idx"], counter=b["counter"], token_out=token_out,
-                              **self._linear(self.wmap["lm_head"])))
-        return out
-
     def _norm(self, name: str, rows: int, **fields):
         spec, handle = self.kernels[name]
         a = GemvArgs(eps=self.cfg.rms_norm_eps, max_seq=self.max_context, act=self.buf["h"], **fields)
         return handle, (rows,), spec.threads, 0, a, self.pdl
 
-    def _bucket_launches(self, rows: int, kv: list, slot_stride: int, pos: int, token: int, token_out: int, x) -> list:
+    def _bucket_launches(self, rows: int, kv: list, slot_stride: int, pos: int, token: int, token_out: int) -> list:
         """A batched step of rows > 1: each norm once per row (row_norm, row_embed), then the
         bucket's GEMVs on its fp16 output."""
         b, w, h = self.buf, self.w, self.buf["h"]
+        x = (b["x0"], b["x1"])
         name = lambda n: bucket_name(n, rows)                                     # noqa: E731
         out = []
         for layer, lw in enumerate(self.wmap["layers"]):
@@ -358,11 +341,7 @@ class DecodeStep:
                                       norm_x=w[lw["input_norm"]], x_out=x[1]))
             out.append(self._gemv(name("qkv"), h_in=h, q=b["q"], k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos,
                                   slot_stride=slot_stride, **self._linear(lw["qkv"])))
-            att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
-                           out=b["attn"], counter=b["att_counter"], pos_add=0, max_seq=self.max_context,
-                           chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
-            spec, hd = self.kernels["attention"]
-            out.append((hd, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl))
+            out.append(self._attention(kc, vc, pos, 0, slot_stride, rows))
             out.append(self._gemv(name("o_proj"), y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._norm("row_norm", rows, x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0]))
