@@ -424,26 +424,26 @@ def run_checks(device, shapes: Shapes, formats: Formats, *, seed: int = 0, max_s
     chunk, splits = attention_split({"attention": att}, 1 << 30, tile)
     max_seq = max_seq or 2 * chunk * splits + 64      # lengths past chunk x splits: each split's share grows
     chunk, splits = attention_split({"attention": att}, max_seq, tile)
-    report = []
-    for name, check in CHECKS.items():
-        if only and name not in only:
-            continue
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)
-        t = time.perf_counter()
+    ctx = lambda: _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)  # noqa: E731
+    return [_run_check(ctx(), name, check, log) for name, check in CHECKS.items() if not only or name in only]
+
+
+def _run_check(c: _Ctx, name: str, check, log) -> dict:
+    """check(c) as a report row (a check that raises fails with its error), its device memory freed."""
+    t = time.perf_counter()
+    try:
+        r = check(c)
+    except Exception as e:  # the report names it; the next check still runs
+        r = _result(name, float("inf"), 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
         try:
-            r = check(c)
-        except Exception as e:  # the report names it; the next kernel is still checked
-            r = _result(name, float("inf"), 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        finally:
-            try:
-                c.free()
-            except Exception:  # a failed kernel can leave the device unusable; the report says so
-                pass
-        r["kernel"], r["seconds"] = name, round(time.perf_counter() - t, 3)
-        report.append(r)
-        if log:
-            log(format_result(r))
-    return report
+            c.free()
+        except Exception:  # a failed kernel can leave the device unusable; the report says so
+            pass
+    r["kernel"], r["seconds"] = name, round(time.perf_counter() - t, 3)
+    if log:
+        log(format_result(r))
+    return r
 
 
 # ---- the batched steps' kernels (engines built with --max-batch) -----------------------------------
@@ -528,11 +528,7 @@ def check_bucket(c: _Ctx, rows: int) -> dict:
     c.gemv(name("down"), a)
     errs["down"] = rel(c.get(a.y, (M, H), np.float32), xd.astype(np.float64) @ wd.T)
     # lm_head: logits and each row's argmax
-    lm = c.f.lm_head
-    wf, wd, _ = c.weights("f16" if lm in ("f16", "f16_kn") else lm, V, H)
-    if lm == "f16_kn":
-        w16 = c.get(wf["w"], (V, H), np.float16)
-        c.dev.upload(wf["w"], np.ascontiguousarray(w16.T))
+    wf, wd, _ = c.weights(c.f.lm_head, V, H)            # f16_kn stored as W^T, wd (V, H) either way
     grid = c.grid(name("lm_head"))
     a = GemvArgs(**wf, h_in=c.put(h), y=c.zeros(4 * M * V), part_val=c.zeros(4 * M * grid),
                  part_idx=c.zeros(4 * M * grid), counter=c.zeros(4), token_out=c.zeros(4 * M))
@@ -556,24 +552,9 @@ def run_bucket_checks(device, shapes: Shapes, formats: Formats, slots: int, *, s
     handles = device.load(image_for(device, translation_unit(shapes, kernels)), {k.name: k.smem for k in kernels})
     tile = next(k for k in kernels if k.name == "attention").tile
     chunk, splits = attention_split(config, max_seq, tile)
-    report = []
-    for rows in slot_buckets(slots)[1:]:
-        c = _Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config)
-        t = time.perf_counter()
-        try:
-            r = check_bucket(c, rows)
-        except Exception as e:  # the report names it; the next bucket is still checked
-            r = _result(f"bucket of {rows} rows", float("inf"), 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        finally:
-            try:
-                c.free()
-            except Exception:  # a failed kernel can leave the device unusable; the report says so
-                pass
-        r["kernel"], r["seconds"] = f"bucket {rows}", round(time.perf_counter() - t, 3)
-        report.append(r)
-        if log:
-            log(format_result(r))
-    return report
+    return [_run_check(_Ctx(device, shapes, formats, kernels, handles, seed, max_seq, chunk, splits, config),
+                       f"bucket {rows}", lambda c, rows=rows: check_bucket(c, rows), log)
+            for rows in slot_buckets(slots)[1:]]
 
 
 def format_result(r: dict) -> str:
