@@ -144,8 +144,10 @@ CASES = [  # (shape, layers' format, int4 block, lm_head format, what int4 weigh
     ("glm-z1-9b", "int4", 32, "f16_kn", "f16"), ("glm-z1-9b", "int4", 128, "int4", "f16"),
     ("glm-z1-9b", "f16", 32, "f16", "f16"), ("glm-4-32b", "int4", 32, "f16_kn", "f16"),
     ("glm-z1-9b", "int4", 32, "f16_kn", "int8"), ("glm-z1-9b", "int4", 128, "int4", "int8"),
-    ("glm-4-32b", "int4", 32, "f16_kn", "int8")]
-TIMED = (0, 4, 2, 3, 6)       # the CASES timed kernel by kernel
+    ("glm-4-32b", "int4", 32, "f16_kn", "int8"),
+    ("glm-z1-9b", "fp8", 32, "f16_kn", "f16"), ("glm-4-32b", "fp8", 32, "f16_kn", "f16")]
+TIMED = (0, 4, 2, 3, 6, 7)    # the CASES timed kernel by kernel
+LINEAR = {"int4": "int4", "fp16": "f16", "fp8": "fp8"}     # --linear: the layers' format
 
 
 def part_kernels(args):
@@ -164,6 +166,8 @@ def part_kernels(args):
     cases, timed = CASES, [CASES[i] for i in TIMED]
     if args.mma:                           # only the cases the mma GEMV changes: int4 with fp16 x
         cases = timed = [c for c in CASES if c[1] == "int4" and c[4] == "f16"]
+    if args.linear:                        # one format's cases, all timed
+        cases = timed = [c for c in cases if c[1] == LINEAR[args.linear]]
     for shape, linear, block, lm, act in cases:
         a8 = " int8 x" if act == "int8" else ""
         say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}{a8}, lm_head {lm}")
@@ -390,6 +394,11 @@ def part_step(args):
     from glmrt.backends.cuda_engine.sources import Shapes
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
     device = make_device(args)
+    if args.fp8_bits:                       # the fp8 decode by bit moves on every architecture (what sm_80-87 run)
+        from glmrt.backends.cuda_engine import sources
+        real = sources.kernel_text()
+        assert real.count("__CUDA_ARCH__ >= 890") == 1
+        sources.kernel_text = lambda: real.replace("__CUDA_ARCH__ >= 890", "__CUDA_ARCH__ >= 100000")
     if args.emulate:
         shapes, layers, contexts, reps = Shapes(128, 384, 4, 2, 32, 16, 1024), 2, (16, 300), 1
     else:
@@ -400,6 +409,8 @@ def part_step(args):
         sets = [("int4 int8 x", Formats("int4", 32, "f16_kn", "int8")), sets[0]]
     if args.shape != "glm-z1-9b":          # the int4 steps only
         sets = [x for x in sets if x[0] != "fp16"]
+    if args.linear:                        # that format's step alone
+        sets = [(args.linear, Formats(LINEAR[args.linear], 32, "f16" if args.linear == "fp16" else "f16_kn"))]
     if args.slots:                          # the batched steps of an engine for that many slots
         name, formats = sets[0]
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
@@ -453,7 +464,7 @@ def part_step(args):
                 say(f"FAIL  step with programmatic dependent launch: {type(e).__name__}: {str(e)[:300]}")
         finally:
             bench.free()
-        save("step", out)
+        save("step" + (f"-{args.tag}" if args.tag else ""), out)
 
 
 # ---- Nsight Compute: each kernel of real decode steps ----------------------------------------------------
@@ -860,6 +871,10 @@ def main():
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
+    ap.add_argument("--fp8-bits", action="store_true",
+                    help="step: fp8 decoded by integer bit moves, not sm_89+'s conversion instruction")
+    ap.add_argument("--linear", choices=list(LINEAR), default=None,
+                    help="kernels, step: only the layers' format given (fp8: e4m3 rows, fp16 W^T lm_head)")
     ap.add_argument("--slots", type=int, default=0,
                     help="ncu-run, step: batched steps of this many slots (step: --configs over DEFAULT_CONFIG keys)")
     ap.add_argument("--variants-step", action="store_true", help="step --slots: each kernel role emptied in turn")

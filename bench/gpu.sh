@@ -33,6 +33,8 @@
 #                                    CONFIGS='{"label": {"gemv": {...}, "attention": {...}}, ...}'
 #   bash bench/gpu.sh engine-mma     the tensor-core int4 GEMV: rows of x 1..8 against the CUDA-core one, its
 #                                    kernel checks, the whole step under CONFIGS (kernels only)
+#   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
+#                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
 #   bash bench/gpu.sh engine-slots   continuous batching on the engine: GLM-Z1-9B int4 built with --max-batch 8,
 #                                    glmrt bench --slots 1,2,4,8 of it and of ONNX Runtime's form, the batched
 #                                    steps against single ones (after `install`)
@@ -230,8 +232,8 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
       flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
       [ -f $W/exports.log ] && wait_exports
-      if [ "$shape:$prec" = glm-z1-9b:int4 ] && [ -f $W/9b-int4/manifest.json ]; then
-        dir=$W/9b-int4; keep=1                                  # `prep` made it, same options
+      if [ "$shape" = glm-z1-9b ] && [ "$prec" != fp16 ] && [ -f $W/9b-$prec/manifest.json ]; then
+        dir=$W/9b-$prec; keep=1                                 # `prep` made it, same options
       else
         start=$(date +%s)
         xport "synthetic:$shape" "$dir" "$prec" $flags
@@ -275,6 +277,17 @@ engine-mma)   # the tensor-core int4 GEMV, kernels only (no ONNX Runtime, no exp
   run timeout ${ROWS_LIMIT:-200} $C rows ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee -a "$LOG"
   run timeout 150 $C kernels --mma --time 2>&1 | tee -a "$LOG"
   [ -n "${CONFIGS:-}" ] && run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$LOG"
+  ;;
+engine-fp8)   # fp8 weights (e4m3 rows, the cuda target's fp8-rows form), kernels only (no ONNX Runtime, no
+              # export): every fp8 kernel checked at GLM-Z1-9B / GLM-4-32B shapes and timed alone, GLM-Z1-9B's
+              # whole fp8 step as a graph (zero weights, 40 layers; again with the bit-move decoding sm_80-87
+              # run), and the int4 engine's batched kernels bucket by bucket (the build's GPU check)
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-fp8.log
+  run timeout 240 $C kernels --linear fp8 --time --slots ${BUCKETS:-8} 2>&1 | tee -a "$LOG"
+  run timeout 150 $C step --linear fp8 2>&1 | tee -a "$LOG"
+  [ "${FP8_BITS:-1}" = 1 ] && run timeout 100 $C step --linear fp8 --fp8-bits --tag bits 2>&1 | tee -a "$LOG"
   ;;
 engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-9B int4 (40 layers, `prep`'s export)
               # built with --max-batch 8 (checked on the GPU), glmrt bench --slots 1,2,4,8 of the engine and of

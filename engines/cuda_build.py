@@ -1,6 +1,7 @@
 """`glmrt build --backend cuda`: glmrt's own decode engine for one GPU, from a `--target cuda`
-export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128) or fp16
-(exported with --float-layout nk, matrices as the checkpoint stores them):
+export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128), fp8 (e4m3
+weight-only, a scale per output row: the cuda target's fp8-rows form) or fp16 (exported with
+--float-layout nk, matrices as the checkpoint stores them):
 
   index    every tensor the engine reads: offset, bytes, dtype, shape in model.onnx.data and
            its role (per layer: norms, qkv/o/gate_up/down, bias), checked against the config
@@ -29,11 +30,14 @@ from glmrt.engine import engine_dir
 from glmrt.errors import GlmrtError
 from glmrt.gpu import check_precision, detect, parse_gpu
 
-ONNX_DTYPES = {10: "float16", 2: "uint8"}
+ONNX_DTYPES = {10: "float16", 2: "uint8", 17: "uint8"}     # fp8 e4m3 (17): its bytes
+# ONNX Runtime takes the engine's memory as its initializers through DLPack, which has no fp8
+# type that ONNX Runtime reads: fp8 tensors are marked, and ONNX Runtime loads its own copy
+NOT_SHARED = {17}
 # the most dynamic shared memory a block may have, per architecture (CUDA's opt-in limits)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
-REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits) and fp16 exports of --target cuda"
+REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits), fp8 and fp16 exports of --target cuda"
 
 
 def plan(model_dir: Path, man: dict, options):
@@ -142,9 +146,12 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
             raise GlmrtError(f"{model_dir}: {REFUSE}; this int4 export is {q}")
         if q["block_size"] not in (32, 64, 128):
             raise GlmrtError(f"{model_dir}: int4 block size {q['block_size']}; the engine reads blocks of 32, 64 or 128")
+    elif prec["name"] == "fp8":
+        if q["form"] != "fp8-rows" or q["scale_dtype"] != "float16":
+            raise GlmrtError(f"{model_dir}: {REFUSE}; this fp8 export is {q}")
     elif prec["name"] != "fp16":
         raise GlmrtError(f"{model_dir} is a {prec['name']} export; {REFUSE}")
-    block = q["block_size"] if q else 32
+    block = q.get("block_size", 32) if q else 32
     graph = onnx.load(str(model_dir / man["graph"]), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
     consumer = {i: n for n in graph.node for i in n.input}
@@ -155,7 +162,8 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
         if t is None:
             raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target cuda export?)")
         if t.data_type not in ONNX_DTYPES:
-            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16 and uint8")
+            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16, uint8 "
+                             "and float8e4m3fn")
         ext = {e.key: e.value for e in t.external_data}
         if t.data_location != onnx.TensorProto.EXTERNAL or "location" not in ext:
             raise GlmrtError(f"{model_dir}: {name} is not in the external data file")
@@ -165,10 +173,16 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
         files.add(ext["location"])
         tensors[name] = {"offset": int(ext.get("offset", 0)), "bytes": int(ext["length"]),
                          "dtype": ONNX_DTYPES[t.data_type], "shape": list(dims)}
+        if t.data_type in NOT_SHARED:
+            tensors[name]["shared"] = False
         return name
 
     def linear(prefix: str, k: int, n: int, bias: bool = False) -> dict:
-        if prefix + ".qweight" in inits:
+        if prefix + ".qweight" in inits and inits[prefix + ".qweight"].data_type == 17:     # fp8-rows
+            if k % 16:
+                raise GlmrtError(f"{model_dir}: {prefix} has {k} inputs; fp8 rows need a multiple of 16")
+            d = {"format": "fp8", "w": tensor(prefix + ".qweight", (n, k)), "scales": tensor(prefix + ".scales", (n,))}
+        elif prefix + ".qweight" in inits:
             if prefix + ".zero_points" in inits:
                 raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric int4")
             kb = -(-k // block)

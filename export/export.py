@@ -85,7 +85,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, precision: str = "f
                                   "checkpoint's tokenizer files)")
         generation = _generation(ckpt)
         act_amax = awq_stats = None
-        if spec(precision).calibration or awq:
+        if (prec.scheme is not None and prec.scheme.calibrated) or awq:
             prompts = default_prompts(ckpt.folder / "tokenizer.json", count=calibration_prompts)
             if awq:
                 awq_stats = activation_stats(ckpt, prompts, sample_rows=256)

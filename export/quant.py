@@ -12,6 +12,9 @@ Forms:
   Int8QDQ       TensorRT: DequantizeLinear(int8 W^T, per output channel, symmetric) -> MatMul.
   Fp8QDQ        TensorRT FP8: Q/DQ on both MatMul inputs, per-tensor scales; the activation
                 scale comes from calibration (export/calibrate.py).
+  Fp8Rows       the cuda target's FP8, weight-only (W8A16): e4m3 W (N, K) as the checkpoint
+                stores it, one scale per output row, DequantizeLinear(axis 0) -> FusedMatMul
+                transB=1 on ONNX Runtime (prefill), read as stored by glmrt's cuda engine.
 """
 from __future__ import annotations
 
@@ -125,6 +128,7 @@ class Scheme(abc.ABC):
     """A quantization form: how one weight matrix is stored, run and checked. Every form
     glmrt.precision's registry names is one subclass, listed in SCHEMES by its `name`."""
     name: str                    # the registry's form name, recorded in the manifest
+    calibrated = False           # needs activation ranges from calibration prompts (act_amax)
 
     @classmethod
     @abc.abstractmethod
@@ -345,6 +349,7 @@ class Int8QDQ(TensorScaledQDQ):
 class Fp8QDQ(TensorScaledQDQ):
     """FP8 e4m3 weights and activations, per-tensor scales (TensorRT's FP8 GEMM pattern)."""
     name = "fp8-qdq"
+    calibrated = True
 
     @classmethod
     def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
@@ -389,5 +394,49 @@ class Fp8QDQ(TensorScaledQDQ):
         return g.op("MatMul", [xd, w])
 
 
+class Fp8Rows(TensorScaledQDQ):
+    """FP8 e4m3 weights only (activations stay fp16), one scale per output row: the row's
+    largest |w| maps to e4m3's largest finite value (448). W is kept (N, K), rows contiguous,
+    the layout a GEMV streams (glmrt's cuda engine reads it as stored)."""
+    name = "fp8-rows"
+
+    @classmethod
+    def for_export(cls, *, bits, block_size, symmetric, activations, target, int8_activations=None):
+        _float_activations_only(int8_activations)
+        if block_size is not None:
+            raise ValueError("fp8 weights take one scale per output row: no block size")
+        if not symmetric:
+            raise ValueError("fp8 weights are symmetric (e4m3 has a sign)")
+        return cls(activations)
+
+    def params(self) -> dict:
+        return {"form": self.name, "format": "float8e4m3fn", "per_channel": True, "weight_only": True,
+                "scale_dtype": self.scale_dtype}
+
+    def quantize(self, w: np.ndarray) -> QTensor:
+        import ml_dtypes
+        scale = _round_scale(np.abs(w).max(1) / FP8_MAX, self.scale_dtype)              # (N,)
+        v = np.clip(w / scale.astype(np.float32)[:, None], -FP8_MAX, FP8_MAX)
+        return QTensor(v.astype(ml_dtypes.float8_e4m3fn), scale, None, w.shape[1])
+
+    def dequantize(self, q: QTensor) -> np.ndarray:
+        return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
+
+    def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
+             act_amax=None) -> str:
+        """x (b, s, K) -> (b, s, N): W (N, K) e4m3 streamed row chunk by row chunk."""
+        n, k = src.n, src.k
+        scales = []
+
+        def work(w):
+            q = self.quantize(w)
+            return q, self.error(w, q), q.codes.view(np.uint8)                      # (r, K)
+        wq = g.weight_blocks(wname + ".qweight", (n, k), "float8e4m3fn", stream_quantized(
+            src.row_jobs(), work, errors, wname, lambda q: scales.append(q.scales)))
+        s = g.weight(wname + ".scales", np.concatenate(scales), self.scale_dtype)     # (N,)
+        w = g.op("DequantizeLinear", [wq, s], axis=0, name="DequantizeWeight")       # (N, K)
+        return g.op("FusedMatMul", [x, w], domain="com.microsoft", transB=1)
+
+
 # the quantization forms glmrt.precision's registry names, by name
-SCHEMES = {cls.name: cls for cls in (MatMulNBits, Int4QDQ, Int8QDQ, Fp8QDQ)}
+SCHEMES = {cls.name: cls for cls in (MatMulNBits, Int4QDQ, Int8QDQ, Fp8QDQ, Fp8Rows)}

@@ -3,8 +3,8 @@ builders' and the GPU checks), nobody matches precision names itself.
 
 A precision says how weights are stored and how matmuls compute. Each entry declares, for
 every export target it supports, the quantization form it takes there ("float": none; the
-others are scheme classes in export/quant.py, looked up by that name), whether it needs
-calibration prompts, whether AWQ applies, and the oldest compute capability each GPU backend
+others are scheme classes in export/quant.py, looked up by that name; a form says itself
+whether it needs calibration prompts), whether AWQ applies, and the oldest compute capability each GPU backend
 runs it on. Targets (export --target) are declared beside them: the graph form each one
 emits and the activation dtypes it accepts.
 
@@ -52,7 +52,6 @@ class PrecisionSpec:
     compute: str | None = None   # float precisions: dtype matmuls run in (norm weights, biases too)
     kv: str | None = None        # float precisions: KV cache dtype (quantized: the activation dtype)
     bits: int | None = None      # quantized weight bits
-    calibration: bool = False    # needs calibration prompts (activation scales)
     awq: bool = False            # activation-aware weight scales apply
     min_cc: tuple = ()           # ((backend, (major, minor)), ...): oldest GPU that runs it
 
@@ -85,8 +84,10 @@ class PrecisionSpec:
 
 # What TensorRT runs per precision, by compute capability (its support matrix: FP16 from 5.3,
 # INT8 from 6.1, INT4 weight-only from 8.0, FP8 from 8.9). glmrt's own cuda engine compiles its
-# kernels for sm_80 and newer (Ampere, Jetson Orin, Ada, Hopper, Blackwell); fp8 weights there
-# would need 8.9 (the e4m3 conversions) and a cuda-target fp8 export, which do not exist yet.
+# kernels for sm_80 and newer (Ampere, Jetson Orin, Ada, Hopper, Blackwell), fp8 included: it
+# decodes e4m3 weights by integer bit moves (kernels/gemv.cu dot_fp8), not the sm_89+
+# conversion instructions. On the cuda target fp8 is weight-only (fp8-rows: W8A16, no
+# calibration); the onnxruntime and tensorrt targets quantize activations too (fp8-qdq).
 PRECISIONS = {p.name: p for p in (
     PrecisionSpec("fp32", {"onnxruntime": "float"}, "float32", "float32", "float32"),
     PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},
@@ -98,8 +99,8 @@ PRECISIONS = {p.name: p for p in (
                   bits=4, awq=True, min_cc=(("tensorrt", (8, 0)), ("cuda", (8, 0)))),
     PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int8-qdq"},
                   bits=8, awq=True, min_cc=(("tensorrt", (6, 1)),)),
-    PrecisionSpec("fp8", {"onnxruntime": "fp8-qdq", "tensorrt": "fp8-qdq"},
-                  bits=8, calibration=True, min_cc=(("tensorrt", (8, 9)),)),
+    PrecisionSpec("fp8", {"onnxruntime": "fp8-qdq", "cuda": "fp8-rows", "tensorrt": "fp8-qdq"},
+                  bits=8, min_cc=(("tensorrt", (8, 9)), ("cuda", (8, 0)))),
 )}
 
 

@@ -82,7 +82,7 @@ def test_float_layout_is_checked(checkpoint, tmp_path):
 
 
 def test_cuda_target_refuses_what_it_cannot_run(checkpoint, tmp_path):
-    with pytest.raises(GlmrtError, match="target cuda .* takes fp16, int4 or int8, not fp32"):
+    with pytest.raises(GlmrtError, match="target cuda .* takes fp16, int4, int8 or fp8, not fp32"):
         export_model(checkpoint("quant"), tmp_path / "o", precision="fp32", target="cuda", progress=False)
     with pytest.raises(GlmrtError, match="rotary_dim/2 a multiple of 8"):
         export_model(checkpoint("tiny"), tmp_path / "o", precision="fp16", target="cuda", progress=False)

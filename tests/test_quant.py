@@ -13,7 +13,7 @@ from glmrt.precision import TARGETS
 from glmrt.errors import GlmrtError
 from glmrt.export.export import export_model
 from glmrt.export.onnx_builder import GraphBuilder, WeightFile
-from glmrt.export.quant import Fp8QDQ, Int4QDQ, Int8QDQ, MatMulNBits, WeightSource
+from glmrt.export.quant import Fp8QDQ, Fp8Rows, Int4QDQ, Int8QDQ, MatMulNBits, WeightSource
 from glmrt.export.checkpoint import bf16_to_f32, f32_to_bf16
 
 RNG = np.random.default_rng(0)
@@ -52,6 +52,27 @@ def test_fp8_round_trip():
     assert float(np.abs(q.codes.astype(np.float32)).max()) == 448.0
 
 
+def test_fp8_rows_round_trip():
+    """The cuda target's weight-only fp8: each row's largest |w| is e4m3's 448, its scale fp16."""
+    s = Fp8Rows("float16")
+    q = s.quantize(W)
+    assert s.error(W, q)["rel_rmse"] < 0.04                      # ~0.025, as per tensor
+    assert q.scales.shape == (W.shape[0],) and q.scales.dtype == np.float16
+    amax = np.abs(q.codes.astype(np.float32)).max(1)
+    assert (amax >= 416).all() and (amax <= 448).all()            # fp16 scale rounding: the largest within a step
+
+
+def test_fp8_rows_graph_is_weight_only(tmp_path):
+    """fp8-rows on ONNX Runtime CPU: x stays float, y = x (e4m3 W * row scale)^T."""
+    w = RNG.standard_normal((64, 128)).astype(np.float32)
+    x, y, m = run_single(Fp8Rows("float32"), w, tmp_path)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops == ["DequantizeLinear", "FusedMatMul", "Identity"]
+    s = Fp8Rows("float32")
+    want = x.astype(np.float64) @ s.dequantize(s.quantize(bf16(w))).T
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_symmetric_int4_codes_are_matmulnbits_codes_minus_8():
     ort_form, trt_form = MatMulNBits(4, 128, True, "float16"), Int4QDQ(128, "float16")
     a, b = ort_form.quantize(W), trt_form.quantize(W)
@@ -74,7 +95,7 @@ def run_single(scheme, w, tmp_path, act="float32"):
     g.output("Identity", [y], "y")
     wf.close()
     m = g.model([TensorSpec("x", act, ("b", k))], [TensorSpec("y", act, ("b", n))], "t",
-                contrib=isinstance(scheme, MatMulNBits))
+                contrib=isinstance(scheme, (MatMulNBits, Fp8Rows)))
     onnx.save(m, str(tmp_path / "m.onnx"))
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -155,7 +176,7 @@ def test_tensorrt_form_codes_equal_onnxruntime_form_minus_8_and_logits_agree(exp
 # random "quant" checkpoint (measured ~0.01/0.03 int8, ~0.07/0.16 fp8, ~0.18/0.33 int4)
 # (int4 on the CPU form measured 0.29/0.33 with float activations, 0.30/0.34 with its default
 # int8 activations; test_int8_activations_against_the_float64_reference isolates their share)
-QUALITY = {("int8", "onnxruntime"): (0.03, 0.06), ("fp8", "tensorrt"): (0.15, 0.25),
+QUALITY = {("int8", "onnxruntime"): (0.03, 0.06), ("fp8", "tensorrt"): (0.15, 0.25), ("fp8", "cuda"): (0.15, 0.25),
            ("int4", "onnxruntime"): (0.35, 0.45), ("int4", "tensorrt"): (0.35, 0.5)}
 
 
@@ -177,8 +198,10 @@ def test_quantized_logits_against_fp32(precision, target, model, exported):
     assert set(q["errors"]) == layers | ({"lm_head"} if head != "float" else set())
     if head != "float":                                    # "same": the weights' own bits
         assert q["lm_head_form"]["bits"] == int(precision[3:]) and q["lm_head_form"]["int8_activations"]
-    if precision == "fp8":
+    if (precision, target) == ("fp8", "tensorrt"):
         assert set(q["calibration"]["input_amax"]) == layers | {"lm_head"}
+    elif precision == "fp8":                               # the cuda target's fp8 is weight-only
+        assert "calibration" not in q and q["form"] == "fp8-rows" and q["weight_only"]
 
 
 def test_quantized_lm_head_is_recorded(exported):
@@ -225,7 +248,7 @@ def test_awq_only_for_weight_only_integers(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("precision,target", [("fp32", "tensorrt"), ("bf16", "tensorrt"), ("fp32", "cuda"),
-                                              ("bf16", "cuda"), ("fp8", "cuda")])
+                                              ("bf16", "cuda")])
 def test_each_target_takes_only_the_precisions_the_registry_declares(checkpoint, tmp_path, precision, target):
     from glmrt.precision import PRECISIONS
     assert target not in PRECISIONS[precision].forms

@@ -22,7 +22,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, engi
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0}
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0}
 EPS = 1e-5
 
 
@@ -42,6 +42,33 @@ def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     codes[..., 0::2] = packed & 0xF
     codes[..., 1::2] = packed >> 4
     return ((codes.astype(np.float64) - 8.0) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+
+
+def e4m3_values() -> np.ndarray:
+    """The 256 fp8 e4m3 (fn) codes as float64: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+    exponent 0 subnormal (m / 8 * 2^-6); 0x7f and 0xff NaN."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 0xF, (b & 7).astype(np.float64)
+    v = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    v = np.where(b & 0x80, -v, v)
+    v[(b & 0x7F) == 0x7F] = np.nan
+    return v
+
+
+E4M3 = e4m3_values()
+
+
+def random_fp8(rng, n: int, k: int):
+    """e4m3 codes (n, k) as bytes (no NaN) and fp16 scales (n,), values up to about 1."""
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] ^= 0x01                   # NaN -> 416 (0x7e)
+    scales = (0.0005 + 0.002 * rng.random(n, dtype=np.float32)).astype(np.float16)
+    return codes, scales
+
+
+def dequant_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(n, k) float64: e4m3 value * the row's scale."""
+    return E4M3[codes] * scales.astype(np.float64)[:, None]
 
 
 def quant_a8(v: np.ndarray, group: int = 32) -> np.ndarray:
@@ -101,6 +128,10 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
         if m["format"] == "int4":
             w = raw(m["w"])
             return np.concatenate([dequant_int4(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
+                                   for r in range(0, w.shape[0], 4096)])
+        if m["format"] == "fp8":
+            w = raw(m["w"])
+            return np.concatenate([dequant_fp8(w[r:r + 4096], raw(m["scales"])[r:r + 4096]).astype(dtype)
                                    for r in range(0, w.shape[0], 4096)])
         w = raw(m["w"]).astype(dtype)
         return w if m["format"] == "f16" else w.T
@@ -205,6 +236,10 @@ class _Ctx:
             packed, scales = random_int4(self.rng, n, k, self.f.block)
             return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
                     packed.nbytes + scales.nbytes)
+        if fmt == "fp8":
+            codes, scales = random_fp8(self.rng, n, k)
+            return ({"w": self.put(codes), "scales": self.put(scales)}, dequant_fp8(codes, scales),
+                    codes.nbytes + scales.nbytes)
         w = (self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
         stored = w if fmt == "f16" else np.ascontiguousarray(w.T)
         return {"w": self.put(stored), "scales": 0}, w.astype(np.float64), w.nbytes
@@ -215,6 +250,8 @@ class _Ctx:
             kb = -(-k // self.f.block)
             w, sc = n * kb * self.f.block // 2, n * kb * 2
             return {"w": self.zeros(w), "scales": self.zeros(sc)}, w + sc
+        if fmt == "fp8":
+            return {"w": self.zeros(n * k), "scales": self.zeros(n * 2)}, n * k + n * 2
         return {"w": self.zeros(n * k * 2), "scales": 0}, n * k * 2
 
     def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
@@ -707,6 +744,8 @@ class StepBench:
                 kb = -(-k // formats.block)
                 return {"w": alloc(name, n * kb * formats.block // 2), "scales": alloc(name + ".s", n * kb * 2),
                         "bias": None}
+            if fmt == "fp8":
+                return {"w": alloc(name, n * k), "scales": alloc(name + ".s", n * 2), "bias": None}
             return {"w": alloc(name, n * k * 2), "scales": None, "bias": None}
         lin = formats.linear
         self.wmap = {"embed": alloc("embed", s.vocab * s.hidden * 2), "norm": alloc("norm", s.hidden * 2),

@@ -17,8 +17,9 @@ KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 
 # int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu);
 # int4_mma: int4's bytes and fp16 x on the tensor cores (gemv_mma)
+# fp8: e4m3 weights (n, k) with one fp16 scale per row (the export's fp8-rows form)
 FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA",
-           "f16_kn_mma": "W_F16_KN_MMA"}
+           "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8"}
 KN_MMA_TILE = 32               # columns per tile of the W^T GEMV on the tensor cores
 INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
 MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
@@ -61,7 +62,7 @@ class Shapes:
 @dataclasses.dataclass(frozen=True)
 class Gemv:
     """One GEMV kernel: y (m, n) = x (m, k) W^T in weight format `fmt` (int4 block `block`,
-    f16 as (n, k), f16_kn as (k, n)), prologue `pro`, epilogue `epi`, and its launch shape:
+    f16 as (n, k), f16_kn as (k, n), fp8 as (n, k) with a scale per row), prologue `pro`, epilogue `epi`, and its launch shape:
     `warps` warps, `rpw` rows per warp, `unroll` 16-byte units in flight per lane and row
     (f16_kn: rows of W^T in flight per warp). int4_mma: each warp owns 16 rows, `ksplit`
     warps share them (splitting K), and rpw is unused."""
@@ -112,7 +113,7 @@ class Gemv:
             return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48
-        if self.fmt in ("f16", "f16_kn_mma"):
+        if self.fmt in ("f16", "f16_kn_mma", "fp8"):
             return self.m * self.k * 2
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
 

@@ -110,7 +110,7 @@ ACTIVATIONS = {"fp16": "f16", "int8": "int8"}
 
 @dataclasses.dataclass(frozen=True)
 class Formats:
-    linear: str        # the layers' matrices: "int4" or "f16"
+    linear: str        # the layers' matrices: "int4", "f16" or "fp8" (e4m3, a scale per row)
     block: int         # int4 block size along K
     lm_head: str       # "int4", "f16" (V, H) or "f16_kn" (H, V)
     act: str = "f16"   # what int4 weights multiply: "f16" x, or "int8" x per 32 values (W4A8)

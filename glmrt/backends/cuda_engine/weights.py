@@ -9,7 +9,9 @@ Either way one cuMemAlloc per tensor holds it. With mode "shared" each is also w
 ONNX Runtime OrtValue over the same memory (DLPack, dlpack.py) and handed to the prefill
 session with SessionOptions.add_initializer, so that ONNX Runtime uses it instead of loading
 its own copy: the weights in device memory once (whether ONNX Runtime really keeps no copy of
-its own is measured on the GPU: bench/cuda_engine_check.py memory).
+its own is measured on the GPU: bench/cuda_engine_check.py memory). fp8 matrices are the
+exception: DLPack has no fp8 type ONNX Runtime reads, so its prefill loads those itself (the
+index marks them "shared": false).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class DeviceWeights:
                     device.upload(ptr + i, np.array(raw[i:i + CHUNK]))
                     device.synchronize()                # the staged chunk may go
                 self.ptr[name] = ptr
-                if mode == "shared":
+                if mode == "shared" and t.get("shared", True):    # (fp8: ONNX Runtime loads its own)
                     from .dlpack import ortvalue
                     self.ortvalues[name] = ortvalue(ptr, t["shape"], t["dtype"], device.ort_device)
                 self.bytes += t["bytes"]

@@ -18,6 +18,10 @@
 //   W_INT4_MMA W_INT4's bytes and staged x on the tensor cores (gemv_mma below): each weight
 //             dequantized once to fp16 (q - 8) * scale, then mma.sync m16n8k16 multiplies 16
 //             rows by up to 8 rows of x at once: M = 1..8 cost the same arithmetic.
+//   W_FP8     fp8 e4m3 weights, (N, K) as the checkpoint stores them, 16 values per 16-byte unit,
+//             one fp16 scale per output row (N,): value = e4m3 * scale (export's fp8-rows form,
+//             weight-only, W8A16). Decoded in registers by bit moves (dot_fp8), products in
+//             half2 with x, the row's scale (times 2^8, see dot_fp8) applied in fp32.
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -34,6 +38,9 @@
 //           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
 //           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
 //   W_F16   8 values in order (16 bytes per unit).
+//   W_FP8   16 values in order (32 bytes per unit), the unit's two 16-byte words swapped in
+//           every other group of 4 units (fp8_swizzle): lanes 4 units apart would otherwise
+//           meet on the same banks in a phase of 16-byte loads.
 //   W_INT4_A8  per unit 48 bytes: word j of the weights pairs with the 8 bytes at 8j: first the
 //           int8 x of its even nibbles (k = 32u + 8j + 0, 2, 4, 6 in bytes 0..3), then of the odd
 //           ones; then (sx, -8 * sx * sum of the unit's q) as floats and 8 bytes of pad (units 48
@@ -65,7 +72,9 @@
 #define W_INT4_A8 3
 #define W_INT4_MMA 4
 #define W_F16_KN_MMA 5
+#define W_FP8 6
 #define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8 || (F) == W_INT4_MMA)   // the MatMulNBits bytes and scales
+#define SCALED(F) (INT4_FMT(F) || (F) == W_FP8)                                 // weights carry scales
 #define PAIRED_X(F) ((F) == W_INT4 || (F) == W_INT4_MMA)   // x staged in the nibbles' pair order
 
 #define PRO_F16 0
@@ -125,6 +134,13 @@ template <> struct XLayout<W_INT4_A8> {
 template <> struct XLayout<W_INT4_MMA> {
   static constexpr int VALS = 32, XU = 4;   // no pad: the words of a unit swizzled instead (mma_swizzle)
 };
+template <> struct XLayout<W_FP8> {
+  static constexpr int VALS = 16, XU = 2;   // no pad: the two words of a unit swizzled (fp8_swizzle)
+};
+// W_FP8's staged x: word j (0, 1) of unit u sits at word j ^ fp8_swizzle(u) of the unit. A phase
+// of 8 lanes' 16-byte loads covers units u0..u0+7 (32 bytes apart): units 4 apart share banks
+// unless one of them is swapped.
+DEV int fp8_swizzle(int u) { return (u >> 2) & 1; }
 // W_INT4_MMA's staged x: word j of unit u of row m sits at word j ^ mma_swizzle(u, m) of the unit.
 // The 8 lanes of a 16-byte shared load phase are (g, c) for two rows g and c = 0..3 (units
 // u0 + c, u0 a multiple of 4): units 64 bytes apart put c and c + 2 on the same banks and the two
@@ -142,6 +158,7 @@ DEV int mma_swizzle(int u, int m) { return ((u >> 1) & 1) | ((m & 1) << 1); }
 template <int FMT> DEV int x_word_at(int k0, int m) {   // in uint4 units of xs (row m's own)
   typedef XLayout<FMT> L;
   if (FMT == W_INT4_MMA) return (k0 / 32) * L::XU + (((k0 % 32) / 8) ^ mma_swizzle(k0 / 32, m));
+  if (FMT == W_FP8) return (k0 / 16) * L::XU + (((k0 % 16) / 8) ^ fp8_swizzle(k0 / 16));
   return PAIRED_X(FMT) ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
 }
 DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
@@ -399,6 +416,56 @@ DEV float dot_int4_a8(uint4 w, const uint4* xu) {
   return fmaf(__uint_as_float(meta.x), (float)d, __uint_as_float(meta.y));
 }
 
+// fp8 e4m3: a byte's 7 low bits moved to bits 7..13 of an fp16 and its sign to bit 15 give
+// the same value times 2^-8 (e4m3's exponent bias 7, fp16's 15; e4m3's subnormals land on
+// fp16's subnormals exactly), so two bytes become a half2 in three integer operations and no
+// conversion; the 2^8 goes into the row's scale. Products stay small in half2 (|w| <= 1.75
+// there, where 448 times a large x could overflow fp16). Word j of the unit holds values
+// 4j..4j+3 of the unit: (b0, b1) pair with x's half2 2j, (b2, b3) with 2j + 1. Two words'
+// products (4 per half) are summed in half2, then in fp32, as dot_int4's (HSUM = 1): the whole
+// unit's 8 per half moved 4 GLM-Z1-9B layers' logits 5.6e-3 from the float reference on the
+// H200 (ONNX Runtime's fp8 form: 4.0e-3).
+// (e4m3 NaN, 0x7f / 0xff, is never written: the exporter clips to +-448.)
+// On sm_89+ the conversion instruction gives the same bits (exact e4m3 -> fp16, then an exact
+// multiplication by 2^-8): two instructions a pair instead of three or four.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+DEV h16x2 fp8x2_lo(unsigned w) {
+  h16x2 d;
+  asm("{.reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}" : "=r"(d) : "r"(w));
+  return hmul2(d, 0x1C001C00u);             // 2^-8
+}
+DEV h16x2 fp8x2_hi(unsigned w) {
+  h16x2 d;
+  asm("{.reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, hi;\n}" : "=r"(d) : "r"(w));
+  return hmul2(d, 0x1C001C00u);
+}
+#else
+DEV h16x2 fp8x2_lo(unsigned w) {            // bytes 0, 1 -> (b0, b1) * 2^-8
+  const unsigned t = ((w & 0xFFu) << 8) | ((w & 0xFF00u) << 16);
+  return (t & 0x80008000u) | ((t >> 1) & 0x3F803F80u);
+}
+DEV h16x2 fp8x2_hi(unsigned w) {            // bytes 2, 3 -> (b2, b3) * 2^-8
+  const unsigned t = ((w >> 8) & 0xFF00u) | (w & 0xFF000000u);
+  return (t & 0x80008000u) | ((t >> 1) & 0x3F803F80u);
+}
+#endif
+DEV float dot_fp8(uint4 w, const uint4* xu, int swz) {
+  const uint4 xa = xu[swz], xb = xu[swz ^ 1];        // values 0..7, 8..15 of the unit
+  const unsigned words[4] = {w.x, w.y, w.z, w.w};
+  const h16x2 xp[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; j += 2) {                   // 4 products per half in half2, then fp32
+    h16x2 acc = hmul2(fp8x2_lo(words[j]), xp[2 * j]);
+    acc = hfma2(fp8x2_hi(words[j]), xp[2 * j + 1], acc);
+    acc = hfma2(fp8x2_lo(words[j + 1]), xp[2 * j + 2], acc);
+    acc = hfma2(fp8x2_hi(words[j + 1]), xp[2 * j + 3], acc);
+    const float2 f = h2x2f(acc);
+    sum += f.x + f.y;
+  }
+  return sum;
+}
+
 DEV float dot_f16(uint4 w, const uint4* xu) {
   const uint4 xv = xu[0];
   const h16x2 wp[4] = {w.x, w.y, w.z, w.w}, xp[4] = {xv.x, xv.y, xv.z, xv.w};
@@ -554,12 +621,13 @@ template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, 
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
   constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
-  constexpr int KB = KP / (INT4_FMT(FMT) ? BLOCK : 1);       // scales per row
+  constexpr int KB = INT4_FMT(FMT) ? KP / BLOCK : 1;          // scales per row (fp8: one)
   constexpr int U = KP / L::VALS;                             // units per row
   constexpr int ROWS = WARPS * RPW;
   constexpr int TILES = tiles<ROWS, N, EPI, C>();
   constexpr int STEPS = (U + 32 * UNROLL - 1) / (32 * UNROLL);  // per tile
   static_assert(FMT != W_F16 || K % 8 == 0, "fp16 rows are read in 8-value units");
+  static_assert(FMT != W_FP8 || K % 16 == 0, "fp8 rows are read in 16-value units");
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
 
@@ -580,7 +648,9 @@ DEV void gemv_nk(const GemvArgs& a) {
         const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
         const int row = row_of<ROWS, N, EPI, C>(tile, lr);
         st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
-        st.s[uu][r] = INT4_FMT(FMT) && ok ? h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]) : 1.f;
+        st.s[uu][r] = !SCALED(FMT) || !ok ? 1.f
+                      : FMT == W_FP8 ? 256.f * h2f(a.scales[row])          // dot_fp8's 2^-8 undone
+                                     : h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]);
       }
     }
   };
@@ -615,7 +685,8 @@ DEV void gemv_nk(const GemvArgs& a) {
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
           acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(cur.w[uu][r], xu)
-                        : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
+                        : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu)
+                        : FMT == W_FP8 ? dot_fp8(cur.w[uu][r], xu, fp8_swizzle(u)) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
       }
     }
     if (step == STEPS - 1) {                // the tile is done: reduce, then its epilogue
