@@ -145,9 +145,11 @@ CASES = [  # (shape, layers' format, int4 block, lm_head format, what int4 weigh
     ("glm-z1-9b", "f16", 32, "f16", "f16"), ("glm-4-32b", "int4", 32, "f16_kn", "f16"),
     ("glm-z1-9b", "int4", 32, "f16_kn", "int8"), ("glm-z1-9b", "int4", 128, "int4", "int8"),
     ("glm-4-32b", "int4", 32, "f16_kn", "int8"),
-    ("glm-z1-9b", "fp8", 32, "f16_kn", "f16"), ("glm-4-32b", "fp8", 32, "f16_kn", "f16")]
+    ("glm-z1-9b", "fp8", 32, "f16_kn", "f16"), ("glm-4-32b", "fp8", 32, "f16_kn", "f16"),
+    ("glm-z1-9b", "bf16", 32, "bf16", "f16")]
 TIMED = (0, 4, 2, 3, 6, 7)    # the CASES timed kernel by kernel
-LINEAR = {"int4": "int4", "fp16": "f16", "fp8": "fp8"}     # --linear: the layers' format
+LINEAR = {"int4": "int4", "fp16": "f16", "fp8": "fp8", "bf16": "bf16"}     # --linear: the layers' format
+LM_HEAD = {"fp16": "f16", "bf16": "bf16"}                                  # and lm_head's (else fp16 W^T)
 
 
 def part_kernels(args):
@@ -410,7 +412,7 @@ def part_step(args):
     if args.shape != "glm-z1-9b":          # the int4 steps only
         sets = [x for x in sets if x[0] != "fp16"]
     if args.linear:                        # that format's step alone
-        sets = [(args.linear, Formats(LINEAR[args.linear], 32, "f16" if args.linear == "fp16" else "f16_kn"))]
+        sets = [(args.linear, Formats(LINEAR[args.linear], 32, LM_HEAD.get(args.linear, "f16_kn")))]
     if args.slots:                          # the batched steps of an engine for that many slots
         name, formats = sets[0]
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
@@ -874,7 +876,7 @@ def main():
     ap.add_argument("--fp8-bits", action="store_true",
                     help="step: fp8 decoded by integer bit moves, not sm_89+'s conversion instruction")
     ap.add_argument("--linear", choices=list(LINEAR), default=None,
-                    help="kernels, step: only the layers' format given (fp8: e4m3 rows, fp16 W^T lm_head)")
+                    help="kernels, step: only the layers' format given (fp8: e4m3 rows, fp16 W^T lm_head; bf16: bf16 lm_head)")
     ap.add_argument("--slots", type=int, default=0,
                     help="ncu-run, step: batched steps of this many slots (step: --configs over DEFAULT_CONFIG keys)")
     ap.add_argument("--variants-step", action="store_true", help="step --slots: each kernel role emptied in turn")

@@ -218,7 +218,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     python3 -c "from glmrt.export.synthetic import make_checkpoint, TINY; make_checkpoint('$W/qck', {**TINY, 'hidden_size': 128, 'intermediate_size': 384, 'head_dim': 32}, seed=6, scale=1.0)" >/dev/null
     for s in ${ENGINE_MODELS:-"small:$W/qck:int4" "small:$W/qck:fp16" "9b-4L:synthetic:glm-z1-9b:4:int4" "9b-4L:synthetic:glm-z1-9b:4:fp16"}; do
       tag=${s%%:*}; rest=${s#*:}; prec=${rest##*:}; src=${rest%:*}; dir=$W/engine-$tag-$prec
-      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      flags=""; [ "$prec" = fp16 ] || [ "$prec" = bf16 ] && flags="--float-layout nk"
       ref="--reference float32 --reference-vs-ort"; [ "$tag" = small ] && ref="--reference float64 --reference-vs-ort"
       xport "$src" "$dir" "$prec" $flags && build "$dir" --gpu "NVIDIA H200@sm90" &&
         part 150 $C model "$dir" $ref --tag "$tag-$prec"
@@ -230,9 +230,9 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
   else
     for s in ${SETS:-glm-z1-9b:int4}; do
       shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
-      flags=""; [ "$prec" = fp16 ] && flags="--float-layout nk"
+      flags=""; [ "$prec" = fp16 ] || [ "$prec" = bf16 ] && flags="--float-layout nk"
       [ -f $W/exports.log ] && wait_exports
-      if [ "$shape" = glm-z1-9b ] && [ "$prec" != fp16 ] && [ -f $W/9b-$prec/manifest.json ]; then
+      if [ "$shape" = glm-z1-9b ] && [ -z "$flags" ] && [ -f $W/9b-$prec/manifest.json ]; then
         dir=$W/9b-$prec; keep=1                                 # `prep` made it, same options
       else
         start=$(date +%s)
@@ -281,13 +281,16 @@ engine-mma)   # the tensor-core int4 GEMV, kernels only (no ONNX Runtime, no exp
 engine-fp8)   # fp8 weights (e4m3 rows, the cuda target's fp8-rows form), kernels only (no ONNX Runtime, no
               # export): every fp8 kernel checked at GLM-Z1-9B / GLM-4-32B shapes and timed alone, GLM-Z1-9B's
               # whole fp8 step as a graph (zero weights, 40 layers; again with the bit-move decoding sm_80-87
-              # run), and the int4 engine's batched kernels bucket by bucket (the build's GPU check)
+              # run), and the int4 engine's batched kernels bucket by bucket (the build's GPU check);
+              # LINEAR=bf16 (FP8_BITS=0 BUCKETS=0): the same for bf16 weights
   C="python3 $REPO/bench/cuda_engine_check.py"
   fresh_glmrt
-  LOG=$OUT/engine-fp8.log
-  run timeout 240 $C kernels --linear fp8 --time --slots ${BUCKETS:-8} 2>&1 | tee -a "$LOG"
-  run timeout 150 $C step --linear fp8 2>&1 | tee -a "$LOG"
-  [ "${FP8_BITS:-1}" = 1 ] && run timeout 100 $C step --linear fp8 --fp8-bits --tag bits 2>&1 | tee -a "$LOG"
+  L=${LINEAR:-fp8}
+  LOG=$OUT/engine-$L.log
+  slots=""; [ "${BUCKETS:-8}" != 0 ] && slots="--slots ${BUCKETS:-8}"
+  run timeout 240 $C kernels --linear $L --time $slots 2>&1 | tee -a "$LOG"
+  run timeout 150 $C step --linear $L --tag $L 2>&1 | tee -a "$LOG"
+  [ "${FP8_BITS:-1}" = 1 ] && [ "$L" = fp8 ] && run timeout 100 $C step --linear fp8 --fp8-bits --tag bits 2>&1 | tee -a "$LOG"
   ;;
 engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-9B int4 (40 layers, `prep`'s export)
               # built with --max-batch 8 (checked on the GPU), glmrt bench --slots 1,2,4,8 of the engine and of

@@ -1,7 +1,7 @@
 """`glmrt build --backend cuda`: glmrt's own decode engine for one GPU, from a `--target cuda`
 export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128), fp8 (e4m3
-weight-only, a scale per output row: the cuda target's fp8-rows form) or fp16 (exported with
---float-layout nk, matrices as the checkpoint stores them):
+weight-only, a scale per output row: the cuda target's fp8-rows form), fp16 or bf16 (exported
+with --float-layout nk, matrices as the checkpoint stores them):
 
   index    every tensor the engine reads: offset, bytes, dtype, shape in model.onnx.data and
            its role (per layer: norms, qkv/o/gate_up/down, bias), checked against the config
@@ -30,14 +30,14 @@ from glmrt.engine import engine_dir
 from glmrt.errors import GlmrtError
 from glmrt.gpu import check_precision, detect, parse_gpu
 
-ONNX_DTYPES = {10: "float16", 2: "uint8", 17: "uint8"}     # fp8 e4m3 (17): its bytes
-# ONNX Runtime takes the engine's memory as its initializers through DLPack, which has no fp8
-# type that ONNX Runtime reads: fp8 tensors are marked, and ONNX Runtime loads its own copy
-NOT_SHARED = {17}
+ONNX_DTYPES = {10: "float16", 2: "uint8", 17: "uint8", 16: "uint16"}   # fp8 e4m3 (17), bf16 (16): their bits
+# ONNX Runtime takes the engine's memory as its initializers through DLPack, which has no fp8 or
+# bf16 type that ONNX Runtime reads: those tensors are marked, and ONNX Runtime loads its own copy
+NOT_SHARED = {17: "float8e4m3fn", 16: "bfloat16"}
 # the most dynamic shared memory a block may have, per architecture (CUDA's opt-in limits)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
-REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits), fp8 and fp16 exports of --target cuda"
+REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits), fp8, fp16 and bf16 exports of --target cuda"
 
 
 def plan(model_dir: Path, man: dict, options):
@@ -149,7 +149,7 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
     elif prec["name"] == "fp8":
         if q["form"] != "fp8-rows" or q["scale_dtype"] != "float16":
             raise GlmrtError(f"{model_dir}: {REFUSE}; this fp8 export is {q}")
-    elif prec["name"] != "fp16":
+    elif prec["name"] not in ("fp16", "bf16"):
         raise GlmrtError(f"{model_dir} is a {prec['name']} export; {REFUSE}")
     block = q.get("block_size", 32) if q else 32
     graph = onnx.load(str(model_dir / man["graph"]), load_external_data=False).graph
@@ -162,7 +162,7 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
         if t is None:
             raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target cuda export?)")
         if t.data_type not in ONNX_DTYPES:
-            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16, uint8 "
+            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16, bf16, uint8 "
                              "and float8e4m3fn")
         ext = {e.key: e.value for e in t.external_data}
         if t.data_location != onnx.TensorProto.EXTERNAL or "location" not in ext:
@@ -174,7 +174,7 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
         tensors[name] = {"offset": int(ext.get("offset", 0)), "bytes": int(ext["length"]),
                          "dtype": ONNX_DTYPES[t.data_type], "shape": list(dims)}
         if t.data_type in NOT_SHARED:
-            tensors[name]["shared"] = False
+            tensors[name].update(shared=False, onnx=NOT_SHARED[t.data_type])
         return name
 
     def linear(prefix: str, k: int, n: int, bias: bool = False) -> dict:
@@ -191,12 +191,15 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
         else:
             w = prefix + ".weight"
             node = consumer.get(w)
+            if node is not None and node.op_type == "Cast":          # bf16 weights, cast to fp16 for ONNX Runtime
+                node = consumer.get(node.output[0])
             trans_b = node is not None and node.op_type == "FusedMatMul" and any(
                 a.name == "transB" and a.i == 1 for a in node.attribute)
-            d = {"format": "f16" if trans_b else "f16_kn",
+            bf16 = inits[w].data_type == 16 if w in inits else False
+            d = {"format": ("bf16" if trans_b else "bf16_kn") if bf16 else ("f16" if trans_b else "f16_kn"),
                  "w": tensor(w, (n, k) if trans_b else (k, n)), "scales": None}
             if k % 8 or n % 8:
-                raise GlmrtError(f"{model_dir}: {prefix} is {n} x {k}; fp16 matrices need sizes that are multiples of 8")
+                raise GlmrtError(f"{model_dir}: {prefix} is {n} x {k}; float matrices need sizes that are multiples of 8")
         d["bias"] = tensor(prefix + ".bias", (n,)) if bias else None
         return d
 
@@ -218,13 +221,14 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
             "post_mlp_norm": tensor(p + "post_mlp_layernorm.weight", (H,)),
         })
     formats = {layers[i][r]["format"] for i in range(len(layers)) for r in ("qkv", "o", "gate_up", "down")}
-    if "f16_kn" in formats:
-        raise GlmrtError(f"{model_dir}: fp16 matrices stored as W^T (the default --float-layout kn); the "
+    head = linear("lm_head", H, V)
+    if {"f16_kn", "bf16_kn"} & formats or head["format"] == "bf16_kn":
+        raise GlmrtError(f"{model_dir}: float matrices stored as W^T (the default --float-layout kn); the "
                          "engine reads them as the checkpoint stores them: export with --float-layout nk")
     if len(formats) != 1:
         raise GlmrtError(f"{model_dir}: mixed matrix formats {sorted(formats)}")
     index = {"file": None, "embed": tensor("model.embed_tokens.weight", (V, H)), "norm": tensor("model.norm.weight", (H,)),
-             "layers": layers, "lm_head": linear("lm_head", H, V), "tensors": tensors}
+             "layers": layers, "lm_head": head, "tensors": tensors}
     if len(files) != 1:
         raise GlmrtError(f"{model_dir}: weights spread over {sorted(files)}; the engine reads one external data file")
     index["file"] = files.pop()

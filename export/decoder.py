@@ -105,7 +105,7 @@ class Emitter:
             wname = "/".join(g.scope[1:])                       # e.g. layers.3/attn/qkv_proj
             scheme = p.lm_head if name == "lm_head" else p.scheme
             if scheme is None and self.float_layout == "nk":
-                w = self.matrix_nk(f"{wname}.weight", keys, reuse)            # (out, in)
+                w = g.cast(self.matrix_nk(f"{wname}.weight", keys, reuse), p.weights, p.compute)   # (out, in)
                 y = g.op("FusedMatMul", [x, w], domain="com.microsoft", transB=1)
             elif scheme is None:
                 w = g.cast(self.matrix_t(f"{wname}.weight", keys, reuse), p.weights, p.compute)

@@ -69,12 +69,14 @@ LM_HEAD_BITS = {"int8": 8, "int4": 4}
 def _float_compute(spec, target, activations: str | None) -> str:
     """The dtype float weights multiply in: the precision's own, or float32 where the target
     computes fp16 weights in float32 (the weights stay fp16 in the file; ONNX Runtime folds
-    the cast when it loads them)."""
+    the cast when it loads them), or the target's only one (the cuda target computes bf16
+    weights in fp16: bf16 -> fp16 is exact for every value in fp16's normal range)."""
+    own = spec.compute if spec.compute in target.activations else target.activations[0]
     if activations is None:
-        return target.fp16_compute if spec.name == "fp16" else spec.compute
+        return target.fp16_compute if spec.name == "fp16" else own
     act = {"fp32": "float32", "fp16": "float16"}[activations]
     if spec.name != "fp16" or target.name != "onnxruntime":
-        if act == spec.compute:
+        if act == own:
             return act
         raise GlmrtError(f"--activations {activations}: float precisions keep their own compute dtype "
                          "except fp16 on the onnxruntime target (fp16 or fp32)")

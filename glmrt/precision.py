@@ -93,8 +93,10 @@ PRECISIONS = {p.name: p for p in (
     PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},
                   "float16", "float16", "float16", min_cc=(("tensorrt", (5, 3)), ("cuda", (8, 0)))),
     # ONNX Runtime's CPU provider has no bf16 MatMul: bf16 weights are cast to float32 there
-    # (ORT folds the cast at load)
-    PrecisionSpec("bf16", {"onnxruntime": "float"}, "bfloat16", "float32", "float32"),
+    # (ORT folds the cast at load); on the cuda target to fp16, the target's compute dtype, while
+    # glmrt's cuda engine reads the bf16 weights as stored
+    PrecisionSpec("bf16", {"onnxruntime": "float", "cuda": "float"}, "bfloat16", "float32", "float32",
+                  min_cc=(("cuda", (8, 0)),)),
     PrecisionSpec("int4", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int4-qdq"},
                   bits=4, awq=True, min_cc=(("tensorrt", (8, 0)), ("cuda", (8, 0)))),
     PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int8-qdq"},

@@ -53,6 +53,7 @@ G4_32B = Shapes(6144, 23040, 48, 2, 128, 64, 151552)
 SMALL = Shapes(128, 384, 4, 2, 32, 16, 1024)           # the "quant" test checkpoint's shapes
 FORMATS = {"int4-b32": Formats("int4", 32, "f16_kn"), "int4-b128-lmhead": Formats("int4", 128, "int4"),
            "fp16": Formats("f16", 32, "f16"), "fp8": Formats("fp8", 32, "f16_kn"),
+           "bf16": Formats("bf16", 32, "bf16"),
            "int4-a8-b32": Formats("int4", 32, "f16_kn", "int8"), "int4-a8-b128-lmhead": Formats("int4", 128, "int4", "int8")}
 
 
@@ -75,7 +76,7 @@ def compiled_for_every_arch():
     from concurrent.futures import ThreadPoolExecutor
     ks = decode_kernels(Z1_9B, FORMATS["int4-b32"])
     for tag, f in (("f16", FORMATS["fp16"]), ("b128", FORMATS["int4-b128-lmhead"]),
-                   ("a8", FORMATS["int4-a8-b128-lmhead"]), ("fp8", FORMATS["fp8"])):
+                   ("a8", FORMATS["int4-a8-b128-lmhead"]), ("fp8", FORMATS["fp8"]), ("bf16", FORMATS["bf16"])):
         ks += [Gemv(**{**vars(k), "name": f"{k.name}_{tag}"}) for k in decode_kernels(Z1_9B, f) if isinstance(k, Gemv)]
     # the tensor-core GEMVs at M = 1 (int4 lm_head too), and an engine for 8 slots' batched kernels
     ks += [Gemv(**{**vars(k), "name": f"{k.name}_mma"}) for k in decode_kernels(Z1_9B, FORMATS["int4-b128-lmhead"], MMA)
@@ -298,6 +299,11 @@ FP8_MUTATIONS = {
     "fp8 x swizzle": ("xa = xu[swz], xb = xu[swz ^ 1]", "xa = xu[0], xb = xu[1]"),
     "fp8 row scale": ("256.f * h2f(a.scales[row])", "h2f(a.scales[row])"),
 }
+BF16_MUTATIONS = {
+    "bf16 halves swapped": ("return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));",
+                            "return make_float2(__uint_as_float(v & 0xffff0000u), __uint_as_float(v << 16));"),
+    "bf16 embedding read as fp16": ("if (PRO == PRO_EMBED_NORM_BF16) load8_bf16(", "if (false) load8_bf16("),
+}
 
 
 @needs_cxx
@@ -311,6 +317,20 @@ def test_the_checks_catch_a_broken_fp8_gemv(monkeypatch, mutation):
     monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["fp8"], max_seq=300,
                                   chunk=32, splits=3, only=["o_proj", "gate_up"])
+    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", BF16_MUTATIONS)
+def test_the_checks_catch_a_broken_bf16_gemv(monkeypatch, mutation):
+    from glmrt.backends.cuda_engine import sources
+    old, new = BF16_MUTATIONS[mutation]
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in gemv.cu"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["bf16"], max_seq=300,
+                                  chunk=32, splits=3, only=["qkv_first", "o_proj"])
     assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
 
 
@@ -551,13 +571,14 @@ PROMPT = [5, 17, 250, 3, 99, 42, 7]
 @needs_nvrtc
 @needs_cxx
 @pytest.mark.parametrize("precision,options,tol", [("int4", {}, 3e-3), ("int4", {"activations": "int8"}, 2.5e-2),
-                                                  ("fp16", {"float_layout": "nk"}, 3e-3), ("fp8", {}, 3e-3)])
+                                                  ("fp16", {"float_layout": "nk"}, 3e-3), ("fp8", {}, 3e-3),
+                                                  ("bf16", {"float_layout": "nk"}, 3e-3)])
 def test_the_engine_follows_the_float64_reference_on_its_own_weights(engine_model, precision, options, tol):
     """Prefill token by token in the engine, then decode steps: logits against the float64
     reference run on the very weights the engine reads (int4 dequantized); fp16 activations
     between the kernels are the only rounding; with --activations int8 (int4 with int8 x per 32
     values) the GEMVs' inputs are quantized too: a looser bar (1.8e-2 measured here). fp8: the
-    e4m3 rows times their scales, as the reference reads them."""
+    e4m3 rows times their scales, as the reference reads them; bf16: the checkpoint's values."""
     model = engine_model(precision, **options)
     dec = emulated_decoder(model, prefill="engine")
     em = read_engine(dec.engine_path)
@@ -617,14 +638,14 @@ def test_every_kernel_passes_its_check_on_the_gpu(formats):
 
 @needs_nvrtc
 @needs_cxx
-@pytest.mark.parametrize("precision,options", [("int4", {}), ("fp16", {"float_layout": "nk"}), ("fp8", {})],
-                         ids=["int4", "fp16", "fp8"])
+@pytest.mark.parametrize("precision,options", [("int4", {}), ("fp16", {"float_layout": "nk"}), ("fp8", {}),
+                                               ("bf16", {"float_layout": "nk"})], ids=["int4", "fp16", "fp8", "bf16"])
 def test_shared_weights_are_the_engines_own_memory(engine_model, precision, options):
     """weights="shared" (the default): ONNX Runtime's prefill session is given the engine's buffers
     (DLPack OrtValues, add_initializer) and computes with them: zero the embedding in the
     engine's memory and every prompt prefills to the same logits; the engine's decode tokens
-    are those of its own copy. fp8 matrices are the exception (DLPack has no fp8 type ONNX
-    Runtime reads): ONNX Runtime loads those itself, and takes every other tensor."""
+    are those of its own copy. fp8 and bf16 tensors are the exception (DLPack has no fp8 or bf16
+    type ONNX Runtime reads): ONNX Runtime loads those itself, and takes every other tensor."""
     model = engine_model(precision, **options)
     own = emulated_decoder(model, burst=4, weights="engine")
     shared = emulated_decoder(model, burst=4)                 # the default with ONNX Runtime's prefill
@@ -634,9 +655,12 @@ def test_shared_weights_are_the_engines_own_memory(engine_model, precision, opti
             dec.tokens = [dec.step_greedy(np.array([PROMPT]), c)] + dec.greedy_burst(3, c, 4)
     assert shared.tokens == own.tokens and shared.describe()["settings"]["weights"] == "shared"
     index = read_engine(shared.engine_path)["weights"]["tensors"]
-    fp8 = {n for n, t in index.items() if t.get("shared") is False}
-    assert set(shared.weights.ortvalues) == set(index) - fp8
-    assert (len(fp8) == 4 * shared.cfg.num_hidden_layers) == (precision == "fp8")
+    own = {n for n, t in index.items() if t.get("shared") is False}
+    assert set(shared.weights.ortvalues) == set(index) - own
+    layers = shared.cfg.num_hidden_layers
+    assert len(own) == {"fp8": 4 * layers, "bf16": 4 * layers + 2}.get(precision, 0)   # bf16: + embed, lm_head
+    if precision == "bf16":                                  # the embedding is ONNX Runtime's own
+        return
     embed = shared.weights.ptr[read_engine(shared.engine_path)["weights"]["embed"]]
     shared.device.zero(embed, shared.cfg.vocab_size * shared.cfg.hidden_size * 2)
     with shared.generation() as c:

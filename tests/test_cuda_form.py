@@ -30,12 +30,14 @@ def cuda_form(exported):
     return get
 
 
-@pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_fp16_cuda_form_matches_the_reference_on_cpu(checkpoint, cuda_form, layout):
+@pytest.mark.parametrize("precision,layout", [("fp16", "kn"), ("fp16", "nk"), ("bf16", "nk")])
+def test_float_cuda_forms_match_the_reference_on_cpu(checkpoint, cuda_form, precision, layout):
+    """fp16 and bf16 weights (the checkpoint's bf16 values stored as they are, cast to fp16 in the
+    graph: exact in fp16's range), fp16 activations, against the float64 reference."""
     ck = Checkpoint(checkpoint("quant"))
     w = ck.weights_f32()
-    m = glmrt.load(cuda_form("fp16", layout), max_context=256)
-    assert m.manifest["io"]["form"] == "gqa"
+    m = glmrt.load(cuda_form(precision, layout), max_context=256)
+    assert m.manifest["io"]["form"] == "gqa" and m.manifest["precision"]["compute"] == "float16"
     ref, cache = reference.forward(ck.cfg, w, PROMPT)
     assert rel(m.logits(PROMPT), ref) < 1e-2          # fp16 weights and activations: ~7e-4
     with m.decoder.generation() as n:
@@ -82,7 +84,7 @@ def test_float_layout_is_checked(checkpoint, tmp_path):
 
 
 def test_cuda_target_refuses_what_it_cannot_run(checkpoint, tmp_path):
-    with pytest.raises(GlmrtError, match="target cuda .* takes fp16, int4, int8 or fp8, not fp32"):
+    with pytest.raises(GlmrtError, match="target cuda .* takes fp16, bf16, int4, int8 or fp8, not fp32"):
         export_model(checkpoint("quant"), tmp_path / "o", precision="fp32", target="cuda", progress=False)
     with pytest.raises(GlmrtError, match="rotary_dim/2 a multiple of 8"):
         export_model(checkpoint("tiny"), tmp_path / "o", precision="fp16", target="cuda", progress=False)

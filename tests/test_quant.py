@@ -247,8 +247,7 @@ def test_awq_only_for_weight_only_integers(checkpoint, tmp_path):
                      progress=False)
 
 
-@pytest.mark.parametrize("precision,target", [("fp32", "tensorrt"), ("bf16", "tensorrt"), ("fp32", "cuda"),
-                                              ("bf16", "cuda")])
+@pytest.mark.parametrize("precision,target", [("fp32", "tensorrt"), ("bf16", "tensorrt"), ("fp32", "cuda")])
 def test_each_target_takes_only_the_precisions_the_registry_declares(checkpoint, tmp_path, precision, target):
     from glmrt.precision import PRECISIONS
     assert target not in PRECISIONS[precision].forms

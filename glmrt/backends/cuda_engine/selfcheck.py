@@ -22,7 +22,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, engi
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0}
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "bf16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0}
 EPS = 1e-5
 
 
@@ -69,6 +69,17 @@ def random_fp8(rng, n: int, k: int):
 def dequant_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """(n, k) float64: e4m3 value * the row's scale."""
     return E4M3[codes] * scales.astype(np.float64)[:, None]
+
+
+def bf16_bits(v) -> np.ndarray:
+    """float values -> bf16 bits (uint16), rounded to nearest even."""
+    u = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits) -> np.ndarray:
+    """bf16 bits (uint16) -> float64."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
 def quant_a8(v: np.ndarray, group: int = 32) -> np.ndarray:
@@ -122,7 +133,8 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
 
     def raw(name):
         t = idx["tensors"][name]
-        return np.array(data[t["offset"]:t["offset"] + t["bytes"]]).view(t["dtype"]).reshape(t["shape"])
+        a = np.array(data[t["offset"]:t["offset"] + t["bytes"]]).view(t["dtype"]).reshape(t["shape"])
+        return bf16_values(a) if t.get("onnx") == "bfloat16" else a
 
     def matrix(m, k):
         if m["format"] == "int4":
@@ -134,7 +146,7 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
             return np.concatenate([dequant_fp8(w[r:r + 4096], raw(m["scales"])[r:r + 4096]).astype(dtype)
                                    for r in range(0, w.shape[0], 4096)])
         w = raw(m["w"]).astype(dtype)
-        return w if m["format"] == "f16" else w.T
+        return w if m["format"] in ("f16", "bf16") else w.T          # f16_kn: stored as W^T
 
     nh, nkv, hd, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     w = {"model.embed_tokens.weight": raw(idx["embed"]).astype(dtype),
@@ -236,6 +248,9 @@ class _Ctx:
             packed, scales = random_int4(self.rng, n, k, self.f.block)
             return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
                     packed.nbytes + scales.nbytes)
+        if fmt == "bf16":
+            bits = bf16_bits(self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05)
+            return {"w": self.put(bits), "scales": 0}, bf16_values(bits), bits.nbytes
         if fmt == "fp8":
             codes, scales = random_fp8(self.rng, n, k)
             return ({"w": self.put(codes), "scales": self.put(scales)}, dequant_fp8(codes, scales),
@@ -282,11 +297,13 @@ def check_qkv(c: _Ctx, first: bool) -> dict:
     if first:
         tok = s.vocab - 3
         row = c.vec16(H)
+        if c.f.embed == "embed_norm_bf16":          # a bf16 table (bf16 exports)
+            row = bf16_bits(row)
         a.embed = c.zeros(s.vocab * H * 2)
         c.dev.upload(a.embed + tok * H * 2, row)
         c.keep.append(row)
         a.tokens = c.put(np.array([tok], np.int32))
-        x = row.astype(np.float64)
+        x = bf16_values(row) if c.f.embed == "embed_norm_bf16" else row.astype(np.float64)
     else:
         x_in, y_in = c.vec32(H), c.vec32(H)
         a.x_in, a.y_in, a.norm_y = c.put(x_in), c.put(y_in), c.put(norm_y)
@@ -407,6 +424,11 @@ def check_lm_head(c: _Ctx) -> dict:
         scales[first] = scales[second] = np.float16(0.05)
         wf = {"w": c.put(packed), "scales": c.put(scales)}
         wd = _Rows(lambda r: dequant_int4(packed[r], scales[r], H), V)
+    elif fmt == "bf16":
+        w = bf16_bits(c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05)
+        w[first] = w[second] = bf16_bits(np.where(h > 0, 0.5, -0.5))
+        wf = {"w": c.put(w), "scales": 0}
+        wd = _Rows(lambda r: bf16_values(w[r]), V)
     else:
         w = (c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
         w[first] = w[second] = np.where(h > 0, 0.5, -0.5).astype(np.float16)
@@ -505,10 +527,12 @@ def check_bucket(c: _Ctx, rows: int) -> dict:
     # row_embed
     toks = (np.arange(M) * 37 + 5) % V
     table = c.vec16(V * H).reshape(V, H)
+    if c.f.embed == "embed_norm_bf16":
+        table = bf16_bits(table)
     a = GemvArgs(embed=c.put(table), tokens=c.put(toks.astype(np.int32)), norm_x=c.put(norm_x),
                  x_out=c.zeros(4 * M * H), act=c.zeros(2 * M * H), eps=EPS, max_seq=c.max_seq)
     c.dev.launch(c.h["row_embed"], (M,), c.spec["row_embed"].threads, 0, a)
-    e = table[toks].astype(np.float64)
+    e = bf16_values(table[toks]) if c.f.embed == "embed_norm_bf16" else table[toks].astype(np.float64)
     errs["row_embed h"] = rel(c.get(a.act, (M, H), np.float16), rms_norm(e, norm_x, EPS))
     # qkv: row m is slot m at its own position
     h = c.rng.standard_normal((M, H)).astype(np.float16)

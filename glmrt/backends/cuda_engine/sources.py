@@ -17,13 +17,14 @@ KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 
 # int4_a8: int4's bytes, x quantized to int8 per 32 values (the dp4a GEMV, kernels/gemv.cu);
 # int4_mma: int4's bytes and fp16 x on the tensor cores (gemv_mma)
-# fp8: e4m3 weights (n, k) with one fp16 scale per row (the export's fp8-rows form)
+# fp8: e4m3 weights (n, k) with one fp16 scale per row (the export's fp8-rows form); bf16: (n, k)
 FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA",
-           "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8"}
+           "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8", "bf16": "W_BF16"}
 KN_MMA_TILE = 32               # columns per tile of the W^T GEMV on the tensor cores
 INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
 MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
-PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM"}
+PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM",
+             "embed_norm_bf16": "PRO_EMBED_NORM_BF16"}
 EPILOGUES = {"store": "EPI_STORE", "qkv": "EPI_QKV", "swiglu": "EPI_SWIGLU", "argmax": "EPI_ARGMAX"}
 KN_TILE = 256                  # columns per tile of the W^T GEMV (32 lanes x 8 values)
 
@@ -113,7 +114,7 @@ class Gemv:
             return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48
-        if self.fmt in ("f16", "f16_kn_mma", "fp8"):
+        if self.fmt in ("f16", "f16_kn_mma", "fp8", "bf16"):
             return self.m * self.k * 2
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
 

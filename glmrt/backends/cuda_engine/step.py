@@ -110,10 +110,15 @@ ACTIVATIONS = {"fp16": "f16", "int8": "int8"}
 
 @dataclasses.dataclass(frozen=True)
 class Formats:
-    linear: str        # the layers' matrices: "int4", "f16" or "fp8" (e4m3, a scale per row)
+    linear: str        # the layers' matrices: "int4", "f16", "fp8" (e4m3, a scale per row) or "bf16"
     block: int         # int4 block size along K
-    lm_head: str       # "int4", "f16" (V, H) or "f16_kn" (H, V)
+    lm_head: str       # "int4", "f16" (V, H), "f16_kn" (H, V) or "bf16" (V, H)
     act: str = "f16"   # what int4 weights multiply: "f16" x, or "int8" x per 32 values (W4A8)
+
+    @property
+    def embed(self) -> str:
+        """The prologue reading the embedding table: a bf16 export keeps it in bf16."""
+        return "embed_norm_bf16" if self.linear == "bf16" else "embed_norm"
 
     def kernel(self, fmt: str) -> str:
         """The kernel format of weights stored as `fmt` (int4 with int8 x: "int4_a8")."""
@@ -158,7 +163,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                 gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
                 gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "f16", "argmax")]
     return [
-        gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, "embed_norm", "qkv"),
+        gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
         Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"]),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
@@ -168,7 +173,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     ]
 
 
-ROW_NORMS = [RowNorm("row_norm", "add_norm"), RowNorm("row_embed", "embed_norm")]
+def row_norms(formats: Formats) -> list:
+    return [RowNorm("row_norm", "add_norm"), RowNorm("row_embed", formats.embed)]
 
 
 def engine_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONFIG, slots: int = 1) -> list:
@@ -178,7 +184,7 @@ def engine_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     if slots > 1:
         for rows in slot_buckets(slots)[1:]:
             kernels += decode_kernels(shapes, formats, config, rows=rows)
-        kernels += ROW_NORMS
+        kernels += row_norms(formats)
     return kernels
 
 

@@ -22,6 +22,8 @@
 //             one fp16 scale per output row (N,): value = e4m3 * scale (export's fp8-rows form,
 //             weight-only, W8A16). Decoded in registers by bit moves (dot_fp8), products in
 //             half2 with x, the row's scale (times 2^8, see dot_fp8) applied in fp32.
+//   W_BF16    bf16 (N, K), the checkpoint's own values unchanged (export --precision bf16
+//             --target cuda --float-layout nk); products in fp32 (dot_bf16).
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -37,7 +39,7 @@
 //           k = 32u + 8j + s (low half) and 32u + 8j + s + 4 (high half): pair 4j + s is
 //           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
 //           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
-//   W_F16   8 values in order (16 bytes per unit).
+//   W_F16, W_BF16   8 values in order (16 bytes per unit).
 //   W_FP8   16 values in order (32 bytes per unit), the unit's two 16-byte words swapped in
 //           every other group of 4 units (fp8_swizzle): lanes 4 units apart would otherwise
 //           meet on the same banks in a phase of 16-byte loads.
@@ -52,6 +54,7 @@
 //   PRO_ADD_NORM    x_new = x_in + rmsnorm(y_in) * norm_y   (the sandwich norm's residual add)
 //                   x = rmsnorm(x_new) * norm_x; block 0 writes x_new to x_out
 //   PRO_EMBED_NORM  x_new = embed[token]; x = rmsnorm(x_new) * norm_x; block 0 writes x_out
+//                   (PRO_EMBED_NORM_BF16: the table in bf16)
 // RMSNorm in fp32 (docs/GLM4.md): v / sqrt(mean(v^2) + eps) * w; the residual stream is fp32.
 //
 // Epilogues (what y becomes):
@@ -73,6 +76,7 @@
 #define W_INT4_MMA 4
 #define W_F16_KN_MMA 5
 #define W_FP8 6
+#define W_BF16 7
 #define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8 || (F) == W_INT4_MMA)   // the MatMulNBits bytes and scales
 #define SCALED(F) (INT4_FMT(F) || (F) == W_FP8)                                 // weights carry scales
 #define PAIRED_X(F) ((F) == W_INT4 || (F) == W_INT4_MMA)   // x staged in the nibbles' pair order
@@ -81,6 +85,8 @@
 #define PRO_F32 1
 #define PRO_ADD_NORM 2
 #define PRO_EMBED_NORM 3
+#define PRO_EMBED_NORM_BF16 4     // PRO_EMBED_NORM from a bf16 embedding table (bf16 exports)
+#define EMBED_PRO(P) ((P) == PRO_EMBED_NORM || (P) == PRO_EMBED_NORM_BF16)
 
 #define EPI_STORE 0
 #define EPI_QKV 1
@@ -128,6 +134,7 @@ template <> struct XLayout<W_F16> {
   static constexpr int VALS = 8, XU = 1;
 };
 template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
+template <> struct XLayout<W_BF16> : XLayout<W_F16> {};
 template <> struct XLayout<W_INT4_A8> {
   static constexpr int VALS = 32, XU = 3;
 };
@@ -211,6 +218,12 @@ DEV void unpack8(uint4 w, float (&v)[8]) {     // 8 fp16 values in order
   v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
 }
 DEV void load8(const h16* p, float (&v)[8]) { unpack8(*(const uint4*)p, v); }
+DEV float2 bf2x2f(unsigned v) { return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u)); }
+DEV void load8_bf16(const h16* p, float (&v)[8]) {   // 8 bf16 values in order
+  const uint4 w = *(const uint4*)p;
+  const float2 a = bf2x2f(w.x), b = bf2x2f(w.y), c = bf2x2f(w.z), d = bf2x2f(w.w);
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
+}
 
 // 1 / rms over the block of the H values its threads hold, 8 per word: word i of thread t holds
 // k = 8 (t + i NT) .. + 7 (words past H are not summed)
@@ -260,7 +273,10 @@ DEV float residual_row(const GemvArgs& a, int m, float (&v)[HW][8], float* red) 
 #pragma unroll
     for (int i = 0; i < HW; ++i) {
       const int k0 = 8 * (tid + i * NT);
-      if (k0 < H) load8(a.embed + (size_t)tok * H + k0, v[i]);
+      if (k0 < H) {
+        if (PRO == PRO_EMBED_NORM_BF16) load8_bf16(a.embed + (size_t)tok * H + k0, v[i]);
+        else load8(a.embed + (size_t)tok * H + k0, v[i]);
+      }
     }
   }
   return inv_rms<HW, NT, H>(v, red, a.eps);
@@ -307,7 +323,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 #pragma unroll
       for (int i = 0; i < PER; ++i) put8<FMT>(xm, m, 8 * (tid + i * NT), 8 * (tid + i * NT) < KP, v[i]);
     } else {
-      static_assert((PRO != PRO_ADD_NORM && PRO != PRO_EMBED_NORM) || K == C::H,
+      static_assert((PRO != PRO_ADD_NORM && !EMBED_PRO(PRO)) || K == C::H,
                     "a fused norm feeds a GEMV over the hidden size");
       static_assert(H % 8 == 0, "the hidden size is staged 8 values at a time");
       constexpr int HW = (H / 8 + NT - 1) / NT;
@@ -346,7 +362,7 @@ DEV void stage_x(const GemvArgs& a, h16* xh, float* red) {
 // the GEMVs then stage as PRO_F16.
 template <class C, int PRO, int NT>
 DEV void norm_rows(const GemvArgs& a) {
-  static_assert(PRO == PRO_ADD_NORM || PRO == PRO_EMBED_NORM, "a residual add or an embedding row");
+  static_assert(PRO == PRO_ADD_NORM || EMBED_PRO(PRO), "a residual add or an embedding row");
   static_assert(C::H % 8 == 0, "the hidden size is handled 8 values at a time");
   constexpr int H = C::H, HW = (H / 8 + NT - 1) / NT;
   __shared__ float red[33];
@@ -462,6 +478,19 @@ DEV float dot_fp8(uint4 w, const uint4* xu, int swz) {
     acc = hfma2(fp8x2_hi(words[j + 1]), xp[2 * j + 3], acc);
     const float2 f = h2x2f(acc);
     sum += f.x + f.y;
+  }
+  return sum;
+}
+
+DEV float dot_bf16(uint4 w, const uint4* xu) {     // bf16 weights: one shift or mask a value
+  const uint4 xv = xu[0];
+  const unsigned wp[4] = {w.x, w.y, w.z, w.w};
+  const h16x2 xp[4] = {xv.x, xv.y, xv.z, xv.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = bf2x2f(wp[i]), b = h2x2f(xp[i]);
+    sum += a.x * b.x + a.y * b.y;
   }
   return sum;
 }
@@ -626,7 +655,7 @@ DEV void gemv_nk(const GemvArgs& a) {
   constexpr int ROWS = WARPS * RPW;
   constexpr int TILES = tiles<ROWS, N, EPI, C>();
   constexpr int STEPS = (U + 32 * UNROLL - 1) / (32 * UNROLL);  // per tile
-  static_assert(FMT != W_F16 || K % 8 == 0, "fp16 rows are read in 8-value units");
+  static_assert((FMT != W_F16 && FMT != W_BF16) || K % 8 == 0, "fp16 and bf16 rows are read in 8-value units");
   static_assert(FMT != W_FP8 || K % 16 == 0, "fp8 rows are read in 16-value units");
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
@@ -686,7 +715,8 @@ DEV void gemv_nk(const GemvArgs& a) {
         for (int r = 0; r < RPW; ++r)
           acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(cur.w[uu][r], xu)
                         : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu)
-                        : FMT == W_FP8 ? dot_fp8(cur.w[uu][r], xu, fp8_swizzle(u)) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
+                        : FMT == W_FP8 ? dot_fp8(cur.w[uu][r], xu, fp8_swizzle(u))
+                        : FMT == W_BF16 ? dot_bf16(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
       }
     }
     if (step == STEPS - 1) {                // the tile is done: reduce, then its epilogue
