@@ -170,6 +170,8 @@ def part_kernels(args):
         cases = timed = [c for c in CASES if c[1] == "int4" and c[4] == "f16"]
     if args.linear:                        # one format's cases, all timed
         cases = timed = [c for c in cases if c[1] == LINEAR[args.linear]]
+    if args.buckets_of:                    # the bucket checks of one shape only
+        cases = timed = []
     for shape, linear, block, lm, act in cases:
         a8 = " int8 x" if act == "int8" else ""
         say(f"== {shape}: {linear}{f' block {block}' if linear == 'int4' else ''}{a8}, lm_head {lm}")
@@ -195,6 +197,8 @@ def part_kernels(args):
     if args.slots:                          # the batched steps' kernels, bucket by bucket
         from glmrt.backends.cuda_engine.selfcheck import run_bucket_checks
         for shape, slots in (("glm-z1-9b", args.slots), ("glm-4-32b", min(args.slots, 4))):
+            if args.buckets_of and shape != args.buckets_of:
+                continue
             say(f"== {shape}: int4 block 32, lm_head f16_kn, the buckets of {slots} slots")
             rows = run_bucket_checks(device, shapes[shape], Formats("int4", 32, "f16_kn"), slots, log=say)
             for r in rows:
@@ -230,9 +234,12 @@ SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch
            #  int4 with fp16 x: words per half2 sum)
     (8, 2, 4, 2, 0, 1), (8, 2, 4, 2, 0, 2), (8, 2, 4, 2, 0, 4), (8, 1, 4, 2, 0, 2), (8, 2, 2, 3, 0, 2),
     (8, 2, 8, 2, 0, 2), (8, 1, 4, 3, 0, 4), (8, 2, 2, 3, 0, 4)]
-ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits)
+ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits[, mma])
     (128, 4, 32, 32, 64), (256, 8, 64, 64, 64), (512, 16, 32, 32, 64), (256, 16, 32, 32, 64), (512, 16, 32, 32, 128),
-    (512, 16, 64, 64, 64), (256, 8, 32, 32, 64), (512, 16, 32, 32, 32), (1024, 16, 64, 64, 64)]
+    (512, 16, 64, 64, 64), (256, 8, 32, 32, 64), (512, 16, 32, 32, 32), (1024, 16, 64, 64, 64),
+    # the tensor-core kernel (attention_mma: a block takes the whole group, heads per block ignored)
+    (128, 16, 32, 32, 64, True), (128, 16, 64, 64, 64, True), (256, 16, 32, 32, 64, True), (256, 16, 64, 64, 64, True),
+    (256, 16, 32, 32, 32, True), (256, 16, 64, 64, 32, True)]
 
 
 def part_sweep(args):
@@ -246,9 +253,11 @@ def part_sweep(args):
     shapes = Shapes(*SHAPES["glm-z1-9b"]) if not args.emulate else Shapes(128, 384, 4, 2, 32, 16, 1024)
     emu = {"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}
     out = {"gemv": [], "attention": []}
-    for threads, hpb, tile, chunk, splits in ATT_SWEEP if args.only in (None, "attention") else ():
-        knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits}
-        say(f"== attention: {threads} threads, {hpb} query heads a block, tile {tile}, chunk {chunk}+, {splits} splits")
+    for threads, hpb, tile, chunk, splits, *mma in ATT_SWEEP if args.only in (None, "attention") else ():
+        knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits,
+                 **({"mma": True} if mma and mma[0] else {})}
+        say(f"== attention{' on the tensor cores' if knobs.get('mma') else ''}: {threads} threads, {hpb} query heads "
+            f"a block, tile {tile}, chunk {chunk}+, {splits} splits")
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config={**DEFAULT_CONFIG, "attention": knobs},
                                 log=say, only=("attention",), contexts=(128, 1024, 8192) if not args.emulate else (16, 300),
@@ -873,6 +882,8 @@ def main():
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
+    ap.add_argument("--buckets-of", choices=list(SHAPES), default=None,
+                    help="kernels --slots N: only that shape's bucket checks")
     ap.add_argument("--fp8-bits", action="store_true",
                     help="step: fp8 decoded by integer bit moves, not sm_89+'s conversion instruction")
     ap.add_argument("--linear", choices=list(LINEAR), default=None,

@@ -215,11 +215,11 @@ def test_every_kernel_passes_its_check_in_the_emulation(formats):
 
 
 @needs_cxx
-@pytest.mark.parametrize("att", [{"heads_per_block": 1, "tile": 32, "threads": 64},
-                                 {"heads_per_block": 2, "tile": 64, "threads": 128},
-                                 {"heads_per_block": 1, "tile": 64, "threads": 32}], ids=str)
+@pytest.mark.parametrize("att", [{"heads_per_block": 1, "tile": 32, "threads": 64, "mma": False},
+                                 {"heads_per_block": 2, "tile": 64, "threads": 128, "mma": False},
+                                 {"heads_per_block": 1, "tile": 64, "threads": 32, "mma": False}], ids=str)
 def test_attention_variants_pass_in_the_emulation(att):
-    """The sweep's attention variants (query heads per block, tile, threads): each one
+    """The CUDA-core attention's variants (query heads per block, tile, threads): each one
     against numpy on one split, several, and grown splits."""
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], **att}}
@@ -402,7 +402,9 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
     monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
-    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1}}  # 2 query groups
+    # the CUDA-core attention (the fallback where head_dim is not a multiple of 32), 2 query groups
+    config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
+                                              "threads": 128}}
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
@@ -494,7 +496,7 @@ def test_build_cli_takes_int8_activations_for_int4_only(exported, tmp_path):
 @pytest.mark.parametrize("what,export,match", [
     ("concat form", ("int4", "onnxruntime", {}), "export with --target cuda"),
     ("fp16 stored as W^T", ("fp16", "cuda", {}), "export with --float-layout nk"),
-    ("int8", ("int8", "cuda", {}), "cuda engines are built for fp16 or int4, not int8"),
+    ("int8", ("int8", "cuda", {}), "cuda engines are built for fp16, bf16, int4 or fp8, not int8"),
 ])
 def test_build_refuses_what_the_engine_cannot_read(exported, tmp_path, what, export, match):
     precision, target, options = export
@@ -832,7 +834,8 @@ def test_one_weight_load_serves_several_rows_of_x(fmt, M):
 
 # ---- continuous batching on the engine ------------------------------------------------------------
 SLOT_MUTATIONS = {
-    "attention reads row 0's cache for every slot": ("attention.cu", "a.k_cache + (size_t)row * a.slot_stride", "a.k_cache"),
+    "attention reads row 0's cache for every slot": ("attention.cu", "const size_t kv0 = (size_t)row * a.slot_stride + ",
+                                                     "const size_t kv0 = "),
     "qkv writes every slot at row 0's position": ("gemv.cu", "a.slot_stride ? a.pos[m] + a.pos_add", "a.slot_stride ? a.pos[0] + a.pos_add"),
     "a row norm of the wrong row": ("gemv.cu", "const int m = blockIdx.x, tid = threadIdx.x;", "const int m = 0, tid = threadIdx.x;"),
 }

@@ -142,16 +142,20 @@ class Gemv:
 class Attention:
     """The decode attention kernel: `threads` per block, `heads_per_block` of a KV head's
     `group` query heads per block, the context read `tile` positions at a time and split
-    over the grid's y (kernels/attention.cu)."""
+    over the grid's y (kernels/attention.cu). `mma`: the tensor-core kernel (attention_mma),
+    a block taking the whole group (heads_per_block ignored)."""
     name: str
     head_dim: int
     group: int
     threads: int = 128
     heads_per_block: int = 0     # 0: the whole group (a divisor of it otherwise)
     tile: int = 32
+    mma: bool = False
 
     @property
     def hpb(self) -> int:
+        if self.mma:
+            return self.group
         hpb = self.heads_per_block or self.group
         if self.group % hpb:
             raise ValueError(f"attention: {hpb} query heads per block do not divide the group of {self.group}")
@@ -166,9 +170,11 @@ class Attention:
         return 0
 
     def instance(self) -> str:
-        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
-                f"(const AttnArgs a) {{ attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, "
-                f"{self.tile}>(a); }}\n")
+        if self.mma:
+            call = f"attention_mma<{self.head_dim}, {self.group}, {self.threads}, {self.tile}>(a);"
+        else:
+            call = f"attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, {self.tile}>(a);"
+        return f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}(const AttnArgs a) {{ {call} }}\n'
 
     args = "AttnArgs"
 

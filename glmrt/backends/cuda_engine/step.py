@@ -55,8 +55,12 @@ DEFAULT_CONFIG = {
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
     # heads_per_block query heads of a KV head's group per block, tile positions a step;
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
-    # split takes (short contexts use len / chunk splits, long ones all of them)
-    "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64},
+    # split takes (short contexts use len / chunk splits, long ones all of them); mma: the
+    # tensor-core kernel (kernels/attention.cu attention_mma, a block per KV head and split,
+    # heads_per_block ignored; head_dim a multiple of 32, else the CUDA-core kernel). H200,
+    # GLM-Z1-9B's 40-layer step at context 128 / 8192: 2521 / 2796 us with it (256 threads),
+    # 2575 / 3220 with the CUDA-core kernel (128 threads, 4 query heads a block)
+    "attention": {"threads": 256, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
     # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
     # 4 warps sharing 16 rows: 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
@@ -165,7 +169,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"]),
+        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"],
+                  mma=bool(att.get("mma", False)) and s.head_dim % 32 == 0),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
         gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),

@@ -1,0 +1,166 @@
+"""The decode attention on the tensor cores (kernels/attention.cu attention_mma, the launch knob
+DEFAULT_CONFIG["attention"]["mma"]) without a GPU: against numpy in the CPU emulation
+(tests/cuda_emu: mma.sync and movmatrix as warp collectives) for groups of 2, 4, 16 and 24 query
+heads per KV head, one split and several with the last one merging, contexts that are not a
+multiple of the tile, batched rows (grid z, slot_stride); deliberate bugs that the check must
+catch; and every instance at GLM-Z1-9B's and GLM-4-32B's shapes compiled by NVRTC for every
+architecture without register spills."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from glmrt.backends.cuda_engine import nvrtc, selfcheck
+from glmrt.backends.cuda_engine.sources import Attention, Shapes, translation_unit
+from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kernels
+from glmrt.errors import GlmrtError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_emu.emulator import EmulatedDevice, compiler  # noqa: E402
+
+try:
+    nvrtc.version()
+    HAS_NVRTC = True
+except GlmrtError:
+    HAS_NVRTC = False
+needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="NVRTC is not installed (pip install 'glmrt[cuda]')")
+needs_cxx = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler for the CUDA emulation")
+
+INT4 = Formats("int4", 32, "f16_kn")
+
+
+def mma(**att) -> dict:
+    return {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "mma": True, **att}}
+
+
+def shapes(group: int, head_dim: int) -> Shapes:
+    """Two KV heads of `group` query heads each (the GEMVs' sizes do not matter here)."""
+    return Shapes(128, 384, 2 * group, 2, head_dim, head_dim // 2, 1024)
+
+
+# id: (group, head_dim, attention knobs[, run_checks' chunk and splits]); the warps' shares
+# (kernels/attention.cu): MT m-tiles of 16 query heads, position groups PGS, dims groups DG; the
+# merge folds 16 / EPT splits a step (EPT: 8-dim outputs a thread)
+CASES = {
+    "G2 hd32, 4 warps, tile 32 (2 position x 2 dims groups, one idle)": (2, 32, {"threads": 128, "tile": 32}),
+    "G4 hd64, 8 warps, tile 64 (4 position x 2 dims groups)": (4, 64, {"threads": 256, "tile": 64}),
+    "G16 hd64, 4 warps, tile 32 (2 position x 2 dims groups)": (16, 64, {"threads": 128, "tile": 32}),
+    "G16 hd128, 2 warps, tile 16": (16, 128, {"threads": 64, "tile": 16}),
+    "G24 hd32, 4 warps, tile 32 (2 m-tiles x 2 position groups)": (24, 32, {"threads": 128, "tile": 32}),
+    "G24 hd64, 1 warp (both m-tiles), tile 32, merge 2 splits a step": (24, 64, {"threads": 32, "tile": 32}),
+    "G16 hd64, tile 16, 19 splits, merge 16 splits a step": (16, 64, {"threads": 128, "tile": 16}, 16, 24),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", CASES)
+def test_attention_on_the_tensor_cores_passes_in_the_emulation(case):
+    """Against numpy at lengths 1 .. 300 over 3 splits of 32+ positions (19 of 16+): one split,
+    several (the last merging), lengths off the tile, and past chunk x splits (each split's share
+    grown)."""
+    group, hd, att, *split = CASES[case]
+    chunk, splits = split or (32, 3)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, hd), INT4, max_seq=300, chunk=chunk,
+                                  splits=splits, only=["attention"], config=mma(**att))
+    r = report[0]
+    assert r["ok"], selfcheck.format_result(r)
+    assert r["name"].startswith("attention on the tensor cores") and f"{group} query heads a block" in r["name"]
+    lengths = set(r["errors_by_length"])
+    assert {1, 37, 300} <= lengths and len(lengths) >= 6          # one split, off the tile, grown splits
+
+
+@needs_cxx
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (24, 32)])
+def test_attention_on_the_tensor_cores_serves_batched_rows(group, head_dim):
+    """The bucket check's attention: grid z = row, each row its own cache (slot_stride) and length."""
+    report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(group, head_dim), INT4, 3,
+                                         config=mma(threads=128, tile=32, chunk=32, splits=3))
+    assert len(report) == 2 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    for r in report:
+        att = {k: v for k, v in r["errors"].items() if k.startswith("attention row")}
+        assert len(att) >= 2 and max(att.values()) <= selfcheck.TOL["attention_mma"], att
+
+
+def test_the_mma_knob_builds_the_tensor_core_instance():
+    s = shapes(16, 128)
+    att = next(k for k in decode_kernels(s, INT4, mma(threads=256, tile=64)) if k.name == "attention")
+    assert att.mma and att.hpb == 16 and att.blocks_x(s.kv_heads) == 2
+    assert "attention_mma<128, 16, 256, 64>(a);" in att.instance()
+    default = next(k for k in decode_kernels(s, INT4) if k.name == "attention")      # the default since session 9
+    assert default.mma and "attention_mma<128, 16, 256, 32>(a);" in default.instance()
+    plain = next(k for k in decode_kernels(s, INT4, mma(mma=False, threads=128)) if k.name == "attention")
+    assert not plain.mma and "attention<128, 16, 4, 128, 32>(a);" in plain.instance()
+    # head_dim not a multiple of 32: the CUDA-core kernel
+    odd = next(k for k in decode_kernels(shapes(4, 8), INT4, mma()) if k.name == "attention")
+    assert not odd.mma
+
+
+# A check that cannot fail is no check: each mutation breaks one thing attention_mma must get right
+# (snippet, replacement[, (group, head_dim, knobs): G16 hd64, 4 warps, tile 32 by default: 2 position
+# groups x 2 dims groups over the tile's 2 slices]).
+MUTATIONS = {
+    "softmax rescale of O": ("o[mi][ci][i][e] *= corr[e >> 1];", ";"),
+    "split merge weights": ("const float w = __expf(mv[u][k] - mx) * lv[u][k];", "const float w = __expf(mv[u][k] - mx);"),
+    # the merge's steps (G24 hd64, one warp: 2 splits a step)
+    "split merge rescale": ("for (int i = 0; i < 8; ++i) acc[k][i] *= c;", ";", (24, 64, {"threads": 32, "tile": 32})),
+    "quad max: wrong lanes": ("__shfl_xor_sync(0xffffffffu, tmax[r], 2)", "__shfl_xor_sync(0xffffffffu, tmax[r], 4)"),
+    "row sum over the quad": ("l_run[mi][r] += __shfl_xor_sync(0xffffffffu, l_run[mi][r], 2);", ""),
+    "KV head": ("(size_t)h * a.max_seq * HD;   // this row's KV head h", "(size_t)(h ^ 1) * a.max_seq * HD;"),
+    "position groups' weights": ("const float wgt = __expf(m_run[mi][r] - mx_s[rr]);", "const float wgt = 1.f;"),
+    "positions past the split": ("if (p >= t1) sc[mi][j][n][e] = ninf;", ""),
+    "V not transposed": ("movmatrix_t(att_word(v0, i)), b1 = movmatrix_t(att_word(v1, i))",
+                         "att_word(v0, i), b1 = att_word(v1, i)"),
+    "Q dims order": ("qa[mi][2 * c][2 + e] = att_h2(lo.z * scale, lo.w * scale);",
+                     "qa[mi][2 * c][2 + e] = att_h2(lo.w * scale, lo.z * scale);"),
+    "counter re-armed": ("if (tid == 0) a.counter[row * gridDim.x + h] = 0u;", ""),
+    "grown split": ("const int chunk = max(a.chunk, grown);", "const int chunk = a.chunk;"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_the_check_catches_a_broken_tensor_core_attention(monkeypatch, mutation):
+    from glmrt.backends.cuda_engine import sources
+    old, new, *case = MUTATIONS[mutation]
+    group, hd, att = case[0] if case else (16, 64, {"threads": 128, "tile": 32})
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in attention.cu once"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, hd), INT4, max_seq=300, chunk=32, splits=3,
+                                  only=["attention"], config=mma(**att))
+    assert not report[0]["ok"], selfcheck.format_result(report[0])
+
+
+# ---- NVRTC: the instances the sweep times, at the two models' shapes, every architecture --------
+Z1_9B = Shapes(4096, 13696, 32, 2, 128, 64, 151552)        # G = 16
+G4_32B = Shapes(6144, 23040, 48, 2, 128, 64, 151552)       # G = 24
+INSTANCES = [Attention(f"att_g{g}_{t}t_tile{tile}", 128, g, t, 0, tile, mma=True)
+             for g in (16, 24) for t in (128, 256) for tile in (32, 64)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    from concurrent.futures import ThreadPoolExecutor
+    source = translation_unit(Z1_9B, INSTANCES)          # Cfg does not enter the attention
+
+    def one(arch):
+        try:
+            return nvrtc.compile_cubin(source, arch)
+        except GlmrtError as e:
+            return e
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(nvrtc.ARCHS, pool.map(one, nvrtc.ARCHS)))
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
+def test_attention_on_the_tensor_cores_compiles_without_spills(compiled, arch):
+    c = compiled[arch]
+    if isinstance(c, Exception):
+        raise c
+    res = c.resources()
+    assert set(res) == {k.name for k in INSTANCES}
+    spills = {n: r["spill_bytes"] for n, r in res.items() if r["spill_bytes"]}
+    assert not spills, f"register spills on sm_{arch}: {spills}"
+    assert all(r["smem_static"] <= 48 * 1024 for r in res.values())
