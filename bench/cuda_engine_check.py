@@ -234,12 +234,14 @@ SWEEP = [  # (warps, rows per warp, units in flight per lane, min blocks (launch
            #  int4 with fp16 x: words per half2 sum)
     (8, 2, 4, 2, 0, 1), (8, 2, 4, 2, 0, 2), (8, 2, 4, 2, 0, 4), (8, 1, 4, 2, 0, 2), (8, 2, 2, 3, 0, 2),
     (8, 2, 8, 2, 0, 2), (8, 1, 4, 3, 0, 4), (8, 2, 2, 3, 0, 4)]
-ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits[, mma])
+ATT_SWEEP = [  # (threads, query heads per block, tile, chunk (fewest positions per split), splits[, mma[, merge]])
     (128, 4, 32, 32, 64), (256, 8, 64, 64, 64), (512, 16, 32, 32, 64), (256, 16, 32, 32, 64), (512, 16, 32, 32, 128),
     (512, 16, 64, 64, 64), (256, 8, 32, 32, 64), (512, 16, 32, 32, 32), (1024, 16, 64, 64, 64),
     # the tensor-core kernel (attention_mma: a block takes the whole group, heads per block ignored)
     (128, 16, 32, 32, 64, True), (128, 16, 64, 64, 64, True), (256, 16, 32, 32, 64, True), (256, 16, 64, 64, 64, True),
-    (256, 16, 32, 32, 32, True), (256, 16, 64, 64, 32, True)]
+    (256, 16, 32, 32, 32, True), (256, 16, 64, 64, 32, True),
+    # its splits merged by a block per query head (attention_merge)
+    (256, 16, 32, 32, 64, True, "spread"), (256, 16, 32, 32, 128, True, "spread"), (128, 16, 32, 32, 128, True, "spread")]
 
 
 def part_sweep(args):
@@ -255,9 +257,9 @@ def part_sweep(args):
     out = {"gemv": [], "attention": []}
     for threads, hpb, tile, chunk, splits, *mma in ATT_SWEEP if args.only in (None, "attention") else ():
         knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits,
-                 **({"mma": True} if mma and mma[0] else {})}
+                 "mma": bool(mma and mma[0]), **({"merge": mma[1]} if len(mma) > 1 else {})}
         say(f"== attention{' on the tensor cores' if knobs.get('mma') else ''}: {threads} threads, {hpb} query heads "
-            f"a block, tile {tile}, chunk {chunk}+, {splits} splits")
+            f"a block, tile {tile}, chunk {chunk}+, {splits} splits{', merged apart' if knobs.get('merge') == 'spread' else ''}")
         try:
             rows = time_kernels(device, shapes, Formats("int4", 32, "f16_kn"), config={**DEFAULT_CONFIG, "attention": knobs},
                                 log=say, only=("attention",), contexts=(128, 1024, 8192) if not args.emulate else (16, 300),
@@ -459,7 +461,7 @@ def part_step(args):
                     out[label] = bench.time(config, contexts, reps, log=say, variants=False, label=label)
                 except Exception as e:  # a candidate that does not compile or fit is reported
                     say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
-                save("step-configs", out)
+                save("step-configs" + (f"-{args.tag}" if args.tag else ""), out)
         finally:
             bench.free()
         return

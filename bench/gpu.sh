@@ -35,6 +35,8 @@
 #                                    kernel checks, the whole step under CONFIGS (kernels only)
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
+#   bash bench/gpu.sh engine-attn    kernels only: the attention's merge variants in GLM-Z1-9B's step, GLM-4-32B's
+#                                    and bf16's steps, bf16's kernel checks, GLM-4-32B's bucket checks
 #   bash bench/gpu.sh engine-slots   continuous batching on the engine: GLM-Z1-9B int4 built with --max-batch 8,
 #                                    glmrt bench --slots 1,2,4,8 of it and of ONNX Runtime's form, the batched
 #                                    steps against single ones (after `install`)
@@ -291,6 +293,19 @@ engine-fp8)   # fp8 weights (e4m3 rows, the cuda target's fp8-rows form), kernel
   run timeout 240 $C kernels --linear $L --time $slots 2>&1 | tee -a "$LOG"
   run timeout 150 $C step --linear $L --tag $L 2>&1 | tee -a "$LOG"
   [ "${FP8_BITS:-1}" = 1 ] && [ "$L" = fp8 ] && run timeout 100 $C step --linear fp8 --fp8-bits --tag bits 2>&1 | tee -a "$LOG"
+  ;;
+engine-attn)  # kernels only (no ONNX Runtime, no export): GLM-Z1-9B's whole int4 step with the attention's splits
+              # merged by the last split or apart (attention_merge), GLM-4-32B's step, bf16's step, then (slower:
+              # random weights of the real shapes) bf16's kernel checks and GLM-4-32B's bucket checks
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-attn.log
+  merges='{"last": {}, "spread64": {"attention": {"merge": "spread"}}, "spread128": {"attention": {"merge": "spread", "splits": 128}}}'
+  run timeout 150 $C step --configs "${CONFIGS:-$merges}" 2>&1 | tee -a "$LOG"
+  run timeout 100 $C step --shape glm-4-32b --configs '{"default": {}}' --tag 32b 2>&1 | tee -a "$LOG"
+  run timeout 100 $C step --linear bf16 --tag bf16 2>&1 | tee -a "$LOG"
+  run timeout 120 $C kernels --linear bf16 --time 2>&1 | tee -a "$LOG"
+  run timeout ${BUCKET_LIMIT:-100} $C kernels --slots 4 --buckets-of glm-4-32b 2>&1 | tee -a "$LOG"
   ;;
 engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-9B int4 (40 layers, `prep`'s export)
               # built with --max-batch 8 (checked on the GPU), glmrt bench --slots 1,2,4,8 of the engine and of

@@ -85,9 +85,9 @@ def test_the_mma_knob_builds_the_tensor_core_instance():
     s = shapes(16, 128)
     att = next(k for k in decode_kernels(s, INT4, mma(threads=256, tile=64)) if k.name == "attention")
     assert att.mma and att.hpb == 16 and att.blocks_x(s.kv_heads) == 2
-    assert "attention_mma<128, 16, 256, 64>(a);" in att.instance()
+    assert "attention_mma<128, 16, 256, 64, false>(a);" in att.instance()
     default = next(k for k in decode_kernels(s, INT4) if k.name == "attention")      # the default since session 9
-    assert default.mma and "attention_mma<128, 16, 256, 32>(a);" in default.instance()
+    assert default.mma and "attention_mma<128, 16, 256, 32, false>(a);" in default.instance()
     plain = next(k for k in decode_kernels(s, INT4, mma(mma=False, threads=128)) if k.name == "attention")
     assert not plain.mma and "attention<128, 16, 4, 128, 32>(a);" in plain.instance()
     # head_dim not a multiple of 32: the CUDA-core kernel
@@ -164,3 +164,50 @@ def test_attention_on_the_tensor_cores_compiles_without_spills(compiled, arch):
     spills = {n: r["spill_bytes"] for n, r in res.items() if r["spill_bytes"]}
     assert not spills, f"register spills on sm_{arch}: {spills}"
     assert all(r["smem_static"] <= 48 * 1024 for r in res.values())
+
+
+# ---- the splits merged apart (merge "spread": attention_merge, a block per query head) -------------
+@needs_cxx
+@pytest.mark.parametrize("group,head_dim,splits", [(4, 32, 3), (16, 64, 19), (24, 32, 5)])
+def test_the_spread_merge_passes_in_the_emulation(group, head_dim, splits):
+    """attention_mma leaving every split's partials and attention_merge folding them, a block per
+    query head, against numpy at one split (no merge), several, and grown splits."""
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, head_dim), INT4, max_seq=300, chunk=32,
+                                  splits=splits, only=["attention"], config=mma(merge="spread", threads=128))
+    assert report[0]["ok"] and "a block per query head merging" in report[0]["name"], selfcheck.format_result(report[0])
+
+
+@needs_cxx
+def test_the_spread_merge_serves_batched_rows_in_the_emulation():
+    report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(16, 32), INT4, 3,
+                                         config=mma(merge="spread", threads=128, splits=3))
+    assert len(report) == 2 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+SPREAD_MUTATIONS = {
+    "merge: splits' weights dropped": ("lsum = lsum * c + w;", "lsum = lsum * c + 1.f;"),
+    "merge: groups not rescaled": ("const float wgt = mrun == ninf ? 0.f : __expf(mrun - big);",
+                                   "const float wgt = mrun == ninf ? 0.f : 1.f;"),
+    "merge: another row's heads": ("rh = row * gridDim.x;   // rh", "rh = 0;   // rh"),
+    "merge: one split group only": ("for (int sp = sg; sp < used; sp += SG)", "for (int sp = sg; sp < min(used, SG); sp += SG)"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", SPREAD_MUTATIONS)
+def test_the_checks_catch_a_broken_spread_merge(monkeypatch, mutation):
+    from glmrt.backends.cuda_engine import sources
+    old, new = SPREAD_MUTATIONS[mutation]
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in attention.cu"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    config = mma(merge="spread", threads=128, splits=19)
+    if mutation == "merge: another row's heads":
+        report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(16, 32), INT4, 3,
+                                             config=mma(merge="spread", threads=128, splits=3))
+    else:
+        # head_dim 128: 8 split groups of 16 threads, fewer than the 10 splits in use at 300 positions
+        report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(16, 128), INT4, max_seq=300, chunk=32,
+                                      splits=19, only=["attention"], config=config)
+    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]

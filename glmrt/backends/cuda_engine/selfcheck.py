@@ -280,6 +280,15 @@ class _Ctx:
         return self.rng.standard_normal(n).astype(np.float32)
 
 
+def launch_attention(device, handles: dict, specs: dict, kv_heads: int, splits: int, rows: int, args) -> None:
+    """The attention and, when its splits are merged apart (merge "spread"), attention_merge."""
+    spec = specs["attention"]
+    device.launch(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, 0, args)
+    if "attention_merge" in specs:
+        m = specs["attention_merge"]
+        device.launch(handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, 0, args)
+
+
 def _result(name: str, err: float, tol: float, **detail) -> dict:
     return {"name": name, "rel_err": err, "tol": tol, "ok": bool(np.isfinite(err) and err <= tol), **detail}
 
@@ -358,14 +367,15 @@ def check_attention(c: _Ctx) -> dict:
                                                        c.max_seq)}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
         c.dev.zero(out, 4 * nh * hd)
-        c.dev.launch(c.h["attention"], (blocks, splits), spec.threads, 0, a)
+        launch_attention(c.dev, c.h, c.spec, nkv, splits, 1, a)
         ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
         errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
     counters = c.get(a.counter, blocks, np.uint32)
     err = max(errs.values()) if not counters.any() else float("inf")
     return _result(f"attention{' on the tensor cores' if spec.mma else ''} (GQA {nh}/{nkv}, {spec.hpb} query heads a "
                    f"block, split over the context in "
-                   f"{splits} splits of {chunk}+ positions, the last split merging)", err,
+                   f"{splits} splits of {chunk}+ positions, "
+                   f"{'a block per query head merging' if 'attention_merge' in c.spec else 'the last split merging'})", err,
                    TOL["attention_mma" if spec.mma else "attention"],
                    errors_by_length=errs, counters_after=counters.tolist())
 
@@ -573,7 +583,7 @@ def check_bucket(c: _Ctx, rows: int) -> dict:
                    part_o=c.zeros(4 * M * nh * c.splits * hd), part_ml=c.zeros(8 * M * nh * c.splits),
                    out=c.zeros(4 * M * nh * hd), counter=c.zeros(4 * M * blocks), pos_add=0, max_seq=c.max_seq,
                    chunk=c.chunk, splits=c.splits, slot_stride=stride)
-    c.dev.launch(c.h["attention"], (blocks, c.splits, M), spec.threads, 0, att)
+    launch_attention(c.dev, c.h, c.spec, nkv, c.splits, M, att)
     out = c.get(att.out, (M, nh, hd), np.float32)
     for m in range(M):
         errs[f"attention row {m}"] = rel(out[m], attention(q[m].reshape(nh, hd), kc2[m][:, :lens[m]], vc2[m][:, :lens[m]]))
@@ -699,7 +709,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
 
             def record(a=a):
                 for _ in range(launches):
-                    device.launch(handles["attention"], (blocks, splits), att_spec.threads, 0, a)
+                    launch_attention(device, handles, c.spec, s.kv_heads, splits, 1, a)
             rows.append(_time(device, record, launches, f"attention, context {ctx}", kv_bytes, (blocks, used), log))
     finally:
         c.free()

@@ -143,7 +143,8 @@ class Attention:
     """The decode attention kernel: `threads` per block, `heads_per_block` of a KV head's
     `group` query heads per block, the context read `tile` positions at a time and split
     over the grid's y (kernels/attention.cu). `mma`: the tensor-core kernel (attention_mma),
-    a block taking the whole group (heads_per_block ignored)."""
+    a block taking the whole group (heads_per_block ignored); `spread`: its splits merged by
+    attention_merge (AttentionMerge), a block per query head, not by the last split."""
     name: str
     head_dim: int
     group: int
@@ -151,6 +152,7 @@ class Attention:
     heads_per_block: int = 0     # 0: the whole group (a divisor of it otherwise)
     tile: int = 32
     mma: bool = False
+    spread: bool = False
 
     @property
     def hpb(self) -> int:
@@ -171,7 +173,8 @@ class Attention:
 
     def instance(self) -> str:
         if self.mma:
-            call = f"attention_mma<{self.head_dim}, {self.group}, {self.threads}, {self.tile}>(a);"
+            call = (f"attention_mma<{self.head_dim}, {self.group}, {self.threads}, {self.tile}, "
+                    f"{'true' if self.spread else 'false'}>(a);")
         else:
             call = f"attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, {self.tile}>(a);"
         return f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}(const AttnArgs a) {{ {call} }}\n'
@@ -180,6 +183,30 @@ class Attention:
 
 
 ATT_MAX_SPLITS = 128           # kernels/attention.cu: the splits one merge takes
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMerge:
+    """The splits' merge of a spread attention (kernels/attention.cu attention_merge): a block
+    of `threads` per query head; `tile` is the attention's (the same chunk rule)."""
+    name: str
+    head_dim: int
+    group: int
+    threads: int = 128
+    tile: int = 32
+
+    def blocks_x(self, kv_heads: int) -> int:
+        return kv_heads * self.group
+
+    @property
+    def smem(self) -> int:
+        return 0
+
+    def instance(self) -> str:
+        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}(const AttnArgs a) '
+                f"{{ attention_merge<{self.head_dim}, {self.group}, {self.threads}, {self.tile}>(a); }}\n")
+
+    args = "AttnArgs"
 
 
 @dataclasses.dataclass(frozen=True)

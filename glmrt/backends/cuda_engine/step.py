@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 
 from .args import AttnArgs, GemvArgs
-from .sources import ATT_MAX_SPLITS, Attention, Gemv, RowNorm, Shapes
+from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, Shapes
 
 # Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
 # lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
@@ -59,8 +59,13 @@ DEFAULT_CONFIG = {
     # tensor-core kernel (kernels/attention.cu attention_mma, a block per KV head and split,
     # heads_per_block ignored; head_dim a multiple of 32, else the CUDA-core kernel). H200,
     # GLM-Z1-9B's 40-layer step at context 128 / 8192: 2521 / 2796 us with it (256 threads),
-    # 2575 / 3220 with the CUDA-core kernel (128 threads, 4 query heads a block)
-    "attention": {"threads": 256, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True},
+    # 2575 / 3220 with the CUDA-core kernel (128 threads, 4 query heads a block). merge (mma):
+    # "last", the last split to finish folds the group's splits; "spread", a kernel of its own
+    # with a block per query head does (attention_merge: one more launch a layer). H200, same
+    # step, "last" / "spread": 2528 / 2539 us at 128, 2805 / 2766 at 8192 (128 splits: 2957):
+    # a wash; "spread" stays an option (checked in the emulation, not yet against numpy on a GPU)
+    "attention": {"threads": 256, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
+                  "merge": "last"},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
     # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
     # 4 warps sharing 16 rows: 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
@@ -166,11 +171,15 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                 gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "f16", "swiglu"),
                 gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
                 gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "f16", "argmax")]
+    mma = bool(att.get("mma", False)) and s.head_dim % 32 == 0
+    spread = mma and att.get("merge", "last") == "spread"
+    if att.get("merge", "last") not in ("last", "spread"):
+        raise ValueError(f"attention merge {att['merge']!r}: 'last' or 'spread'")
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"],
-                  mma=bool(att.get("mma", False)) and s.head_dim % 32 == 0),
+        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"], mma=mma, spread=spread),
+        *([AttentionMerge("attention_merge", s.head_dim, s.group, 128, att["tile"])] if spread else []),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
         gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
@@ -203,7 +212,7 @@ def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int
     return chunk, splits
 
 
-KINDS = {"gemv": Gemv, "attention": Attention, "norm": RowNorm}
+KINDS = {"gemv": Gemv, "attention": Attention, "norm": RowNorm, "attention_merge": AttentionMerge}
 
 
 def kernel_from_dict(d: dict):
@@ -301,7 +310,11 @@ class DecodeStep:
                        out=b["attn"], counter=b["att_counter"], pos_add=pos_add, max_seq=self.max_context,
                        chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
         spec, h = self.kernels["attention"]
-        return h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl
+        out = [(h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl)]
+        if "attention_merge" in self.kernels:                   # the splits merged by a block per query head
+            mspec, mh = self.kernels["attention_merge"]
+            out.append((mh, (mspec.blocks_x(self.shapes.kv_heads), 1, rows), mspec.threads, 0, att, self.pdl))
+        return out
 
     def _fused(self, kv: list, pos: int, token: int, token_out: int, pos_add: int, slot_stride: int = 0) -> list:
         """The M = 1 step: each norm fused into the GEMV after it (the kernels' prologues)."""
@@ -317,7 +330,7 @@ class DecodeStep:
             else:
                 prev = self.wmap["layers"][layer - 1]
                 out.append(self._gemv("qkv", x_in=x[0], y_in=b["mlp"], norm_y=w[prev["post_mlp_norm"]], **qkv))
-            out.append(self._attention(kc, vc, pos, pos_add, slot_stride, 1))
+            out += self._attention(kc, vc, pos, pos_add, slot_stride, 1)
             out.append(self._gemv("o_proj", y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._gemv("gate_up", x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0], act=b["act"], **self._linear(lw["gate_up"])))
@@ -352,7 +365,7 @@ class DecodeStep:
                                       norm_x=w[lw["input_norm"]], x_out=x[1]))
             out.append(self._gemv(name("qkv"), h_in=h, q=b["q"], k_cache=kc, v_cache=vc, rope=b["rope"], pos=pos,
                                   slot_stride=slot_stride, **self._linear(lw["qkv"])))
-            out.append(self._attention(kc, vc, pos, 0, slot_stride, rows))
+            out += self._attention(kc, vc, pos, 0, slot_stride, rows)
             out.append(self._gemv(name("o_proj"), y_in=b["attn"], y=b["o"], **self._linear(lw["o"])))
             out.append(self._norm("row_norm", rows, x_in=x[1], y_in=b["o"], norm_y=w[lw["post_attn_norm"]],
                                   norm_x=w[lw["pre_mlp_norm"]], x_out=x[0]))

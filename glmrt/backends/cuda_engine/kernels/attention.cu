@@ -276,7 +276,7 @@ DEV void attention(const AttnArgs& a) {
 DEV h16x2 att_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
 DEV unsigned att_word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-template <int HD, int G, int THREADS, int TILE>
+template <int HD, int G, int THREADS, int TILE, bool SPREAD = false>
 DEV void attention_mma(const AttnArgs& a) {
   constexpr int WARPS = THREADS / 32;
   constexpr int MT = (G + 15) / 16;                      // m-tiles of 16 query heads
@@ -609,6 +609,7 @@ DEV void attention_mma(const AttnArgs& a) {
     a.part_ml[((size_t)(rh + head0 + r) * a.splits + split) * 2] = mx_s[r];
     a.part_ml[((size_t)(rh + head0 + r) * a.splits + split) * 2 + 1] = den_s[r];
   }
+  if (SPREAD) return;                                    // attention_merge folds the splits
   __threadfence();                                       // the partials, before the count
   __syncthreads();
   if (tid == 0) last_s = atomicAdd(a.counter + row * gridDim.x + h, 1u) == (unsigned)used - 1;
@@ -675,4 +676,74 @@ DEV void attention_mma(const AttnArgs& a) {
     }
   }
   if (tid == 0) a.counter[row * gridDim.x + h] = 0u;     // re-armed for the next launch
+}
+
+// ---- the splits' merge spread over blocks (attention_mma<..., SPREAD = true>) ------------------
+// attention_merge: grid (NKV * G, 1, rows), THREADS threads; block b folds query head b of the
+// row (KV head b / G) over the splits the attention left (each split's output normalized, in
+// fp16, with its (m, den)): out = sum_s e^(m_s - M) den_s o_s / sum_s e^(m_s - M) den_s. Thread
+// (sg, d8) folds the 8 dims d8 over splits sg, sg + SG, ... as an online softmax, SG = THREADS /
+// (HD / 8) groups meet in shared memory. One block per query head (32 for GLM-Z1-9B) instead of
+// one per KV head: at 8K the last-block merge had one SM read every split's outputs of the group.
+// With one split in use the attention wrote the output itself: the blocks return at once. The
+// same chunk rule as the attention (TILE: its tile) gives the splits in use.
+template <int HD, int G, int THREADS, int TILE>
+DEV void attention_merge(const AttnArgs& a) {
+  constexpr int DW = HD / 8;                             // 8-dim words of a head
+  static_assert(THREADS % DW == 0, "whole split groups");
+  constexpr int SG = THREADS / DW;                       // split groups
+  __shared__ float m_s[SG], l_s[SG];
+  __shared__ __align__(16) float acc_s[SG][HD];
+  const int tid = threadIdx.x, sg = tid / DW, d8 = tid % DW;
+  const int head = blockIdx.x, row = blockIdx.z, rh = row * gridDim.x;   // rh: the row's first query head
+  const int len = (a.slot_stride ? a.pos[row] : *a.pos) + a.pos_add + 1;
+  const int per = (len + a.splits - 1) / a.splits;
+  const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
+  const int used = (len + chunk - 1) / chunk;
+  grid_launch_dependents();
+  grid_wait();                                           // the splits' partials: the attention's (and with
+                                                         // one split its output: the next kernel waits on this grid)
+  if (used == 1) return;                                 // the attention wrote the output
+  const float ninf = __int_as_float(0xff800000);
+  const h16* part16 = (const h16*)a.part_o;
+  const size_t base = (size_t)(rh + head) * a.splits;
+  float mrun = ninf, lsum = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int sp = sg; sp < used; sp += SG) {
+    const float4 raw = load_l2((const float4*)(part16 + (base + sp) * HD) + d8);
+    const float m = load_l2(a.part_ml + 2 * (base + sp)), den = load_l2(a.part_ml + 2 * (base + sp) + 1);
+    const float mx = fmaxf(mrun, m);
+    const float c = __expf(mrun - mx), w = __expf(m - mx) * den;     // c: 0 on the first split
+    const float2 o01 = h2x2f(__float_as_uint(raw.x)), o23 = h2x2f(__float_as_uint(raw.y));
+    const float2 o45 = h2x2f(__float_as_uint(raw.z)), o67 = h2x2f(__float_as_uint(raw.w));
+    const float o[8] = {o01.x, o01.y, o23.x, o23.y, o45.x, o45.y, o67.x, o67.y};
+    lsum = lsum * c + w;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * c + w * o[i];
+    mrun = mx;
+  }
+  if (d8 == 0) { m_s[sg] = mrun; l_s[sg] = lsum; }       // (groups past `used` keep -inf, 0)
+  __syncthreads();
+  float big = m_s[0];
+#pragma unroll
+  for (int q = 1; q < SG; ++q) big = fmaxf(big, m_s[q]);  // finite: split 0 is in group 0
+  const float wgt = mrun == ninf ? 0.f : __expf(mrun - big);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc_s[sg][8 * d8 + i] = wgt * acc[i];
+  __syncthreads();
+  if (sg == 0) {
+    float den = 0.f;
+#pragma unroll
+    for (int q = 0; q < SG; ++q) den += (m_s[q] == ninf ? 0.f : __expf(m_s[q] - big)) * l_s[q];
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float x = 0.f;
+#pragma unroll
+      for (int q = 0; q < SG; ++q) x += acc_s[q][8 * d8 + i];
+      v[i] = x / den;
+    }
+    float4* dst = (float4*)(a.out + (size_t)(rh + head) * HD + 8 * d8);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
 }
