@@ -256,8 +256,9 @@ def part_sweep(args):
     emu = {"launches": 2, "l2_bytes": 1 << 16} if args.emulate else {}
     out = {"gemv": [], "attention": []}
     for threads, hpb, tile, chunk, splits, *mma in ATT_SWEEP if args.only in (None, "attention") else ():
+        on = bool(mma and mma[0])
         knobs = {"threads": threads, "heads_per_block": hpb, "tile": tile, "chunk": chunk, "splits": splits,
-                 "mma": bool(mma and mma[0]), **({"merge": mma[1]} if len(mma) > 1 else {})}
+                 "mma": on, **({"mma_threads": threads} if on else {}), **({"merge": mma[1]} if len(mma) > 1 else {})}
         say(f"== attention{' on the tensor cores' if knobs.get('mma') else ''}: {threads} threads, {hpb} query heads "
             f"a block, tile {tile}, chunk {chunk}+, {splits} splits{', merged apart' if knobs.get('merge') == 'spread' else ''}")
         try:

@@ -232,4 +232,9 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
     if len(files) != 1:
         raise GlmrtError(f"{model_dir}: weights spread over {sorted(files)}; the engine reads one external data file")
     index["file"] = files.pop()
-    return index, Formats(formats.pop(), block, index["lm_head"]["format"])
+    linear = formats.pop()
+    # the engine reads the embedding in bf16 exactly when the layers are bf16 (Formats.embed)
+    if (tensors[index["embed"]].get("onnx") == "bfloat16") != (linear == "bf16"):
+        raise GlmrtError(f"{model_dir}: the embedding is {tensors[index['embed']].get('onnx', 'float16')} and the "
+                         f"layers {linear}; the engine reads a bf16 embedding with bf16 layers only")
+    return index, Formats(linear, block, index["lm_head"]["format"])

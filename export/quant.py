@@ -118,6 +118,11 @@ def _round_scale(s: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(s) & (s != 0), s, np.asarray(1.0, dtype))
 
 
+def _rows_times_scales(q: QTensor) -> np.ndarray:
+    """(N, K) float64: codes (int8 or e4m3) times their row's scale."""
+    return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
+
+
 def _float_activations_only(int8_activations) -> None:
     if int8_activations:
         raise ValueError("--int8-activations applies to MatMulNBits (int4/int8 on the onnxruntime "
@@ -328,7 +333,7 @@ class Int8QDQ(TensorScaledQDQ):
         return QTensor(codes, scale, None, w.shape[1])
 
     def dequantize(self, q: QTensor) -> np.ndarray:
-        return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
+        return _rows_times_scales(q)
 
     def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
              act_amax=None) -> str:
@@ -415,12 +420,14 @@ class Fp8Rows(TensorScaledQDQ):
 
     def quantize(self, w: np.ndarray) -> QTensor:
         import ml_dtypes
-        scale = _round_scale(np.abs(w).max(1) / FP8_MAX, self.scale_dtype)              # (N,)
+        # fp16 scales no smaller than its smallest normal (2^-14): a subnormal scale keeps few bits
+        # of its own, and the rows' tiny values stay representable in e4m3 under it
+        scale = _round_scale(np.maximum(np.abs(w).max(1) / FP8_MAX, 2.0 ** -14), self.scale_dtype)   # (N,)
         v = np.clip(w / scale.astype(np.float32)[:, None], -FP8_MAX, FP8_MAX)
         return QTensor(v.astype(ml_dtypes.float8_e4m3fn), scale, None, w.shape[1])
 
     def dequantize(self, q: QTensor) -> np.ndarray:
-        return q.codes.astype(np.float64) * q.scales.astype(np.float64)[:, None]
+        return _rows_times_scales(q)
 
     def emit(self, g: GraphBuilder, x: str, wname: str, src: WeightSource, errors: dict,
              act_amax=None) -> str:

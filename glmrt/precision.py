@@ -84,10 +84,10 @@ class PrecisionSpec:
 
 # What TensorRT runs per precision, by compute capability (its support matrix: FP16 from 5.3,
 # INT8 from 6.1, INT4 weight-only from 8.0, FP8 from 8.9). glmrt's own cuda engine compiles its
-# kernels for sm_80 and newer (Ampere, Jetson Orin, Ada, Hopper, Blackwell), fp8 included: it
-# decodes e4m3 weights by integer bit moves (kernels/gemv.cu dot_fp8), not the sm_89+
-# conversion instructions. On the cuda target fp8 is weight-only (fp8-rows: W8A16, no
-# calibration); the onnxruntime and tensorrt targets quantize activations too (fp8-qdq).
+# kernels for sm_80 and newer (Ampere, Jetson Orin, Ada, Hopper, Blackwell), fp8 included: below
+# sm_89 it decodes e4m3 weights by integer bit moves (kernels/gemv.cu dot_fp8), on sm_89+ by the
+# conversion instruction (the same values). On the cuda target fp8 is weight-only (fp8-rows:
+# W8A16, no calibration); the onnxruntime and tensorrt targets quantize activations too (fp8-qdq).
 PRECISIONS = {p.name: p for p in (
     PrecisionSpec("fp32", {"onnxruntime": "float"}, "float32", "float32", "float32"),
     PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from glmrt.backends.cuda_engine import nvrtc, selfcheck
-from glmrt.backends.cuda_engine.sources import Attention, Shapes, translation_unit
+from glmrt.backends.cuda_engine.sources import Attention, AttentionMerge, Shapes, translation_unit
 from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kernels
 from glmrt.errors import GlmrtError
 
@@ -30,7 +30,12 @@ INT4 = Formats("int4", 32, "f16_kn")
 
 
 def mma(**att) -> dict:
-    return {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "mma": True, **att}}
+    """A config with the tensor-core attention on (threads: its block, the knob mma_threads) or,
+    with mma=False, the CUDA-core one (threads: its own knob)."""
+    on = att.pop("mma", True)
+    if on and "threads" in att:
+        att["mma_threads"] = att.pop("threads")
+    return {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "mma": on, **att}}
 
 
 def shapes(group: int, head_dim: int) -> Shapes:
@@ -110,10 +115,10 @@ MUTATIONS = {
     "positions past the split": ("if (p >= t1) sc[mi][j][n][e] = ninf;", ""),
     "V not transposed": ("movmatrix_t(att_word(v0, i)), b1 = movmatrix_t(att_word(v1, i))",
                          "att_word(v0, i), b1 = att_word(v1, i)"),
-    "Q dims order": ("qa[mi][2 * c][2 + e] = att_h2(lo.z * scale, lo.w * scale);",
-                     "qa[mi][2 * c][2 + e] = att_h2(lo.w * scale, lo.z * scale);"),
+    "Q dims order": ("qa[mi][2 * c][2 + e] = pack_h2(lo.z * scale, lo.w * scale);",
+                     "qa[mi][2 * c][2 + e] = pack_h2(lo.w * scale, lo.z * scale);"),
     "counter re-armed": ("if (tid == 0) a.counter[row * gridDim.x + h] = 0u;", ""),
-    "grown split": ("const int chunk = max(a.chunk, grown);", "const int chunk = a.chunk;"),
+    "grown split": ("return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;"),
 }
 
 
@@ -137,6 +142,9 @@ Z1_9B = Shapes(4096, 13696, 32, 2, 128, 64, 151552)        # G = 16
 G4_32B = Shapes(6144, 23040, 48, 2, 128, 64, 151552)       # G = 24
 INSTANCES = [Attention(f"att_g{g}_{t}t_tile{tile}", 128, g, t, 0, tile, mma=True)
              for g in (16, 24) for t in (128, 256) for tile in (32, 64)]
+# the spread merge's pair (the attention leaving its partials, attention_merge)
+INSTANCES += [Attention("att_g16_spread", 128, 16, 256, 0, 32, mma=True, spread=True),
+              AttentionMerge("att_merge_g16", 128, 16, 128, 32), AttentionMerge("att_merge_g24", 128, 24, 128, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +219,21 @@ def test_the_checks_catch_a_broken_spread_merge(monkeypatch, mutation):
         report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(16, 128), INT4, max_seq=300, chunk=32,
                                       splits=19, only=["attention"], config=config)
     assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+@pytest.mark.parametrize("group,head_dim,threads,tile,fits", [
+    (16, 128, 256, 32, True), (24, 128, 256, 32, True), (48, 128, 256, 32, False),   # 3 m-tiles, 8 warps
+    (40, 128, 128, 32, False), (16, 96, 256, 32, True), (16, 80, 256, 32, False), (96, 128, 256, 32, False)])
+def test_shapes_the_tensor_core_attention_cannot_take_fall_back(group, head_dim, threads, tile, fits):
+    """mma_attention_fits mirrors attention_mma's static_asserts: where it says no, the engine
+    compiles the CUDA-core kernel instead of failing to compile (checked by NVRTC where it says yes)."""
+    from glmrt.backends.cuda_engine.sources import mma_attention_fits
+    assert mma_attention_fits(head_dim, group, threads, tile) == fits
+    s = Shapes(1024, 1024, 2 * group, 2, head_dim, min(64, head_dim), 1024)
+    att = next(k for k in decode_kernels(s, INT4, mma(threads=threads, tile=tile, merge="spread")) if k.name == "attention")
+    assert att.mma == fits
+    if fits and HAS_NVRTC:
+        ks = [k for k in decode_kernels(s, INT4, mma(threads=threads, tile=tile, merge="spread"))
+              if k.name.startswith("attention")]
+        assert len(ks) == 2
+        nvrtc.compile_cubin(translation_unit(s, ks), 90)

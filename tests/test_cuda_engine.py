@@ -53,7 +53,7 @@ G4_32B = Shapes(6144, 23040, 48, 2, 128, 64, 151552)
 SMALL = Shapes(128, 384, 4, 2, 32, 16, 1024)           # the "quant" test checkpoint's shapes
 FORMATS = {"int4-b32": Formats("int4", 32, "f16_kn"), "int4-b128-lmhead": Formats("int4", 128, "int4"),
            "fp16": Formats("f16", 32, "f16"), "fp8": Formats("fp8", 32, "f16_kn"),
-           "bf16": Formats("bf16", 32, "bf16"),
+           "bf16": Formats("bf16", 32, "bf16"), "fp8-lmhead": Formats("fp8", 32, "fp8"),
            "int4-a8-b32": Formats("int4", 32, "f16_kn", "int8"), "int4-a8-b128-lmhead": Formats("int4", 128, "int4", "int8")}
 
 
@@ -282,7 +282,8 @@ MUTATIONS = {
     "split merge weights": ("attention.cu", "num.x += w[s] * o.x;", "num.x += o.x;", "attention"),
     "attention counter re-armed": ("attention.cu", "if (tid == 0) a.counter[row * gridDim.x + blockIdx.x] = 0u;", "", "attention"),
     "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
-    "attention grown split": ("attention.cu", "max(a.chunk, (per + TILE - 1) / TILE * TILE)", "a.chunk", "attention"),
+    "attention grown split": ("attention.cu", "return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;",
+                              "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
@@ -574,6 +575,7 @@ PROMPT = [5, 17, 250, 3, 99, 42, 7]
 @needs_cxx
 @pytest.mark.parametrize("precision,options,tol", [("int4", {}, 3e-3), ("int4", {"activations": "int8"}, 2.5e-2),
                                                   ("fp16", {"float_layout": "nk"}, 3e-3), ("fp8", {}, 3e-3),
+                                                  ("fp8", {"quantize_lm_head": True}, 3e-3),
                                                   ("bf16", {"float_layout": "nk"}, 3e-3)])
 def test_the_engine_follows_the_float64_reference_on_its_own_weights(engine_model, precision, options, tol):
     """Prefill token by token in the engine, then decode steps: logits against the float64
@@ -842,7 +844,7 @@ SLOT_MUTATIONS = {
 
 
 @needs_cxx
-@pytest.mark.parametrize("formats", ["int4-b32", "int4-b128-lmhead", "fp16", "fp8"])
+@pytest.mark.parametrize("formats", ["int4-b32", "int4-b128-lmhead", "fp16", "fp8", "bf16"])
 @pytest.mark.parametrize("mutation", [None, *SLOT_MUTATIONS])
 def test_the_bucket_checks_pass_and_catch_slot_bugs(monkeypatch, formats, mutation):
     """What `glmrt build --max-batch` checks on the GPU, in the emulation: each bucket's row norms,

@@ -60,6 +60,10 @@ def test_fp8_rows_round_trip():
     assert q.scales.shape == (W.shape[0],) and q.scales.dtype == np.float16
     amax = np.abs(q.codes.astype(np.float32)).max(1)
     assert (amax >= 416).all() and (amax <= 448).all()            # fp16 scale rounding: the largest within a step
+    tiny = W[:4] * 2e-4                                          # rows whose largest |w| is ~3e-5
+    qt = s.quantize(tiny)
+    assert (qt.scales == np.float16(2.0 ** -14)).all()            # fp16's smallest normal, not a subnormal
+    assert s.error(tiny, qt)["rel_rmse"] < 0.07                  # (a subnormal scale: ~0.11)
 
 
 def test_fp8_rows_graph_is_weight_only(tmp_path):

@@ -76,14 +76,15 @@ def dequant_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def bf16_bits(v) -> np.ndarray:
-    """float values -> bf16 bits (uint16), rounded to nearest even."""
-    u = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    """float values -> bf16 bits (uint16), rounded to nearest even (the exporter's conversion)."""
+    from glmrt.export.checkpoint import f32_to_bf16
+    return f32_to_bf16(np.asarray(v, np.float32))
 
 
 def bf16_values(bits) -> np.ndarray:
     """bf16 bits (uint16) -> float64."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    from glmrt.export.checkpoint import bf16_to_f32
+    return bf16_to_f32(np.asarray(bits, np.uint16)).astype(np.float64)
 
 
 def quant_a8(v: np.ndarray, group: int = 32) -> np.ndarray:
@@ -440,6 +441,12 @@ def check_lm_head(c: _Ctx) -> dict:
         scales[first] = scales[second] = np.float16(0.05)
         wf = {"w": c.put(packed), "scales": c.put(scales)}
         wd = _Rows(lambda r: dequant_int4(packed[r], scales[r], H), V)
+    elif fmt == "fp8":                               # an fp8 lm_head (export --quantize-lm-head)
+        codes, scales = random_fp8(c.rng, V, H)
+        codes[first] = codes[second] = np.where(h > 0, 0x38, 0xB8).astype(np.uint8)     # e4m3 +-1.0
+        scales[first] = scales[second] = np.float16(0.5)
+        wf = {"w": c.put(codes), "scales": c.put(scales)}
+        wd = _Rows(lambda r: dequant_fp8(codes[r], scales[r]), V)
     elif fmt == "bf16":
         w = bf16_bits(c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05)
         w[first] = w[second] = bf16_bits(np.where(h > 0, 0.5, -0.5))

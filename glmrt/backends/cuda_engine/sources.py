@@ -185,6 +185,29 @@ class Attention:
 ATT_MAX_SPLITS = 128           # kernels/attention.cu: the splits one merge takes
 
 
+def mma_attention_fits(head_dim: int, group: int, threads: int, tile: int) -> bool:
+    """Whether attention_mma compiles for these shapes: its static_asserts, mirrored (head_dim
+    a multiple of 32, warps and 16-head m-tiles dividing one another, the tile's K/V rows or the
+    warps' sum of O under 46 KB of static shared memory). Where not, the CUDA-core kernel runs."""
+    if head_dim % 32 or tile % 16 or threads % 32 or tile <= 0 or threads <= 0:
+        return False
+    warps, mt = threads // 32, -(-group // 16)
+    if warps % mt and mt % warps:
+        return False
+    wpm, nsl = (warps // mt if warps > mt else 1), tile // 16
+    pgs = min(wpm, nsl)
+    if nsl % pgs or wpm % pgs:
+        return False
+    rw = head_dim // 8
+    rwp = rw if rw % 8 else rw + 4
+    return max(2 * tile * rwp, mt * 16 * (head_dim + 4) // 4) * 16 <= 46 * 1024
+
+
+def merge_threads(head_dim: int) -> int:
+    """attention_merge's block: split groups of head_dim / 8 threads, about 128 in all."""
+    return head_dim // 8 * max(1, 128 // (head_dim // 8))
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionMerge:
     """The splits' merge of a spread attention (kernels/attention.cu attention_merge): a block

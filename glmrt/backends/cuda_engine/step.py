@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 
 from .args import AttnArgs, GemvArgs
-from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, Shapes
+from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, Shapes, merge_threads, mma_attention_fits
 
 # Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
 # lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
@@ -64,8 +64,9 @@ DEFAULT_CONFIG = {
     # with a block per query head does (attention_merge: one more launch a layer). H200, same
     # step, "last" / "spread": 2528 / 2539 us at 128, 2805 / 2766 at 8192 (128 splits: 2957):
     # a wash; "spread" stays an option (checked in the emulation, not yet against numpy on a GPU)
-    "attention": {"threads": 256, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
-                  "merge": "last"},
+    # mma_threads: the tensor-core kernel's block; threads: the CUDA-core kernel's
+    "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
+                  "mma_threads": 256, "merge": "last"},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
     # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
     # 4 warps sharing 16 rows: 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
@@ -121,7 +122,7 @@ ACTIVATIONS = {"fp16": "f16", "int8": "int8"}
 class Formats:
     linear: str        # the layers' matrices: "int4", "f16", "fp8" (e4m3, a scale per row) or "bf16"
     block: int         # int4 block size along K
-    lm_head: str       # "int4", "f16" (V, H), "f16_kn" (H, V) or "bf16" (V, H)
+    lm_head: str       # "int4", "f16" (V, H), "f16_kn" (H, V), "bf16" (V, H) or "fp8" (V, H)
     act: str = "f16"   # what int4 weights multiply: "f16" x, or "int8" x per 32 values (W4A8)
 
     @property
@@ -171,15 +172,17 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                 gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "f16", "swiglu"),
                 gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
                 gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "f16", "argmax")]
-    mma = bool(att.get("mma", False)) and s.head_dim % 32 == 0
+    mma = bool(att.get("mma", False)) and mma_attention_fits(s.head_dim, s.group, att["mma_threads"], att["tile"])
     spread = mma and att.get("merge", "last") == "spread"
     if att.get("merge", "last") not in ("last", "spread"):
         raise ValueError(f"attention merge {att['merge']!r}: 'last' or 'spread'")
+    threads = att["mma_threads"] if mma else att["threads"]
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", s.head_dim, s.group, att["threads"], hpb, att["tile"], mma=mma, spread=spread),
-        *([AttentionMerge("attention_merge", s.head_dim, s.group, 128, att["tile"])] if spread else []),
+        Attention("attention", s.head_dim, s.group, threads, hpb, att["tile"], mma=mma, spread=spread),
+        *([AttentionMerge("attention_merge", s.head_dim, s.group, merge_threads(s.head_dim), att["tile"])]
+          if spread else []),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
         gemv("gate_up", "gate_up", f.linear, s.hidden, 2 * s.inter, "add_norm", "swiglu"),
         gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),

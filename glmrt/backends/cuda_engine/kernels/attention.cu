@@ -45,6 +45,14 @@ struct AttnArgs {
 
 #define ATT_MAX_SPLITS 128
 
+// The positions split s of a context of len takes: [s * chunk, min(len, (s + 1) * chunk)) with
+// chunk = max(a.chunk, len / splits rounded up to whole tiles); splits past len have none. Every
+// attention kernel (and the spread merge, counting the splits in use) takes it from here.
+template <int TILE> DEV int att_chunk(const AttnArgs& a, int len) {
+  const int per = (len + a.splits - 1) / a.splits;
+  return max(a.chunk, (per + TILE - 1) / TILE * TILE);
+}
+
 template <int HD, int G, int HPB, int THREADS, int TILE>
 DEV void attention(const AttnArgs& a) {
   static_assert(HD % 8 == 0 && THREADS % 32 == 0 && TILE % 32 == 0, "head_dim: a multiple of 8; whole warps");
@@ -65,8 +73,7 @@ DEV void attention(const AttnArgs& a) {
   const int h = blockIdx.x / QG, head0 = h * G + (blockIdx.x % QG) * HPB, split = blockIdx.y;
   const int row = blockIdx.z, rh = row * gridDim.x * HPB;   // rh: the row's first query head (NH a row)
   const int len = (a.slot_stride ? a.pos[row] : *a.pos) + a.pos_add + 1;
-  const int per = (len + a.splits - 1) / a.splits;
-  const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
+  const int chunk = att_chunk<TILE>(a, len);
   const int t0 = split * chunk;
   grid_launch_dependents();
   if (t0 >= len) return;                     // the whole block: nothing to read here (pos is the host's)
@@ -273,7 +280,6 @@ DEV void attention(const AttnArgs& a) {
 //     column n stands for dim 32 c + 8 (n / 2) + 2 i + n % 2. So O's n-tiles (c, 0..3) leave lane
 //     (g, t) the dims 32 c + 8 t .. 32 c + 8 t + 7 of rows g and g + 8: o[.][c][i][e] is row
 //     g + 8 (e / 2), dim 32 c + 8 t + 2 i + e % 2.
-DEV h16x2 att_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
 DEV unsigned att_word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 template <int HD, int G, int THREADS, int TILE, bool SPREAD = false>
@@ -311,9 +317,7 @@ DEV void attention_mma(const AttnArgs& a) {
   const int h = blockIdx.x, head0 = h * G, split = blockIdx.y;
   const int row = blockIdx.z, rh = row * gridDim.x * G;  // rh: the row's first query head (NH a row)
   const int len = (a.slot_stride ? a.pos[row] : *a.pos) + a.pos_add + 1;
-  const int per = (len + a.splits - 1) / a.splits;
-  const int grown = (per + TILE - 1) / TILE * TILE;      // an even share of len, whole tiles
-  const int chunk = max(a.chunk, grown);
+  const int chunk = att_chunk<TILE>(a, len);
   const int t0 = split * chunk;
   grid_launch_dependents();
   if (t0 >= len) return;                                 // the whole block: nothing to read here
@@ -367,10 +371,10 @@ DEV void attention_mma(const AttnArgs& a) {
           lo = src[0];
           hi = src[1];
         }
-        qa[mi][2 * c][e] = att_h2(lo.x * scale, lo.y * scale);
-        qa[mi][2 * c][2 + e] = att_h2(lo.z * scale, lo.w * scale);
-        qa[mi][2 * c + 1][e] = att_h2(hi.x * scale, hi.y * scale);
-        qa[mi][2 * c + 1][2 + e] = att_h2(hi.z * scale, hi.w * scale);
+        qa[mi][2 * c][e] = pack_h2(lo.x * scale, lo.y * scale);
+        qa[mi][2 * c][2 + e] = pack_h2(lo.z * scale, lo.w * scale);
+        qa[mi][2 * c + 1][e] = pack_h2(hi.x * scale, hi.y * scale);
+        qa[mi][2 * c + 1][2 + e] = pack_h2(hi.z * scale, hi.w * scale);
       }
     }
   }
@@ -495,10 +499,10 @@ DEV void attention_mma(const AttnArgs& a) {
           h16x2 pa[MPW][4];
 #pragma unroll
           for (int mi = 0; mi < MPW; ++mi) {
-            pa[mi][0] = att_h2(sc[mi][j][0][0], sc[mi][j][0][1]);
-            pa[mi][1] = att_h2(sc[mi][j][0][2], sc[mi][j][0][3]);
-            pa[mi][2] = att_h2(sc[mi][j][1][0], sc[mi][j][1][1]);
-            pa[mi][3] = att_h2(sc[mi][j][1][2], sc[mi][j][1][3]);
+            pa[mi][0] = pack_h2(sc[mi][j][0][0], sc[mi][j][0][1]);
+            pa[mi][1] = pack_h2(sc[mi][j][0][2], sc[mi][j][0][3]);
+            pa[mi][2] = pack_h2(sc[mi][j][1][0], sc[mi][j][1][1]);
+            pa[mi][3] = pack_h2(sc[mi][j][1][2], sc[mi][j][1][3]);
           }
           const uint4* vrow = vs + (16 * (pg + PGS * j) + g) * RWP + t;
 #pragma unroll
@@ -602,8 +606,8 @@ DEV void attention_mma(const AttnArgs& a) {
     const float* v = red + r * RS + 8 * d8;
     const float inv = 1.f / den_s[r];
     ((uint4*)(part16 + ((size_t)(rh + head0 + r) * a.splits + split) * HD))[d8] =
-        make_uint4(att_h2(v[0] * inv, v[1] * inv), att_h2(v[2] * inv, v[3] * inv), att_h2(v[4] * inv, v[5] * inv),
-                   att_h2(v[6] * inv, v[7] * inv));
+        make_uint4(pack_h2(v[0] * inv, v[1] * inv), pack_h2(v[2] * inv, v[3] * inv), pack_h2(v[4] * inv, v[5] * inv),
+                   pack_h2(v[6] * inv, v[7] * inv));
   }
   for (int r = tid; r < G; r += THREADS) {
     a.part_ml[((size_t)(rh + head0 + r) * a.splits + split) * 2] = mx_s[r];
@@ -697,8 +701,7 @@ DEV void attention_merge(const AttnArgs& a) {
   const int tid = threadIdx.x, sg = tid / DW, d8 = tid % DW;
   const int head = blockIdx.x, row = blockIdx.z, rh = row * gridDim.x;   // rh: the row's first query head
   const int len = (a.slot_stride ? a.pos[row] : *a.pos) + a.pos_add + 1;
-  const int per = (len + a.splits - 1) / a.splits;
-  const int chunk = max(a.chunk, (per + TILE - 1) / TILE * TILE);
+  const int chunk = att_chunk<TILE>(a, len);
   const int used = (len + chunk - 1) / chunk;
   grid_launch_dependents();
   grid_wait();                                           // the splits' partials: the attention's (and with

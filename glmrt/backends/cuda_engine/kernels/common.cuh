@@ -70,6 +70,7 @@ DEV void grid_launch_dependents() {
 
 DEV float2 h2x2f(h16x2 v) { return make_float2(h2f((h16)(v & 0xffffu)), h2f((h16)(v >> 16))); }
 DEV float bf2f(h16 b) { return __uint_as_float((unsigned)b << 16); }
+DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }   // (lo, hi) -> half2
 
 DEV float warp_sum(float v) {
 #pragma unroll

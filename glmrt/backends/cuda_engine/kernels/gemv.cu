@@ -168,7 +168,6 @@ template <int FMT> DEV int x_word_at(int k0, int m) {   // in uint4 units of xs 
   if (FMT == W_FP8) return (k0 / 16) * L::XU + (((k0 % 16) / 8) ^ fp8_swizzle(k0 / 16));
   return PAIRED_X(FMT) ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
 }
-DEV h16x2 pack_h2(float lo, float hi) { return (h16x2)f2h(lo) | ((h16x2)f2h(hi) << 16); }
 template <int FMT> DEV uint4 x_word(const float (&v)[8]) {
   // int4: pairs (s, s + 4) (the nibble order of dot_int4); fp16: in order
   return PAIRED_X(FMT) ? make_uint4(pack_h2(v[0], v[4]), pack_h2(v[1], v[5]), pack_h2(v[2], v[6]), pack_h2(v[3], v[7]))
