@@ -161,6 +161,8 @@ def part_kernels(args):
     if args.mma:                           # the tensor-core GEMVs for every int4 role and the W^T lm_head
         config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], "mma": True}
                                        for r in ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")}}
+    if args.attention:                     # attention knobs over the defaults, e.g. {"merge": "spread"}
+        config = {**config, "attention": {**DEFAULT_CONFIG["attention"], **json.loads(args.attention)}}
     shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
     if args.emulate:                       # the emulation runs small shapes
         shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}
@@ -200,7 +202,8 @@ def part_kernels(args):
             if args.buckets_of and shape != args.buckets_of:
                 continue
             say(f"== {shape}: int4 block 32, lm_head f16_kn, the buckets of {slots} slots")
-            rows = run_bucket_checks(device, shapes[shape], Formats("int4", 32, "f16_kn"), slots, log=say)
+            rows = run_bucket_checks(device, shapes[shape], Formats("int4", 32, "f16_kn"), slots, log=say,
+                                     config=config)
             for r in rows:
                 r["case"] = f"{shape} int4 b32 buckets of {slots}"
             report["checks"] += rows
@@ -885,6 +888,8 @@ def main():
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")
     ap.add_argument("--mma", action="store_true", help="kernels: the tensor-core int4 GEMVs")
+    ap.add_argument("--attention", default=None,
+                    help='kernels: JSON attention knobs over the defaults, e.g. \'{"merge": "spread"}\'')
     ap.add_argument("--buckets-of", choices=list(SHAPES), default=None,
                     help="kernels --slots N: only that shape's bucket checks")
     ap.add_argument("--fp8-bits", action="store_true",

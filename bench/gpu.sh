@@ -36,7 +36,8 @@
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
 #   bash bench/gpu.sh engine-attn    kernels only: the attention's merge variants in GLM-Z1-9B's step, GLM-4-32B's
-#                                    and bf16's steps, bf16's kernel checks, GLM-4-32B's bucket checks
+#                                    and bf16's steps, bf16's kernel checks, GLM-4-32B's bucket checks; SPREAD=1:
+#                                    the spread merge checked against numpy at real shapes
 #   bash bench/gpu.sh engine-slots   continuous batching on the engine: GLM-Z1-9B int4 built with --max-batch 8,
 #                                    glmrt bench --slots 1,2,4,8 of it and of ONNX Runtime's form, the batched
 #                                    steps against single ones (after `install`)
@@ -306,6 +307,12 @@ engine-attn)  # kernels only (no ONNX Runtime, no export): GLM-Z1-9B's whole int
   run timeout 100 $C step --linear bf16 --tag bf16 2>&1 | tee -a "$LOG"
   run timeout 120 $C kernels --linear bf16 --time 2>&1 | tee -a "$LOG"
   run timeout ${BUCKET_LIMIT:-100} $C kernels --slots 4 --buckets-of glm-4-32b 2>&1 | tee -a "$LOG"
+  # SPREAD=1: the spread merge checked against numpy at GLM-Z1-9B / GLM-4-32B shapes (fp8 layers: the
+  # quickest full kernel set) and in GLM-Z1-9B's buckets
+  if [ "${SPREAD:-0}" = 1 ]; then
+    run timeout 200 $C kernels --linear fp8 --attention '{"merge": "spread"}' 2>&1 | tee -a "$LOG"
+    run timeout 100 $C kernels --attention '{"merge": "spread"}' --slots 4 --buckets-of glm-z1-9b 2>&1 | tee -a "$LOG"
+  fi
   ;;
 engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-9B int4 (40 layers, `prep`'s export)
               # built with --max-batch 8 (checked on the GPU), glmrt bench --slots 1,2,4,8 of the engine and of
