@@ -141,7 +141,9 @@ def _write_consumer(tmp: Path, model, ckpt, kv_dtype: str, form: str, name: str,
     graph, contract = consumer_graph(model, ckpt.cfg, kv_dtype, form, c)
     (tmp / c.graph).write_bytes(graph.SerializeToString())
     if c.config == GENAI_CONFIG:  # optimum reads the checkpoint's own config.json (copied below)
-        cfg = genai_config(ckpt.cfg, contract, c.graph, generation, device="cuda" if form == "gqa" else "cpu",
+        # the gqa form runs on CUDA in fp16 (target cuda) or on the CPU in fp32 (target cpu)
+        device = "cuda" if form == "gqa" and kv_dtype == "float16" else "cpu"
+        cfg = genai_config(ckpt.cfg, contract, c.graph, generation, device=device,
                            gmask_id=special_token_id(ckpt.folder / "tokenizer.json", "[gMASK]"))
         (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return {"graph": c.graph, "io": contract_to_dict(contract), "config": c.config}

@@ -39,6 +39,13 @@ TARGETS = {t.name: t for t in (
            int8_activations=True, lm_head="same", blocks=((8, 128),)),
     Target("cuda", "gqa", ("float16",), True,
            "GroupQueryAttention, fused norms, device KV cache updated in place; ONNX Runtime CUDA"),
+    # the gqa form in fp32 for ONNX Runtime's CPU provider: 230 nodes where the concat form has 1344,
+    # the KV cache updated in place, the same logits; 2 cores, a 1.45B int4 checkpoint: decode 30.5
+    # against 25.3 tok/s (medians of 4 alternating runs), 26.6 against 25.6 in another run, prefill
+    # level (bench/RESULTS.md, issue 14)
+    Target("cpu", "gqa", ("float32",), True,
+           "GroupQueryAttention, fused norms, KV cache updated in place, fp32; ONNX Runtime CPU",
+           int8_activations=True, lm_head="same", blocks=((8, 128),)),
     Target("tensorrt", "concat", ("float16", "float32"), False,
            "standard ops only, weights as Q/DQ; TensorRT (and ONNX Runtime CPU)"),
 )}
@@ -89,7 +96,7 @@ class PrecisionSpec:
 # conversion instruction (the same values). On the cuda target fp8 is weight-only (fp8-rows:
 # W8A16, no calibration); the onnxruntime and tensorrt targets quantize activations too (fp8-qdq).
 PRECISIONS = {p.name: p for p in (
-    PrecisionSpec("fp32", {"onnxruntime": "float"}, "float32", "float32", "float32"),
+    PrecisionSpec("fp32", {"onnxruntime": "float", "cpu": "float"}, "float32", "float32", "float32"),
     PrecisionSpec("fp16", {"onnxruntime": "float", "cuda": "float", "tensorrt": "float"},
                   "float16", "float16", "float16", min_cc=(("tensorrt", (5, 3)), ("cuda", (8, 0)))),
     # ONNX Runtime's CPU provider has no bf16 MatMul: bf16 weights are cast to float32 there
@@ -97,9 +104,11 @@ PRECISIONS = {p.name: p for p in (
     # glmrt's cuda engine reads the bf16 weights as stored
     PrecisionSpec("bf16", {"onnxruntime": "float", "cuda": "float"}, "bfloat16", "float32", "float32",
                   min_cc=(("cuda", (8, 0)),)),
-    PrecisionSpec("int4", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int4-qdq"},
+    PrecisionSpec("int4", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "cpu": "matmulnbits",
+                           "tensorrt": "int4-qdq"},
                   bits=4, awq=True, min_cc=(("tensorrt", (8, 0)), ("cuda", (8, 0)))),
-    PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "tensorrt": "int8-qdq"},
+    PrecisionSpec("int8", {"onnxruntime": "matmulnbits", "cuda": "matmulnbits", "cpu": "matmulnbits",
+                           "tensorrt": "int8-qdq"},
                   bits=8, awq=True, min_cc=(("tensorrt", (6, 1)),)),
     PrecisionSpec("fp8", {"onnxruntime": "fp8-qdq", "cuda": "fp8-rows", "tensorrt": "fp8-qdq"},
                   bits=8, min_cc=(("tensorrt", (8, 9)), ("cuda", (8, 0)))),
