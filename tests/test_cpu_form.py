@@ -54,3 +54,9 @@ def test_fp32_cpu_form_matches_the_float64_reference(checkpoint, exported):
     m = glmrt.load(exported("quant", "fp32", target="cpu"))
     ref, _ = reference.forward(ck.cfg, ck.weights_f32(), PROMPT)
     assert rel(m.logits(PROMPT), ref) < 1e-4
+
+
+def test_the_cpu_form_on_a_gpu_is_one_clear_line(exported):
+    from glmrt.errors import GlmrtError
+    with pytest.raises(GlmrtError, match=r"exported for the CPU \(--target cpu.*export with --target cuda"):
+        glmrt.load(exported("quant", "int4", target="cpu"), device="cuda")

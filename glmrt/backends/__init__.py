@@ -46,6 +46,9 @@ class Backend:
 
 def _onnxruntime(folder: Path, manifest: dict, o: LoadOptions) -> Decoder:
     if manifest["io"]["form"] == "gqa":
+        if o.device == "cuda" and manifest["precision"].get("target") == "cpu":
+            raise InputError(f"{folder} was exported for the CPU (--target cpu: fp32 GroupQueryAttention, which "
+                             "ONNX Runtime's CUDA provider does not run); export with --target cuda for the GPU")
         from .ort_gqa import OrtGqaDecoder
         return OrtGqaDecoder(folder, manifest, o.device, o.threads, o.max_context, o.cuda_graph, o.burst)
     from .ort_concat import OrtConcatDecoder
