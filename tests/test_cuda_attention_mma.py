@@ -16,7 +16,7 @@ from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kern
 from glmrt.errors import GlmrtError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_emu.emulator import EmulatedDevice, compiler  # noqa: E402
+from cuda_emu.emulator import EmulatedDevice, break_kernels, compiler  # noqa: E402
 
 try:
     nvrtc.version()
@@ -125,13 +125,9 @@ MUTATIONS = {
 @needs_cxx
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_the_check_catches_a_broken_tensor_core_attention(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
     old, new, *case = MUTATIONS[mutation]
     group, hd, att = case[0] if case else (16, 64, {"threads": 128, "tile": 32})
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in attention.cu once"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, old, new, mutation)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, hd), INT4, max_seq=300, chunk=32, splits=3,
                                   only=["attention"], config=mma(**att))
     assert not report[0]["ok"], selfcheck.format_result(report[0])
@@ -204,12 +200,7 @@ SPREAD_MUTATIONS = {
 @needs_cxx
 @pytest.mark.parametrize("mutation", SPREAD_MUTATIONS)
 def test_the_checks_catch_a_broken_spread_merge(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
-    old, new = SPREAD_MUTATIONS[mutation]
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in attention.cu"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, *SPREAD_MUTATIONS[mutation], mutation)
     config = mma(merge="spread", threads=128, splits=19)
     if mutation == "merge: another row's heads":
         report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(16, 32), INT4, 3,

@@ -25,7 +25,7 @@ from glmrt.errors import ArtifactError, GlmrtError
 from glmrt.export.quant import MatMulNBits, pack_nibbles
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_emu.emulator import EmulatedDevice, compiler  # noqa: E402
+from cuda_emu.emulator import EmulatedDevice, break_kernels, compiler  # noqa: E402
 
 try:
     nvrtc.version()
@@ -310,12 +310,7 @@ BF16_MUTATIONS = {
 @needs_cxx
 @pytest.mark.parametrize("mutation", FP8_MUTATIONS)
 def test_the_checks_catch_a_broken_fp8_gemv(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
-    old, new = FP8_MUTATIONS[mutation]
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in gemv.cu"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, *FP8_MUTATIONS[mutation], mutation)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["fp8"], max_seq=300,
                                   chunk=32, splits=3, only=["o_proj", "gate_up"])
     assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
@@ -324,12 +319,7 @@ def test_the_checks_catch_a_broken_fp8_gemv(monkeypatch, mutation):
 @needs_cxx
 @pytest.mark.parametrize("mutation", BF16_MUTATIONS)
 def test_the_checks_catch_a_broken_bf16_gemv(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
-    old, new = BF16_MUTATIONS[mutation]
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in gemv.cu"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, *BF16_MUTATIONS[mutation], mutation)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["bf16"], max_seq=300,
                                   chunk=32, splits=3, only=["qkv_first", "o_proj"])
     assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
@@ -350,17 +340,12 @@ KN_MMA = {**DEFAULT_CONFIG, "lm_head_kn": {**DEFAULT_CONFIG["lm_head_kn"], "mma"
 def test_the_fp16_wt_gemv_on_the_tensor_cores_passes_and_its_bugs_are_caught(monkeypatch, mutation):
     """The lm_head of batched steps (W^T fp16, movmatrix's transpose feeding mma): logits and the
     first-index argmax with a planted tie against numpy; two deliberate bugs must fail."""
-    from glmrt.backends.cuda_engine import sources
     broken = {"B not transposed": ("mma_16816(d[j], ax, movmatrix_t(lo[j]), movmatrix_t(hi[j]))",
                                    "mma_16816(d[j], ax, lo[j], hi[j])"),
               "columns of the wrong lanes": ("part[(warp * ROWS + 8 * c + 2 * j + e) * M + g]",
                                              "part[(warp * ROWS + 8 * j + 2 * c + e) * M + g]")}
     if mutation:
-        old, new = broken[mutation]
-        real = sources.kernel_text()
-        assert real.count(old) == 1, mutation
-        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-        monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+        break_kernels(monkeypatch, *broken[mutation], mutation)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300, chunk=32,
                                   splits=3, config=KN_MMA, only=["lm_head"])
     assert "f16_kn_mma" in report[0]["name"] and report[0]["ok"] == (mutation is None), selfcheck.format_result(report[0])
@@ -381,12 +366,8 @@ MMA_MUTATIONS = {
 @needs_cxx
 @pytest.mark.parametrize("mutation", MMA_MUTATIONS)
 def test_the_checks_catch_a_broken_tensor_core_gemv(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
     file, old, new = MMA_MUTATIONS[mutation]
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
     odd = Shapes(136, 392, 4, 2, 32, 16, 1024)        # down: 13 units a row, the last chunk partial
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), odd, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=["down"], config=MMA)
@@ -396,12 +377,8 @@ def test_the_checks_catch_a_broken_tensor_core_gemv(monkeypatch, mutation):
 @needs_cxx
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
-    from glmrt.backends.cuda_engine import sources
     file, old, new, kernel = MUTATIONS[mutation]
-    real = sources.kernel_text()
-    assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
-    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+    break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
     # the CUDA-core attention (the fallback where head_dim is not a multiple of 32), 2 query groups
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
@@ -850,11 +827,8 @@ def test_the_bucket_checks_pass_and_catch_slot_bugs(monkeypatch, formats, mutati
     """What `glmrt build --max-batch` checks on the GPU, in the emulation: each bucket's row norms,
     GEMVs, slot cache writes and per-slot attention against numpy; each slot bug must fail."""
     if mutation:
-        from glmrt.backends.cuda_engine import sources
         file, old, new = SLOT_MUTATIONS[mutation]
-        real = sources.kernel_text()
-        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-        monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
+        break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
     report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], 4)
     assert [r["kernel"] for r in report] == ["bucket 2", "bucket 4"]
     assert all(r["ok"] for r in report) == (mutation is None), [selfcheck.format_result(r) for r in report]
@@ -874,10 +848,8 @@ def test_batched_slots_equal_one_sequence_at_a_time_in_the_emulation(exported, t
     from glmrt.backends.cuda_engine import sources
     if mutation:
         file, old, new = SLOT_MUTATIONS[mutation]
-        real = sources.kernel_text()
-        assert real.count(old) == 1, f"{mutation}: the snippet to break is not in {file}"
-        monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
-        monkeypatch.setattr("glmrt.engines.cuda_build.kernel_text", sources.kernel_text)
+        break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
+        monkeypatch.setattr("glmrt.engines.cuda_build.kernel_text", sources.kernel_text)   # the builder's own name
     model = tmp_path / "m"
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
     build(model, backend="cuda", gpu="NVIDIA H200@sm90", max_batch=4)

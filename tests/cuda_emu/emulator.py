@@ -115,3 +115,13 @@ class EmulatedDevice(Device):
     def replay(self, graph) -> None:
         for launch in graph:
             self._run(*launch)
+
+
+def break_kernels(monkeypatch, old: str, new: str, what: str = "") -> None:
+    """A deliberate bug for the tests that must catch it: the kernel source every engine and
+    check compiles has `old` (which must stand there once) replaced by `new`, for this test."""
+    from glmrt.backends.cuda_engine import selfcheck, sources
+    real = sources.kernel_text()
+    assert real.count(old) == 1, f"{what}: the snippet to break is not in the kernels once"
+    monkeypatch.setattr(sources, "kernel_text", lambda: real.replace(old, new))
+    monkeypatch.setattr(selfcheck, "translation_unit", sources.translation_unit)
