@@ -29,6 +29,14 @@ EPILOGUES = {"store": "EPI_STORE", "qkv": "EPI_QKV", "swiglu": "EPI_SWIGLU", "ar
 KN_TILE = 256                  # columns per tile of the W^T GEMV (32 lanes x 8 values)
 
 
+def entry(name: str, args: str, call: str, threads: int, min_blocks: int | None = None) -> str:
+    """One kernel instance: an extern "C" entry point of `threads` threads a block (at least
+    `min_blocks` resident per SM, when given) taking its argument struct by value and calling a
+    template with everything fixed."""
+    bounds = f"{threads}, {min_blocks}" if min_blocks is not None else f"{threads}"
+    return f'extern "C" __global__ void __launch_bounds__({bounds}) {name}(const {args} a) {{ {call} }}\n'
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """What the kernels are compiled for (from the model's GlmConfig)."""
@@ -132,8 +140,7 @@ class Gemv:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
                     f"{self.hsum}>(a);")
-        return (f'extern "C" __global__ void __launch_bounds__({self.threads}, {self.min_blocks}) '
-                f"{self.name}(const GemvArgs a) {{ {call} }}\n")
+        return entry(self.name, self.args, call, self.threads, self.min_blocks)
 
     args = "GemvArgs"
 
@@ -177,7 +184,7 @@ class Attention:
                     f"{'true' if self.spread else 'false'}>(a);")
         else:
             call = f"attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, {self.tile}>(a);"
-        return f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}(const AttnArgs a) {{ {call} }}\n'
+        return entry(self.name, self.args, call, self.threads)
 
     args = "AttnArgs"
 
@@ -226,8 +233,8 @@ class AttentionMerge:
         return 0
 
     def instance(self) -> str:
-        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}(const AttnArgs a) '
-                f"{{ attention_merge<{self.head_dim}, {self.group}, {self.threads}, {self.tile}>(a); }}\n")
+        return entry(self.name, self.args, f"attention_merge<{self.head_dim}, {self.group}, {self.threads}, "
+                                            f"{self.tile}>(a);", self.threads)
 
     args = "AttnArgs"
 
@@ -245,8 +252,7 @@ class RowNorm:
         return 0
 
     def instance(self) -> str:
-        return (f'extern "C" __global__ void __launch_bounds__({self.threads}) {self.name}'
-                f"(const GemvArgs a) {{ norm_rows<Cfg, {PROLOGUES[self.pro]}, {self.threads}>(a); }}\n")
+        return entry(self.name, self.args, f"norm_rows<Cfg, {PROLOGUES[self.pro]}, {self.threads}>(a);", self.threads)
 
     args = "GemvArgs"
 
