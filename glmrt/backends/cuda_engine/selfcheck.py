@@ -723,6 +723,16 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
     return rows
 
 
+def _time_launches(device, launches: list, reps: int, what: str) -> dict:
+    """A decode step's launch list (handle, grid, threads, smem, args[, pdl]) captured `reps`
+    times as one graph and timed: the step benches' row."""
+    def record():
+        for _ in range(reps):
+            for h, *rest in launches:
+                device.launch(h, *rest)
+    return _time(device, record, reps, what, 0, len(launches), None)
+
+
 def _time(device, record, launches: int, what: str, nbytes: int, grid, log) -> dict:
     graph = device.capture(record)
     device.replay(graph)                                   # warm-up
@@ -839,12 +849,7 @@ class StepBench:
                 ctl = np.array([ctx - 1, 0, 0], np.int32)
                 self.dev.upload(step.buf["ctl"], ctl)
                 self.dev.synchronize()
-
-                def record():
-                    for _ in range(reps):
-                        for h, *rest in launches:
-                            self.dev.launch(h, *rest)
-                r = _time(self.dev, record, reps, f"step, {what}, context {ctx}", 0, len(launches), None)
+                r = _time_launches(self.dev, launches, reps, f"step, {what}, context {ctx}")
                 r.update(what=what, context=ctx, nodes=len(launches))
                 if log:
                     log(f"{r['kernel']:60s} {r['us']:9.1f} us  {1e6 / r['us']:7.1f} tok/s  ({len(launches)} kernels)")
@@ -906,12 +911,7 @@ class StepBench:
                 ctl[:b] = ctx - 1
                 self.dev.upload(step.buf["bctl"], ctl)
                 self.dev.synchronize()
-
-                def record():
-                    for _ in range(reps):
-                        for h, *rest in launches:
-                            self.dev.launch(h, *rest)
-                r = _time(self.dev, record, reps, f"batched step, {b} rows, {what}, context {ctx}", 0, len(launches), None)
+                r = _time_launches(self.dev, launches, reps, f"batched step, {b} rows, {what}, context {ctx}")
                 r.update(what=what, context=ctx, rows=b, nodes=len(launches))
                 if log:
                     log(f"{r['kernel']:70s} {r['us']:9.1f} us  {b * 1e6 / r['us']:8.1f} tok/s in all")
