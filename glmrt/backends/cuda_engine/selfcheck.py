@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
-from .step import DEFAULT_CONFIG, Formats, attention_split, decode_kernels, engine_kernels, gemv_grid, rope_table
+from .step import DEFAULT_CONFIG, Formats, attention_launches, attention_split, decode_kernels, engine_kernels, gemv_grid, rope_table
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
@@ -283,11 +283,8 @@ class _Ctx:
 
 def launch_attention(device, handles: dict, specs: dict, kv_heads: int, splits: int, rows: int, args) -> None:
     """The attention and, when its splits are merged apart (merge "spread"), attention_merge."""
-    spec = specs["attention"]
-    device.launch(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, 0, args)
-    if "attention_merge" in specs:
-        m = specs["attention_merge"]
-        device.launch(handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, 0, args)
+    for launch in attention_launches(specs, handles, kv_heads, splits, rows, args):
+        device.launch(*launch)
 
 
 def _result(name: str, err: float, tol: float, **detail) -> dict:

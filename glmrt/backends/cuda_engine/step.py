@@ -215,6 +215,18 @@ def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int
     return chunk, splits
 
 
+def attention_launches(specs: dict, handles: dict, kv_heads: int, splits: int, rows: int, args,
+                       pdl: bool = False) -> list:
+    """(handle, grid, threads, smem, args, pdl) of the attention and, when its splits are merged
+    apart (merge "spread"), attention_merge; specs and handles by kernel name."""
+    spec = specs["attention"]
+    out = [(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, 0, args, pdl)]
+    if "attention_merge" in specs:
+        m = specs["attention_merge"]
+        out.append((handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, 0, args, pdl))
+    return out
+
+
 KINDS = {"gemv": Gemv, "attention": Attention, "norm": RowNorm, "attention_merge": AttentionMerge}
 
 
@@ -312,12 +324,9 @@ class DecodeStep:
         att = AttnArgs(q=b["q"], k_cache=kc, v_cache=vc, pos=pos, part_o=b["part_o"], part_ml=b["part_ml"],
                        out=b["attn"], counter=b["att_counter"], pos_add=pos_add, max_seq=self.max_context,
                        chunk=self.chunk, splits=self.splits, slot_stride=slot_stride)
-        spec, h = self.kernels["attention"]
-        out = [(h, (self.att_blocks, self.splits, rows), spec.threads, 0, att, self.pdl)]
-        if "attention_merge" in self.kernels:                   # the splits merged by a block per query head
-            mspec, mh = self.kernels["attention_merge"]
-            out.append((mh, (mspec.blocks_x(self.shapes.kv_heads), 1, rows), mspec.threads, 0, att, self.pdl))
-        return out
+        names = [n for n in ("attention", "attention_merge") if n in self.kernels]
+        return attention_launches({n: self.kernels[n][0] for n in names}, {n: self.kernels[n][1] for n in names},
+                                  self.shapes.kv_heads, self.splits, rows, att, self.pdl)
 
     def _fused(self, kv: list, pos: int, token: int, token_out: int, pos_add: int, slot_stride: int = 0) -> list:
         """The M = 1 step: each norm fused into the GEMV after it (the kernels' prologues)."""
