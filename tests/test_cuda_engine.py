@@ -255,6 +255,23 @@ def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
 
 
 @needs_cxx
+@pytest.mark.parametrize("rpw", [1, 3, 4])
+def test_gemvs_finish_tiles_by_warp_or_by_block_in_the_emulation(rpw):
+    """Rows per warp decide who runs a tile's epilogue: a warp alone where it holds whole pairs
+    (even rpw: QKV's RoPE pairs, SwiGLU's gate and up rows) or the epilogue is a store, else the
+    block. Both ways pass against numpy, and compile for the GPU (an epilogue the instance does not
+    take must not be instantiated: rpw 1 failed to compile once)."""
+    roles = ("qkv", "o_proj", "gate_up", "down")
+    config = {**DEFAULT_CONFIG, **{r: {**GEMV, "rpw": rpw, "blocks_per_sm": 1} for r in roles}}
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
+                                  chunk=32, splits=3, config=config, only=list(roles))
+    assert len(report) == 4 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    if HAS_NVRTC:
+        ks = [k for k in decode_kernels(SMALL, FORMATS["int4-b32"], config) if k.name in roles]
+        assert nvrtc.compile_cubin(translation_unit(SMALL, ks), 90).cubin
+
+
+@needs_cxx
 @pytest.mark.parametrize("formats,shapes", [("int4-b32", SMALL), ("int4-b128-lmhead", SMALL),
                                             ("int4-b32", Shapes(136, 392, 4, 2, 32, 16, 1024))], ids=str)
 def test_int4_gemvs_on_the_tensor_cores_pass_in_the_emulation(formats, shapes):
@@ -287,6 +304,10 @@ MUTATIONS = {
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
+    # the two register stages swap roles each step: a second step on the first's weights
+    "weight stages swapped": ("gemv.cu", "while (advance(cur, nxt) && advance(nxt, cur)) {}",
+                              "while (advance(cur, nxt) && advance(cur, nxt)) {}", "down"),
+    "int4 1/16 in constant memory": ("gemv.cu", "0x00F000F0u, 0x2C002C00u};", "0x00F000F0u, 0x3C003C00u};", "o_proj"),
 }
 
 
@@ -354,8 +375,8 @@ def test_the_fp16_wt_gemv_on_the_tensor_cores_passes_and_its_bugs_are_caught(mon
 MMA_MUTATIONS = {
     "mma x swizzle": ("gemv.cu", "xu[j ^ sw]", "xu[j]"),
     "mma A fragment order": ("gemv.cu", "a01[4] = {p0[0], p1[0], p0[1], p1[1]}", "a01[4] = {p0[0], p0[1], p1[0], p1[1]}"),
-    "mma scale": ("gemv.cu", "p[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);",
-                  "p[1] = hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);"),
+    "mma scale": ("gemv.cu", "p[1] = hmul2(hfma2((w & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u), s2);",
+                  "p[1] = hfma2((w & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u);"),
     "mma split-K sum": ("gemv.cu", "sum_parts<KSPLIT, ROWS, M>(part, red);", "sum_parts<1, ROWS, M>(part, red);"),
     # lanes whose own unit is past K leave the loop: the others' mma.sync then runs without them
     # (undefined on a GPU; the emulation reports a deadlock or a divergent warp collective)
@@ -381,8 +402,10 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
     # the CUDA-core attention (the fallback where head_dim is not a multiple of 32), 2 query groups
+    # one GEMV block per SM: each block takes several tiles, so the weight stages swap roles
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
-                                              "threads": 128}}
+                                              "threads": 128},
+              **{r: {**DEFAULT_CONFIG[r], "blocks_per_sm": 1} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])

@@ -45,6 +45,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __constant__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define DEV inline
 #define DYN_SMEM(type, name) type* name = (type*)emu::dyn_smem
@@ -215,6 +216,7 @@ inline bool run_block(int threads) {
 #define blockDim (emu::block_dim)
 #define gridDim (emu::grid_dim)
 #define __syncthreads() emu::sync_block()
+#define __syncwarp() emu::sync_warp(emu::current / 32, __LINE__)
 #define __threadfence() ((void)0)
 
 // warp collectives carry their call's source line (the divergence check)

@@ -47,6 +47,8 @@ from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, S
 # products, 16 per half) made GLM-Z1-9B int4's step 2.48 ms against 2.58 (H200, session 7) but
 # moved 4 GLM-Z1-9B layers' logits 7.2e-3 from the float reference (1: 4.4e-3; ONNX Runtime's
 # form: 5.0e-3): 1 stays the default, 2 and 4 are tuning options
+# (session 10, after the loop lost its constant MOVs and stage copies: hsum 2 2415 us against 2529,
+# unroll 2 with min_blocks 3 2471, 16 warps with min_blocks 1 2546; defaults kept, bench/RESULTS.md)
 # mma (int4 with fp16 x): the tensor-core GEMV (kernels/gemv.cu gemv_mma; 16 rows a warp, ksplit
 # warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
 GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1}

@@ -390,6 +390,10 @@ DEV void norm_rows(const GemvArgs& a) {
 // 0x6400's mantissa are 1024 + q (minus 1032: q - 8); those at bits 4 and 20 (masked in place)
 // are 1024 + 16 q (times 1/16 minus 72: q - 8); the word shifted by 8 gives the other two pairs.
 // HSUM words' products (4 per half, 8 for the pair) are summed in half2, then in fp32.
+// The masks and the 1/16 come from constant memory, where LOP3 and HFMA2 read them as operands:
+// as immediates, ptxas (sm_90, register-capped by min_blocks 2) rematerialized them into registers
+// before almost every use, ~110 MOVs in a step's 924 instructions of the 9B down GEMV's loop.
+__constant__ unsigned INT4_MAGIC[3] = {0x000F000Fu, 0x00F000F0u, 0x2C002C00u};   // low mask, high mask, 1/16
 template <int HSUM>
 DEV float dot_int4(uint4 w, const uint4* xu) {
   static_assert(HSUM == 1 || HSUM == 2 || HSUM == 4, "words per half2 sum: 1, 2 or 4");
@@ -400,10 +404,10 @@ DEV float dot_int4(uint4 w, const uint4* xu) {
   for (int j = 0; j < 4; ++j) {
     const uint4 xv = xu[j];
     const unsigned lo = words[j], hi = words[j] >> 8;
-    const h16x2 q0 = hsub2((lo & 0x000F000Fu) | 0x64006400u, 0x64086408u);
-    const h16x2 q1 = hfma2((lo & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);   // 1/16, -72
-    const h16x2 q2 = hsub2((hi & 0x000F000Fu) | 0x64006400u, 0x64086408u);
-    const h16x2 q3 = hfma2((hi & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);
+    const h16x2 q0 = hsub2((lo & INT4_MAGIC[0]) | 0x64006400u, 0x64086408u);
+    const h16x2 q1 = hfma2((lo & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u);   // 1/16, -72
+    const h16x2 q2 = hsub2((hi & INT4_MAGIC[0]) | 0x64006400u, 0x64086408u);
+    const h16x2 q3 = hfma2((hi & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u);
     acc = hfma2(q0, xv.x, acc);
     acc = hfma2(q1, xv.y, acc);
     acc = hfma2(q2, xv.z, acc);
@@ -507,35 +511,36 @@ DEV float dot_f16(uint4 w, const uint4* xu) {
 }
 
 // ---- epilogues ---------------------------------------------------------------------------------
-// red[lr * M + m]: the tile's results, lr = local row (its row in the weights: row_of below)
+// red[lr * M + m]: the tile's results, lr = local row (its row in the weights: row_of below).
+// SwiGLU tiles interleave their rows: local row 2j is gate row tile * ROWS / 2 + j and 2j + 1 the
+// up row I + tile * ROWS / 2 + j, so a warp owning two neighbouring rows holds a whole pair (as
+// QKV's RoPE pairs (2i, 2i + 1)) and can finish them alone (warp_epilogue).
 template <int ROWS, int N, int EPI, class C> DEV int row_of(int tile, int lr) {
-  if (EPI == EPI_SWIGLU) {
-    constexpr int R2 = ROWS / 2;
-    return lr < R2 ? tile * R2 + lr : C::I + tile * R2 + (lr - R2);
-  }
+  if (EPI == EPI_SWIGLU) return (lr % 2 ? C::I : 0) + tile * (ROWS / 2) + lr / 2;
   return tile * ROWS + lr;
 }
 template <int ROWS, int N, int EPI, class C> DEV bool row_ok(int tile, int lr) {
-  if (EPI == EPI_SWIGLU) return tile * (ROWS / 2) + lr % (ROWS / 2) < C::I;
+  if (EPI == EPI_SWIGLU) return tile * (ROWS / 2) + lr / 2 < C::I;
   return tile * ROWS + lr < N;
 }
 template <int ROWS, int N, int EPI, class C> __host__ __device__ constexpr int tiles() {
   return EPI == EPI_SWIGLU ? (C::I + ROWS / 2 - 1) / (ROWS / 2) : (N + ROWS - 1) / ROWS;
 }
 
-template <int ROWS, int N, int M, int EPI, class C>
-DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, int* best_i) {
-  const int tid = threadIdx.x, nt = blockDim.x;
+// The tile's local rows lr0 .. lr0 + NR - 1 (NR even for QKV and SwiGLU: whole pairs), by threads
+// t = 0 .. nt - 1: the whole tile by the block (epilogue) or a warp's own rows by its lanes.
+template <int ROWS, int N, int M, int EPI, class C, int NR = ROWS>
+DEV void epilogue_rows(const GemvArgs& a, const float* red, int tile, int lr0, int tid, int nt) {
   if (EPI == EPI_STORE) {
-    for (int e = tid; e < ROWS * M; e += nt) {
-      const int lr = e % ROWS, m = e / ROWS, n = row_of<ROWS, N, EPI, C>(tile, lr);
+    for (int e = tid; e < NR * M; e += nt) {
+      const int lr = lr0 + e % NR, m = e / NR, n = row_of<ROWS, N, EPI, C>(tile, lr);
       if (row_ok<ROWS, N, EPI, C>(tile, lr))
         a.y[m * N + n] = red[lr * M + m] + (a.bias ? h2f(a.bias[n]) : 0.f);
     }
   } else if (EPI == EPI_QKV) {
-    static_assert(ROWS % 2 == 0, "RoPE pairs stay inside a tile");
-    for (int e = tid; e < ROWS / 2 * M; e += nt) {
-      const int lr = 2 * (e % (ROWS / 2)), m = e / (ROWS / 2), n = row_of<ROWS, N, EPI, C>(tile, lr);
+    static_assert(EPI != EPI_QKV || (ROWS % 2 == 0 && NR % 2 == 0 && ROWS % NR == 0), "RoPE pairs stay inside a tile");
+    for (int e = tid; e < NR / 2 * M; e += nt) {
+      const int lr = lr0 + 2 * (e % (NR / 2)), m = e / (NR / 2), n = row_of<ROWS, N, EPI, C>(tile, lr);
       if (!row_ok<ROWS, N, EPI, C>(tile, lr)) continue;
       float x0 = red[lr * M + m], x1 = red[(lr + 1) * M + m];
       if (a.bias) { x0 += h2f(a.bias[n]); x1 += h2f(a.bias[n + 1]); }
@@ -559,14 +564,24 @@ DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, 
       }
     }
   } else if (EPI == EPI_SWIGLU) {
-    constexpr int R2 = ROWS / 2;
-    for (int e = tid; e < R2 * M; e += nt) {
-      const int lr = e % R2, m = e / R2, j = tile * R2 + lr;
+    static_assert(EPI != EPI_SWIGLU || (ROWS % 2 == 0 && NR % 2 == 0 && ROWS % NR == 0), "SwiGLU pairs stay inside a tile");
+    for (int e = tid; e < NR / 2 * M; e += nt) {
+      const int lr = lr0 + 2 * (e % (NR / 2)), m = e / (NR / 2), j = tile * (ROWS / 2) + lr / 2;
       if (j >= C::I) continue;
-      const float g = red[lr * M + m], u = red[(lr + R2) * M + m];
+      const float g = red[lr * M + m], u = red[(lr + 1) * M + m];
       a.act[m * C::I + j] = f2h(g / (1.f + __expf(-g)) * u);
     }
-  } else if (EPI == EPI_ARGMAX) {
+  }
+}
+
+// The whole tile's epilogue by the block (between two __syncthreads); the argmax's running best
+// per row of x in best_v / best_i.
+template <int ROWS, int N, int M, int EPI, class C>
+DEV void epilogue(const GemvArgs& a, const float* red, int tile, float* best_v, int* best_i) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (EPI != EPI_ARGMAX) {
+    epilogue_rows<ROWS, N, M, EPI, C>(a, red, tile, 0, tid, nt);
+  } else {
     if (a.y)
       for (int e = tid; e < ROWS * M; e += nt) {
         const int lr = e % ROWS, m = e / ROWS, n = row_of<ROWS, N, EPI, C>(tile, lr);
@@ -658,6 +673,9 @@ DEV void gemv_nk(const GemvArgs& a) {
   static_assert(FMT != W_FP8 || K % 16 == 0, "fp8 rows are read in 16-value units");
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
+  // A warp finishes its own rows where they hold whole pairs (QKV's RoPE pairs, SwiGLU's gate and
+  // up: RPW even) or need none (store): no block barrier per tile. The argmax reduces over the block.
+  constexpr bool WARP_EPI = EPI != EPI_ARGMAX && (EPI == EPI_STORE || RPW % 2 == 0);
 
   DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x
   __shared__ float red[ROWS * M > 33 ? ROWS * M : 33];
@@ -698,7 +716,7 @@ DEV void gemv_nk(const GemvArgs& a) {
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-  while (true) {
+  auto advance = [&](const Stage<FMT, BLOCK, UNROLL, RPW>& cur, Stage<FMT, BLOCK, UNROLL, RPW>& nxt) -> bool {
     int nt = tile, ns = step + 1;
     if (ns == STEPS) { ns = 0; nt += gridDim.x; }
     const bool more = nt < TILES;
@@ -727,15 +745,22 @@ DEV void gemv_nk(const GemvArgs& a) {
           if (lane == 0) red[(warp * RPW + r) * M + m] = v;
           acc[r][m] = 0.f;
         }
-      __syncthreads();
-      epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
-      __syncthreads();
+      if constexpr (WARP_EPI) {             // the warp's own rows, no barrier for the block
+        __syncwarp();
+        epilogue_rows<ROWS, N, M, EPI, C, (WARP_EPI ? RPW : ROWS)>(a, red, tile, warp * RPW, lane, 32);
+        __syncwarp();                       // its red slots are rewritten at its next tile
+      } else {
+        __syncthreads();
+        epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+        __syncthreads();
+      }
     }
-    if (!more) break;
-    cur = nxt;
     tile = nt;
     step = ns;
-  }
+    return more;
+  };
+  // two steps an iteration, the stages swapping roles: no register copies of a stage
+  while (advance(cur, nxt) && advance(nxt, cur)) {}
   if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
 }
 
@@ -745,10 +770,10 @@ DEV void gemv_nk(const GemvArgs& a) {
 // q - 8 exactly (dot_int4's magic numbers), then one rounding of the product with the scale.
 DEV void dequant_word(unsigned w, h16x2 s2, h16x2 (&p)[4]) {
   const unsigned hi = w >> 8;
-  p[0] = hmul2(hsub2((w & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
-  p[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);
-  p[2] = hmul2(hsub2((hi & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
-  p[3] = hmul2(hfma2((hi & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u), s2);
+  p[0] = hmul2(hsub2((w & INT4_MAGIC[0]) | 0x64006400u, 0x64086408u), s2);
+  p[1] = hmul2(hfma2((w & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u), s2);
+  p[2] = hmul2(hsub2((hi & INT4_MAGIC[0]) | 0x64006400u, 0x64086408u), s2);
+  p[3] = hmul2(hfma2((hi & INT4_MAGIC[1]) | 0x64006400u, INT4_MAGIC[2], 0xD480D480u), s2);
 }
 
 // Work split: a warp owns 16 output rows (the mma's M) and KSPLIT warps share them, each taking
