@@ -33,6 +33,8 @@
 #                                    CONFIGS='{"label": {"gemv": {...}, "attention": {...}}, ...}'
 #   bash bench/gpu.sh engine-mma     the tensor-core int4 GEMV: rows of x 1..8 against the CUDA-core one, its
 #                                    kernel checks, the whole step under CONFIGS (kernels only)
+#   bash bench/gpu.sh engine-gemv    the int4 GEMVs' checks and timings, GLM-Z1-9B's int4 step (each kernel emptied),
+#                                    GLM-4-32B's and fp8's steps, CONFIGS; NCU=1 Nsight Compute's stall sections
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
 #   bash bench/gpu.sh engine-attn    kernels only: the attention's merge variants in GLM-Z1-9B's step, GLM-4-32B's
@@ -280,6 +282,33 @@ engine-mma)   # the tensor-core int4 GEMV, kernels only (no ONNX Runtime, no exp
   run timeout ${ROWS_LIMIT:-200} $C rows ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee -a "$LOG"
   run timeout 150 $C kernels --mma --time 2>&1 | tee -a "$LOG"
   [ -n "${CONFIGS:-}" ] && run timeout 200 $C step --configs "$CONFIGS" 2>&1 | tee -a "$LOG"
+  ;;
+engine-gemv)  # the GEMV loop of session 10 (constants in constant memory, the two weight stages swapping roles
+              # instead of copied), kernels only: every int4 kernel checked at GLM-Z1-9B / GLM-4-32B shapes and
+              # timed alone, GLM-Z1-9B's int4 step with each kernel emptied in turn, GLM-4-32B's and fp8's
+              # steps, then CONFIGS; NCU=1: Nsight Compute's stall and issue sections on the 9B step's GEMVs
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-gemv.log
+  run timeout 150 $C kernels --linear int4 --time --tag int4 2>&1 | tee -a "$LOG"
+  run timeout 120 $C step --linear int4 --tag int4 2>&1 | tee -a "$LOG"
+  run timeout 100 $C step --shape glm-4-32b --configs '{"default": {}}' --tag 32b 2>&1 | tee -a "$LOG"
+  run timeout 100 $C step --linear fp8 --tag fp8 2>&1 | tee -a "$LOG"
+  [ -n "${CONFIGS:-}" ] && run timeout ${CONFIGS_LIMIT:-200} $C step --configs "$CONFIGS" --tag configs 2>&1 | tee -a "$LOG"
+  if [ "${CHECKS:-0}" = 1 ]; then         # the other formats' kernels and GLM-Z1-9B's batched buckets, checked
+    run timeout 120 $C kernels --linear fp8 --tag fp8 2>&1 | tee -a "$LOG"
+    run timeout 120 $C kernels --linear bf16 --tag bf16 2>&1 | tee -a "$LOG"
+    run timeout 120 $C kernels --linear fp16 --tag fp16 2>&1 | tee -a "$LOG"
+    run timeout 120 $C kernels --slots 8 --buckets-of glm-z1-9b --tag buckets 2>&1 | tee -a "$LOG"
+  fi
+  if [ "${NCU:-0}" = 1 ]; then
+    NCUBIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    run timeout 200 "$NCUBIN" --clock-control none --csv --page details --print-units base \
+      --kernel-name "regex:^(qkv|o_proj|gate_up|down)$" --launch-skip 40 --launch-count 4 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis \
+      --log-file "$OUT/ncu-gemv-stalls.csv" $C step --linear int4 --configs '{"default": {}}' --tag ncu 2>&1 | tail -3
+  fi
   ;;
 engine-fp8)   # fp8 weights (e4m3 rows, the cuda target's fp8-rows form), kernels only (no ONNX Runtime, no
               # export): every fp8 kernel checked at GLM-Z1-9B / GLM-4-32B shapes and timed alone, GLM-Z1-9B's
