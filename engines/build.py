@@ -31,6 +31,7 @@ class BuildOptions:
     max_context: int = 4096
     opt_level: int = 3           # TensorRT builder optimization level
     activations: str | None = None   # cuda: what int4 weights multiply, "int8" or "fp16" (None: the default)
+    tune: bool = True            # cuda: tune launch parameters on the GPU when it is the one built for
 
 
 def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | None = None,
@@ -46,6 +47,8 @@ def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | 
         raise GlmrtError(f"--backend {backend} builds no engines")
     if options.get("activations") is not None and backend != "cuda":
         raise GlmrtError(f"--activations applies to --backend cuda (glmrt's engine), not to --backend {backend}")
+    if options.get("tune") is False and backend != "cuda":
+        raise GlmrtError(f"--no-tune applies to --backend cuda (glmrt's engine), not to --backend {backend}")
     builder = importlib.import_module(f"glmrt.engines.{b.builder}")
     out, make = builder.plan(model_dir, man, BuildOptions(**options))
     return _write(model_dir, man, out, make, overwrite)

@@ -8,9 +8,12 @@ with --float-layout nk, matrices as the checkpoint stores them):
   compile  the kernels (glmrt/backends/cuda_engine/kernels) with this model's shapes and the
            launch parameters, by NVRTC, to a cubin for the GPU's compute capability; works
            without a GPU (--gpu NAME@smXY); ptxas' registers and spills go in the manifest
-  check    with --gpu auto (the GPU here): every kernel against numpy at the model's shapes
-           (selfcheck.py), with --max-batch each bucket's kernels too, before the engine is written; tuning launch parameters there is the
-           next step, not done yet. A named GPU (--gpu NAME@smXY) is compiled for, not checked.
+  tune     with --gpu auto (the GPU here) and unless --no-tune: launch-parameter candidates timed
+           in the whole decode step on the model's own weights, the fastest kept
+           (glmrt/backends/cuda_engine/tune.py); the manifest records the configuration and every timing
+  check    with --gpu auto: every kernel against numpy at the model's shapes with the configuration
+           chosen (selfcheck.py), with --max-batch each bucket's kernels too, before the engine is
+           written. A named GPU (--gpu NAME@smXY) is compiled for (with the defaults), not checked.
 
 Writes engines/<gpu>-sm<cc>/<precision>/ with engine.cubin, engine.cu (the source compiled)
 and a manifest: source hash, compute capability, NVRTC version, the oldest driver that loads
@@ -54,15 +57,24 @@ def plan(model_dir: Path, man: dict, options):
     slots = options.max_batch
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
         raise GlmrtError(f"--max-batch {slots!r}: the cuda engine batches 1 to {MAX_SLOTS} sequences")
-    kernels = engine_kernels(shapes, formats, DEFAULT_CONFIG, slots)
-    for k in kernels:
-        if k.smem > SMEM_LIMIT.get(arch, 99 * 1024):
-            raise GlmrtError(f"kernel {k.name} needs {k.smem} bytes of shared memory per block; sm_{arch} "
-                             f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}"
-                             + (f" (x staged for {k.m} rows: build with a smaller --max-batch)" if getattr(k, "m", 1) > 1 else ""))
+    _check_smem(engine_kernels(shapes, formats, DEFAULT_CONFIG, slots), arch)
     out = engine_dir(model_dir, "cuda", precision, gpu_name=target.name, compute_capability=target.compute_capability)
 
     def make(tmp: Path) -> dict:
+        here = _gpu_here(target) if detected else None
+        config, tuned = DEFAULT_CONFIG, False
+        if here is not None and options.tune:       # timed on this model's own weights, uploaded for it
+            from glmrt.backends.cuda_engine.tune import tune_on_device
+            from glmrt.backends.cuda_engine.weights import DeviceWeights
+            here.activate()
+            own = DeviceWeights(Path(model_dir), weights, here, "engine")
+            try:
+                config, tuned = tune_on_device(here, shapes, formats, cfg.num_hidden_layers, options.max_context,
+                                               weights=(own, weights, cfg))
+            finally:
+                own.free()
+        kernels = engine_kernels(shapes, formats, config, slots)
+        _check_smem(kernels, arch)
         source = translation_unit(shapes, kernels)
         compiled = nvrtc.compile_cubin(source, arch)
         limit, res = SMEM_LIMIT.get(arch, 99 * 1024), compiled.resources()
@@ -81,18 +93,17 @@ def plan(model_dir: Path, man: dict, options):
             "nvrtc": version, "min_driver": int(version.split(".")[0]) * 1000,
             "source_sha256": sha256(source), "kernels_sha256": sha256(kernel_text()),
             "nvrtc_options": [f"--gpu-architecture=sm_{arch}", *nvrtc.OPTIONS],
-            "formats": vars(formats), "config": DEFAULT_CONFIG, "tuned": False, "slots": slots,
+            "formats": vars(formats), "config": config, "tuned": tuned, "slots": slots,
             "kernels": [kernel_to_dict(k) for k in kernels],
             "resources": compiled.resources(),
             "weights": weights,
             "selfcheck": None,
         }
-        here = _gpu_here(target) if detected else None
         if here is not None:
             from glmrt.backends.cuda_engine.selfcheck import run_bucket_checks, run_checks
-            report = run_checks(here, shapes, formats)
+            report = run_checks(here, shapes, formats, config=config)
             if slots > 1:                           # the batched steps' kernels, bucket by bucket
-                report += run_bucket_checks(here, shapes, formats, slots)
+                report += run_bucket_checks(here, shapes, formats, slots, config=config)
             entry["selfcheck"] = report
             bad = [r for r in report if not r["ok"]]
             if bad:
@@ -101,6 +112,15 @@ def plan(model_dir: Path, man: dict, options):
                                              for r in bad[:4]))
         return entry
     return out, make
+
+
+def _check_smem(kernels: list, arch: int) -> None:
+    """Refuse, in one line, a kernel whose staged x (dynamic shared memory) does not fit sm_<arch>."""
+    for k in kernels:
+        if k.smem > SMEM_LIMIT.get(arch, 99 * 1024):
+            raise GlmrtError(f"kernel {k.name} needs {k.smem} bytes of shared memory per block; sm_{arch} "
+                             f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}"
+                             + (f" (x staged for {k.m} rows: build with a smaller --max-batch)" if getattr(k, "m", 1) > 1 else ""))
 
 
 # What int4 weights multiply by default: fp16 x, as ONNX Runtime's CUDA form. int8 x (dp4a,

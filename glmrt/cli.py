@@ -353,15 +353,18 @@ def _token_counts(text: str | None, name: str):
 @click.option("--activations", type=click.Choice(["int8", "fp16"]), default=None,
               help="cuda backend, int4 models: what the weights multiply: fp16 x (default, as ONNX Runtime's "
                    "form) or int8 x per 32 values (faster, less accurate).")
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="cuda backend: time launch-parameter candidates on the GPU (when it is the one built for) "
+                   "and keep the fastest; --no-tune keeps the defaults.")
 @click.option("--overwrite", is_flag=True)
 @clean_errors
 def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, activations,
-          overwrite):
+          tune, overwrite):
     """Build an engine for one backend from an exported MODEL folder (stored inside it)."""
     from glmrt.engines.build import build as run_build
     out = run_build(model, backend=backend, precision=precision, overwrite=overwrite, gpu=gpu, device=device,
                     max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, opt_level=opt_level,
-                    activations=activations)
+                    activations=activations, **({} if tune else {"tune": False}))
     click.echo(f"built {out}")
 
 

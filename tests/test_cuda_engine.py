@@ -255,6 +255,58 @@ def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
 
 
 @needs_cxx
+@pytest.mark.parametrize("formats,stages,unroll", [("int4-b32", 2, 2), ("int4-a8-b128-lmhead", 3, 1),
+                                                   ("fp8-lmhead", 3, 1), ("bf16", 3, 1)])
+def test_gemvs_with_a_shared_memory_ring_pass_in_the_emulation(formats, stages, unroll):
+    """The launch knob stages: every GEMV on (n, k) rows (int4 with fp16 or int8 x, fp8 with its
+    row scales, bf16, fp16) takes its weights through a cp.async ring of that many stages in
+    shared memory, and passes against numpy. The emulation lands a copy only at the wait that
+    completes its group, so a stage read before its wait reads NaN bytes and fails (the
+    mutation "ring waits for its stage" below). Also compiles for the GPU."""
+    roles = ("qkv", "o_proj", "gate_up", "down", "lm_head")
+    config = {**DEFAULT_CONFIG, **{r: {**GEMV, "stages": stages, "unroll": unroll, "blocks_per_sm": 1} for r in roles}}
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=32,
+                                  splits=3, config=config, only=["qkv_first", *roles])
+    assert len(report) == 6 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    ks = [k for k in decode_kernels(SMALL, FORMATS[formats], config) if isinstance(k, Gemv)]
+    ring = [k for k in ks if k.stages]
+    assert {k.name for k in ring} >= {"qkv", "o_proj", "gate_up", "down"}
+    assert all(k.smem == Gemv(**{**k.__dict__, "stages": 0}).smem + k.warps * stages * unroll * k.rpw * 32 * 20
+               for k in ring)
+    if HAS_NVRTC and formats == "int4-b32":
+        assert nvrtc.compile_cubin(translation_unit(SMALL, ks), 80).cubin
+
+
+def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
+    """tune(): coordinate descent over the candidates with the step's time; a candidate is kept
+    only when faster by more than the margin, one that fails to run is dropped and reported, and a
+    role's tuned knobs never reach the batched steps' kernels (pinned under "rows")."""
+    from glmrt.backends.cuda_engine.step import engine_kernels
+    from glmrt.backends.cuda_engine.tune import CANDIDATES, tune, with_knobs
+    times = {("qkv", 2): 96.0, ("o_proj", 2): 99.8, ("down", 16): RuntimeError("does not fit")}
+
+    def measure(c):
+        us = 100.0
+        for (role, v), t in times.items():
+            if c[role].get("unroll" if v == 2 else "warps") == v:
+                if isinstance(t, Exception):
+                    raise t
+                us += t - 100.0
+        return us
+    config, report = tune(measure, candidates=CANDIDATES)
+    assert report["chosen"] == {"qkv": {"unroll": 2, "min_blocks": 3}}            # o_proj's 0.2% is noise
+    assert report["base_us"] == 100.0 and report["us"] == 96.0
+    assert any("error" in t and t["role"] == "down" for t in report["tried"])
+    assert config["qkv"]["unroll"] == 2 and DEFAULT_CONFIG["qkv"]["unroll"] == 4    # the default is not touched
+    single = {k.name: k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], config, slots=8)}
+    before = {k.name: k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], DEFAULT_CONFIG, slots=8)}
+    assert (single["qkv"].unroll, single["qkv"].min_blocks) == (2, 3)
+    assert all(single[n] == before[n] for n in before if "_b" in n)                  # every bucket's kernel as before
+    # the attention's knobs are the attention's own
+    assert with_knobs(DEFAULT_CONFIG, "attention", {"chunk": 128})["attention"]["chunk"] == 128
+
+
+@needs_cxx
 @pytest.mark.parametrize("rpw", [1, 3, 4])
 def test_gemvs_finish_tiles_by_warp_or_by_block_in_the_emulation(rpw):
     """Rows per warp decide who runs a tile's epilogue: a warp alone where it holds whole pairs
@@ -302,6 +354,7 @@ MUTATIONS = {
     "attention grown split": ("attention.cu", "return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;",
                               "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
+    "ring waits for its stage": ("gemv.cu", "cp_async_wait<STAGES - 1>();", "cp_async_wait<STAGES>();", "down"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
     # the two register stages swap roles each step: a second step on the first's weights
@@ -402,10 +455,12 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     break_kernels(monkeypatch, old, new, f"{mutation} ({file})")
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG
     # the CUDA-core attention (the fallback where head_dim is not a multiple of 32), 2 query groups
-    # one GEMV block per SM: each block takes several tiles, so the weight stages swap roles
+    # one GEMV block per SM: each block takes several tiles, so the weight stages swap roles (the
+    # ring's mutations: the weights through a shared-memory ring of 3 stages)
+    ring = {"stages": 3, "unroll": 1} if mutation.startswith("ring") else {}
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
                                               "threads": 128},
-              **{r: {**DEFAULT_CONFIG[r], "blocks_per_sm": 1} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
+              **{r: {**DEFAULT_CONFIG[r], "blocks_per_sm": 1, **ring} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
@@ -491,6 +546,8 @@ def test_build_cli_takes_int8_activations_for_int4_only(exported, tmp_path):
     r = CliRunner().invoke(main, ["build", str(model), "--backend", "onnxruntime", "--device", "cpu",
                                   "--activations", "fp16"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "applies to --backend cuda" in r.output, r.output
+    r = CliRunner().invoke(main, ["build", str(model), "--backend", "onnxruntime", "--device", "cpu", "--no-tune"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "--no-tune applies to --backend cuda" in r.output, r.output
 
 
 @needs_nvrtc
@@ -685,10 +742,62 @@ def test_build_on_the_gpu_here_checks_every_kernel_first(exported, tmp_path, mon
     monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
     model = tmp_path / "m"
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
-    em = read_engine(build(model, backend="cuda"))
+    em = read_engine(build(model, backend="cuda", tune=False))
     assert [r["kernel"] for r in em["selfcheck"]] == list(selfcheck.CHECKS) and all(r["ok"] for r in em["selfcheck"])
-    em = read_engine(build(model, backend="cuda", max_batch=3, overwrite=True))      # buckets 2 and 3 too
+    assert em["config"] == DEFAULT_CONFIG and em["tuned"] is False
+    em = read_engine(build(model, backend="cuda", max_batch=3, overwrite=True, tune=False))   # buckets 2 and 3 too
     assert [r["kernel"] for r in em["selfcheck"]] == [*selfcheck.CHECKS, "bucket 2", "bucket 3"]
+    assert all(r["ok"] for r in em["selfcheck"])
+
+
+@needs_nvrtc
+@needs_cxx
+def test_build_on_the_gpu_here_tunes_then_checks_and_records_the_configuration(exported, tmp_path, monkeypatch):
+    """With the GPU present the build tunes first (the timings faked here: the emulation has no
+    clock worth tuning on), then compiles and checks every kernel, buckets too, under the
+    configuration chosen, which the manifest records and the runtime launches with."""
+    import glmrt.engines.cuda_build as cb
+    from glmrt.backends.cuda_engine import tune as tn
+    from glmrt.gpu import Gpu
+    monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
+    faster = {"qkv": {"unroll": 2, "min_blocks": 3}, "attention": {"chunk": 64}}
+
+    def fake(device, shapes, formats, layers, max_context, base=DEFAULT_CONFIG, log=None, weights=None):
+        assert weights is not None and len(weights[1]["layers"]) == layers       # the model's own, uploaded
+        config, report = tn.tune(lambda c: 100.0 - 5 * sum(c[r] == {**c[r], **k} for r, k in faster.items()), base)
+        return config, {**report, "layers": layers}
+    monkeypatch.setattr(tn, "tune_on_device", fake)
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    em = read_engine(build(model, backend="cuda", max_batch=2))
+    assert em["tuned"]["chosen"] == {"qkv": {"unroll": 2, "min_blocks": 3}} and em["tuned"]["layers"] == 2
+    assert em["config"]["qkv"]["unroll"] == 2 and em["config"]["attention"]["chunk"] == DEFAULT_CONFIG["attention"]["chunk"]
+    qkv = {k["name"]: k for k in em["kernels"]}
+    assert (qkv["qkv"]["unroll"], qkv["qkv"]["min_blocks"]) == (2, 3)                 # the single-row step's
+    assert (qkv["qkv_b2"]["unroll"], qkv["qkv_b2"]["min_blocks"]) == (4, 2)           # the batched one's as before
+    assert all(r["ok"] for r in em["selfcheck"]) and em["selfcheck"][-1]["kernel"] == "bucket 2"
+
+
+@needs_nvrtc
+@needs_cxx
+def test_build_times_the_step_on_the_models_own_weights_in_bursts(exported, tmp_path, monkeypatch):
+    """The tuner's measure in a build: the model's weights uploaded (every layer), the step
+    timed in bursts of 8 as the runtime replays them (the emulated GPU's clock: only that it
+    runs; no candidates here, so the defaults stay)."""
+    import glmrt.engines.cuda_build as cb
+    from glmrt.backends.cuda_engine import tune as tn
+    from glmrt.gpu import Gpu
+    monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
+    monkeypatch.setattr(tn, "CANDIDATES", {})
+    monkeypatch.setattr(tn, "CONTEXTS", (16,))
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4", target="cuda"), model)
+    em = read_engine(build(model, backend="cuda"))
+    t = em["tuned"]
+    assert t["base_us"] > 0 and t["tried"] == [] and t["chosen"] == {} and em["config"] == DEFAULT_CONFIG
+    assert (t["layers"], t["burst"], t["weights"], t["contexts"]) == (2, 8, "the model's", [16])
     assert all(r["ok"] for r in em["selfcheck"])
 
 

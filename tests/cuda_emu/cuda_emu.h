@@ -120,6 +120,10 @@ inline const void* body_arg = nullptr;
 inline bool deadlock = false;
 inline bool divergent = false;             // a warp collective not met by every lane at one call
 inline std::vector<int> warp_site;         // per thread: the source line of its pending collective
+// cp.async copies not landed yet, per thread: the open group and the committed ones, oldest first
+struct AsyncCopy { void* dst; const void* src; int size, bytes; };
+struct AsyncQueue { std::vector<AsyncCopy> open; std::vector<std::vector<AsyncCopy>> groups; };
+inline std::vector<AsyncQueue> async_queues;      // per thread of the block running
 
 inline dim3 thread_idx() { dim3 d; d.x = (unsigned)current; return d; }
 
@@ -187,6 +191,7 @@ inline bool run_block(int threads) {
   for (int t = 0; t < threads; ++t) ++warp_live[t / 32];
   xchg.assign(threads, 0);
   warp_site.assign(threads, 0);
+  for (auto& q : async_queues) { q.open.clear(); q.groups.clear(); }   // a block's copies never outlive it
   for (int t = 0; t < threads; ++t) {
     Fiber& f = fibers[t];
     f.done = false;
@@ -297,6 +302,35 @@ inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }
 inline float4 load_l2(const float4* p) { return *p; }
+// cp.async: a copy lands at the latest moment the program may rely on it, the cp_async_wait that
+// completes its group (or never, if none does), so a read of a stage before its wait sees the
+// destination's old bytes (NaN-filled shared memory at first) and fails the check.
+namespace emu {
+inline AsyncQueue& async_queue() {
+  if ((int)async_queues.size() < nthreads) async_queues.resize(nthreads);
+  return async_queues[current];
+}
+inline void async_land(const std::vector<AsyncCopy>& g) {
+  for (const AsyncCopy& c : g) {
+    std::memset(c.dst, 0, c.size);
+    if (c.bytes) std::memcpy(c.dst, c.src, c.bytes);
+  }
+}
+}  // namespace emu
+inline void cp_async16(void* dst, const void* src, int bytes) { emu::async_queue().open.push_back({dst, src, 16, bytes}); }
+inline void cp_async4(void* dst, const void* src, int bytes) { emu::async_queue().open.push_back({dst, src, 4, bytes}); }
+inline void cp_async_commit() {
+  emu::AsyncQueue& q = emu::async_queue();
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+template <int N> void cp_async_wait() {
+  emu::AsyncQueue& q = emu::async_queue();
+  while ((int)q.groups.size() > N) {
+    emu::async_land(q.groups.front());
+    q.groups.erase(q.groups.begin());
+  }
+}
 inline void grid_wait() {}                 // blocks and grids run in order here
 inline void grid_launch_dependents() {}
 

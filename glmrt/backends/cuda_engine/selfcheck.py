@@ -780,15 +780,30 @@ class StepBench:
     same launch shape, or run only the first layers, so that the time a kernel costs inside
     the step, and the step's cost beyond its kernels, are measured rather than guessed."""
 
-    def __init__(self, device, shapes: Shapes, formats: Formats, layers: int, max_context: int):
+    def __init__(self, device, shapes: Shapes, formats: Formats, layers: int, max_context: int, fill: str = "zero",
+                 weights: tuple | None = None):
+        """fill: the weights' bytes, "zero" or "random" (every byte random in 0x00..0x3b: int4 codes of
+        every value, fp16 values of at most 0.93, no inf or NaN). weights: a model's own instead,
+        (name -> device address, the engine's weight index, its GlmConfig): every layer of it, its
+        memory left to its owner."""
         self.dev, self.s, self.f, self.layers, self.max_context = device, shapes, formats, layers, max_context
         self.cfg = synthetic_config(shapes, layers)
         self.ptrs, self.w = [], _Weights()
         s = shapes
+        if weights is not None:
+            self.w, self.wmap, self.cfg = weights
+            self.layers = len(self.wmap["layers"])
+            self._alloc_kv(max_context)
+            return
+        if fill not in ("zero", "random"):
+            raise ValueError(f"fill={fill!r}: 'zero' or 'random'")
+        block = np.random.default_rng(0).integers(0, 256, 1 << 24, dtype=np.uint8) & 0x3B if fill == "random" else None
 
         def alloc(name, nbytes):
             p = device.alloc(nbytes)
             device.zero(p, nbytes)
+            for at in range(0, nbytes if block is not None else 0, block.size if block is not None else 1):
+                device.upload(p + at, block[:min(block.size, nbytes - at)])
             self.ptrs.append(p)
             self.w[name] = p
             return name
@@ -812,9 +827,13 @@ class StepBench:
             for role in ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"):
                 lw[role] = alloc(f"{i}.{role}", s.hidden * 2)
             self.wmap["layers"].append(lw)
+        self._alloc_kv(max_context)
+
+    def _alloc_kv(self, max_context: int) -> None:
+        s, device = self.s, self.dev
         per = s.kv_heads * max_context * s.head_dim * 2
         self.kv = []
-        for _ in range(layers):
+        for _ in range(self.layers):
             self.kv.append((device.alloc(per), device.alloc(per)))
             self.ptrs += list(self.kv[-1])
             device.zero(self.kv[-1][0], per)
@@ -822,32 +841,37 @@ class StepBench:
         device.synchronize()
 
     def time(self, config: dict = DEFAULT_CONFIG, contexts=(128, 8192), reps: int = 3, log=None,
-             variants: bool = True, label: str = "full") -> list[dict]:
+             variants: bool = True, label: str = "full", burst: int = 1) -> list[dict]:
         """The full step at each context; with `variants`, at the first context also: every
         kernel stubbed (launches only), each role stubbed alone, and the first half of the
-        layers only (each row: us per step)."""
+        layers only (each row: us per step). burst > 1 (no variants): a graph holds `burst`
+        steps as the runtime's bursts do (each step feeding the next its token), `reps` of them."""
         from .sources import Stub
         from .step import DecodeStep
         from .sources import translation_unit as tu
         kernels = decode_kernels(self.s, self.f, config)
-        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels]
+        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels] if variants else []
         handles = self.dev.load(image_for(self.dev, tu(self.s, kernels + stubs)),
                                 {k.name: k.smem for k in kernels + stubs})
+        if burst > 1 and variants:
+            raise ValueError("bursts are timed whole: variants=False")
         step = DecodeStep(self.dev, {k.name: (k, handles[k.name]) for k in kernels}, self.w, self.wmap, self.kv,
-                          self.cfg, self.max_context, 1, config)
+                          self.cfg, self.max_context, burst, config)
         role_of = {handles[k.name]: ("qkv" if k.name == "qkv_first" else k.name) for k in kernels}
-        stub_of = {handles[k.name]: handles["stub_" + k.name] for k in kernels}
+        stub_of = {handles[k.name]: handles["stub_" + k.name] for k in kernels} if variants else {}
         rows = []
         try:
-            base = step.launches(0)
+            base = [launch for i in range(burst) for launch in step.launches(i)]
             per_layer = (len(base) - 1) // self.layers
 
             def run(what, launches, ctx):
-                ctl = np.array([ctx - 1, 0, 0], np.int32)
+                ctl = np.zeros(2 + burst, np.int32)
+                ctl[0] = ctx - 1
                 self.dev.upload(step.buf["ctl"], ctl)
                 self.dev.synchronize()
                 r = _time_launches(self.dev, launches, reps, f"step, {what}, context {ctx}")
-                r.update(what=what, context=ctx, nodes=len(launches))
+                r["us"] /= burst
+                r.update(what=what, context=ctx, nodes=len(launches) // burst)
                 if log:
                     log(f"{r['kernel']:60s} {r['us']:9.1f} us  {1e6 / r['us']:7.1f} tok/s  ({len(launches)} kernels)")
                 rows.append(r)

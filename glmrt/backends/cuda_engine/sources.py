@@ -22,6 +22,7 @@ FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W
            "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8", "bf16": "W_BF16"}
 KN_MMA_TILE = 32               # columns per tile of the W^T GEMV on the tensor cores
 INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
+NK_FORMATS = ("int4", "int4_a8", "f16", "fp8", "bf16")   # gemv_nk's: (n, k) rows, 16-byte units per lane
 MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
 PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM",
              "embed_norm_bf16": "PRO_EMBED_NORM_BF16"}
@@ -89,6 +90,7 @@ class Gemv:
     min_blocks: int = 1      # __launch_bounds__' minimum resident blocks per SM (caps registers)
     hsum: int = 1            # int4 with fp16 x: 32-bit words whose products are summed in half2 before fp32
     ksplit: int = 1          # int4_mma: warps sharing a group of 16 rows
+    stages: int = 0          # NK formats: 0 two register stages, S >= 2 a cp.async ring of S in shared memory
 
     @property
     def threads(self) -> int:
@@ -115,14 +117,18 @@ class Gemv:
 
     @property
     def smem(self) -> int:
-        """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums)."""
+        """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums), then
+        with `stages` the warps' rings (kernels/gemv.cu RingSlot: 20 bytes a lane, unit and row)."""
+        ring = self.warps * self.stages * self.unroll * self.rpw * 32 * 20
         if self.fmt == "int4":
-            return self.m * (self.kp // 32) * 80
+            return self.m * (self.kp // 32) * 80 + ring
         if self.fmt == "int4_mma":
             return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
-            return self.m * (self.kp // 32) * 48
-        if self.fmt in ("f16", "f16_kn_mma", "fp8", "bf16"):
+            return self.m * (self.kp // 32) * 48 + ring
+        if self.fmt in ("f16", "fp8", "bf16"):
+            return self.m * self.k * 2 + ring
+        if self.fmt == "f16_kn_mma":
             return self.m * self.k * 2
         return self.m * self.k * 2 + self.warps * KN_TILE * self.m * 4
 
@@ -139,7 +145,7 @@ class Gemv:
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
-                    f"{self.hsum}>(a);")
+                    f"{self.hsum}, {self.stages}>(a);")
         return entry(self.name, self.args, call, self.threads, self.min_blocks)
 
     args = "GemvArgs"

@@ -35,7 +35,8 @@ import dataclasses
 import numpy as np
 
 from .args import AttnArgs, GemvArgs
-from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, Shapes, merge_threads, mma_attention_fits
+from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gemv, RowNorm, Shapes, merge_threads,
+                      mma_attention_fits)
 
 # Launch parameters per role. warps, rpw (rows per warp), unroll (16-byte units in flight per
 # lane and row) and min_blocks (__launch_bounds__) fix the kernel instance; blocks_per_sm sets
@@ -51,7 +52,12 @@ from .sources import ATT_MAX_SPLITS, Attention, AttentionMerge, Gemv, RowNorm, S
 # unroll 2 with min_blocks 3 2471, 16 warps with min_blocks 1 2546; defaults kept, bench/RESULTS.md)
 # mma (int4 with fp16 x): the tensor-core GEMV (kernels/gemv.cu gemv_mma; 16 rows a warp, ksplit
 # warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
-GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1}
+# stages (the NK formats: int4, fp8, fp16, bf16 (V, H)): 0 the weights wait in two register stages,
+# S >= 2 in a ring of S stages in shared memory filled by cp.async (kernels/gemv.cu gemv_nk). H200,
+# session 11: no ring was faster (GLM-Z1-9B int4 step 2516-2854 us against 2529; fp8 +45%)
+# glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1,
+        "stages": 0}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -164,7 +170,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
         return Gemv(bucket_name(name, rows), kfmt, k, n, pro, epi, block=f.block, m=rows, warps=c["warps"],
                     rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
-                    ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1)
+                    ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1,
+                    stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

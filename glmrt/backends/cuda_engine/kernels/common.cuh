@@ -48,6 +48,24 @@ DEV h16x2 movmatrix_t(h16x2 a) {
 }
 // weights are read once per token: stream them past the caches
 DEV uint4 load_stream(const uint4* p) { return __ldcs(p); }
+// Asynchronous copies global -> shared (sm_80+, cp.async): `bytes` of the 16 (or 4) are read, the
+// rest of the destination zero-filled (0: a zero word, nothing read). A thread's copies form a
+// group at each cp_async_commit; cp_async_wait<N> returns when all but its newest N groups have
+// landed, and only its own copies are then visible to it (here each thread reads back only what
+// it copied itself).
+DEV unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t;\n cvta.to.shared.u64 t, %1;\n cvt.u32.u64 %0, t;\n}" : "=r"(a) : "l"(p));
+  return a;
+}
+DEV void cp_async16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes) : "memory");
+}
+DEV void cp_async4(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes) : "memory");
+}
+DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 // written by other blocks of this kernel (the last-block reductions): read through L2
 DEV float load_l2(const float* p) { return __ldcg(p); }
 DEV int load_l2(const int* p) { return __ldcg(p); }

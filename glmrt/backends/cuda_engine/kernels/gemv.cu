@@ -653,14 +653,26 @@ DEV void sum_parts(const float* part, float* red) {
   }
 }
 
-// ---- the GEMV on the NK formats (W_INT4, W_F16) -------------------------------------------------
+// ---- the GEMV on the NK formats (W_INT4, W_F16, W_FP8, W_BF16, W_INT4_A8) ------------------------
+// Where the weights wait between their load and their arithmetic (STAGES):
+//   0   two register stages: a step's loads are issued before the previous step's arithmetic, so a
+//       warp has one step (UNROLL * RPW units a lane) in flight while it computes.
+//   S   a ring of S stages in shared memory filled by cp.async (sm_80+): a warp keeps S - 1 steps
+//       in flight, issuing the next as soon as one is consumed, and no registers hold them. Each
+//       lane copies its own units (and the 4-byte word holding each unit's scale) into its own
+//       slots and reads back only those: no barrier, a cp_async_wait per step. A block's work is
+//       a run of items (tile, step) = (blockIdx.x + (i / STEPS) gridDim.x, i % STEPS).
 template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
   uint4 w[UNROLL][RPW];
   float s[UNROLL][RPW];
 };
+template <int UNROLL, int RPW> struct RingSlot {     // one warp's stage: lane l's units at [..][l]
+  uint4 w[UNROLL][RPW][32];
+  unsigned s[UNROLL][RPW][32];                       // the 32-bit word holding the unit's fp16 scale
+};
 
 template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI,
-          int HSUM = 1>
+          int HSUM = 1, int STAGES = 0>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
   constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
@@ -673,42 +685,30 @@ DEV void gemv_nk(const GemvArgs& a) {
   static_assert(FMT != W_FP8 || K % 16 == 0, "fp8 rows are read in 16-value units");
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
+  static_assert(STAGES == 0 || STAGES >= 2, "the shared-memory ring holds 2 stages or more");
   // A warp finishes its own rows where they hold whole pairs (QKV's RoPE pairs, SwiGLU's gate and
   // up: RPW even) or need none (store): no block barrier per tile. The argmax reduces over the block.
   constexpr bool WARP_EPI = EPI != EPI_ARGMAX && (EPI == EPI_STORE || RPW % 2 == 0);
 
-  DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x
+  DYN_SMEM(uint4, xs);                      // (M, U, XU) staged x, then (STAGES > 0) the warps' rings
   __shared__ float red[ROWS * M > 33 ? ROWS * M : 33];
   __shared__ float best_v[M];
   __shared__ int best_i[M];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint4* W = (const uint4*)a.w;
 
-  auto load = [&](Stage<FMT, BLOCK, UNROLL, RPW>& st, int tile, int step) {
-#pragma unroll
-    for (int uu = 0; uu < UNROLL; ++uu) {
-      const int u = (step * UNROLL + uu) * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < RPW; ++r) {
-        const int lr = warp * RPW + r;
-        const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
-        const int row = row_of<ROWS, N, EPI, C>(tile, lr);
-        st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
-        st.s[uu][r] = !SCALED(FMT) || !ok ? 1.f
-                      : FMT == W_FP8 ? 256.f * h2f(a.scales[row])          // dot_fp8's 2^-8 undone
-                                     : h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]);
-      }
-    }
+  // where row r of the warp's tile reads unit uu of a step: its row, unit, and whether it exists
+  auto unit_of = [&](int tile, int step, int uu, int r, int& row, int& u) -> bool {
+    const int lr = warp * RPW + r;
+    u = (step * UNROLL + uu) * 32 + lane;
+    row = row_of<ROWS, N, EPI, C>(tile, lr);
+    return u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
   };
-
-  Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
-  int tile = blockIdx.x, step = 0;
-  load(cur, tile, 0);                       // in flight while x is staged (and the previous kernel ends)
-  grid_launch_dependents();
-  grid_wait();                              // from here on: what other kernels write
-  if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
-  stage_x<C, FMT, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
-  __syncthreads();
+  // the index of a unit's scale in a.scales (fp8: one per row)
+  auto scale_at = [&](int row, int u) -> size_t {
+    return FMT == W_FP8 ? (size_t)row : (size_t)row * KB + u * L::VALS / BLOCK;
+  };
+  auto scale_of = [&](h16 h) -> float { return FMT == W_FP8 ? 256.f * h2f(h) : h2f(h); };  // dot_fp8's 2^-8 undone
 
   float acc[RPW][M];
 #pragma unroll
@@ -716,11 +716,9 @@ DEV void gemv_nk(const GemvArgs& a) {
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-  auto advance = [&](const Stage<FMT, BLOCK, UNROLL, RPW>& cur, Stage<FMT, BLOCK, UNROLL, RPW>& nxt) -> bool {
-    int nt = tile, ns = step + 1;
-    if (ns == STEPS) { ns = 0; nt += gridDim.x; }
-    const bool more = nt < TILES;
-    if (more) load(nxt, nt, ns);
+  // one step's arithmetic on its units w and their scales s (a lambda with no auto parameters:
+  // NVRTC 12 takes a generic lambda in device code for a host function)
+  auto mac = [&](int step, const uint4 (&w)[UNROLL][RPW], const float (&s)[UNROLL][RPW]) {
 #pragma unroll
     for (int uu = 0; uu < UNROLL; ++uu) {
       const int u = (step * UNROLL + uu) * 32 + lane;
@@ -730,37 +728,120 @@ DEV void gemv_nk(const GemvArgs& a) {
         const uint4* xu = xs + (m * U + u) * L::XU;
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
-          acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(cur.w[uu][r], xu)
-                        : FMT == W_INT4_A8 ? dot_int4_a8(cur.w[uu][r], xu)
-                        : FMT == W_FP8 ? dot_fp8(cur.w[uu][r], xu, fp8_swizzle(u))
-                        : FMT == W_BF16 ? dot_bf16(cur.w[uu][r], xu) : dot_f16(cur.w[uu][r], xu)) * cur.s[uu][r];
+          acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(w[uu][r], xu)
+                        : FMT == W_INT4_A8 ? dot_int4_a8(w[uu][r], xu)
+                        : FMT == W_FP8 ? dot_fp8(w[uu][r], xu, fp8_swizzle(u))
+                        : FMT == W_BF16 ? dot_bf16(w[uu][r], xu) : dot_f16(w[uu][r], xu)) * s[uu][r];
       }
     }
-    if (step == STEPS - 1) {                // the tile is done: reduce, then its epilogue
-#pragma unroll
-      for (int r = 0; r < RPW; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const float v = warp_sum(acc[r][m]);
-          if (lane == 0) red[(warp * RPW + r) * M + m] = v;
-          acc[r][m] = 0.f;
-        }
-      if constexpr (WARP_EPI) {             // the warp's own rows, no barrier for the block
-        __syncwarp();
-        epilogue_rows<ROWS, N, M, EPI, C, (WARP_EPI ? RPW : ROWS)>(a, red, tile, warp * RPW, lane, 32);
-        __syncwarp();                       // its red slots are rewritten at its next tile
-      } else {
-        __syncthreads();
-        epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
-        __syncthreads();
-      }
-    }
-    tile = nt;
-    step = ns;
-    return more;
   };
-  // two steps an iteration, the stages swapping roles: no register copies of a stage
-  while (advance(cur, nxt) && advance(nxt, cur)) {}
+  // after a tile's last step: reduce its rows, then their epilogue
+  auto finish = [&](int tile) {
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float v = warp_sum(acc[r][m]);
+        if (lane == 0) red[(warp * RPW + r) * M + m] = v;
+        acc[r][m] = 0.f;
+      }
+    if constexpr (WARP_EPI) {               // the warp's own rows, no barrier for the block
+      __syncwarp();
+      epilogue_rows<ROWS, N, M, EPI, C, (WARP_EPI ? RPW : ROWS)>(a, red, tile, warp * RPW, lane, 32);
+      __syncwarp();                         // its red slots are rewritten at its next tile
+    } else {
+      __syncthreads();
+      epilogue<ROWS, N, M, EPI, C>(a, red, tile, best_v, best_i);
+      __syncthreads();
+    }
+  };
+  auto begin = [&]() {                      // after the first loads are issued: x staged
+    grid_launch_dependents();
+    grid_wait();                            // from here on: what other kernels write
+    if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
+    stage_x<C, FMT, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
+    __syncthreads();
+  };
+
+  if constexpr (STAGES == 0) {
+    auto load = [&](Stage<FMT, BLOCK, UNROLL, RPW>& st, int tile, int step) {
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu) {
+        const int u = (step * UNROLL + uu) * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+          const int lr = warp * RPW + r;
+          const bool ok = u < U && row_ok<ROWS, N, EPI, C>(tile, lr);
+          const int row = row_of<ROWS, N, EPI, C>(tile, lr);
+          st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
+          st.s[uu][r] = !SCALED(FMT) || !ok ? 1.f
+                        : FMT == W_FP8 ? 256.f * h2f(a.scales[row])          // dot_fp8's 2^-8 undone
+                                       : h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]);
+        }
+      }
+    };
+    Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
+    int tile = blockIdx.x, step = 0;
+    load(cur, tile, 0);                     // in flight while x is staged (and the previous kernel ends)
+    begin();
+    auto advance = [&](const Stage<FMT, BLOCK, UNROLL, RPW>& cur, Stage<FMT, BLOCK, UNROLL, RPW>& nxt) -> bool {
+      int nt = tile, ns = step + 1;
+      if (ns == STEPS) { ns = 0; nt += gridDim.x; }
+      const bool more = nt < TILES;
+      if (more) load(nxt, nt, ns);
+      mac(step, cur.w, cur.s);
+      if (step == STEPS - 1) finish(tile);
+      tile = nt;
+      step = ns;
+      return more;
+    };
+    // two steps an iteration, the stages swapping roles: no register copies of a stage
+    while (advance(cur, nxt) && advance(nxt, cur)) {}
+  } else {
+    typedef RingSlot<UNROLL, RPW> Slot;
+    Slot* ring = (Slot*)(xs + M * U * L::XU) + warp * STAGES;
+    const int items = ((TILES - 1 - (int)blockIdx.x) / (int)gridDim.x + 1) * STEPS;
+    auto issue = [&](int i) {               // item i into its slot: one commit group per item (empty past the end)
+      if (i < items) {
+        const int tile = blockIdx.x + i / STEPS * gridDim.x, step = i % STEPS;
+        Slot& sl = ring[i % STAGES];
+#pragma unroll
+        for (int uu = 0; uu < UNROLL; ++uu)
+#pragma unroll
+          for (int r = 0; r < RPW; ++r) {
+            int row, u;
+            const bool ok = unit_of(tile, step, uu, r, row, u);   // else zeros: weights and scale 0
+            cp_async16(&sl.w[uu][r][lane], ok ? (const void*)(W + (size_t)row * U + u) : (const void*)W, ok ? 16 : 0);
+            if (SCALED(FMT))
+              cp_async4(&sl.s[uu][r][lane], ok ? (const void*)(a.scales + (scale_at(row, u) & ~(size_t)1)) : (const void*)a.scales,
+                        ok ? 4 : 0);
+          }
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);   // in flight while x is staged
+    begin();
+    for (int i = 0; i < items; ++i) {
+      issue(i + STAGES - 1);                // into the slot item i - 1 left (its reads are done)
+      cp_async_wait<STAGES - 1>();          // item i has landed
+      const int tile = blockIdx.x + i / STEPS * gridDim.x, step = i % STEPS;
+      const Slot& sl = ring[i % STAGES];
+      uint4 w[UNROLL][RPW];
+      float sc[UNROLL][RPW];
+#pragma unroll
+      for (int uu = 0; uu < UNROLL; ++uu)
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+          int row, u;
+          unit_of(tile, step, uu, r, row, u);
+          w[uu][r] = sl.w[uu][r][lane];
+          sc[uu][r] = SCALED(FMT) ? scale_of((h16)(sl.s[uu][r][lane] >> (16 * (scale_at(row, u) & 1)))) : 1.f;
+        }
+      mac(step, w, sc);
+      if (step == STEPS - 1) finish(tile);
+    }
+  }
   if (EPI == EPI_ARGMAX) argmax_finish<M>(a, best_v, best_i);
 }
 
