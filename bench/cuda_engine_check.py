@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -152,6 +153,22 @@ LINEAR = {"int4": "int4", "fp16": "f16", "fp8": "fp8", "bf16": "bf16"}     # --l
 LM_HEAD = {"fp16": "f16", "bf16": "bf16"}                                  # and lm_head's (else fp16 W^T)
 
 
+def config_over(o: dict, what: str, base: dict | None = None) -> dict:
+    """A configuration (base: DEFAULT_CONFIG) with a candidate's knobs over it: "gemv" for the four layer GEMVs, a role's own
+    key ("qkv", ..., "lm_head", "lm_head_kn") over that, "attention" for the attention's."""
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV
+    base = base or DEFAULT_CONFIG
+    roles = ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")
+    known = {"gemv": set(GEMV), "attention": set(DEFAULT_CONFIG["attention"]), **{r: set(GEMV) for r in roles}}
+    bad = [f"{k}.{x}" for k, v in o.items() for x in (v if k in known else [k]) if x not in known.get(k, ())]
+    if bad:
+        raise SystemExit(f"{what}: unknown keys {bad} (gemv or a role {roles}: {sorted(known['gemv'])}, "
+                         f"attention: {sorted(known['attention'])})")
+    return {**base, **{r: {**GEMV, **base[r], **(o.get("gemv", {}) if r in roles[:4] else {}), **o.get(r, {})}
+                       for r in roles},
+            "attention": {**base["attention"], **o.get("attention", {})}}
+
+
 def part_kernels(args):
     from glmrt.backends.cuda_engine.selfcheck import run_checks, time_kernels
     from glmrt.backends.cuda_engine.sources import Shapes
@@ -163,6 +180,8 @@ def part_kernels(args):
                                        for r in ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")}}
     if args.attention:                     # attention knobs over the defaults, e.g. {"merge": "spread"}
         config = {**config, "attention": {**DEFAULT_CONFIG["attention"], **json.loads(args.attention)}}
+    if args.config:                        # a candidate configuration's knobs over those
+        config = config_over(json.loads(args.config), "--config", config)
     shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
     if args.emulate:                       # the emulation runs small shapes
         shapes = {k: Shapes(128, 384, 4 if k.endswith("9b") else 6, 2, 32, 16, 1024) for k in SHAPES}
@@ -402,6 +421,44 @@ def part_rows(args):
 
 
 # ---- the whole decode step, timed ---------------------------------------------------------------------
+def part_tune(args):
+    """What `glmrt build --backend cuda` tunes (tune.tune_on_device, its layer cap and contexts) for
+    a model's shapes, then the whole step (every layer) under the defaults and under the
+    configuration chosen, in the same process; with --check, every kernel against numpy under it."""
+    from glmrt.backends.cuda_engine.selfcheck import StepBench, run_checks
+    from glmrt.backends.cuda_engine.sources import Shapes
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
+    from glmrt.backends.cuda_engine.tune import tune_on_device
+    device = make_device(args)
+    lin = LINEAR[args.linear or "int4"]
+    formats = Formats(lin, 32, args.lm_head or LM_HEAD.get(args.linear or "int4", "f16_kn"))
+    if args.emulate:
+        shapes, layers, contexts = Shapes(128, 384, 4, 2, 32, 16, 1024), 2, (16, 300)
+    else:
+        shapes, layers, contexts = Shapes(*SHAPES[args.shape]), LAYERS[args.shape], (128, 8192)
+    say(f"== tuning {args.shape} {lin} (lm_head {formats.lm_head}) as glmrt build does")
+    t = time.perf_counter()
+    config, report = tune_on_device(device, shapes, formats, layers, 8192 if not args.emulate else 300, log=say,
+                                    fill=args.fill)
+    say(f"   chosen {report['chosen']} in {time.perf_counter() - t:.1f} s ({report['us']} us against {report['base_us']})")
+    out = {"report": report, "config": config}
+    save(f"tune-{args.shape}" + (f"-{args.tag}" if args.tag else ""), out)
+    bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
+    try:
+        for label, c in (("default", DEFAULT_CONFIG), ("tuned", config), ("default again", DEFAULT_CONFIG),
+                         ("tuned again", config)):
+            out[label] = bench.time(c, contexts, 3, log=say, variants=False, label=label)
+    finally:
+        bench.free()
+    save(f"tune-{args.shape}" + (f"-{args.tag}" if args.tag else ""), out)
+    if args.check:
+        rows = run_checks(device, shapes, formats, log=say, config=config)
+        bad = [r for r in rows if not r["ok"]]
+        say(f"kernels under the tuned configuration: {len(rows) - len(bad)} of {len(rows)} checks passed")
+        out["checks"] = rows
+        save(f"tune-{args.shape}" + (f"-{args.tag}" if args.tag else ""), out)
+
+
 def part_step(args):
     """GLM-Z1-9B's whole decode step (40 layers, zero-filled weights, every layer its own) as a
     CUDA graph: int4 at contexts 128 and 8192, then the same graph with every kernel empty
@@ -428,9 +485,11 @@ def part_step(args):
         sets = [x for x in sets if x[0] != "fp16"]
     if args.linear:                        # that format's step alone
         sets = [(args.linear, Formats(LINEAR[args.linear], 32, LM_HEAD.get(args.linear, "f16_kn")))]
+    if args.lm_head:                        # another lm_head format (int4: the layers' block, MatMulNBits bytes)
+        sets = [(f"{n} lm_head {args.lm_head}", dataclasses.replace(f, lm_head=args.lm_head)) for n, f in sets]
     if args.slots:                          # the batched steps of an engine for that many slots
         name, formats = sets[0]
-        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
         try:
             configs = json.loads(args.configs) if args.configs else {"default": {}}
             for label, o in configs.items():
@@ -449,17 +508,10 @@ def part_step(args):
     if args.configs:                        # candidate launch configurations: the full step only, first set
         from glmrt.backends.cuda_engine.step import GEMV
         name, formats = sets[0]
-        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
         try:
-            known = {"gemv": set(GEMV), "attention": set(DEFAULT_CONFIG["attention"])}
             for label, o in json.loads(args.configs).items():
-                bad = [f"{k}.{x}" for k, v in o.items() for x in (v if k in known else [k]) if x not in known.get(k, ())]
-                if bad:
-                    raise SystemExit(f"--configs {label}: unknown keys {bad} (gemv: {sorted(known['gemv'])}, "
-                                     f"attention: {sorted(known['attention'])})")
-                config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], **o.get("gemv", {})}
-                                               for r in ("qkv", "o_proj", "gate_up", "down")},
-                          "attention": {**DEFAULT_CONFIG["attention"], **o.get("attention", {})}}
+                config = config_over(o, f"--configs {label}")
                 say(f"== {args.shape} {name}, {label}: {o}")
                 try:
                     out[label] = bench.time(config, contexts, reps, log=say, variants=False, label=label)
@@ -471,11 +523,12 @@ def part_step(args):
         return
     for name, formats in sets:
         say(f"== {args.shape} {name} ({layers} layers), lm_head {formats.lm_head}: the step's graph, {reps} steps a replay")
-        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64)
+        bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
         try:
-            out[name] = bench.time(DEFAULT_CONFIG, contexts, reps, log=say, variants=name == sets[0][0])
+            base = config_over(json.loads(args.config), "--config") if args.config else DEFAULT_CONFIG
+            out[name] = bench.time(base, contexts, reps, log=say, variants=name == sets[0][0])
             try:                            # the same with programmatic dependent launch (sm_90+)
-                out[name] += bench.time({**DEFAULT_CONFIG, "pdl": True}, contexts, reps, log=say, variants=False,
+                out[name] += bench.time({**base, "pdl": True}, contexts, reps, log=say, variants=False,
                                         label="programmatic dependent launch")
             except Exception as e:  # reported; the default's figures stand
                 say(f"FAIL  step with programmatic dependent launch: {type(e).__name__}: {str(e)[:300]}")
@@ -869,7 +922,7 @@ def part_summary(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "model", "slots", "memory", "ncu-run",
+    ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "tune", "model", "slots", "memory", "ncu-run",
                                      "ncu-report", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
@@ -896,6 +949,13 @@ def main():
                     help="step: fp8 decoded by integer bit moves, not sm_89+'s conversion instruction")
     ap.add_argument("--linear", choices=list(LINEAR), default=None,
                     help="kernels, step: only the layers' format given (fp8: e4m3 rows, fp16 W^T lm_head; bf16: bf16 lm_head)")
+    ap.add_argument("--config", default=None,
+                    help='kernels, step: JSON knobs over the defaults ({"gemv": {...}, "qkv": {...}, "attention": {...}})')
+    ap.add_argument("--fill", choices=["zero", "random"], default="zero",
+                    help="step, tune: the timed step's weights, zero-filled or random bytes (power and clocks as a real model's)")
+    ap.add_argument("--check", action="store_true", help="tune: every kernel checked under the configuration chosen")
+    ap.add_argument("--lm-head", choices=["int4", "f16_kn", "f16", "fp8", "bf16"], default=None,
+                    help="step: lm_head in this format (default: the layers' format's usual one)")
     ap.add_argument("--slots", type=int, default=0,
                     help="ncu-run, step: batched steps of this many slots (step: --configs over DEFAULT_CONFIG keys)")
     ap.add_argument("--variants-step", action="store_true", help="step --slots: each kernel role emptied in turn")

@@ -35,6 +35,11 @@
 #                                    kernel checks, the whole step under CONFIGS (kernels only)
 #   bash bench/gpu.sh engine-gemv    the int4 GEMVs' checks and timings, GLM-Z1-9B's int4 step (each kernel emptied),
 #                                    GLM-4-32B's and fp8's steps, CONFIGS; NCU=1 Nsight Compute's stall sections
+#   bash bench/gpu.sh engine-ring    the GEMVs' weights through a cp.async ring in shared memory: RING_CONFIGS swept in
+#                                    GLM-Z1-9B's int4 step, the best checked at real shapes and timed in every step
+#   bash bench/gpu.sh engine-roles   launch knobs role by role (and the attention's chunk, splits) in GLM-Z1-9B's and
+#                                    GLM-4-32B's int4 steps, over BASE
+#   bash bench/gpu.sh engine-autotune what `glmrt build --backend cuda` tunes, for GLM-Z1-9B's and GLM-4-32B's int4 shapes
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
 #   bash bench/gpu.sh engine-attn    kernels only: the attention's merge variants in GLM-Z1-9B's step, GLM-4-32B's
@@ -236,6 +241,8 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
     for s in ${SETS:-glm-z1-9b:int4}; do
       shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
       flags=""; [ "$prec" = fp16 ] || [ "$prec" = bf16 ] && flags="--float-layout nk"
+      # PREC+lmh4: the export's lm_head in int4 (MatMulNBits) too
+      [ "${prec%+lmh4}" != "$prec" ] && { prec=${prec%+lmh4}; flags="--lm-head int4"; dir=$W/engine-$shape-$prec-lmh4; }
       [ -f $W/exports.log ] && wait_exports
       if [ "$shape" = glm-z1-9b ] && [ -z "$flags" ] && [ -f $W/9b-$prec/manifest.json ]; then
         dir=$W/9b-$prec; keep=1                                 # `prep` made it, same options
@@ -254,10 +261,14 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
         # compiled without it, so that the speed is still measured
         build "$dir" $aflag && echo "glmrt build --backend cuda $aflag (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
           build "$dir" --gpu "NVIDIA H200@sm90" $aflag
-        part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec-cuda${aflag:+-$act}.json"
+        lmh=""; [ "$flags" = "--lm-head int4" ] && lmh="-lmh4"
+        for m in "$dir"/engines/*-sm*/$prec/manifest.json; do      # what the build tuned (its manifest)
+          python3 -c 'import json, sys; t = json.load(open(sys.argv[1])).get("tuned"); print("tuned:", json.dumps(t))' "$m" | tee -a "$LOG"
+        done
+        part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec$lmh-cuda${aflag:+-$act}.json"
       done
-      part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec-ort.json"
-      for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec"; done
+      part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec$lmh-ort.json"
+      [ "${MEMORY:-1}" = 1 ] && for w in engine shared; do part 90 $C memory "$dir" --weights $w --max-context 8192 --tag "$shape-$prec$lmh"; done
       [ -n "${ATT_SWEEP:-}" ] && part 120 $C sweep --only attention
       [ "$keep" = 1 ] || rm -rf "$dir"
     done
@@ -309,6 +320,117 @@ engine-gemv)  # the GEMV loop of session 10 (constants in constant memory, the t
       --section LaunchStats --section MemoryWorkloadAnalysis \
       --log-file "$OUT/ncu-gemv-stalls.csv" $C step --linear int4 --configs '{"default": {}}' --tag ncu 2>&1 | tail -3
   fi
+  ;;
+engine-ring)  # kernels only: the GEMVs' weights through a cp.async ring in shared memory (gemv_nk STAGES) against
+              # the register stages: GLM-Z1-9B's int4 step under RING_CONFIGS (and CONFIGS), the best one picked
+              # at 128 positions, then under it: every int4 and fp8 kernel checked at GLM-Z1-9B / GLM-4-32B shapes
+              # (int4 timed alone), GLM-Z1-9B's step with each kernel emptied, GLM-4-32B's, fp8's and bf16's
+              # steps, and the int4 step with an int4 lm_head
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-ring.log
+  ring='{"default": {},
+    "r4u2": {"gemv": {"stages": 4, "unroll": 2}},
+    "r3u2mb3": {"gemv": {"stages": 3, "unroll": 2, "min_blocks": 3}},
+    "r4u1mb4": {"gemv": {"stages": 4, "unroll": 1, "min_blocks": 4}},
+    "r6u1mb3": {"gemv": {"stages": 6, "unroll": 1, "min_blocks": 3}},
+    "r8u1": {"gemv": {"stages": 8, "unroll": 1}},
+    "r3u4mb1": {"gemv": {"stages": 3, "unroll": 4, "min_blocks": 1}},
+    "r4u2h2": {"gemv": {"stages": 4, "unroll": 2, "hsum": 2}},
+    "r4u1mb4h2": {"gemv": {"stages": 4, "unroll": 1, "min_blocks": 4, "hsum": 2}},
+    "hsum2": {"gemv": {"hsum": 2}},
+    "qkvmb3": {"qkv": {"unroll": 2, "min_blocks": 3}},
+    "chunk64": {"attention": {"chunk": 64}},
+    "chunk128": {"attention": {"chunk": 128}}}'
+  run timeout ${RING_LIMIT:-150} $C step --configs "${RING_CONFIGS:-$ring}" --tag ring 2>&1 | tee -a "$LOG"
+  best=$(python3 - "$OUT/engine-step-configs-ring.json" "${RING_CONFIGS:-$ring}" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1])); cands = json.loads(sys.argv[2])
+at = {k: min(r["us"] for r in v if r["context"] == 128) for k, v in rows.items() if v}
+ring = {k: u for k, u in at.items() if "stages" in json.dumps(cands[k]) and "hsum" not in json.dumps(cands[k])}
+pick = min(ring, key=ring.get) if ring else "default"
+print(json.dumps(cands[pick]))
+print(f"picked {pick}: {at.get(pick)} us against default {at.get('default')}", file=sys.stderr)
+PY
+)
+  echo "best ring configuration (fp16-exact sums): $best" | tee -a "$LOG"
+  [ -n "${CONFIGS:-}" ] && run timeout ${CONFIGS_LIMIT:-120} $C step --configs "$CONFIGS" --tag configs 2>&1 | tee -a "$LOG"
+  run timeout 150 $C kernels --linear int4 --time --config "$best" --tag int4-ring 2>&1 | tee -a "$LOG"
+  run timeout 100 $C step --linear int4 --config "$best" --tag best 2>&1 | tee -a "$LOG"
+  run timeout 60 $C step --shape glm-4-32b --configs "{\"default\": {}, \"best\": $best}" --tag 32b 2>&1 | tee -a "$LOG"
+  run timeout 60 $C step --linear fp8 --configs "{\"default\": {}, \"best\": $best}" --tag fp8 2>&1 | tee -a "$LOG"
+  run timeout 60 $C step --linear bf16 --configs "{\"default\": {}, \"best\": $best}" --tag bf16 2>&1 | tee -a "$LOG"
+  lmh=$(python3 -c 'import json, sys; b = json.loads(sys.argv[1]); print(json.dumps({"default": {}, "best": b, "best+lm_head": {**b, "lm_head": b.get("gemv", {})}}))' "$best")
+  run timeout 60 $C step --linear int4 --lm-head int4 --configs "$lmh" --tag lmh4 2>&1 | tee -a "$LOG"
+  run timeout 120 $C kernels --linear fp8 --config "$best" --tag fp8-ring 2>&1 | tee -a "$LOG"
+  ;;
+engine-roles) # kernels only: launch knobs role by role in GLM-Z1-9B's and GLM-4-32B's int4 steps (the tiles of a
+              # GEMV against its grid: one wave or more), the attention's chunk and splits, over a base
+              # configuration BASE (JSON knobs); CONFIGS replaces the candidates
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-roles.log
+  cands=$(python3 - "${BASE:-{\}}" <<'PY'
+import json, sys
+base = json.loads(sys.argv[1])
+def over(**o):
+    c = json.loads(json.dumps(base))
+    for k, v in o.items():
+        c[k] = {**c.get(k, {}), **v}
+    return c
+u2mb3 = {"unroll": 2, "min_blocks": 3}
+out = {"default": {}, "base": base,
+       "qkv u2mb3": over(qkv=u2mb3), "o_proj u2mb3": over(o_proj=u2mb3), "down u2mb3": over(down=u2mb3),
+       "gate_up u2mb3": over(gate_up=u2mb3), "qkv u1mb4": over(qkv={"unroll": 1, "min_blocks": 4}),
+       "qkv w16mb1": over(qkv={"warps": 16, "min_blocks": 1}), "down w16mb1": over(down={"warps": 16, "min_blocks": 1}),
+       "chunk128": over(attention={"chunk": 128}), "chunk256": over(attention={"chunk": 256}),
+       "splits32": over(attention={"splits": 32}), "splits96": over(attention={"splits": 96}),
+       "hsum2": over(gemv={"hsum": 2})}
+print(json.dumps(out))
+PY
+)
+  run timeout ${ROLES_LIMIT:-150} $C step --configs "${CONFIGS:-$cands}" --tag roles-9b 2>&1 | tee -a "$LOG"
+  run timeout ${ROLES_LIMIT:-150} $C step --shape glm-4-32b --configs "${CONFIGS:-$cands}" --tag roles-32b 2>&1 | tee -a "$LOG"
+  ;;
+engine-autotune) # kernels only: what `glmrt build --backend cuda` tunes for GLM-Z1-9B's and GLM-4-32B's int4 shapes
+              # (bench/cuda_engine_check.py tune), each whole step under the defaults and the configuration chosen,
+              # GLM-Z1-9B's kernels checked against numpy under it
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-autotune.log
+  run timeout 200 $C tune --shape glm-z1-9b --check 2>&1 | tee -a "$LOG"
+  run timeout 200 $C tune --shape glm-4-32b 2>&1 | tee -a "$LOG"
+  ;;
+engine-ab)    # after `install`: GLM-Z1-9B int4 (prep's export) built with --no-tune and tuned, alternately, each benched
+              # (glmrt bench --backend cuda) right after its build: the tuning's gain in the real engine
+  fresh_glmrt
+  LOG=$OUT/engine-ab.log
+  dir=$W/9b-int4
+  [ -f $W/exports.log ] && wait_exports
+  for round in 1 2; do
+    for t in --no-tune --tune; do
+      start=$(date +%s)
+      run timeout 120 python3 -m glmrt.cli build "$dir" --backend cuda --overwrite $t 2>&1 | tail -2 | tee -a "$LOG"
+      echo "build $t: $(( $(date +%s) - start )) s" | tee -a "$LOG"
+      for m in "$dir"/engines/*-sm*/int4/manifest.json; do
+        python3 -c 'import json, sys; t = json.load(open(sys.argv[1])).get("tuned"); print("tuned:", json.dumps(t and {k: t[k] for k in ("chosen", "base_us", "us", "seconds", "weights")}))' "$m" | tee -a "$LOG"
+      done
+      run timeout 120 python3 -m glmrt.cli bench "$dir" --backend cuda --prompt-lengths 128 --contexts 128,8192 \
+        --repeats 3 --json "$OUT/engine-ab-$round${t}.json" 2>&1 | grep "decode at" | tee -a "$LOG"
+    done
+  done
+  ;;
+engine-fill)  # kernels only: GLM-Z1-9B's int4 step under the defaults and TUNED (JSON knobs) with zero-filled and random
+              # weights, alternating; then what the tuner picks with random weights
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-fill.log
+  cf="{\"default\": {}, \"tuned\": ${TUNED:-{\}}}"
+  for f in random zero random zero; do
+    run timeout 100 $C step --fill $f --configs "$cf" --tag fill-$f 2>&1 | grep "step," | sed "s/^/$f /" | tee -a "$LOG"
+    nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader | sed "s/^/after $f: /" | tee -a "$LOG"
+  done
+  run timeout 150 $C tune --shape glm-z1-9b --fill random --tag random 2>&1 | grep -v "^PASS" | tee -a "$LOG"
   ;;
 engine-fp8)   # fp8 weights (e4m3 rows, the cuda target's fp8-rows form), kernels only (no ONNX Runtime, no
               # export): every fp8 kernel checked at GLM-Z1-9B / GLM-4-32B shapes and timed alone, GLM-Z1-9B's
