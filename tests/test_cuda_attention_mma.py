@@ -16,15 +16,8 @@ from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats, decode_kern
 from glmrt.errors import GlmrtError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_emu.emulator import EmulatedDevice, break_kernels, compiler  # noqa: E402
-
-try:
-    nvrtc.version()
-    HAS_NVRTC = True
-except GlmrtError:
-    HAS_NVRTC = False
-needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="NVRTC is not installed (pip install 'glmrt[cuda]')")
-needs_cxx = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler for the CUDA emulation")
+from cuda_emu.emulator import EmulatedDevice, break_kernels  # noqa: E402
+from cuda_emu.marks import HAS_NVRTC, needs_cxx, needs_nvrtc  # noqa: E402
 
 INT4 = Formats("int4", 32, "f16_kn")
 

@@ -124,6 +124,9 @@ inline std::vector<int> warp_site;         // per thread: the source line of its
 struct AsyncCopy { void* dst; const void* src; int size, bytes; };
 struct AsyncQueue { std::vector<AsyncCopy> open; std::vector<std::vector<AsyncCopy>> groups; };
 inline std::vector<AsyncQueue> async_queues;      // per thread of the block running
+inline bool async_early = false;           // copies land as they are issued (else at their wait)
+inline bool fault = false;                 // a cp.async outside dynamic shared memory, or misaligned
+inline size_t dyn_smem_size = 0;
 
 inline dim3 thread_idx() { dim3 d; d.x = (unsigned)current; return d; }
 
@@ -302,10 +305,20 @@ inline uint4 load_stream(const uint4* p) { return *p; }
 inline float load_l2(const float* p) { return *p; }
 inline int load_l2(const int* p) { return *p; }
 inline float4 load_l2(const float4* p) { return *p; }
-// cp.async: a copy lands at the latest moment the program may rely on it, the cp_async_wait that
-// completes its group (or never, if none does), so a read of a stage before its wait sees the
-// destination's old bytes (NaN-filled shared memory at first) and fails the check.
+// cp.async: by default a copy lands at the latest moment the program may rely on it, the
+// cp_async_wait that completes its group (or never, if none does), so a read of a stage before
+// its wait sees the destination's old bytes (NaN-filled shared memory at first) and fails the
+// check; with async_early (emu_set_async_early) it lands as it is issued, so a copy into a slot
+// still to be read overwrites it first. Either way a copy must land inside the block's dynamic
+// shared memory, from a source aligned to its size, or the launch fails (fault).
 namespace emu {
+inline bool async_ok(void* dst, const void* src, int size, int bytes) {
+  const char* d = (const char*)dst;
+  const bool inside = d >= dyn_smem && d + size <= dyn_smem + dyn_smem_size && (uintptr_t)d % size == 0;
+  const bool aligned = bytes == 0 || (uintptr_t)src % size == 0;
+  if (!inside || !aligned) fault = true;
+  return inside && aligned;
+}
 inline AsyncQueue& async_queue() {
   if ((int)async_queues.size() < nthreads) async_queues.resize(nthreads);
   return async_queues[current];
@@ -317,8 +330,13 @@ inline void async_land(const std::vector<AsyncCopy>& g) {
   }
 }
 }  // namespace emu
-inline void cp_async16(void* dst, const void* src, int bytes) { emu::async_queue().open.push_back({dst, src, 16, bytes}); }
-inline void cp_async4(void* dst, const void* src, int bytes) { emu::async_queue().open.push_back({dst, src, 4, bytes}); }
+inline void cp_async_at(void* dst, const void* src, int size, int bytes) {
+  if (!emu::async_ok(dst, src, size, bytes)) return;
+  if (emu::async_early) emu::async_land({{dst, src, size, bytes}});
+  else emu::async_queue().open.push_back({dst, src, size, bytes});
+}
+inline void cp_async16(void* dst, const void* src, int bytes) { cp_async_at(dst, src, 16, bytes); }
+inline void cp_async4(void* dst, const void* src, int bytes) { cp_async_at(dst, src, 4, bytes); }
 inline void cp_async_commit() {
   emu::AsyncQueue& q = emu::async_queue();
   q.groups.push_back(std::move(q.open));
@@ -340,6 +358,8 @@ struct EmuKernel { const char* name; void (*run)(const void*); };
 
 std::vector<EmuKernel>& emu_kernels();
 
+extern "C" void emu_set_async_early(int on) { emu::async_early = on != 0; }
+
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
                           unsigned smem, const void* args, unsigned seed) {
   void (*run)(const void*) = nullptr;
@@ -348,6 +368,8 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   if (!run) return 1;
   std::vector<char> shared(smem + 16);
   emu::dyn_smem = shared.data();
+  emu::dyn_smem_size = smem;
+  emu::fault = false;
   emu::body = run;
   emu::body_arg = args;
   emu::deadlock = emu::divergent = false;
@@ -364,6 +386,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     emu::block_idx.x = b % gx; emu::block_idx.y = (b / gx) % gy; emu::block_idx.z = b / (gx * gy);
     std::memset(shared.data(), 0xff, shared.size());
     if (!emu::run_block((int)threads)) return emu::divergent ? 3 : 2;
+    if (emu::fault) return 4;
   }
   return 0;
 }

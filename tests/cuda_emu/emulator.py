@@ -55,8 +55,14 @@ class EmulatedDevice(Device):
     image_kind = "source"
     ort_device = "cpu"            # host memory: ONNX Runtime's CPU provider shares it
 
-    def __init__(self, name: str = "Emulated GPU", compute_capability=(9, 0), sm_count: int = 4):
+    def __init__(self, name: str = "Emulated GPU", compute_capability=(9, 0), sm_count: int = 4,
+                 async_landing: str = "late"):
+        """async_landing: when a cp.async's bytes arrive, "late" (at the wait that completes it)
+        or "early" (as it is issued): a kernel must be right under both."""
+        if async_landing not in ("late", "early"):
+            raise ValueError(f"async_landing={async_landing!r}: 'late' or 'early'")
         self.name, self.compute_capability, self.sm_count = name, compute_capability, sm_count
+        self.async_landing = async_landing
         self.driver_version = 13000
         self.buffers: dict[int, np.ndarray] = {}
         self.launches = 0
@@ -96,10 +102,13 @@ class EmulatedDevice(Device):
         lib, name = kernel
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         self.launches += 1
+        lib.emu_set_async_early(int(self.async_landing == "early"))
         rc = lib.emu_launch(name.encode(), gx, gy, gz, threads, smem, ctypes.addressof(args), self.launches)
         if rc:
             raise RuntimeError(f"emulated kernel {name}: " + {1: "not in the module", 2: "deadlock",
-                                                                 3: "a warp collective not met by all 32 lanes at one call"}.get(rc, str(rc)))
+                                                                 3: "a warp collective not met by all 32 lanes at one call",
+                                                                 4: "a cp.async outside the block's dynamic shared memory "
+                                                                    "or from a misaligned source"}.get(rc, str(rc)))
 
     def synchronize(self) -> None:
         pass

@@ -118,8 +118,10 @@ class Gemv:
     @property
     def smem(self) -> int:
         """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums), then
-        with `stages` the warps' rings (kernels/gemv.cu RingSlot: 20 bytes a lane, unit and row)."""
-        ring = self.warps * self.stages * self.unroll * self.rpw * 32 * 20
+        with `stages` the warps' rings (kernels/gemv.cu RingSlot: a lane's 16-byte unit per unit
+        and row, and the 4-byte word of its scale where the format has scales)."""
+        per = 20 if self.fmt in ("int4", "int4_a8", "fp8") else 16
+        ring = self.warps * self.stages * self.unroll * self.rpw * 32 * per
         if self.fmt == "int4":
             return self.m * (self.kp // 32) * 80 + ring
         if self.fmt == "int4_mma":

@@ -23,7 +23,7 @@
 //             weight-only, W8A16). Decoded in registers by bit moves (dot_fp8), products in
 //             half2 with x, the row's scale (times 2^8, see dot_fp8) applied in fp32.
 //   W_BF16    bf16 (N, K), the checkpoint's own values unchanged (export --precision bf16
-//             --target cuda --float-layout nk); products in fp32 (dot_bf16).
+//             --target cuda --float-layout nk); products in fp32 (dot_half).
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -212,17 +212,15 @@ DEV void load8(const float* p, float (&v)[8]) {
   const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-DEV void unpack8(uint4 w, float (&v)[8]) {     // 8 fp16 values in order
-  const float2 a = h2x2f(w.x), b = h2x2f(w.y), c = h2x2f(w.z), d = h2x2f(w.w);
+DEV float2 bf2x2f(unsigned v) { return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u)); }
+// the two 16-bit floats of a word as fp32: fp16 (BF false) or bf16 (one shift or mask a value)
+template <bool BF> DEV float2 half2f(unsigned v) { return BF ? bf2x2f(v) : h2x2f(v); }
+template <bool BF = false> DEV void unpack8(uint4 w, float (&v)[8]) {     // 8 values in order
+  const float2 a = half2f<BF>(w.x), b = half2f<BF>(w.y), c = half2f<BF>(w.z), d = half2f<BF>(w.w);
   v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
 }
 DEV void load8(const h16* p, float (&v)[8]) { unpack8(*(const uint4*)p, v); }
-DEV float2 bf2x2f(unsigned v) { return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u)); }
-DEV void load8_bf16(const h16* p, float (&v)[8]) {   // 8 bf16 values in order
-  const uint4 w = *(const uint4*)p;
-  const float2 a = bf2x2f(w.x), b = bf2x2f(w.y), c = bf2x2f(w.z), d = bf2x2f(w.w);
-  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y; v[4] = c.x; v[5] = c.y; v[6] = d.x; v[7] = d.y;
-}
+DEV void load8_bf16(const h16* p, float (&v)[8]) { unpack8<true>(*(const uint4*)p, v); }
 
 // 1 / rms over the block of the H values its threads hold, 8 per word: word i of thread t holds
 // k = 8 (t + i NT) .. + 7 (words past H are not summed)
@@ -485,26 +483,15 @@ DEV float dot_fp8(uint4 w, const uint4* xu, int swz) {
   return sum;
 }
 
-DEV float dot_bf16(uint4 w, const uint4* xu) {     // bf16 weights: one shift or mask a value
+// fp16 (BF false) or bf16 weights: a unit's 8 products with x, in fp32
+template <bool BF> DEV float dot_half(uint4 w, const uint4* xu) {
   const uint4 xv = xu[0];
   const unsigned wp[4] = {w.x, w.y, w.z, w.w};
   const h16x2 xp[4] = {xv.x, xv.y, xv.z, xv.w};
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 a = bf2x2f(wp[i]), b = h2x2f(xp[i]);
-    sum += a.x * b.x + a.y * b.y;
-  }
-  return sum;
-}
-
-DEV float dot_f16(uint4 w, const uint4* xu) {
-  const uint4 xv = xu[0];
-  const h16x2 wp[4] = {w.x, w.y, w.z, w.w}, xp[4] = {xv.x, xv.y, xv.z, xv.w};
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 a = h2x2f(wp[i]), b = h2x2f(xp[i]);
+    const float2 a = half2f<BF>(wp[i]), b = h2x2f(xp[i]);
     sum += a.x * b.x + a.y * b.y;
   }
   return sum;
@@ -666,9 +653,12 @@ template <int FMT, int BLOCK, int UNROLL, int RPW> struct Stage {
   uint4 w[UNROLL][RPW];
   float s[UNROLL][RPW];
 };
-template <int UNROLL, int RPW> struct RingSlot {     // one warp's stage: lane l's units at [..][l]
+template <int UNROLL, int RPW, bool SC> struct RingSlot {     // one warp's stage: lane l's units at [..][l]
   uint4 w[UNROLL][RPW][32];
   unsigned s[UNROLL][RPW][32];                       // the 32-bit word holding the unit's fp16 scale
+};
+template <int UNROLL, int RPW> struct RingSlot<UNROLL, RPW, false> {   // formats without scales
+  uint4 w[UNROLL][RPW][32];
 };
 
 template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI,
@@ -686,6 +676,10 @@ DEV void gemv_nk(const GemvArgs& a) {
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
   static_assert(STAGES == 0 || STAGES >= 2, "the shared-memory ring holds 2 stages or more");
+  // the ring copies scales as 32-bit words (pairs): their count must be even, or the last word
+  // would reach past the array
+  static_assert(STAGES == 0 || !SCALED(FMT) || (FMT == W_FP8 ? N : N * KB) % 2 == 0,
+                "the shared-memory ring reads the scales in pairs: an even count of them");
   // A warp finishes its own rows where they hold whole pairs (QKV's RoPE pairs, SwiGLU's gate and
   // up: RPW even) or need none (store): no block barrier per tile. The argmax reduces over the block.
   constexpr bool WARP_EPI = EPI != EPI_ARGMAX && (EPI == EPI_STORE || RPW % 2 == 0);
@@ -731,7 +725,7 @@ DEV void gemv_nk(const GemvArgs& a) {
           acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(w[uu][r], xu)
                         : FMT == W_INT4_A8 ? dot_int4_a8(w[uu][r], xu)
                         : FMT == W_FP8 ? dot_fp8(w[uu][r], xu, fp8_swizzle(u))
-                        : FMT == W_BF16 ? dot_bf16(w[uu][r], xu) : dot_f16(w[uu][r], xu)) * s[uu][r];
+                        : dot_half<FMT == W_BF16>(w[uu][r], xu)) * s[uu][r];
       }
     }
   };
@@ -764,6 +758,8 @@ DEV void gemv_nk(const GemvArgs& a) {
   };
 
   if constexpr (STAGES == 0) {
+    // (the same addressing as unit_of / scale_at, written out: through those lambdas ptxas gave the
+    // 9B down GEMV's loop 5% more instructions, sm_90)
     auto load = [&](Stage<FMT, BLOCK, UNROLL, RPW>& st, int tile, int step) {
 #pragma unroll
       for (int uu = 0; uu < UNROLL; ++uu) {
@@ -798,13 +794,14 @@ DEV void gemv_nk(const GemvArgs& a) {
     // two steps an iteration, the stages swapping roles: no register copies of a stage
     while (advance(cur, nxt) && advance(nxt, cur)) {}
   } else {
-    typedef RingSlot<UNROLL, RPW> Slot;
+    typedef RingSlot<UNROLL, RPW, SCALED(FMT)> Slot;
     Slot* ring = (Slot*)(xs + M * U * L::XU) + warp * STAGES;
     const int items = ((TILES - 1 - (int)blockIdx.x) / (int)gridDim.x + 1) * STEPS;
+    auto slot = [&](int i) -> Slot& { return ring[i % STAGES]; };   // item i's stage
     auto issue = [&](int i) {               // item i into its slot: one commit group per item (empty past the end)
       if (i < items) {
         const int tile = blockIdx.x + i / STEPS * gridDim.x, step = i % STEPS;
-        Slot& sl = ring[i % STAGES];
+        Slot& sl = slot(i);
 #pragma unroll
         for (int uu = 0; uu < UNROLL; ++uu)
 #pragma unroll
@@ -812,7 +809,7 @@ DEV void gemv_nk(const GemvArgs& a) {
             int row, u;
             const bool ok = unit_of(tile, step, uu, r, row, u);   // else zeros: weights and scale 0
             cp_async16(&sl.w[uu][r][lane], ok ? (const void*)(W + (size_t)row * U + u) : (const void*)W, ok ? 16 : 0);
-            if (SCALED(FMT))
+            if constexpr (SCALED(FMT))
               cp_async4(&sl.s[uu][r][lane], ok ? (const void*)(a.scales + (scale_at(row, u) & ~(size_t)1)) : (const void*)a.scales,
                         ok ? 4 : 0);
           }
@@ -826,7 +823,7 @@ DEV void gemv_nk(const GemvArgs& a) {
       issue(i + STAGES - 1);                // into the slot item i - 1 left (its reads are done)
       cp_async_wait<STAGES - 1>();          // item i has landed
       const int tile = blockIdx.x + i / STEPS * gridDim.x, step = i % STEPS;
-      const Slot& sl = ring[i % STAGES];
+      const Slot& sl = slot(i);
       uint4 w[UNROLL][RPW];
       float sc[UNROLL][RPW];
 #pragma unroll
@@ -836,7 +833,8 @@ DEV void gemv_nk(const GemvArgs& a) {
           int row, u;
           unit_of(tile, step, uu, r, row, u);
           w[uu][r] = sl.w[uu][r][lane];
-          sc[uu][r] = SCALED(FMT) ? scale_of((h16)(sl.s[uu][r][lane] >> (16 * (scale_at(row, u) & 1)))) : 1.f;
+          if constexpr (SCALED(FMT)) sc[uu][r] = scale_of((h16)(sl.s[uu][r][lane] >> (16 * (scale_at(row, u) & 1))));
+          else sc[uu][r] = 1.f;
         }
       mac(step, w, sc);
       if (step == STEPS - 1) finish(tile);
