@@ -172,14 +172,14 @@ def config_over(o: dict, what: str, base: dict | None = None) -> dict:
 def part_kernels(args):
     from glmrt.backends.cuda_engine.selfcheck import run_checks, time_kernels
     from glmrt.backends.cuda_engine.sources import Shapes
-    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV, Formats
+    from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
     device = make_device(args)
     config = DEFAULT_CONFIG
     if args.mma:                           # the tensor-core GEMVs for every int4 role and the W^T lm_head
-        config = {**DEFAULT_CONFIG, **{r: {**GEMV, **DEFAULT_CONFIG[r], "mma": True}
-                                       for r in ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")}}
+        config = config_over({r: {"mma": True} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")},
+                             "--mma")
     if args.attention:                     # attention knobs over the defaults, e.g. {"merge": "spread"}
-        config = {**config, "attention": {**DEFAULT_CONFIG["attention"], **json.loads(args.attention)}}
+        config = config_over({"attention": json.loads(args.attention)}, "--attention", config)
     if args.config:                        # a candidate configuration's knobs over those
         config = config_over(json.loads(args.config), "--config", config)
     shapes = {k: Shapes(*v) for k, v in SHAPES.items()}
@@ -422,9 +422,11 @@ def part_rows(args):
 
 # ---- the whole decode step, timed ---------------------------------------------------------------------
 def part_tune(args):
-    """What `glmrt build --backend cuda` tunes (tune.tune_on_device, its layer cap and contexts) for
-    a model's shapes, then the whole step (every layer) under the defaults and under the
-    configuration chosen, in the same process; with --check, every kernel against numpy under it."""
+    """The build's tuner (tune.tune_on_device: its candidates, margin, bursts and contexts) on
+    zero-filled (--fill random: random) weights of a model's shapes, at most tune.LAYERS layers
+    (the build times the model's own weights, every layer: session 11 found the two choose
+    differently), then the whole step (every layer) under the defaults and under the configuration
+    chosen, in the same process; with --check, every kernel against numpy under it."""
     from glmrt.backends.cuda_engine.selfcheck import StepBench, run_checks
     from glmrt.backends.cuda_engine.sources import Shapes
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, Formats
@@ -436,7 +438,7 @@ def part_tune(args):
         shapes, layers, contexts = Shapes(128, 384, 4, 2, 32, 16, 1024), 2, (16, 300)
     else:
         shapes, layers, contexts = Shapes(*SHAPES[args.shape]), LAYERS[args.shape], (128, 8192)
-    say(f"== tuning {args.shape} {lin} (lm_head {formats.lm_head}) as glmrt build does")
+    say(f"== tuning {args.shape} {lin} (lm_head {formats.lm_head}) on {args.fill} weights of its shapes")
     t = time.perf_counter()
     config, report = tune_on_device(device, shapes, formats, layers, 8192 if not args.emulate else 300, log=say,
                                     fill=args.fill)
@@ -506,7 +508,6 @@ def part_step(args):
             bench.free()
         return
     if args.configs:                        # candidate launch configurations: the full step only, first set
-        from glmrt.backends.cuda_engine.step import GEMV
         name, formats = sets[0]
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
         try:

@@ -39,7 +39,7 @@
 #                                    GLM-Z1-9B's int4 step, the best checked at real shapes and timed in every step
 #   bash bench/gpu.sh engine-roles   launch knobs role by role (and the attention's chunk, splits) in GLM-Z1-9B's and
 #                                    GLM-4-32B's int4 steps, over BASE
-#   bash bench/gpu.sh engine-autotune what `glmrt build --backend cuda` tunes, for GLM-Z1-9B's and GLM-4-32B's int4 shapes
+#   bash bench/gpu.sh engine-autotune the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
 #   bash bench/gpu.sh engine-attn    kernels only: the attention's merge variants in GLM-Z1-9B's step, GLM-4-32B's
@@ -87,6 +87,12 @@ fresh_glmrt() {   # this checkout's glmrt, fresh every time (a warm machine's /t
   rm -rf /tmp/glmrt-engine-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
     --target /tmp/glmrt-engine-site "$REPO" && export PYTHONPATH=/tmp/glmrt-engine-site:$PYTHONPATH &&
     echo "glmrt from $REPO installed for this stage"
+}
+
+show_tuned() {    # what `glmrt build --backend cuda` tuned: its engine manifest's "tuned" (MODEL PRECISION), to $LOG
+  for m in "$1"/engines/*-sm*/"$2"/manifest.json; do
+    python3 -c 'import json, sys; print("tuned:", json.dumps(json.load(open(sys.argv[1])).get("tuned")))' "$m" | tee -a "$LOG"
+  done
 }
 
 wait_exports() {
@@ -242,7 +248,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       shape=${s%%:*}; prec=${s#*:}; dir=$W/engine-$shape-$prec; keep=0
       flags=""; [ "$prec" = fp16 ] || [ "$prec" = bf16 ] && flags="--float-layout nk"
       # PREC+lmh4: the export's lm_head in int4 (MatMulNBits) too
-      [ "${prec%+lmh4}" != "$prec" ] && { prec=${prec%+lmh4}; flags="--lm-head int4"; dir=$W/engine-$shape-$prec-lmh4; }
+      lmh=""; [ "${prec%+lmh4}" != "$prec" ] && { prec=${prec%+lmh4}; flags="$flags --lm-head int4"; lmh="-lmh4"; dir=$W/engine-$shape-$prec$lmh; }
       [ -f $W/exports.log ] && wait_exports
       if [ "$shape" = glm-z1-9b ] && [ -z "$flags" ] && [ -f $W/9b-$prec/manifest.json ]; then
         dir=$W/9b-$prec; keep=1                                 # `prep` made it, same options
@@ -261,10 +267,7 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
         # compiled without it, so that the speed is still measured
         build "$dir" $aflag && echo "glmrt build --backend cuda $aflag (checked on the GPU): $(( $(date +%s) - start )) s" | tee -a "$LOG" ||
           build "$dir" --gpu "NVIDIA H200@sm90" $aflag
-        lmh=""; [ "$flags" = "--lm-head int4" ] && lmh="-lmh4"
-        for m in "$dir"/engines/*-sm*/$prec/manifest.json; do      # what the build tuned (its manifest)
-          python3 -c 'import json, sys; t = json.load(open(sys.argv[1])).get("tuned"); print("tuned:", json.dumps(t))' "$m" | tee -a "$LOG"
-        done
+        show_tuned "$dir" "$prec"
         part 150 python3 -m glmrt.cli bench "$dir" --backend cuda $bflags --json "$OUT/engine-bench-$shape-$prec$lmh-cuda${aflag:+-$act}.json"
       done
       part 150 python3 -m glmrt.cli bench "$dir" $bflags --json "$OUT/engine-bench-$shape-$prec$lmh-ort.json"
@@ -392,9 +395,9 @@ PY
   run timeout ${ROLES_LIMIT:-150} $C step --configs "${CONFIGS:-$cands}" --tag roles-9b 2>&1 | tee -a "$LOG"
   run timeout ${ROLES_LIMIT:-150} $C step --shape glm-4-32b --configs "${CONFIGS:-$cands}" --tag roles-32b 2>&1 | tee -a "$LOG"
   ;;
-engine-autotune) # kernels only: what `glmrt build --backend cuda` tunes for GLM-Z1-9B's and GLM-4-32B's int4 shapes
-              # (bench/cuda_engine_check.py tune), each whole step under the defaults and the configuration chosen,
-              # GLM-Z1-9B's kernels checked against numpy under it
+engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
+              # (bench/cuda_engine_check.py tune; the build times the model's own weights), each whole step
+              # under the defaults and the configuration chosen, GLM-Z1-9B's kernels checked under it
   C="python3 $REPO/bench/cuda_engine_check.py"
   fresh_glmrt
   LOG=$OUT/engine-autotune.log
@@ -410,11 +413,10 @@ engine-ab)    # after `install`: GLM-Z1-9B int4 (prep's export) built with --no-
   for round in 1 2; do
     for t in --no-tune --tune; do
       start=$(date +%s)
-      run timeout 120 python3 -m glmrt.cli build "$dir" --backend cuda --overwrite $t 2>&1 | tail -2 | tee -a "$LOG"
+      run timeout 120 python3 -m glmrt.cli build "$dir" --backend cuda --overwrite $t 2>&1 | tail -2 | tee -a "$LOG" ||
+        { echo "build $t failed: nothing benched" | tee -a "$LOG"; continue; }
       echo "build $t: $(( $(date +%s) - start )) s" | tee -a "$LOG"
-      for m in "$dir"/engines/*-sm*/int4/manifest.json; do
-        python3 -c 'import json, sys; t = json.load(open(sys.argv[1])).get("tuned"); print("tuned:", json.dumps(t and {k: t[k] for k in ("chosen", "base_us", "us", "seconds", "weights")}))' "$m" | tee -a "$LOG"
-      done
+      show_tuned "$dir" int4
       run timeout 120 python3 -m glmrt.cli bench "$dir" --backend cuda --prompt-lengths 128 --contexts 128,8192 \
         --repeats 3 --json "$OUT/engine-ab-$round${t}.json" 2>&1 | grep "decode at" | tee -a "$LOG"
     done

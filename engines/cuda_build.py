@@ -68,11 +68,17 @@ def plan(model_dir: Path, man: dict, options):
             from glmrt.backends.cuda_engine.weights import DeviceWeights
             here.activate()
             own = DeviceWeights(Path(model_dir), weights, here, "engine")
-            try:
-                config, tuned = tune_on_device(here, shapes, formats, cfg.num_hidden_layers, options.max_context,
-                                               weights=(own, weights, cfg))
+            done = False
+            try:                                    # KV for the positions the runtime gives it by default
+                config, tuned = tune_on_device(here, shapes, formats, cfg.num_hidden_layers,
+                                               cfg.max_position_embeddings, weights=(own, weights, cfg))
+                done = True
             finally:
-                own.free()
+                try:
+                    own.free()
+                except GlmrtError:
+                    if done:                        # else the failure in flight is the one to report
+                        raise
         kernels = engine_kernels(shapes, formats, config, slots)
         _check_smem(kernels, arch)
         source = translation_unit(shapes, kernels)
@@ -82,8 +88,7 @@ def plan(model_dir: Path, man: dict, options):
             total = k.smem + (res.get(k.name, {}).get("smem_static") or 0)
             if total > limit:
                 raise GlmrtError(f"kernel {k.name} needs {total} bytes of shared memory per block; sm_{arch} "
-                                 f"allows {limit}" + (f" (x staged for {k.m} rows: build with a smaller --max-batch)"
-                                                      if getattr(k, "m", 1) > 1 else ""))
+                                 f"allows {limit}" + _smem_hint(k))
         (tmp / "engine.cubin").write_bytes(compiled.cubin)
         (tmp / "engine.cu").write_text(source, encoding="utf-8")
         version = nvrtc.version()
@@ -115,12 +120,21 @@ def plan(model_dir: Path, man: dict, options):
 
 
 def _check_smem(kernels: list, arch: int) -> None:
-    """Refuse, in one line, a kernel whose staged x (dynamic shared memory) does not fit sm_<arch>."""
+    """Refuse, in one line, a kernel whose dynamic shared memory (staged x, a weight ring) does not
+    fit sm_<arch>."""
     for k in kernels:
         if k.smem > SMEM_LIMIT.get(arch, 99 * 1024):
             raise GlmrtError(f"kernel {k.name} needs {k.smem} bytes of shared memory per block; sm_{arch} "
-                             f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}"
-                             + (f" (x staged for {k.m} rows: build with a smaller --max-batch)" if getattr(k, "m", 1) > 1 else ""))
+                             f"allows {SMEM_LIMIT.get(arch, 99 * 1024)}" + _smem_hint(k))
+
+
+def _smem_hint(k) -> str:
+    if getattr(k, "m", 1) > 1:
+        return f" (x staged for {k.m} rows: build with a smaller --max-batch)"
+    if getattr(k, "stages", 0):
+        return f" (its weight ring of {k.stages} stages: fewer stages)"
+    return ""
+
 
 
 # What int4 weights multiply by default: fp16 x, as ONNX Runtime's CUDA form. int8 x (dp4a,

@@ -25,15 +25,8 @@ from glmrt.errors import ArtifactError, GlmrtError
 from glmrt.export.quant import MatMulNBits, pack_nibbles
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_emu.emulator import EmulatedDevice, break_kernels, compiler  # noqa: E402
-
-try:
-    nvrtc.version()
-    HAS_NVRTC = True
-except GlmrtError:
-    HAS_NVRTC = False
-needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="NVRTC is not installed (pip install 'glmrt[cuda]')")
-needs_cxx = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler for the CUDA emulation")
+from cuda_emu.emulator import EmulatedDevice, break_kernels  # noqa: E402
+from cuda_emu.marks import HAS_NVRTC, needs_cxx, needs_nvrtc  # noqa: E402
 
 
 def has_gpu() -> bool:
@@ -254,36 +247,42 @@ def test_int4_gemvs_summing_more_words_in_half2_pass_in_the_emulation(hsum):
     assert {k.hsum for k in ks if isinstance(k, Gemv)} == {1}
 
 
+RING_SHAPES = Shapes(128, 1056, 4, 2, 32, 16, 1024)    # down's rows: 33 units, two steps of 32 lanes
+
+
 @needs_cxx
-@pytest.mark.parametrize("formats,stages,unroll", [("int4-b32", 2, 2), ("int4-a8-b128-lmhead", 3, 1),
-                                                   ("fp8-lmhead", 3, 1), ("bf16", 3, 1)])
-def test_gemvs_with_a_shared_memory_ring_pass_in_the_emulation(formats, stages, unroll):
+@pytest.mark.parametrize("formats,stages,unroll,landing,shapes", [
+    ("int4-b32", 2, 2, "late", SMALL), ("int4-b32", 3, 1, "early", RING_SHAPES),
+    ("int4-a8-b128-lmhead", 3, 1, "early", SMALL), ("fp8-lmhead", 3, 1, "late", SMALL),
+    ("bf16", 3, 1, "early", SMALL), ("fp16", 4, 1, "late", RING_SHAPES)], ids=str)
+def test_gemvs_with_a_shared_memory_ring_pass_in_the_emulation(formats, stages, unroll, landing, shapes):
     """The launch knob stages: every GEMV on (n, k) rows (int4 with fp16 or int8 x, fp8 with its
     row scales, bf16, fp16) takes its weights through a cp.async ring of that many stages in
-    shared memory, and passes against numpy. The emulation lands a copy only at the wait that
-    completes its group, so a stage read before its wait reads NaN bytes and fails (the
-    mutation "ring waits for its stage" below). Also compiles for the GPU."""
+    shared memory, and passes against numpy, a block's items running over tiles and over steps
+    of a row. The emulation lands a copy at the wait that completes it ("late": a stage read
+    before its wait reads NaN bytes) or as it is issued ("early": a copy into a slot still to be
+    read overwrites it), refuses one outside the block's dynamic shared memory (a ring larger than
+    Gemv.smem) or from a misaligned source; the mutations "ring waits for its stage" and "ring
+    slot reused early" below must fail. Also compiles for the GPU."""
     roles = ("qkv", "o_proj", "gate_up", "down", "lm_head")
     config = {**DEFAULT_CONFIG, **{r: {**GEMV, "stages": stages, "unroll": unroll, "blocks_per_sm": 1} for r in roles}}
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300, chunk=32,
-                                  splits=3, config=config, only=["qkv_first", *roles])
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2, async_landing=landing), shapes, FORMATS[formats],
+                                  max_seq=300, chunk=32, splits=3, config=config, only=["qkv_first", *roles])
     assert len(report) == 6 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
-    ks = [k for k in decode_kernels(SMALL, FORMATS[formats], config) if isinstance(k, Gemv)]
-    ring = [k for k in ks if k.stages]
-    assert {k.name for k in ring} >= {"qkv", "o_proj", "gate_up", "down"}
-    assert all(k.smem == Gemv(**{**k.__dict__, "stages": 0}).smem + k.warps * stages * unroll * k.rpw * 32 * 20
-               for k in ring)
+    ks = [k for k in decode_kernels(shapes, FORMATS[formats], config) if isinstance(k, Gemv)]
+    assert {k.name for k in ks if k.stages} >= {"qkv", "o_proj", "gate_up", "down"}
     if HAS_NVRTC and formats == "int4-b32":
-        assert nvrtc.compile_cubin(translation_unit(SMALL, ks), 80).cubin
+        assert nvrtc.compile_cubin(translation_unit(shapes, ks), 80).cubin
 
 
 def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     """tune(): coordinate descent over the candidates with the step's time; a candidate is kept
-    only when faster by more than the margin, one that fails to run is dropped and reported, and a
-    role's tuned knobs never reach the batched steps' kernels (pinned under "rows")."""
+    only when faster by more than the margin, as first timed and again beside the best; one that
+    does not compile or fit is dropped and reported, any other failure stops the tuning in one
+    line; a role's tuned knobs never reach the batched steps' kernels (pinned under "rows")."""
     from glmrt.backends.cuda_engine.step import engine_kernels
     from glmrt.backends.cuda_engine.tune import CANDIDATES, tune, with_knobs
-    times = {("qkv", 2): 96.0, ("o_proj", 2): 99.8, ("down", 16): RuntimeError("does not fit")}
+    times = {("qkv", 2): 96.0, ("o_proj", 2): 99.8, ("down", 16): selfcheck.Unfit("does not fit")}
 
     def measure(c):
         us = 100.0
@@ -297,6 +296,21 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     assert report["chosen"] == {"qkv": {"unroll": 2, "min_blocks": 3}}            # o_proj's 0.2% is noise
     assert report["base_us"] == 100.0 and report["us"] == 96.0
     assert any("error" in t and t["role"] == "down" for t in report["tried"])
+    qkv = next(t for t in report["tried"] if t["role"] == "qkv" and t["kept"])
+    assert (qkv["again_us"], qkv["best_again_us"]) == (96.0, 100.0)
+    # faster once, not again: not kept
+    flaky = iter([100.0, 90.0, 100.0, 100.0])
+    _, report = tune(lambda c: next(flaky), candidates={"qkv": ({"unroll": 2},)})
+    assert report["chosen"] == {} and report["tried"][0]["us"] == 90.0 and not report["tried"][0]["kept"]
+    # a fault on the GPU: one line naming the candidate
+
+    def fault(c):
+        if c["gate_up"].get("unroll") == 2:
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS\nmore")
+        return 100.0
+    with pytest.raises(GlmrtError, match=r"^tuning stopped at gate_up \{'unroll': 2, 'min_blocks': 3\}: "
+                                         r"RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS \(build with --no-tune\)$"):
+        tune(fault, candidates=CANDIDATES)
     assert config["qkv"]["unroll"] == 2 and DEFAULT_CONFIG["qkv"]["unroll"] == 4    # the default is not touched
     single = {k.name: k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], config, slots=8)}
     before = {k.name: k for k in engine_kernels(Z1_9B, FORMATS["int4-b32"], DEFAULT_CONFIG, slots=8)}
@@ -355,6 +369,7 @@ MUTATIONS = {
                               "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "ring waits for its stage": ("gemv.cu", "cp_async_wait<STAGES - 1>();", "cp_async_wait<STAGES>();", "down"),
+    "ring slot reused early": ("gemv.cu", "return ring[i % STAGES];", "return ring[i % (STAGES - 1)];", "gate_up"),
     "residual add": ("gemv.cu", "if (blockIdx.x == 0) {", "if (false) {", "gate_up"),
     "KV cache position": ("gemv.cu", ": *a.pos + a.pos_add + m;", ": *a.pos + m;", "qkv"),
     # the two register stages swap roles each step: a second step on the first's weights
@@ -458,10 +473,11 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     # one GEMV block per SM: each block takes several tiles, so the weight stages swap roles (the
     # ring's mutations: the weights through a shared-memory ring of 3 stages)
     ring = {"stages": 3, "unroll": 1} if mutation.startswith("ring") else {}
+    device = EmulatedDevice(sm_count=2, async_landing="early" if mutation == "ring slot reused early" else "late")
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
                                               "threads": 128},
               **{r: {**DEFAULT_CONFIG[r], "blocks_per_sm": 1, **ring} for r in ("qkv", "o_proj", "gate_up", "down", "lm_head")}}
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], max_seq=300,
+    report = selfcheck.run_checks(device, SMALL, FORMATS["int4-b32"], max_seq=300,
                                   chunk=32, splits=3, only=[kernel], config=config)
     assert not report[0]["ok"], selfcheck.format_result(report[0])
 
@@ -761,7 +777,7 @@ def test_build_on_the_gpu_here_tunes_then_checks_and_records_the_configuration(e
     from glmrt.gpu import Gpu
     monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
     monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
-    faster = {"qkv": {"unroll": 2, "min_blocks": 3}, "attention": {"chunk": 64}}
+    faster = {"qkv": {"unroll": 2, "min_blocks": 3}, "attention": {"chunk": 128}}
 
     def fake(device, shapes, formats, layers, max_context, base=DEFAULT_CONFIG, log=None, weights=None):
         assert weights is not None and len(weights[1]["layers"]) == layers       # the model's own, uploaded
@@ -771,12 +787,16 @@ def test_build_on_the_gpu_here_tunes_then_checks_and_records_the_configuration(e
     model = tmp_path / "m"
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
     em = read_engine(build(model, backend="cuda", max_batch=2))
-    assert em["tuned"]["chosen"] == {"qkv": {"unroll": 2, "min_blocks": 3}} and em["tuned"]["layers"] == 2
-    assert em["config"]["qkv"]["unroll"] == 2 and em["config"]["attention"]["chunk"] == DEFAULT_CONFIG["attention"]["chunk"]
+    assert em["tuned"]["chosen"] == faster and em["tuned"]["layers"] == 2
+    assert em["config"]["qkv"]["unroll"] == 2 and em["config"]["attention"]["chunk"] == 128
     qkv = {k["name"]: k for k in em["kernels"]}
     assert (qkv["qkv"]["unroll"], qkv["qkv"]["min_blocks"]) == (2, 3)                 # the single-row step's
     assert (qkv["qkv_b2"]["unroll"], qkv["qkv_b2"]["min_blocks"]) == (4, 2)           # the batched one's as before
     assert all(r["ok"] for r in em["selfcheck"]) and em["selfcheck"][-1]["kernel"] == "bucket 2"
+    # the runtime launches with it and says so
+    dec = emulated_decoder(model, burst=2, prefill="engine")
+    assert dec.step_plan.chunk == 128
+    assert dec.describe()["settings"]["tuned"] == "qkv unroll=2,min_blocks=3; attention chunk=128"
 
 
 @needs_nvrtc

@@ -101,12 +101,15 @@ class CudaDecoder(Decoder):
         self._own_slot_kv: list[int] = []
         act = engine.get("formats", {}).get("act", "f16")
         self.activations = next(name for name, a in ACTIVATIONS.items() if a == act)
+        tuned = engine.get("tuned") or {}     # what the build's tuner chose over the defaults (tune.py)
+        self.tuned = "; ".join(f"{role} " + ",".join(f"{k}={v}" for k, v in knobs.items())
+                               for role, knobs in tuned.get("chosen", {}).items()) or ("defaults" if tuned else "no")
 
     def describe(self) -> dict:
         d = self.device
         return {"backend": "cuda", "form": "gqa", "device": "cuda", "cuda_graph": self.cuda_graph,
                 "settings": {"prefill": self.prefill, "weights": self.weights_mode, "activations": self.activations,
-                             "slots": self.slots_built},
+                             "slots": self.slots_built, "tuned": self.tuned},
                 "greedy": "device argmax", "engine": str(self.engine_path),
                 "gpu": f"{d.name} (sm{d.compute_capability[0]}{d.compute_capability[1]}, {d.sm_count} SMs)"}
 

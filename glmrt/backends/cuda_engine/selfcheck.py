@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ...errors import GlmrtError
 from .args import AttnArgs, GemvArgs
 from .sources import SMOKE, Shapes, translation_unit
 from .step import DEFAULT_CONFIG, Formats, attention_launches, attention_split, decode_kernels, engine_kernels, gemv_grid, rope_table
@@ -773,6 +774,10 @@ class _Weights(dict):
         return 0 if name is None else dict.__getitem__(self, name)
 
 
+class Unfit(GlmrtError):
+    """A configuration whose kernels do not compile or do not fit this GPU (shared memory, registers)."""
+
+
 class StepBench:
     """A whole decode step (DecodeStep's launch list) on zero-filled weights of the model's
     shapes, each layer its own (the weights stream from DRAM as in the real model), timed as a
@@ -788,7 +793,7 @@ class StepBench:
         memory left to its owner."""
         self.dev, self.s, self.f, self.layers, self.max_context = device, shapes, formats, layers, max_context
         self.cfg = synthetic_config(shapes, layers)
-        self.ptrs, self.w = [], _Weights()
+        self.ptrs, self.w, self._images = [], _Weights(), {}
         s = shapes
         if weights is not None:
             self.w, self.wmap, self.cfg = weights
@@ -849,12 +854,16 @@ class StepBench:
         from .sources import Stub
         from .step import DecodeStep
         from .sources import translation_unit as tu
-        kernels = decode_kernels(self.s, self.f, config)
-        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels] if variants else []
-        handles = self.dev.load(image_for(self.dev, tu(self.s, kernels + stubs)),
-                                {k.name: k.smem for k in kernels + stubs})
         if burst > 1 and variants:
             raise ValueError("bursts are timed whole: variants=False")
+        kernels = decode_kernels(self.s, self.f, config)
+        stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels] if variants else []
+        source = tu(self.s, kernels + stubs)
+        try:                                # compiled once per source (a tuner times a configuration again)
+            image = self._images.get(source) or self._images.setdefault(source, image_for(self.dev, source))
+            handles = self.dev.load(image, {k.name: k.smem for k in kernels + stubs})
+        except GlmrtError as e:
+            raise Unfit(f"{e}") from e
         step = DecodeStep(self.dev, {k.name: (k, handles[k.name]) for k in kernels}, self.w, self.wmap, self.kv,
                           self.cfg, self.max_context, burst, config)
         role_of = {handles[k.name]: ("qkv" if k.name == "qkv_first" else k.name) for k in kernels}

@@ -54,7 +54,8 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
 # stages (the NK formats: int4, fp8, fp16, bf16 (V, H)): 0 the weights wait in two register stages,
 # S >= 2 in a ring of S stages in shared memory filled by cp.async (kernels/gemv.cu gemv_nk). H200,
-# session 11: no ring was faster (GLM-Z1-9B int4 step 2516-2854 us against 2529; fp8 +45%)
+# session 11: no ring faster beyond the spread (GLM-Z1-9B int4 step: best 2516 us against 2529 at
+# 128, slower at 8192; the others 2557-2854; fp8 +45%)
 # glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
 GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1,
         "stages": 0}
