@@ -250,8 +250,9 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       # PREC+lmh4: the export's lm_head in int4 (MatMulNBits) too
       lmh=""; [ "${prec%+lmh4}" != "$prec" ] && { prec=${prec%+lmh4}; flags="$flags --lm-head int4"; lmh="-lmh4"; dir=$W/engine-$shape-$prec$lmh; }
       [ -f $W/exports.log ] && wait_exports
-      if [ "$shape" = glm-z1-9b ] && [ -z "$flags" ] && [ -f $W/9b-$prec/manifest.json ]; then
-        dir=$W/9b-$prec; keep=1                                 # `prep` made it, same options
+      short=$(case $shape in glm-z1-9b) echo 9b;; glm-4-32b) echo 32b;; esac)   # prep's name (EXPORTS="32b-int4")
+      if [ -n "$short" ] && [ -z "$flags" ] && [ -f $W/$short-$prec/manifest.json ]; then
+        dir=$W/$short-$prec; keep=1                             # `prep` made it, same options
       else
         start=$(date +%s)
         xport "synthetic:$shape" "$dir" "$prec" $flags
