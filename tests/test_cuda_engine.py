@@ -298,6 +298,9 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     assert any("error" in t and t["role"] == "down" for t in report["tried"])
     qkv = next(t for t in report["tried"] if t["role"] == "qkv" and t["kept"])
     assert (qkv["again_us"], qkv["best_again_us"]) == (96.0, 100.0)
+    # a candidate that launches what the best does is not timed
+    _, report = tune(measure, candidates={"lm_head": ({"unroll": 2},)}, same=lambda a, b: True)
+    assert report["tried"] == [{"role": "lm_head", "knobs": {"unroll": 2}, "skipped": "launches what the best does"}]
     # faster once, not again: not kept
     flaky = iter([100.0, 90.0, 100.0, 100.0])
     _, report = tune(lambda c: next(flaky), candidates={"qkv": ({"unroll": 2},)})
@@ -804,19 +807,21 @@ def test_build_on_the_gpu_here_tunes_then_checks_and_records_the_configuration(e
 def test_build_times_the_step_on_the_models_own_weights_in_bursts(exported, tmp_path, monkeypatch):
     """The tuner's measure in a build: the model's weights uploaded (every layer), the step
     timed in bursts of 8 as the runtime replays them (the emulated GPU's clock: only that it
-    runs; no candidates here, so the defaults stay)."""
+    runs). The one candidate here changes only a knob this export's W^T lm_head does not take: it
+    launches what the defaults do, so it is not timed, and the defaults stay."""
     import glmrt.engines.cuda_build as cb
     from glmrt.backends.cuda_engine import tune as tn
     from glmrt.gpu import Gpu
     monkeypatch.setattr(cb, "detect", lambda index=0: Gpu("NVIDIA H200", (9, 0)))
     monkeypatch.setattr(cb, "_gpu_here", lambda target: EmulatedDevice("NVIDIA H200", (9, 0), sm_count=2))
-    monkeypatch.setattr(tn, "CANDIDATES", {})
+    monkeypatch.setattr(tn, "CANDIDATES", {"lm_head": ({"unroll": 2, "min_blocks": 3},)})
     monkeypatch.setattr(tn, "CONTEXTS", (16,))
     model = tmp_path / "m"
     shutil.copytree(exported("quant", "int4", target="cuda"), model)
     em = read_engine(build(model, backend="cuda"))
     t = em["tuned"]
-    assert t["base_us"] > 0 and t["tried"] == [] and t["chosen"] == {} and em["config"] == DEFAULT_CONFIG
+    assert t["base_us"] > 0 and t["chosen"] == {} and em["config"] == DEFAULT_CONFIG
+    assert t["tried"] == [{"role": "lm_head", "knobs": {"unroll": 2, "min_blocks": 3}, "skipped": "launches what the best does"}]
     assert (t["layers"], t["burst"], t["weights"], t["contexts"]) == (2, 8, "the model's", [16])
     assert all(r["ok"] for r in em["selfcheck"])
 
