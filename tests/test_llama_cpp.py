@@ -146,6 +146,10 @@ def test_the_benchmark_runs_end_to_end_on_a_small_model(tmp_path):
     llm = next(x for x in r["rows"] if x["engine"] == "llama.cpp")
     for x in (glm, llm):
         assert set(x["prefill"]) == {"16", "32"} and x["decode"]["tok_s"] > 0 and x["pct_of_ceiling"] > 0
+        # against the higher of the copy rates measured at the start and the end
+        ceiling = max(r["copy_rate_gbps"]["1"], r["copy_rate_gbps_end"]["1"]) * 1e9
+        assert x["pct_of_ceiling"] == pytest.approx(100 * x["bytes_per_token"] / ceiling / (x["decode"]["ms"] / 1e3))
+        assert x["ceiling_low"] == (x["pct_of_ceiling"] > 100)
     assert glm["ratio"]["decode"] == pytest.approx(glm["decode"]["tok_s"] / llm["decode"]["tok_s"])
     assert glm["goal"]["decode"]["want"] == 1.2
     assert r["gguf"]["q4_0"]["roles"]["output.weight"] == "Q6_K"
