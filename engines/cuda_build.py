@@ -64,21 +64,14 @@ def plan(model_dir: Path, man: dict, options):
         here = _gpu_here(target) if detected else None
         config, tuned = DEFAULT_CONFIG, False
         if here is not None and options.tune:       # timed on this model's own weights, uploaded for it
+            from glmrt.backends.cuda_engine.device import freed
             from glmrt.backends.cuda_engine.tune import tune_on_device
             from glmrt.backends.cuda_engine.weights import DeviceWeights
             here.activate()
-            own = DeviceWeights(Path(model_dir), weights, here, "engine")
-            done = False
-            try:                                    # KV for the positions the runtime gives it by default
+            with freed(DeviceWeights(Path(model_dir), weights, here, "engine")) as own:
+                # KV for the positions the runtime gives it by default
                 config, tuned = tune_on_device(here, shapes, formats, cfg.num_hidden_layers,
                                                cfg.max_position_embeddings, weights=(own, weights, cfg))
-                done = True
-            finally:
-                try:
-                    own.free()
-                except GlmrtError:
-                    if done:                        # else the failure in flight is the one to report
-                        raise
         kernels = engine_kernels(shapes, formats, config, slots)
         _check_smem(kernels, arch)
         source = translation_unit(shapes, kernels)

@@ -275,6 +275,34 @@ def test_gemvs_with_a_shared_memory_ring_pass_in_the_emulation(formats, stages, 
         assert nvrtc.compile_cubin(translation_unit(shapes, ks), 80).cubin
 
 
+def test_freed_frees_and_reports_the_first_failure():
+    """device.freed: the memory is freed on the way out; a failure to free is raised, unless
+    another failure is already on its way out (the one to report, e.g. a fault that lost the
+    context, after which freeing fails too)."""
+    from glmrt.backends.cuda_engine.device import freed
+
+    class Held:
+        def __init__(self, fails):
+            self.fails, self.freed = fails, 0
+
+        def free(self):
+            self.freed += 1
+            if self.fails:
+                raise GlmrtError("cuMemFree: CUDA_ERROR_ILLEGAL_ADDRESS")
+    ok = Held(False)
+    with freed(ok) as x:
+        assert x is ok
+    assert ok.freed == 1
+    bad = Held(True)
+    with pytest.raises(ValueError, match="the first"):
+        with freed(bad):
+            raise ValueError("the first")
+    assert bad.freed == 1
+    with pytest.raises(GlmrtError, match="cuMemFree"):
+        with freed(Held(True)):
+            pass
+
+
 def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     """tune(): coordinate descent over the candidates with the step's time; a candidate is kept
     only when faster by more than the margin, as first timed and again beside the best; one that

@@ -10,6 +10,7 @@ that fails raises GlmrtError naming the call and CUDA's error name, in one line.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 
 import numpy as np
@@ -17,6 +18,19 @@ import numpy as np
 from ...errors import GlmrtError
 from .nvrtc import INSTALL
 
+
+@contextlib.contextmanager
+def freed(resource):
+    """`with freed(x):` frees the device memory x holds (x.free()) on the way out. When another
+    failure is already on its way out (a fault may have lost the context), a failure to free is
+    dropped: the first one is the one to report."""
+    try:
+        yield resource
+    except BaseException:
+        with contextlib.suppress(GlmrtError):
+            resource.free()
+        raise
+    resource.free()
 
 
 class Device(abc.ABC):

@@ -126,28 +126,22 @@ def tune_on_device(device, shapes, formats, layers: int, max_context: int, base:
     model's own weights (weights: name -> address, the engine's weight index, its GlmConfig; every
     layer) or on `fill`ed ones of its shapes (StepBench: at most LAYERS layers)."""
     from .decoder import DEFAULT_BURST
+    from .device import freed
     from .selfcheck import StepBench
+    from .step import attention_split, decode_kernels
     contexts = tuple(sorted({min(c, max_context) for c in CONTEXTS}))
     n = layers if weights is not None else min(layers, LAYERS)
-    bench = StepBench(device, shapes, formats, n, max_context, fill=fill, weights=weights)
-    done = False
-    try:
+
+    def launched(config):                     # what a configuration compiles and launches
+        ks = decode_kernels(shapes, formats, config)
+        att = next(k for k in ks if k.name == "attention")
+        return ks, attention_split(config, max_context, att.tile), config.get("pdl")
+
+    with freed(StepBench(device, shapes, formats, n, max_context, fill=fill, weights=weights)) as bench:
         def measure(config):
             rows = bench.time(config, contexts, reps=1, variants=False, label="tune", burst=DEFAULT_BURST)
             return sum(r["us"] for r in rows) / len(rows)
-        def launched(config):                 # what a configuration compiles and launches
-            from .step import attention_split, decode_kernels
-            ks = decode_kernels(shapes, formats, config)
-            att = next(k for k in ks if k.name == "attention")
-            return ks, attention_split(config, max_context, att.tile), config.get("pdl")
         config, report = tune(measure, base, log=log, same=lambda a, b: launched(a) == launched(b))
-        done = True
-    finally:
-        try:
-            bench.free()
-        except GlmrtError:
-            if done:                      # else the failure in flight is the one to report
-                raise
     report.update(layers=n, contexts=list(contexts), max_context=max_context, burst=DEFAULT_BURST,
                   weights="the model's" if weights is not None else fill)
     return config, report
