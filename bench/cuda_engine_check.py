@@ -511,14 +511,24 @@ def part_step(args):
         name, formats = sets[0]
         bench = StepBench(device, shapes, formats, layers, max(contexts) + 64, fill=args.fill)
         try:
-            for label, o in json.loads(args.configs).items():
-                config = config_over(o, f"--configs {label}")
-                say(f"== {args.shape} {name}, {label}: {o}")
-                try:
-                    out[label] = bench.time(config, contexts, reps, log=say, variants=False, label=label)
-                except Exception as e:  # a candidate that does not compile or fit is reported
-                    say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
-                save("step-configs" + (f"-{args.tag}" if args.tag else ""), out)
+            configs = json.loads(args.configs)
+            for rnd in range(args.rounds):      # the candidates in turn, `rounds` times (a drift shows)
+                for label, o in configs.items():
+                    config = config_over(o, f"--configs {label}")
+                    say(f"== {args.shape} {name}, {label}: {o}" + (f" (round {rnd + 1})" if args.rounds > 1 else ""))
+                    try:
+                        out.setdefault(label, []).extend(bench.time(config, contexts, reps, log=say, variants=False,
+                                                                    label=label, burst=args.burst))
+                    except Exception as e:  # a candidate that does not compile or fit is reported
+                        say(f"FAIL  {label}: {type(e).__name__}: {str(e)[:300]}")
+                    save("step-configs" + (f"-{args.tag}" if args.tag else ""), out)
+            if args.rounds > 1:                 # the median of the rounds, per context, against the first label
+                first = next(iter(out), None)
+                for label, rows in out.items():
+                    med = {c: float(np.median([r["us"] for r in rows if r["context"] == c])) for c in contexts}
+                    ref = {c: float(np.median([r["us"] for r in out[first] if r["context"] == c])) for c in contexts}
+                    say(f"median {label:40s} " + "  ".join(f"{c}: {med[c]:8.1f} us ({100 * (med[c] / ref[c] - 1):+5.1f}%)"
+                                                          for c in contexts))
         finally:
             bench.free()
         return
@@ -938,6 +948,8 @@ def main():
     ap.add_argument("--configs", default=None,
                     help='step: JSON {label: {"gemv": {...}, "attention": {...}}} of launch configurations to time')
     ap.add_argument("--shape", choices=list(SHAPES), default="glm-z1-9b", help="step: the model's shapes")
+    ap.add_argument("--burst", type=int, default=1, help="step --configs: steps a graph holds, as the runtime's bursts")
+    ap.add_argument("--rounds", type=int, default=1, help="step --configs: the candidates timed in turn this many times")
     ap.add_argument("--steps", type=int, default=3, help="ncu-run: decode steps profiled")
     ap.add_argument("--act", choices=["f16", "int8"], default="f16",
                     help="sweep, step: what the int4 GEMVs multiply (fp16 x, or int8 x per 32 values)")

@@ -39,6 +39,9 @@
 #                                    GLM-Z1-9B's int4 step, the best checked at real shapes and timed in every step
 #   bash bench/gpu.sh engine-roles   launch knobs role by role (and the attention's chunk, splits) in GLM-Z1-9B's and
 #                                    GLM-4-32B's int4 steps, over BASE
+#   bash bench/gpu.sh engine-tiles   kernels only: L2 prefetch of the GEMVs' tiles (gemv_nk PREFETCH) and tile shapes
+#                                    (rows a warp, units a step) in GLM-Z1-9B's and GLM-4-32B's int4 steps, bursts of
+#                                    8, the candidates in turn twice; the int4 kernels checked with prefetch 2
 #   bash bench/gpu.sh engine-autotune the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
@@ -395,6 +398,35 @@ PY
 )
   run timeout ${ROLES_LIMIT:-150} $C step --configs "${CONFIGS:-$cands}" --tag roles-9b 2>&1 | tee -a "$LOG"
   run timeout ${ROLES_LIMIT:-150} $C step --shape glm-4-32b --configs "${CONFIGS:-$cands}" --tag roles-32b 2>&1 | tee -a "$LOG"
+  ;;
+engine-tiles) # kernels only: L2 prefetch of a GEMV block's tiles (PREFETCH tiles ahead, the first before it waits for the
+              # previous kernel) and tile shapes whose rounds and steps come out whole (rpw 4 / unroll 2: K = 6144 rows
+              # in 3 whole steps, GLM-Z1-9B's qkv in one round), in GLM-Z1-9B's and GLM-4-32B's int4 steps as bursts of 8
+  C="python3 $REPO/bench/cuda_engine_check.py"
+  fresh_glmrt
+  LOG=$OUT/engine-tiles.log
+  run timeout 150 $C kernels --linear int4 --config '{"gemv": {"prefetch": 2}, "lm_head": {"prefetch": 2}}' --tag pf2 2>&1 | tee -a "$LOG"
+  cands=$(python3 - <<'PY'
+import json
+u2mb3, r4u2 = {"unroll": 2, "min_blocks": 3}, {"rpw": 4, "unroll": 2}
+t9 = {"qkv": u2mb3}
+c9 = {"default": {}, "tuned": t9,
+      "tuned pf1": {**t9, "gemv": {"prefetch": 1}}, "tuned pf2": {**t9, "gemv": {"prefetch": 2}},
+      "tuned pf4": {**t9, "gemv": {"prefetch": 4}}, "tuned o_proj pf2": {**t9, "o_proj": {"prefetch": 2}},
+      "r4u2": {"gemv": r4u2}, "r4u2 pf2": {"gemv": {**r4u2, "prefetch": 2}},
+      "tuned gate_up r1u4mb3": {**t9, "gate_up": {"rpw": 1, "unroll": 4, "min_blocks": 3}},
+      "tuned down r4u2": {**t9, "down": r4u2},
+      "bps1 pf2": {"gemv": {"blocks_per_sm": 1, "prefetch": 2}}}
+t32 = {"qkv": u2mb3, "down": u2mb3, "attention": {"chunk": 128}}
+c32 = {"default": {}, "tuned": t32, "pf2": {"gemv": {"prefetch": 2}}, "tuned pf2": {**t32, "gemv": {"prefetch": 2}},
+       "r4u2": {"gemv": r4u2}, "r4u2 pf2": {"gemv": {**r4u2, "prefetch": 2}}, "u2mb3": {"gemv": u2mb3},
+       "u2mb3 pf2": {"gemv": {**u2mb3, "prefetch": 2}},
+       "qkv r4u2 rest u2mb3": {"gemv": u2mb3, "qkv": {**r4u2, "min_blocks": 2}, "attention": {"chunk": 128}}}
+print(json.dumps(c9)); print(json.dumps(c32))
+PY
+)
+  run timeout ${TILES_LIMIT:-200} $C step --configs "$(echo "$cands" | sed -n 1p)" --burst 8 --rounds 2 --tag tiles-9b 2>&1 | tee -a "$LOG"
+  run timeout ${TILES_LIMIT:-200} $C step --shape glm-4-32b --configs "$(echo "$cands" | sed -n 2p)" --burst 8 --rounds 2 --tag tiles-32b 2>&1 | tee -a "$LOG"
   ;;
 engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
               # (bench/cuda_engine_check.py tune; the build times the model's own weights), each whole step
