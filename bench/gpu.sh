@@ -405,7 +405,10 @@ engine-tiles) # kernels only: L2 prefetch of a GEMV block's tiles (PREFETCH tile
   C="python3 $REPO/bench/cuda_engine_check.py"
   fresh_glmrt
   LOG=$OUT/engine-tiles.log
-  run timeout 150 $C kernels --linear int4 --config '{"gemv": {"prefetch": 2}, "lm_head": {"prefetch": 2}}' --tag pf2 2>&1 | tee -a "$LOG"
+  # KERNELS: the int4 kernels checked at real shapes under that configuration (KERNELS=0: none);
+  # CONFIGS9 / CONFIGS32 replace the candidates below
+  [ "${KERNELS:-}" != 0 ] && run timeout 150 $C kernels --linear int4 \
+    --config "${KERNELS:-{\"gemv\": {\"prefetch\": 2\}, \"lm_head\": {\"prefetch\": 2\}\}}" --tag checked 2>&1 | tee -a "$LOG"
   cands=$(python3 - <<'PY'
 import json
 u2mb3, r4u2 = {"unroll": 2, "min_blocks": 3}, {"rpw": 4, "unroll": 2}
@@ -425,8 +428,10 @@ c32 = {"default": {}, "tuned": t32, "pf2": {"gemv": {"prefetch": 2}}, "tuned pf2
 print(json.dumps(c9)); print(json.dumps(c32))
 PY
 )
-  run timeout ${TILES_LIMIT:-200} $C step --configs "$(echo "$cands" | sed -n 1p)" --burst 8 --rounds 2 --tag tiles-9b 2>&1 | tee -a "$LOG"
-  run timeout ${TILES_LIMIT:-200} $C step --shape glm-4-32b --configs "$(echo "$cands" | sed -n 2p)" --burst 8 --rounds 2 --tag tiles-32b 2>&1 | tee -a "$LOG"
+  run timeout ${TILES_LIMIT:-200} $C step --configs "${CONFIGS9:-$(echo "$cands" | sed -n 1p)}" --burst 8 --rounds 2 \
+    --tag tiles-9b 2>&1 | tee -a "$LOG"
+  run timeout ${TILES_LIMIT:-200} $C step --shape glm-4-32b --configs "${CONFIGS32:-$(echo "$cands" | sed -n 2p)}" --burst 8 \
+    --rounds 2 --tag tiles-32b 2>&1 | tee -a "$LOG"
   ;;
 engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
               # (bench/cuda_engine_check.py tune; the build times the model's own weights), each whole step

@@ -276,26 +276,29 @@ def test_gemvs_with_a_shared_memory_ring_pass_in_the_emulation(formats, stages, 
 
 
 @needs_cxx
-@pytest.mark.parametrize("formats,prefetch,shapes", [
-    ("int4-b32", 1, SMALL), ("int4-b32", 2, RING_SHAPES), ("int4-a8-b128-lmhead", 3, SMALL),
-    ("fp8-lmhead", 2, SMALL), ("fp16", 2, RING_SHAPES)], ids=str)
-def test_gemvs_prefetching_their_tiles_into_l2_pass_in_the_emulation(formats, prefetch, shapes):
-    """The launch knob prefetch: every GEMV on (n, k) rows requests its block's tiles into L2 that
-    many ahead, and passes against numpy (one block an SM: a block takes several tiles, so the
-    rolling requests run). The emulation records every request and fails the launch on one
-    outside the device's allocations or not in sm_90's 16-byte units; requests were made. Also
-    compiles for the GPU (sm_80's per-line prefetch, sm_90's bulk one)."""
+@pytest.mark.parametrize("formats,prefetch,early,shapes", [
+    ("int4-b32", 1, 1, SMALL), ("int4-b32", 2, 2, RING_SHAPES), ("int4-a8-b128-lmhead", 3, 1, SMALL),
+    ("fp8-lmhead", 2, 2, SMALL), ("fp16", 2, 1, RING_SHAPES), ("int4-b32", 0, 2, SMALL),
+    ("bf16", 0, 2, RING_SHAPES)], ids=str)
+def test_gemvs_prefetching_their_tiles_into_l2_pass_in_the_emulation(formats, prefetch, early, shapes):
+    """The launch knobs prefetch and early: every GEMV on (n, k) rows requests its block's tiles
+    into L2 that many ahead, or loads its second item before it waits, and passes against numpy
+    (one block an SM: a block takes several tiles, so the rolling requests and the early item's
+    tile change run). The emulation records every request and fails the launch on one outside
+    the device's allocations or not in sm_90's 16-byte units; requests were made. Also compiles
+    for the GPU (sm_80's per-line prefetch, sm_90's bulk one)."""
     roles = ("qkv", "o_proj", "gate_up", "down", "lm_head")
-    config = {**DEFAULT_CONFIG, **{r: {**GEMV, "prefetch": prefetch, "blocks_per_sm": 1} for r in roles}}
+    config = {**DEFAULT_CONFIG, **{r: {**GEMV, "prefetch": prefetch, "early": early, "blocks_per_sm": 1} for r in roles}}
     device = EmulatedDevice(sm_count=2)
     report = selfcheck.run_checks(device, shapes, FORMATS[formats], max_seq=300, chunk=32, splits=3, config=config,
                                   only=["qkv_first", *roles])
     assert len(report) == 6 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
-    assert device.prefetched > 0
+    assert (device.prefetched > 0) == (prefetch > 0)
     ks = [k for k in decode_kernels(shapes, FORMATS[formats], config) if isinstance(k, Gemv)]
-    assert {k.name for k in ks if k.prefetch == prefetch} >= {"qkv", "o_proj", "gate_up", "down"}
+    assert {k.name for k in ks if (k.prefetch, k.early) == (prefetch, early)} >= {"qkv", "o_proj", "gate_up", "down"}
     ring = {**config, "down": {**config["down"], "stages": 3}}      # the ring has its own depth
-    assert next(k for k in decode_kernels(shapes, FORMATS[formats], ring) if k.name == "down").prefetch == 0
+    down = next(k for k in decode_kernels(shapes, FORMATS[formats], ring) if k.name == "down")
+    assert (down.prefetch, down.early) == (0, 1)
     if HAS_NVRTC and formats == "int4-b32":
         for cc in (80, 90):
             assert nvrtc.compile_cubin(translation_unit(shapes, ks), cc).cubin
@@ -436,6 +439,8 @@ MUTATIONS = {
     # with prefetch 2: an L2 request reaching a unit past its row (the last row's: past the weights)
     "prefetch past its row": ("gemv.cu", "prefetch_l2(W + (size_t)row * U, U * 16u);",
                               "prefetch_l2(W + (size_t)row * U, U * 16u + 16u);", "down"),
+    # with early 2: the second item loaded from the first's tile (its rows computed on the wrong weights)
+    "early item's tile": ("gemv.cu", "if (early) load(nxt, t1, s1);", "if (early) load(nxt, tile, s1);", "gate_up"),
 }
 
 
@@ -532,7 +537,7 @@ def test_the_checks_catch_a_broken_kernel(monkeypatch, mutation):
     # the CUDA-core attention (the fallback where head_dim is not a multiple of 32), 2 query groups
     # one GEMV block per SM: each block takes several tiles, so the weight stages swap roles (the
     # ring's mutations: the weights through a shared-memory ring of 3 stages)
-    ring = {"stages": 3, "unroll": 1} if mutation.startswith("ring") else {"prefetch": 2} if "prefetch" in mutation else {}
+    ring = {"stages": 3, "unroll": 1} if mutation.startswith("ring") else {"prefetch": 2} if "prefetch" in mutation else {"early": 2} if "early" in mutation else {}
     device = EmulatedDevice(sm_count=2, async_landing="early" if mutation == "ring slot reused early" else "late")
     config = {**DEFAULT_CONFIG, "attention": {**DEFAULT_CONFIG["attention"], "heads_per_block": 1, "mma": False,
                                               "threads": 128},

@@ -92,6 +92,7 @@ class Gemv:
     ksplit: int = 1          # int4_mma: warps sharing a group of 16 rows
     stages: int = 0          # NK formats: 0 two register stages, S >= 2 a cp.async ring of S in shared memory
     prefetch: int = 0        # NK formats with register stages: a block's tiles requested into L2 this many ahead
+    early: int = 1           # NK formats with register stages: items (steps) loaded before the wait, 1 or 2
 
     @property
     def threads(self) -> int:
@@ -148,7 +149,7 @@ class Gemv:
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
-                    f"{self.hsum}, {self.stages}, {self.prefetch}>(a);")
+                    f"{self.hsum}, {self.stages}, {self.prefetch}, {self.early}>(a);")
         return entry(self.name, self.args, call, self.threads, self.min_blocks)
 
     args = "GemvArgs"

@@ -59,9 +59,11 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
 # prefetch (the NK formats with register stages): P > 0 requests a block's tiles into L2 P ahead, the
 # first P before the kernel waits for the previous one (kernels/gemv.cu gemv_nk); hints only, the
-# arithmetic is the same
+# arithmetic is the same. H200, session 12 (bursts of 8): GLM-Z1-9B's step +0.3% (1) to +4% (4),
+# GLM-4-32B's +7% (2): 0 stays the default. early (the same formats): 2 loads a block's second
+# step too before the kernel waits (x staged meanwhile), 1 only the first
 GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1,
-        "stages": 0, "prefetch": 0}
+        "stages": 0, "prefetch": 0, "early": 1}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -176,7 +178,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                     min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
                     ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1,
                     stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0,
-                    prefetch=c.get("prefetch", 0) if kfmt in NK_FORMATS and not c.get("stages", 0) else 0)
+                    prefetch=c.get("prefetch", 0) if kfmt in NK_FORMATS and not c.get("stages", 0) else 0,
+                    early=c.get("early", 1) if kfmt in NK_FORMATS and not c.get("stages", 0) else 1)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

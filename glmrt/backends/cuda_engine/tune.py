@@ -37,10 +37,10 @@ from .step import DEFAULT_CONFIG, GEMV
 
 # what is tried per role, over the best so far (H200 measurements in the module's docstring)
 CANDIDATES = {
-    "qkv": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}),
-    "o_proj": ({"unroll": 2, "min_blocks": 3},),
-    "gate_up": ({"unroll": 2, "min_blocks": 3},),
-    "down": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}),
+    "qkv": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}, {"early": 2}),
+    "o_proj": ({"unroll": 2, "min_blocks": 3}, {"early": 2}),
+    "gate_up": ({"unroll": 2, "min_blocks": 3}, {"early": 2}),
+    "down": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}, {"early": 2}),
     "attention": ({"chunk": 128},),
     # an lm_head on (n, k) rows (int4, fp8, bf16, fp16 nk): 9472 tiles for GLM's vocabulary; the
     # default W^T fp16 lm_head takes "lm_head_kn" instead, so this changes nothing there (skipped)
@@ -49,7 +49,7 @@ CANDIDATES = {
 MARGIN = 0.005          # a candidate must be this much faster (relative) to replace the best
 LAYERS = 16             # at most this many layers in the timed step (memory: zero-filled weights)
 CONTEXTS = (128, 4096)  # the step is timed at both (at most the engine's max context); the mean counts
-BUDGET_S = 30.0         # no new candidate is started after this long
+BUDGET_S = 40.0         # no new candidate is started after this long
 FILL = "zero"           # the timed step's weights without the model's (selfcheck.StepBench)
 
 
