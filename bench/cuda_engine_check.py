@@ -607,7 +607,7 @@ def part_ncu_report(args):
         t["ns"] += m.get("gpu__time_duration.sum", 0.0)
         t["bytes"] += m.get("dram__bytes_read.sum", 0.0)
     total = sum(t["ns"] for t in rows.values())
-    say(f"| kernel | launches per step | us each | share of the step's kernel time | DRAM read per launch | TB/s |")
+    say("| kernel | launches per step | us each | share of the step's kernel time | DRAM read per launch | TB/s |")
     say("|---|---|---|---|---|---|")
     table = []
     for name in ENGINE_KERNELS:

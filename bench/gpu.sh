@@ -39,9 +39,8 @@
 #                                    GLM-Z1-9B's int4 step, the best checked at real shapes and timed in every step
 #   bash bench/gpu.sh engine-roles   launch knobs role by role (and the attention's chunk, splits) in GLM-Z1-9B's and
 #                                    GLM-4-32B's int4 steps, over BASE
-#   bash bench/gpu.sh engine-tiles   kernels only: L2 prefetch of the GEMVs' tiles (gemv_nk PREFETCH) and tile shapes
-#                                    (rows a warp, units a step) in GLM-Z1-9B's and GLM-4-32B's int4 steps, bursts of
-#                                    8, the candidates in turn twice; the int4 kernels checked with prefetch 2
+#   bash bench/gpu.sh engine-steps   kernels only: GLM-Z1-9B's and GLM-4-32B's int4 steps under CONFIGS9 / CONFIGS32 as
+#                                    bursts of 8, the candidates in turn twice (KERNELS: a configuration checked first)
 #   bash bench/gpu.sh engine-autotune the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
@@ -399,39 +398,18 @@ PY
   run timeout ${ROLES_LIMIT:-150} $C step --configs "${CONFIGS:-$cands}" --tag roles-9b 2>&1 | tee -a "$LOG"
   run timeout ${ROLES_LIMIT:-150} $C step --shape glm-4-32b --configs "${CONFIGS:-$cands}" --tag roles-32b 2>&1 | tee -a "$LOG"
   ;;
-engine-tiles) # kernels only: L2 prefetch of a GEMV block's tiles (PREFETCH tiles ahead, the first before it waits for the
-              # previous kernel) and tile shapes whose rounds and steps come out whole (rpw 4 / unroll 2: K = 6144 rows
-              # in 3 whole steps, GLM-Z1-9B's qkv in one round), in GLM-Z1-9B's and GLM-4-32B's int4 steps as bursts of 8
+engine-steps) # kernels only: whole int4 decode steps under candidate launch configurations, GLM-Z1-9B's (CONFIGS9)
+              # and GLM-4-32B's (CONFIGS32), each timed as bursts of 8 steps (what the runtime replays), the
+              # candidates in turn twice, medians against the first; KERNELS='{knobs}': first every int4 kernel
+              # checked against numpy at both shapes under that configuration
   C="python3 $REPO/bench/cuda_engine_check.py"
   fresh_glmrt
-  LOG=$OUT/engine-tiles.log
-  # KERNELS: the int4 kernels checked at real shapes under that configuration (KERNELS=0: none);
-  # CONFIGS9 / CONFIGS32 replace the candidates below
-  [ "${KERNELS:-}" != 0 ] && run timeout 150 $C kernels --linear int4 \
-    --config "${KERNELS:-{\"gemv\": {\"prefetch\": 2\}, \"lm_head\": {\"prefetch\": 2\}\}}" --tag checked 2>&1 | tee -a "$LOG"
-  cands=$(python3 - <<'PY'
-import json
-u2mb3, r4u2 = {"unroll": 2, "min_blocks": 3}, {"rpw": 4, "unroll": 2}
-t9 = {"qkv": u2mb3}
-c9 = {"default": {}, "tuned": t9,
-      "tuned pf1": {**t9, "gemv": {"prefetch": 1}}, "tuned pf2": {**t9, "gemv": {"prefetch": 2}},
-      "tuned pf4": {**t9, "gemv": {"prefetch": 4}}, "tuned o_proj pf2": {**t9, "o_proj": {"prefetch": 2}},
-      "r4u2": {"gemv": r4u2}, "r4u2 pf2": {"gemv": {**r4u2, "prefetch": 2}},
-      "tuned gate_up r1u4mb3": {**t9, "gate_up": {"rpw": 1, "unroll": 4, "min_blocks": 3}},
-      "tuned down r4u2": {**t9, "down": r4u2},
-      "bps1 pf2": {"gemv": {"blocks_per_sm": 1, "prefetch": 2}}}
-t32 = {"qkv": u2mb3, "down": u2mb3, "attention": {"chunk": 128}}
-c32 = {"default": {}, "tuned": t32, "pf2": {"gemv": {"prefetch": 2}}, "tuned pf2": {**t32, "gemv": {"prefetch": 2}},
-       "r4u2": {"gemv": r4u2}, "r4u2 pf2": {"gemv": {**r4u2, "prefetch": 2}}, "u2mb3": {"gemv": u2mb3},
-       "u2mb3 pf2": {"gemv": {**u2mb3, "prefetch": 2}},
-       "qkv r4u2 rest u2mb3": {"gemv": u2mb3, "qkv": {**r4u2, "min_blocks": 2}, "attention": {"chunk": 128}}}
-print(json.dumps(c9)); print(json.dumps(c32))
-PY
-)
-  run timeout ${TILES_LIMIT:-200} $C step --configs "${CONFIGS9:-$(echo "$cands" | sed -n 1p)}" --burst 8 --rounds 2 \
-    --tag tiles-9b 2>&1 | tee -a "$LOG"
-  run timeout ${TILES_LIMIT:-200} $C step --shape glm-4-32b --configs "${CONFIGS32:-$(echo "$cands" | sed -n 2p)}" --burst 8 \
-    --rounds 2 --tag tiles-32b 2>&1 | tee -a "$LOG"
+  LOG=$OUT/engine-steps.log
+  [ -n "${KERNELS:-}" ] && run timeout 150 $C kernels --linear int4 --config "$KERNELS" --tag checked 2>&1 | tee -a "$LOG"
+  run timeout ${STEPS_LIMIT:-200} $C step --configs "${CONFIGS9:-{\"default\": {\}\}}" --burst 8 --rounds 2 \
+    --tag steps-9b 2>&1 | tee -a "$LOG"
+  run timeout ${STEPS_LIMIT:-200} $C step --shape glm-4-32b --configs "${CONFIGS32:-{\"default\": {\}\}}" --burst 8 \
+    --rounds 2 --tag steps-32b 2>&1 | tee -a "$LOG"
   ;;
 engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
               # (bench/cuda_engine_check.py tune; the build times the model's own weights), each whole step
@@ -443,12 +421,12 @@ engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM
   run timeout 200 $C tune --shape glm-4-32b 2>&1 | tee -a "$LOG"
   ;;
 engine-ab)    # after `install`: GLM-Z1-9B int4 (prep's export) built with --no-tune and tuned, alternately, each benched
-              # (glmrt bench --backend cuda) right after its build: the tuning's gain in the real engine
+              # (glmrt bench --backend cuda) right after its build, ROUNDS times (2): the tuning's gain in the real engine
   fresh_glmrt
   LOG=$OUT/engine-ab.log
   dir=$W/9b-int4
   [ -f $W/exports.log ] && wait_exports
-  for round in 1 2; do
+  for round in $(seq 1 ${ROUNDS:-2}); do
     for t in --no-tune --tune; do
       start=$(date +%s)
       run timeout 120 python3 -m glmrt.cli build "$dir" --backend cuda --overwrite $t 2>&1 | tail -2 | tee -a "$LOG" ||

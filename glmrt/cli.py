@@ -442,7 +442,7 @@ def info(model, verify, as_json, load, backend, device, threads):
     click.echo(f"template   {m['chat_template']}")
     for name, rec in m.get("consumers", {}).items():      # folders from before export --for: none
         click.echo(f"also for   {name}: {rec['graph']} + {rec['config']}")
-    click.echo(f"made by    " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    click.echo("made by    " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files      {len(m['files'])}, {size / 1e6:.1f} MB" + ("  (checksums OK)" if verify else ""))
     for where, em in engines.items():

@@ -351,19 +351,6 @@ template <int N> void cp_async_wait() {
 }
 inline void grid_wait() {}                 // blocks and grids run in order here
 inline void grid_launch_dependents() {}
-// an L2 prefetch is recorded (the device's allocations are the host's: emulator.py checks that
-// each range lies inside one and keeps sm_90's 16-byte alignment)
-namespace emu { inline std::vector<unsigned long long> prefetched; }     // (address, bytes) pairs
-inline void prefetch_l2(const void* p, unsigned bytes) {
-  emu::prefetched.push_back((unsigned long long)(uintptr_t)p);
-  emu::prefetched.push_back(bytes);
-}
-extern "C" long long emu_prefetched(unsigned long long* out, long long cap) {   // copied out, then cleared
-  const long long n = (long long)emu::prefetched.size();
-  for (long long i = 0; i < n && i < cap; ++i) out[i] = emu::prefetched[i];
-  if (n <= cap) emu::prefetched.clear();
-  return n;
-}
 
 // The kernel table the generated source ends with (EMU_KERNEL lines).
 struct EmuKernel { const char* name; void (*run)(const void*); };

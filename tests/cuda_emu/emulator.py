@@ -3,7 +3,6 @@ with cuda_emu.h (g++ or clang++), and an EmulatedDevice the decoder can be given
 a GPU (host memory, kernels launched by name, graphs recorded and replayed)."""
 from __future__ import annotations
 
-import bisect
 import ctypes
 import hashlib
 import os
@@ -47,8 +46,6 @@ def build(source: str) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     dll.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                                ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
-    dll.emu_prefetched.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_longlong]
-    dll.emu_prefetched.restype = ctypes.c_longlong
     return dll
 
 
@@ -68,20 +65,17 @@ class EmulatedDevice(Device):
         self.async_landing = async_landing
         self.driver_version = 13000
         self.buffers: dict[int, np.ndarray] = {}
-        self.sizes: dict[int, int] = {}
-        self.prefetched = 0          # bytes the kernels asked to bring into L2 (prefetch_l2), all checked
         self.launches = 0
         self.recording: list | None = None
 
     def alloc(self, nbytes: int) -> int:
         buf = np.full(int(nbytes) + 64, 0xFF, np.uint8)         # NaN bytes: unwritten memory shows
         ptr = (buf.ctypes.data + 63) // 64 * 64
-        self.buffers[ptr], self.sizes[ptr] = buf, int(nbytes)
+        self.buffers[ptr] = buf
         return ptr
 
     def free(self, ptr: int) -> None:
         self.buffers.pop(ptr, None)
-        self.sizes.pop(ptr, None)
 
     def upload(self, ptr: int, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
@@ -110,30 +104,11 @@ class EmulatedDevice(Device):
         self.launches += 1
         lib.emu_set_async_early(int(self.async_landing == "early"))
         rc = lib.emu_launch(name.encode(), gx, gy, gz, threads, smem, ctypes.addressof(args), self.launches)
-        self._check_prefetches(lib, name)
         if rc:
             raise RuntimeError(f"emulated kernel {name}: " + {1: "not in the module", 2: "deadlock",
                                                                  3: "a warp collective not met by all 32 lanes at one call",
                                                                  4: "a cp.async outside the block's dynamic shared memory "
                                                                     "or from a misaligned source"}.get(rc, str(rc)))
-
-    def _check_prefetches(self, lib, name: str) -> None:
-        """Every L2 prefetch of the launch lies inside one allocation and keeps sm_90's bulk
-        prefetch rules (address and size multiples of 16, not empty)."""
-        cap = 1 << 16
-        out = (ctypes.c_ulonglong * cap)()
-        n = lib.emu_prefetched(out, cap)
-        if n > cap:
-            raise RuntimeError(f"emulated kernel {name}: more than {cap // 2} L2 prefetches in one launch")
-        starts = sorted(self.sizes)
-        for i in range(0, n, 2):
-            p, size = out[i], out[i + 1]
-            j = bisect.bisect_right(starts, p) - 1
-            inside = j >= 0 and p + size <= starts[j] + self.sizes[starts[j]]
-            if not inside or p % 16 or size % 16 or not size:
-                raise RuntimeError(f"emulated kernel {name}: an L2 prefetch of {size} bytes at {p:#x} "
-                                   + ("outside device memory" if not inside else "not in 16-byte units"))
-            self.prefetched += size
 
     def synchronize(self) -> None:
         pass

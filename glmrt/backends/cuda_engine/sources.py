@@ -91,8 +91,6 @@ class Gemv:
     hsum: int = 1            # int4 with fp16 x: 32-bit words whose products are summed in half2 before fp32
     ksplit: int = 1          # int4_mma: warps sharing a group of 16 rows
     stages: int = 0          # NK formats: 0 two register stages, S >= 2 a cp.async ring of S in shared memory
-    prefetch: int = 0        # NK formats with register stages: a block's tiles requested into L2 this many ahead
-    early: int = 1           # NK formats with register stages: items (steps) loaded before the wait, 1 or 2
 
     @property
     def threads(self) -> int:
@@ -149,7 +147,7 @@ class Gemv:
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
-                    f"{self.hsum}, {self.stages}, {self.prefetch}, {self.early}>(a);")
+                    f"{self.hsum}, {self.stages}>(a);")
         return entry(self.name, self.args, call, self.threads, self.min_blocks)
 
     args = "GemvArgs"

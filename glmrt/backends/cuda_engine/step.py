@@ -56,14 +56,13 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # S >= 2 in a ring of S stages in shared memory filled by cp.async (kernels/gemv.cu gemv_nk). H200,
 # session 11: no ring faster beyond the spread (GLM-Z1-9B int4 step: best 2516 us against 2529 at
 # 128, slower at 8192; the others 2557-2854; fp8 +45%)
+# Measured and not kept (H200, session 12, 40- and 61-layer steps as bursts of 8, bench/RESULTS.md):
+# a block's tiles requested into L2 ahead (cp.async.bulk.prefetch: GLM-Z1-9B +0.3..+4%, GLM-4-32B
+# +4..+7%), its second step loaded before it waits (+0.9..+2.5% for all roles; at best -0.7%, one
+# role), 4 rows a warp with unroll 2 (+6..+18%)
 # glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
-# prefetch (the NK formats with register stages): P > 0 requests a block's tiles into L2 P ahead, the
-# first P before the kernel waits for the previous one (kernels/gemv.cu gemv_nk); hints only, the
-# arithmetic is the same. H200, session 12 (bursts of 8): GLM-Z1-9B's step +0.3% (1) to +4% (4),
-# GLM-4-32B's +7% (2): 0 stays the default. early (the same formats): 2 loads a block's second
-# step too before the kernel waits (x staged meanwhile), 1 only the first
 GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1,
-        "stages": 0, "prefetch": 0, "early": 1}
+        "stages": 0}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -177,9 +176,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                     rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
                     ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1,
-                    stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0,
-                    prefetch=c.get("prefetch", 0) if kfmt in NK_FORMATS and not c.get("stages", 0) else 0,
-                    early=c.get("early", 1) if kfmt in NK_FORMATS and not c.get("stages", 0) else 1)
+                    stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

@@ -37,10 +37,10 @@ from .step import DEFAULT_CONFIG, GEMV
 
 # what is tried per role, over the best so far (H200 measurements in the module's docstring)
 CANDIDATES = {
-    "qkv": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}, {"early": 2}),
-    "o_proj": ({"unroll": 2, "min_blocks": 3}, {"early": 2}),
-    "gate_up": ({"unroll": 2, "min_blocks": 3}, {"early": 2}),
-    "down": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}, {"early": 2}),
+    "qkv": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}),
+    "o_proj": ({"unroll": 2, "min_blocks": 3},),
+    "gate_up": ({"unroll": 2, "min_blocks": 3},),
+    "down": ({"unroll": 2, "min_blocks": 3}, {"warps": 16, "min_blocks": 1}),
     "attention": ({"chunk": 128},),
     # an lm_head on (n, k) rows (int4, fp8, bf16, fp16 nk): 9472 tiles for GLM's vocabulary; the
     # default W^T fp16 lm_head takes "lm_head_kn" instead, so this changes nothing there (skipped)
@@ -49,7 +49,7 @@ CANDIDATES = {
 MARGIN = 0.005          # a candidate must be this much faster (relative) to replace the best
 LAYERS = 16             # at most this many layers in the timed step (memory: zero-filled weights)
 CONTEXTS = (128, 4096)  # the step is timed at both (at most the engine's max context); the mean counts
-BUDGET_S = 40.0         # no new candidate is started after this long
+BUDGET_S = 30.0         # no new candidate is started after this long
 FILL = "zero"           # the timed step's weights without the model's (selfcheck.StepBench)
 
 
@@ -80,6 +80,13 @@ def tune(measure, base: dict = DEFAULT_CONFIG, candidates: dict | None = None, m
     timing (what the manifest records)."""
     from .selfcheck import Unfit
     candidates = CANDIDATES if candidates is None else candidates
+    for role, options in candidates.items():      # checked first: a wrong table fails in one line, not mid-tuning
+        known = set(DEFAULT_CONFIG["attention"]) if role == "attention" else set(GEMV)
+        if role not in ("attention", "qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn") or \
+                not isinstance(options, (tuple, list)) or not all(isinstance(o, dict) and o and set(o) <= known
+                                                             for o in options):
+            raise ValueError(f"tuning candidates of {role}: {options!r} is not a sequence of knob dicts "
+                             f"over {sorted(known)} for a GEMV role or the attention")
     start = time.perf_counter()
     best, best_us = base, measure(base)
     report = {"base_us": round(best_us, 1), "tried": [], "margin": margin, "chosen": {}}

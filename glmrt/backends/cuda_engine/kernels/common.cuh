@@ -84,16 +84,6 @@ DEV void grid_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// A request to bring [p, p + bytes) into L2 (weights a block reads soon; a hint: no data comes
-// back and nothing waits for it). sm_90+: one bulk request (cp.async.bulk.prefetch.L2), p and
-// bytes multiples of 16; sm_80-89: one prefetch per 128-byte line.
-DEV void prefetch_l2(const void* p, unsigned bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#else
-  for (unsigned o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" :: "l"((const char*)p + o));
-#endif
-}
 #endif
 
 DEV float2 h2x2f(h16x2 v) { return make_float2(h2f((h16)(v & 0xffffu)), h2f((h16)(v >> 16))); }

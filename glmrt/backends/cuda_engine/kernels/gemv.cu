@@ -662,7 +662,7 @@ template <int UNROLL, int RPW> struct RingSlot<UNROLL, RPW, false> {   // format
 };
 
 template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI,
-          int HSUM = 1, int STAGES = 0, int PREFETCH = 0, int EARLY = 1>
+          int HSUM = 1, int STAGES = 0>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
   constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
@@ -676,8 +676,6 @@ DEV void gemv_nk(const GemvArgs& a) {
   static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
   static_assert(STAGES == 0 || STAGES >= 2, "the shared-memory ring holds 2 stages or more");
-  static_assert(PREFETCH == 0 || STAGES == 0, "L2 prefetches serve the register stages (the ring has its own depth)");
-  static_assert(EARLY == 1 || (EARLY == 2 && STAGES == 0), "the register stages: 1 or 2 items loaded before the wait");
   // the ring copies scales as 32-bit words (pairs): their count must be even, or the last word
   // would reach past the array
   static_assert(STAGES == 0 || !SCALED(FMT) || (FMT == W_FP8 ? N : N * KB) % 2 == 0,
@@ -778,48 +776,13 @@ DEV void gemv_nk(const GemvArgs& a) {
         }
       }
     };
-    // PREFETCH P > 0: the block's tiles are requested into L2 P ahead: its first P before it
-    // waits for the previous kernel (which may still be streaming its own weights), then the one
-    // P - 1 after each tile as that tile begins, so the register stages' loads find their bytes
-    // in L2. Lane 0 of a warp requests its rows: each row's units, and (int4) the 16-byte-aligned
-    // span inside its scales. Hints only: the arithmetic does not change.
-    auto prefetch = [&](int tile) {
-      if (PREFETCH == 0 || tile >= TILES || lane != 0) return;
-#pragma unroll
-      for (int r = 0; r < RPW; ++r) {
-        if (!row_ok<ROWS, N, EPI, C>(tile, warp * RPW + r)) continue;
-        const int row = row_of<ROWS, N, EPI, C>(tile, warp * RPW + r);
-        prefetch_l2(W + (size_t)row * U, U * 16u);
-        if (INT4_FMT(FMT)) {
-          const size_t lo = ((size_t)(a.scales + (size_t)row * KB) + 15) / 16 * 16;
-          const size_t hi = (size_t)(a.scales + (size_t)(row + 1) * KB) / 16 * 16;
-          if (hi > lo) prefetch_l2((const void*)lo, (unsigned)(hi - lo));
-        }
-      }
-    };
     Stage<FMT, BLOCK, UNROLL, RPW> cur, nxt;
     int tile = blockIdx.x, step = 0;
-    auto after = [&](int& nt, int& ns) {    // the block's item after (tile, step)
-      nt = tile;
-      ns = step + 1;
-      if (ns == STEPS) {
-        ns = 0;
-        nt += gridDim.x;
-        if (PREFETCH > 0) prefetch(nt + (PREFETCH - 1) * gridDim.x);
-      }
-    };
-    int t1, s1;
     load(cur, tile, 0);                     // in flight while x is staged (and the previous kernel ends)
-#pragma unroll
-    for (int i = 0; i < PREFETCH; ++i) prefetch(tile + i * gridDim.x);
-    after(t1, s1);
-    // EARLY 2: the second item too (nxt's registers are free until the loop starts)
-    const bool early = EARLY > 1 && t1 < TILES;
-    if (early) load(nxt, t1, s1);
     begin();
     auto advance = [&](const Stage<FMT, BLOCK, UNROLL, RPW>& cur, Stage<FMT, BLOCK, UNROLL, RPW>& nxt) -> bool {
-      int nt, ns;
-      after(nt, ns);
+      int nt = tile, ns = step + 1;
+      if (ns == STEPS) { ns = 0; nt += gridDim.x; }
       const bool more = nt < TILES;
       if (more) load(nxt, nt, ns);
       mac(step, cur.w, cur.s);
@@ -828,17 +791,8 @@ DEV void gemv_nk(const GemvArgs& a) {
       step = ns;
       return more;
     };
-    if constexpr (EARLY > 1) {              // item 0, whose successor is loaded already: then as below, one ahead
-      mac(step, cur.w, cur.s);
-      if (step == STEPS - 1) finish(tile);
-      tile = t1;
-      step = s1;
-      if (early)
-        while (advance(nxt, cur) && advance(cur, nxt)) {}
-    } else {
-      // two steps an iteration, the stages swapping roles: no register copies of a stage
-      while (advance(cur, nxt) && advance(nxt, cur)) {}
-    }
+    // two steps an iteration, the stages swapping roles: no register copies of a stage
+    while (advance(cur, nxt) && advance(nxt, cur)) {}
   } else {
     typedef RingSlot<UNROLL, RPW, SCALED(FMT)> Slot;
     Slot* ring = (Slot*)(xs + M * U * L::XU) + warp * STAGES;
