@@ -250,16 +250,19 @@ def chat(model, prompt, system, backend, device, threads, hide_reasoning, verify
               help="--ray: GPUs each replica reserves (default 0; 1: one replica per GPU).")
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=None,
               help="--ray: CPUs each replica reserves (default 1; on the CPU, also its threads).")
+@click.option("--router-queue", type=click.IntRange(min=-1), default=None,
+              help="--ray: requests that may wait at each Ray proxy while every replica is full (default 64; "
+                   "beyond: 429; -1: no bound).")
 @click.option("--ray-address", default=None,
               help="--ray: the cluster to join ('auto': the one this machine is in; default: start one here).")
 @clean_errors
 def serve(model, host, port, backend, device, threads, slots, max_queue, api_key, name, grace, verify,
-          on_ray, replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica, ray_address):
+          on_ray, replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica, router_queue, ray_address):
     """Serve an exported MODEL with an OpenAI-compatible API and a chat page (needs the serve
     extra: pip install "glmrt[serve]"; --ray needs the ray extra)."""
     ray_only = {k: v for k, v in dict(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                       gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-                                      ray_address=ray_address).items() if v is not None}
+                                      router_queue=router_queue, ray_address=ray_address).items() if v is not None}
     if not on_ray:
         if ray_only:
             flags = ", ".join("--" + k.replace("_", "-") for k in ray_only)

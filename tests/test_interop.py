@@ -276,6 +276,33 @@ def optimum_site():
     return site
 
 
+def test_the_readme_examples_run_as_written(optimum_site, tmp_path):
+    """README, "Other runtimes": its export line, then its onnxruntime-genai and optimum Python
+    blocks as written, in a folder where the default model's checkpoint is at models/ (optimum's
+    from its own packages, as the README has users give it an environment of its own). Both are
+    greedy on the same folder: their replies begin alike."""
+    import re
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    part = readme[readme.index("## Other runtimes"):readme.index("## Layout")]
+    (tmp_path / "models").symlink_to(Path(__file__).resolve().parent.parent / "models")
+    lines = [ln.split("  #")[0].strip() for ln in re.search(r"```sh\n(.*?)```", part, re.S).group(1).splitlines()]
+    for line in [ln for ln in lines if ln and not ln.startswith("#")]:
+        args = line.split()
+        assert args[0] == "glmrt"
+        p = subprocess.run([sys.executable, "-m", "glmrt.cli", *args[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    genai, optimum = re.findall(r"```python\n(.*?)```", part, re.S)
+    replies = []
+    for code, env in ((genai, os.environ), (optimum, {**os.environ, "PYTHONPATH": str(optimum_site),
+                                                      "TRANSFORMERS_VERBOSITY": "error"})):
+        p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        replies.append(p.stdout.strip())
+    assert len(replies[0]) > 40 and replies[0][:40] == replies[1][:40], replies
+
+
 @pytest.fixture(scope="module")
 def optimum_folders(folders, tmp_path_factory):
     """The CPU form above, and one whose head_dim (16) is not hidden_size / heads (64 / 8)."""

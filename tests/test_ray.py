@@ -447,6 +447,38 @@ def test_a_serve_config_file_deploys_it_and_it_autoscales_within_its_bounds(serv
         time.sleep(0.3)
 
 
+def test_a_full_service_answers_429_at_the_proxy_and_serves_what_it_held(exported):
+    """router_queue: with every replica's slots and queue taken, Ray's proxy holds router_queue
+    more requests; the next is answered 429 with Retry-After at once (not after the running
+    generation; the openai client's RateLimitError), and the one it held is served when a slot
+    frees. Before, the proxy's queue had no bound."""
+    for app in ("cfg", "glmrt"):                 # the test above left its application on the route /
+        serve.delete(app)
+    url = deploy(RayOptions(model=str(exported("tiny")), name="tiny", replicas=1, slots=1, max_queue=0,
+                            router_queue=1, grace=1), host="127.0.0.1", port=0, logits_processor_for=steering)
+    running = client(url).chat.completions.create(model="tiny", messages=user(), max_tokens=1000, stream=True,
+                                                   **steer("paced"))
+    got = [next(running) for _ in range(4)]      # streaming: it holds the one slot
+    assert "".join(ch.choices[0].delta.content or "" for ch in got).startswith("word")
+    held = {}
+
+    def second():
+        held["reply"] = client(url).chat.completions.create(model="tiny", messages=user("q2"), max_tokens=64,
+                                                            **steer("hello")).choices[0].message.content
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    time.sleep(1.0)                              # it waits in the proxy's queue (1 of 1)
+    t0 = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as e:
+        client(url).chat.completions.create(model="tiny", messages=user("q3"), max_tokens=8)
+    assert time.monotonic() - t0 < 2.0           # the paced generation runs ~5 s more
+    assert e.value.response.headers.get("retry-after") == "1"
+    running.close()                              # its client leaves: the slot frees, the held request runs
+    waiting.join(30)
+    assert not waiting.is_alive() and held.get("reply") == HELLO.strip()
+    serve.delete("glmrt")
+
+
 # ---- the pieces, without a cluster -------------------------------------------------------------
 def test_liveness_fails_a_model_that_stops_answering(exported):
     m = glmrt.load(exported("tiny"), slots=2, max_queue=4)
@@ -488,7 +520,8 @@ def test_options_from_serve_run_arguments():
     for args, says in [({"model": "m", "replica": "2"}, "unknown argument"), ({"replicas": "2"}, "model=FOLDER"),
                        ({"model": "m", "replicas": "two"}, "expected int"),
                        ({"model": "m", "replicas": 2, "max_replicas": 3}, "not both"),
-                       ({"model": "m", "min_replicas": 3, "max_replicas": 2}, "min <= max")]:
+                       ({"model": "m", "min_replicas": 3, "max_replicas": 2}, "min <= max"),
+                       ({"model": "m", "router_queue": "-2"}, "router_queue -2: >= 0, or -1")]:
         with pytest.raises(glmrt.InputError, match=says):
             RayOptions.from_args(args)
 

@@ -34,6 +34,7 @@ import typing
 import numpy as np
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.responses import JSONResponse
 
 from ..errors import GlmrtError, InputError
@@ -55,6 +56,8 @@ class RayOptions:
     threads: int | None = None           # CPU threads (default: the replica's CPUs on the CPU)
     slots: int = 4                       # generations decoded at once, per replica
     max_queue: int = 64                  # more that may wait on a replica
+    router_queue: int = 64               # more that may wait at each Ray proxy while every replica is
+                                         # full; beyond that it answers 429 (Retry-After: 1); -1: no bound
     api_key: str | None = None
     verify: bool = True
     replicas: int | None = None          # a fixed number; or autoscale between min and max:
@@ -72,6 +75,8 @@ class RayOptions:
         if self.slots < 1 or self.max_queue < 0 or self.grace < 0:
             raise InputError(f"slots {self.slots} must be >= 1, max_queue {self.max_queue} and "
                              f"grace {self.grace} >= 0")
+        if self.router_queue < -1:
+            raise InputError(f"router_queue {self.router_queue}: >= 0, or -1 for no bound")
         if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
             raise InputError("give either replicas (a fixed number) or min/max replicas (autoscaling), not both")
         lo, hi = self.bounds
@@ -142,8 +147,11 @@ def application(options: RayOptions, *, logits_processor_for=None):
     return Replica.options(
         **scaling, ray_actor_options=actor,
         # Ray's router sends a replica no more than its model takes (running + waiting); beyond
-        # that requests wait in Ray's queue for the first replica with room
+        # that requests wait in each proxy's queue for the first replica with room, at most
+        # router_queue of them: the next is answered 429 with Retry-After, as a full replica does
         max_ongoing_requests=options.slots + options.max_queue,
+        max_queued_requests=options.router_queue,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         graceful_shutdown_timeout_s=options.grace, graceful_shutdown_wait_loop_s=min(2.0, options.grace or 2.0),
         health_check_period_s=options.health_period_s, health_check_timeout_s=options.health_timeout_s,
     ).bind(options, logits_processor_for)
