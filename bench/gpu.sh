@@ -91,9 +91,11 @@ fresh_glmrt() {   # this checkout's glmrt, fresh every time (a warm machine's /t
     echo "glmrt from $REPO installed for this stage"
 }
 
-show_tuned() {    # what `glmrt build --backend cuda` tuned: its engine manifest's "tuned" (MODEL PRECISION), to $LOG
+show_tuned() {    # what `glmrt build --backend cuda` tuned and where its time went: its engine manifest's "tuned" and
+                  # "seconds" (MODEL PRECISION), to $LOG
   for m in "$1"/engines/*-sm*/"$2"/manifest.json; do
-    python3 -c 'import json, sys; print("tuned:", json.dumps(json.load(open(sys.argv[1])).get("tuned")))' "$m" | tee -a "$LOG"
+    python3 -c 'import json, sys; m = json.load(open(sys.argv[1]))
+print("tuned:", json.dumps(m.get("tuned"))); print("build seconds:", json.dumps(m.get("seconds")))' "$m" | tee -a "$LOG"
   done
 }
 

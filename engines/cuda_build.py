@@ -22,6 +22,7 @@ it, kernels and their launch parameters, the weight index.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from glmrt.backends.cuda_engine import nvrtc
@@ -61,6 +62,12 @@ def plan(model_dir: Path, man: dict, options):
     out = engine_dir(model_dir, "cuda", precision, gpu_name=target.name, compute_capability=target.compute_capability)
 
     def make(tmp: Path) -> dict:
+        seconds, t0 = {}, time.perf_counter()       # where the build's time goes (the manifest's "seconds")
+
+        def lap(what):
+            nonlocal t0
+            seconds[what] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
         here = _gpu_here(target) if detected else None
         config, tuned = DEFAULT_CONFIG, False
         if here is not None and options.tune:       # timed on this model's own weights, uploaded for it
@@ -69,9 +76,11 @@ def plan(model_dir: Path, man: dict, options):
             from glmrt.backends.cuda_engine.weights import DeviceWeights
             here.activate()
             with freed(DeviceWeights(Path(model_dir), weights, here, "engine")) as own:
+                lap("upload")
                 # KV for the positions the runtime gives it by default
                 config, tuned = tune_on_device(here, shapes, formats, cfg.num_hidden_layers,
                                                cfg.max_position_embeddings, weights=(own, weights, cfg))
+            lap("tune")
         kernels = engine_kernels(shapes, formats, config, slots)
         _check_smem(kernels, arch)
         source = translation_unit(shapes, kernels)
@@ -82,6 +91,7 @@ def plan(model_dir: Path, man: dict, options):
             if total > limit:
                 raise GlmrtError(f"kernel {k.name} needs {total} bytes of shared memory per block; sm_{arch} "
                                  f"allows {limit}" + _smem_hint(k))
+        lap("compile")
         (tmp / "engine.cubin").write_bytes(compiled.cubin)
         (tmp / "engine.cu").write_text(source, encoding="utf-8")
         version = nvrtc.version()
@@ -95,7 +105,7 @@ def plan(model_dir: Path, man: dict, options):
             "kernels": [kernel_to_dict(k) for k in kernels],
             "resources": compiled.resources(),
             "weights": weights,
-            "selfcheck": None,
+            "selfcheck": None, "seconds": seconds,
         }
         if here is not None:
             from glmrt.backends.cuda_engine.selfcheck import run_bucket_checks, run_checks
@@ -103,6 +113,7 @@ def plan(model_dir: Path, man: dict, options):
             if slots > 1:                           # the batched steps' kernels, bucket by bucket
                 report += run_bucket_checks(here, shapes, formats, slots, config=config)
             entry["selfcheck"] = report
+            lap("check")
             bad = [r for r in report if not r["ok"]]
             if bad:
                 raise GlmrtError(f"the engine's kernels failed their check on {here.name}: "

@@ -553,6 +553,7 @@ def test_build_without_a_gpu_writes_a_complete_engine(engine_model):
     assert {k["name"] for k in em["kernels"]} == {"qkv_first", "qkv", "attention", "o_proj", "gate_up", "down",
                                                    "lm_head"}
     assert em["selfcheck"] is None and em["tuned"] is False          # no GPU here: compiled, not checked
+    assert list(em["seconds"]) == ["compile"] and em["seconds"]["compile"] > 0
     # the weight index points where ONNX's external data does, and covers every matrix
     g = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
     ext = {t.name: {e.key: e.value for e in t.external_data} for t in g.initializer}
@@ -858,6 +859,7 @@ def test_build_times_the_step_on_the_models_own_weights_in_bursts(exported, tmp_
     assert t["tried"] == [{"role": "lm_head", "knobs": {"unroll": 2, "min_blocks": 3}, "skipped": "launches what the best does"}]
     assert (t["layers"], t["burst"], t["weights"], t["contexts"]) == (2, 8, "the model's", [16])
     assert all(r["ok"] for r in em["selfcheck"])
+    assert list(em["seconds"]) == ["upload", "tune", "compile", "check"]     # where the build's time went
 
 
 # ---- the driver calls, without a driver ----------------------------------------------------------
