@@ -473,6 +473,7 @@ def test_a_full_service_answers_429_at_the_proxy_and_serves_what_it_held(exporte
         client(url).chat.completions.create(model="tiny", messages=user("q3"), max_tokens=8)
     assert time.monotonic() - t0 < 2.0           # the paced generation runs ~5 s more
     assert e.value.response.headers.get("retry-after") == "1"
+    assert e.value.code == "queue_full" and "router_queue" in e.value.message     # a full replica's shape
     running.close()                              # its client leaves: the slot frees, the held request runs
     waiting.join(30)
     assert not waiting.is_alive() and held.get("reply") == HELLO.strip()

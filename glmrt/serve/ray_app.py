@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import GlmrtError, InputError
 from .app import create_app
-from .protocol import ApiError
+from .protocol import RETRY_AFTER_S, ApiError
 
 APP_NAME = "glmrt"
 
@@ -151,7 +151,7 @@ def application(options: RayOptions, *, logits_processor_for=None):
         # router_queue of them: the next is answered 429 with Retry-After, as a full replica does
         max_ongoing_requests=options.slots + options.max_queue,
         max_queued_requests=options.router_queue,
-        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
         graceful_shutdown_timeout_s=options.grace, graceful_shutdown_wait_loop_s=min(2.0, options.grace or 2.0),
         health_check_period_s=options.health_period_s, health_check_timeout_s=options.health_timeout_s,
     ).bind(options, logits_processor_for)
@@ -254,10 +254,12 @@ class Liveness:
 # ---- Ray's proxy ---------------------------------------------------------------------------
 class ReplicaLoss:
     """ASGI middleware for Ray's HTTP proxy: what a client sees when the replica serving its
-    request dies. Ray's proxy sends nothing then, so its HTTP server answers a bare 500 before
-    the response started and drops the connection after; here the first becomes a 502 in
-    OpenAI's error shape and a started stream of server-sent events ends with an error event,
-    as a reply cut short by a shutdown does (the openai client raises APIError on it)."""
+    request dies, or when the proxy's own queue is full. Ray's proxy sends nothing in the first
+    case, so its HTTP server answers a bare 500 before the response started and drops the
+    connection after; here the first becomes a 502 in OpenAI's error shape and a started stream
+    of server-sent events ends with an error event, as a reply cut short by a shutdown does (the
+    openai client raises APIError on it). A 429 of the proxy's own (router_queue reached: no
+    replica named it) gets the body a full replica gives, code "queue_full", and its Retry-After."""
 
     def __init__(self, app):
         self.app = app
@@ -266,17 +268,27 @@ class ReplicaLoss:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = ended = events = False
+        busy = None                     # the proxy's own 429: its Retry-After, the body replaced below
 
         async def watched(message):
-            nonlocal started, ended, events
+            nonlocal started, ended, events, busy
             if message["type"] == "http.response.start":
+                headers = message.get("headers", [])
+                if message.get("status") == 429 and not any(k.lower() == b"x-glmrt-replica" for k, _ in headers):
+                    busy = next((v.decode() for k, v in headers if k.lower() == b"retry-after"), str(RETRY_AFTER_S))
+                    return
                 started = True
-                events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-                             for k, v in message.get("headers", []))
+                events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            elif busy is not None:
+                return                  # Ray's text for it
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 ended = True
             await send(message)
         await self.app(scope, receive, watched)
+        if busy is not None:
+            full = ApiError(429, "the server is busy: every replica's slots and queue are taken, and so is "
+                                 "the proxy's queue (router_queue); send the request again later", code="queue_full")
+            return await JSONResponse(full.body(), 429, headers={"Retry-After": busy})(scope, receive, send)
         if ended or (started and not events):
             return                     # answered, or nothing to add to a body cut short
         lost = ApiError(502, "the replica serving this request stopped before it finished (its process "
