@@ -41,6 +41,8 @@
 #                                    GLM-4-32B's int4 steps, over BASE
 #   bash bench/gpu.sh engine-steps   kernels only: GLM-Z1-9B's and GLM-4-32B's int4 steps under CONFIGS9 / CONFIGS32 as
 #                                    bursts of 8, the candidates in turn twice (KERNELS: a configuration checked first)
+#   bash bench/gpu.sh engine-buildtime GLM-Z1-9B int4 exported, then built tuned (cold, warm) and --no-tune: where each
+#                                    build's time goes (its manifest's "seconds"); no ONNX Runtime needed
 #   bash bench/gpu.sh engine-autotune the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
 #   bash bench/gpu.sh engine-fp8     fp8 weights on the engine, kernels only: checks at real shapes, each kernel
 #                                    timed, GLM-Z1-9B's fp8 step; the batched kernels' bucket checks
@@ -412,6 +414,20 @@ engine-steps) # kernels only: whole int4 decode steps under candidate launch con
     --tag steps-9b 2>&1 | tee -a "$LOG"
   run timeout ${STEPS_LIMIT:-200} $C step --shape glm-4-32b --configs "${CONFIGS32:-{\"default\": {\}\}}" --burst 8 \
     --rounds 2 --tag steps-32b 2>&1 | tee -a "$LOG"
+  ;;
+engine-buildtime) # no ONNX Runtime needed: GLM-Z1-9B int4 exported here, then `glmrt build --backend cuda` tuned (a cold
+              # compile cache, then warm) and --no-tune, each build's manifest "seconds" (upload, tune, compile, check)
+  fresh_glmrt
+  LOG=$OUT/engine-buildtime.log
+  dir=$W/9b-int4
+  [ -f $dir/manifest.json ] || { start=$(date +%s); run timeout 200 python3 -m glmrt.cli export synthetic:glm-z1-9b \
+    -o "$dir" --precision int4 --target cuda --overwrite 2>&1 | tail -1 | tee -a "$LOG"; echo "export: $(( $(date +%s) - start )) s" | tee -a "$LOG"; }
+  for t in --tune --tune --no-tune; do
+    start=$(date +%s)
+    run timeout 120 python3 -m glmrt.cli build "$dir" --backend cuda --overwrite $t 2>&1 | tail -1 | tee -a "$LOG"
+    echo "build $t: $(( $(date +%s) - start )) s" | tee -a "$LOG"
+    show_tuned "$dir" int4
+  done
   ;;
 engine-autotune) # kernels only: the build's tuner on zero-filled weights of GLM-Z1-9B's and GLM-4-32B's int4 shapes
               # (bench/cuda_engine_check.py tune; the build times the model's own weights), each whole step
