@@ -416,51 +416,12 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     assert all(single[n] == before[n] for n in before if "_b" in n)                  # every bucket's kernel as before
     # the attention's knobs are the attention's own
     assert with_knobs(DEFAULT_CONFIG, "attention", {"chunk": 128})["attention"]["chunk"] == 128
-    # prepare: told first the base and every candidate over it, then, after a keep, the new best
-    # and the candidates still to come over it
-    told = []
-    tune(measure, candidates=CANDIDATES, prepare=lambda cs: told.append(cs))
-    n = sum(len(v) for v in CANDIDATES.values())
-    assert [len(cs) for cs in told] == [1 + n, n] and told[0][0] == DEFAULT_CONFIG
-    assert told[1][0]["qkv"]["unroll"] == 2 and told[1][1] == with_knobs(told[1][0], "qkv", CANDIDATES["qkv"][1])
     # a candidate table in the wrong shape fails before anything is timed (session 12 lost a GPU call to
     # a dict written where a one-candidate tuple was meant), as does a knob no kernel has
     for bad in ({"o_proj": ({"unroll": 2, "min_blocks": 3})}, {"down": ({"unrol": 2},)}, {"attention": ({"unroll": 2},)},
                 {"qkvv": ({"unroll": 2},)}):
         with pytest.raises(ValueError, match=f"^tuning candidates of {next(iter(bad))}: "):
             tune(lambda c: pytest.fail("timed"), candidates=bad)
-
-
-@needs_cxx
-def test_the_step_bench_compiles_configurations_at_once_and_times_them_without_compiling(monkeypatch):
-    """StepBench.precompile: each configuration's step compiled in a pool of threads (NVRTC runs
-    outside the GIL; the build's tuner hands it the candidates to come), then timing finds every
-    image compiled; one that fails to compile is left to its timing, which reports it (Unfit)."""
-    import threading
-    from glmrt.backends.cuda_engine.tune import with_knobs
-    real, seen = selfcheck.image_for, []
-    slow = with_knobs(DEFAULT_CONFIG, "qkv", {"unroll": 1})
-    broken = translation_unit(SMALL, decode_kernels(SMALL, FORMATS["int4-b32"], slow))
-
-    def image_for(device, source):
-        seen.append(threading.current_thread().name)
-        if source == broken:
-            raise GlmrtError("NVRTC could not compile")
-        return real(device, source)
-    monkeypatch.setattr(selfcheck, "image_for", image_for)
-    bench = selfcheck.StepBench(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32"], 1, 64)
-    try:
-        faster = with_knobs(DEFAULT_CONFIG, "qkv", {"unroll": 2, "min_blocks": 3})
-        assert bench.precompile([DEFAULT_CONFIG, faster, faster]) == 2        # one compile per distinct step
-        assert len(seen) == 2 and all(t != threading.current_thread().name for t in seen)
-        for config in (DEFAULT_CONFIG, faster):
-            bench.time(config, (16,), reps=1, variants=False)
-        assert len(seen) == 2                                                  # nothing compiled again
-        assert bench.precompile([slow]) == 1
-        with pytest.raises(selfcheck.Unfit):
-            bench.time(slow, (16,), reps=1, variants=False)
-    finally:
-        bench.free()
 
 
 @needs_cxx

@@ -12,7 +12,6 @@ against export/quant.py and glmrt/reference.py.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -846,31 +845,6 @@ class StepBench:
             device.zero(self.kv[-1][1], per)
         device.synchronize()
 
-    def precompile(self, configs, workers: int | None = None) -> int:
-        """Compile the full step (no variants) of each configuration at once, NVRTC running
-        outside the GIL, so that timing each finds its image compiled; one that fails to compile
-        is left for its timing to report (Unfit). Returns how many sources were compiled."""
-        from concurrent.futures import ThreadPoolExecutor
-        todo = set()
-        for config in configs:
-            try:
-                todo.add(translation_unit(self.s, decode_kernels(self.s, self.f, config)))
-            except (GlmrtError, ValueError):
-                continue
-        todo = [src for src in todo if src not in self._images]
-
-        def one(src):
-            try:
-                return src, image_for(self.dev, src)
-            except GlmrtError:
-                return src, None
-        if todo:
-            with ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1))) as pool:
-                for src, image in pool.map(one, todo):
-                    if image is not None:
-                        self._images[src] = image
-        return len(todo)
-
     def time(self, config: dict = DEFAULT_CONFIG, contexts=(128, 8192), reps: int = 3, log=None,
              variants: bool = True, label: str = "full", burst: int = 1) -> list[dict]:
         """The full step at each context; with `variants`, at the first context also: every
@@ -879,11 +853,12 @@ class StepBench:
         steps as the runtime's bursts do (each step feeding the next its token), `reps` of them."""
         from .sources import Stub
         from .step import DecodeStep
+        from .sources import translation_unit as tu
         if burst > 1 and variants:
             raise ValueError("bursts are timed whole: variants=False")
         kernels = decode_kernels(self.s, self.f, config)
         stubs = [Stub("stub_" + k.name, k.args, k.threads, k.smem) for k in kernels] if variants else []
-        source = translation_unit(self.s, kernels + stubs)
+        source = tu(self.s, kernels + stubs)
         try:                                # compiled once per source (a tuner times a configuration again)
             image = self._images.get(source) or self._images.setdefault(source, image_for(self.dev, source))
             handles = self.dev.load(image, {k.name: k.smem for k in kernels + stubs})

@@ -70,16 +70,14 @@ def with_knobs(config: dict, role: str, change: dict) -> dict:
 
 
 def tune(measure, base: dict = DEFAULT_CONFIG, candidates: dict | None = None, margin: float = MARGIN,
-         budget_s: float = BUDGET_S, log=None, same=None, prepare=None) -> tuple[dict, dict]:
+         budget_s: float = BUDGET_S, log=None, same=None) -> tuple[dict, dict]:
     """Coordinate descent over `candidates` (default CANDIDATES); measure(config) -> µs per step.
     A candidate that looks faster than the best by more than `margin` is timed again right after
     the best is, and kept only if it still is (one timing's spread is about the margin). One
     whose kernels do not compile or fit (selfcheck.Unfit) is dropped; any other failure stops
     the tuning with one line naming the candidate; one that same(candidate, best) finds launching
-    what the best does is not timed. prepare(configs), a hint: the configurations about to be
-    timed (the base and the candidates still to come over it, then over each new best), so
-    their kernels can be compiled at once. Returns the configuration chosen and a report of
-    every timing (what the manifest records)."""
+    what the best does is not timed. Returns the configuration chosen and a report of every
+    timing (what the manifest records)."""
     from .selfcheck import Unfit
     candidates = CANDIDATES if candidates is None else candidates
     for role, options in candidates.items():      # checked first: a wrong table fails in one line, not mid-tuning
@@ -90,12 +88,6 @@ def tune(measure, base: dict = DEFAULT_CONFIG, candidates: dict | None = None, m
             raise ValueError(f"tuning candidates of {role}: {options!r} is not a sequence of knob dicts "
                              f"over {sorted(known)} for a GEMV role or the attention")
     start = time.perf_counter()
-    todo = [(role, change) for role, options in candidates.items() for change in options]
-
-    def ahead(best, done):
-        if prepare is not None:
-            prepare([best] + [with_knobs(best, role, change) for role, change in todo[done:]])
-    ahead(base, 0)
     best, best_us = base, measure(base)
     report = {"base_us": round(best_us, 1), "tried": [], "margin": margin, "chosen": {}}
     if log:
@@ -129,7 +121,6 @@ def tune(measure, base: dict = DEFAULT_CONFIG, candidates: dict | None = None, m
             if row["kept"]:
                 best, best_us = cand, row["again_us"]
                 report["chosen"][role] = {**report["chosen"].get(role, {}), **change}
-                ahead(best, todo.index((role, change)) + 1)
     report["us"] = round(best_us, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return best, report
@@ -157,8 +148,7 @@ def tune_on_device(device, shapes, formats, layers: int, max_context: int, base:
         def measure(config):
             rows = bench.time(config, contexts, reps=1, variants=False, label="tune", burst=DEFAULT_BURST)
             return sum(r["us"] for r in rows) / len(rows)
-        config, report = tune(measure, base, log=log, same=lambda a, b: launched(a) == launched(b),
-                              prepare=bench.precompile)
+        config, report = tune(measure, base, log=log, same=lambda a, b: launched(a) == launched(b))
     report.update(layers=n, contexts=list(contexts), max_context=max_context, burst=DEFAULT_BURST,
                   weights="the model's" if weights is not None else fill)
     return config, report
