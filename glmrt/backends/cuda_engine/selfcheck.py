@@ -76,6 +76,22 @@ def dequant_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return E4M3[codes] * scales.astype(np.float64)[:, None]
 
 
+def random_half_bits(rng, shape, bf16: bool = False) -> np.ndarray:
+    """Random fp16 (or bf16) bit patterns: a random sign and mantissa, small exponents
+    (magnitudes below 1/16, no inf or NaN). Random integers whose high byte is mapped through
+    a table: drawing float32 values and converting them took ~40 s for GLM's 151552 x 4096
+    lm_head on 2 cores (most of a build's kernel checks), this ~3 s."""
+    n = int(np.prod(shape))
+    bits = rng.integers(0, 1 << 32, (n + 1) // 2, dtype=np.uint32).view(np.uint16)[:n].reshape(shape)
+    hb = np.arange(256, dtype=np.uint16)
+    # fp16 s eeeee mm|mmmmmmmm: exponent 3..10 (2^-12 .. 2^-5); bf16 s eeeeeee|e mmmmmmm: the
+    # high byte's 7 exponent bits 57..60 (exponent 114..121, 2^-13 .. 2^-6)
+    table = ((hb & 0x80) | (57 + (hb & 3)) if bf16 else (hb & 0x83) | ((((hb >> 2) & 7) + 3) << 2)).astype(np.uint8)
+    high = bits.view(np.uint8).reshape(-1, 2)[:, 1]        # little-endian: the second byte is the high one
+    high[...] = table[high]
+    return bits
+
+
 def bf16_bits(v) -> np.ndarray:
     """float values -> bf16 bits (uint16), rounded to nearest even (the exporter's conversion)."""
     from glmrt.export.checkpoint import f32_to_bf16
@@ -255,14 +271,15 @@ class _Ctx:
             return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
                     packed.nbytes + scales.nbytes)
         if fmt == "bf16":
-            bits = bf16_bits(self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05)
+            bits = random_half_bits(self.rng, (n, k), bf16=True)
             return {"w": self.put(bits), "scales": 0}, bf16_values(bits), bits.nbytes
         if fmt == "fp8":
             codes, scales = random_fp8(self.rng, n, k)
             return ({"w": self.put(codes), "scales": self.put(scales)}, dequant_fp8(codes, scales),
                     codes.nbytes + scales.nbytes)
-        w = (self.rng.random((n, k), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
-        stored = w if fmt == "f16" else np.ascontiguousarray(w.T)
+        # fp16 (n, k), or W^T (k, n) made in that layout (f16_kn)
+        stored = random_half_bits(self.rng, (n, k) if fmt == "f16" else (k, n)).view(np.float16)
+        w = stored if fmt == "f16" else stored.T
         return {"w": self.put(stored), "scales": 0}, w.astype(np.float64), w.nbytes
 
     def zero_weights(self, fmt: str, n: int, k: int):
@@ -446,15 +463,20 @@ def check_lm_head(c: _Ctx) -> dict:
         wf = {"w": c.put(codes), "scales": c.put(scales)}
         wd = _Rows(lambda r: dequant_fp8(codes[r], scales[r]), V)
     elif fmt == "bf16":
-        w = bf16_bits(c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05)
+        w = random_half_bits(c.rng, (V, H), bf16=True)
         w[first] = w[second] = bf16_bits(np.where(h > 0, 0.5, -0.5))
         wf = {"w": c.put(w), "scales": 0}
         wd = _Rows(lambda r: bf16_values(w[r]), V)
-    else:
-        w = (c.rng.random((V, H), dtype=np.float32) * 0.1 - 0.05).astype(np.float16)
+    elif fmt == "f16":
+        w = random_half_bits(c.rng, (V, H)).view(np.float16)
         w[first] = w[second] = np.where(h > 0, 0.5, -0.5).astype(np.float16)
-        wf = {"w": c.put(w if fmt == "f16" else np.ascontiguousarray(w.T)), "scales": 0}
+        wf = {"w": c.put(w), "scales": 0}
         wd = w
+    else:                                            # f16_kn: W^T (H, V), made in that layout
+        wt = random_half_bits(c.rng, (H, V)).view(np.float16)
+        wt[:, first] = wt[:, second] = np.where(h > 0, 0.5, -0.5).astype(np.float16)
+        wf = {"w": c.put(wt), "scales": 0}
+        wd = _Rows(lambda r: wt[:, r].T, V)
     grid = c.grid("lm_head")
     a = GemvArgs(**wf, x_in=c.put(x_in), y_in=c.put(y_in), norm_y=c.put(norm_y), norm_x=c.put(norm_x),
                  x_out=c.zeros(4 * H), y=c.zeros(4 * V), part_val=c.zeros(4 * grid), part_idx=c.zeros(4 * grid),
