@@ -251,8 +251,8 @@ def chat(model, prompt, system, backend, device, threads, hide_reasoning, verify
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=None,
               help="--ray: CPUs each replica reserves (default 1; on the CPU, also its threads).")
 @click.option("--router-queue", type=click.IntRange(min=-1), default=None,
-              help="--ray: requests that may wait at each Ray proxy while every replica is full (default 64; "
-                   "beyond: 429; -1: no bound).")
+              help="--ray: requests (at least 1) that may wait at each Ray proxy while every replica is full "
+                   "(default 64; beyond: 429; -1: no bound).")
 @click.option("--ray-address", default=None,
               help="--ray: the cluster to join ('auto': the one this machine is in; default: start one here).")
 @clean_errors

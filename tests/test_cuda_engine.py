@@ -109,7 +109,7 @@ def test_every_kernel_compiles_for_every_architecture(compiled_for_every_arch, a
 # The cuda extra takes any NVRTC 13 (pyproject: nvidia-cuda-nvrtc>=13): CI's newest is not the only
 # one users have (the H200's image had 13.0, which refused a generic lambda 13.5 took). The oldest
 # the extra allows, in a package folder of its own (made once, kept in the user's cache).
-OLDEST_NVRTC = ("nvidia-cuda-nvrtc==13.0.*", "cuda-bindings==13.0.*", "cuda-pathfinder")
+OLDEST_NVRTC = ("nvidia-cuda-nvrtc==13.0.*", "cuda-bindings==13.0.*", "cuda-pathfinder~=1.1")
 OLDEST_RUN = r"""
 import ctypes, glob, json, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +139,7 @@ def oldest_nvrtc_site():
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmrt-tests"
     site = cache / ("nvrtc-" + hashlib.sha256(" ".join(OLDEST_NVRTC + (sys.version,)).encode()).hexdigest()[:12])
     if not (site / "nvidia" / "cu13" / "lib").is_dir():
+        shutil.rmtree(site, ignore_errors=True)          # half made (an interrupted run): made again
         tmp = cache / f".{site.name}.{os.getpid()}"
         p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
                             "--disable-pip-version-check", "--target", str(tmp), *OLDEST_NVRTC],

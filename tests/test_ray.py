@@ -447,36 +447,54 @@ def test_a_serve_config_file_deploys_it_and_it_autoscales_within_its_bounds(serv
         time.sleep(0.3)
 
 
-def test_a_full_service_answers_429_at_the_proxy_and_serves_what_it_held(exported):
+def test_a_full_service_answers_429_at_the_proxy_and_serves_what_it_held(service, exported):
     """router_queue: with every replica's slots and queue taken, Ray's proxy holds router_queue
-    more requests; the next is answered 429 with Retry-After at once (not after the running
-    generation; the openai client's RateLimitError), and the one it held is served when a slot
-    frees. Before, the proxy's queue had no bound."""
+    more requests; the next is answered 429 at once (not after the running generation), with
+    Retry-After, the proxy's request id and a full replica's OpenAI error body (the openai
+    client's RateLimitError), and the one it held is served when a slot frees. Two requests
+    wait on the one slot: whichever the proxy takes first is held, the other refused. Before,
+    the proxy's queue had no bound."""
     for app in ("cfg", "glmrt"):                 # the test above left its application on the route /
         serve.delete(app)
     url = deploy(RayOptions(model=str(exported("tiny")), name="tiny", replicas=1, slots=1, max_queue=0,
                             router_queue=1, grace=1), host="127.0.0.1", port=0, logits_processor_for=steering)
     running = client(url).chat.completions.create(model="tiny", messages=user(), max_tokens=1000, stream=True,
                                                    **steer("paced"))
-    got = [next(running) for _ in range(4)]      # streaming: it holds the one slot
-    assert "".join(ch.choices[0].delta.content or "" for ch in got).startswith("word")
-    held = {}
+    outcomes, threads = {}, []
+    try:
+        got = [next(running) for _ in range(4)]  # streaming: it holds the one slot for ~5 s more
+        assert "".join(ch.choices[0].delta.content or "" for ch in got).startswith("word")
 
-    def second():
-        held["reply"] = client(url).chat.completions.create(model="tiny", messages=user("q2"), max_tokens=64,
-                                                            **steer("hello")).choices[0].message.content
-    waiting = threading.Thread(target=second)
-    waiting.start()
-    time.sleep(1.0)                              # it waits in the proxy's queue (1 of 1)
-    t0 = time.monotonic()
-    with pytest.raises(openai.RateLimitError) as e:
-        client(url).chat.completions.create(model="tiny", messages=user("q3"), max_tokens=8)
-    assert time.monotonic() - t0 < 2.0           # the paced generation runs ~5 s more
-    assert e.value.response.headers.get("retry-after") == "1"
-    assert e.value.code == "queue_full" and "router_queue" in e.value.message     # a full replica's shape
-    running.close()                              # its client leaves: the slot frees, the held request runs
-    waiting.join(30)
-    assert not waiting.is_alive() and held.get("reply") == HELLO.strip()
+        def ask(i):
+            t0 = time.monotonic()
+            try:
+                r = client(url).chat.completions.create(model="tiny", messages=user(f"q{i}"), max_tokens=64,
+                                                        **steer("hello"))
+                outcomes[i] = ("served", r.choices[0].message.content, time.monotonic() - t0)
+            except openai.RateLimitError as e:
+                outcomes[i] = ("refused", e, time.monotonic() - t0)
+            except Exception as e:  # noqa: BLE001  reported below
+                outcomes[i] = ("error", repr(e), time.monotonic() - t0)
+        for i in (2, 3):
+            threads.append(threading.Thread(target=ask, args=(i,), daemon=True))
+            threads[-1].start()
+            time.sleep(0.3)
+        deadline = time.monotonic() + 3.0        # the refusal comes at once, the slot frees in ~5 s
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert [o[0] for o in outcomes.values()] == ["refused"], outcomes
+        (refused,) = outcomes.values()
+        e, elapsed = refused[1], refused[2]
+        assert elapsed < 2.0
+        assert e.response.headers.get("retry-after") == "1" and e.response.headers.get("x-request-id")
+        assert e.code == "queue_full" and "proxy's queue" in e.message        # a full replica's shape
+    finally:
+        running.close()                          # its client leaves: the slot frees, the held request runs
+        for t in threads:
+            t.join(30)
+    assert sorted(o[0] for o in outcomes.values()) == ["refused", "served"], outcomes
+    assert next(o[1] for o in outcomes.values() if o[0] == "served") == HELLO.strip()
     serve.delete("glmrt")
 
 
@@ -522,7 +540,8 @@ def test_options_from_serve_run_arguments():
                        ({"model": "m", "replicas": "two"}, "expected int"),
                        ({"model": "m", "replicas": 2, "max_replicas": 3}, "not both"),
                        ({"model": "m", "min_replicas": 3, "max_replicas": 2}, "min <= max"),
-                       ({"model": "m", "router_queue": "-2"}, "router_queue -2: >= 0, or -1")]:
+                       ({"model": "m", "router_queue": "-2"}, "router_queue -2: at least 1, or -1"),
+                       ({"model": "m", "router_queue": "0"}, "router_queue 0: at least 1, or -1")]:
         with pytest.raises(glmrt.InputError, match=says):
             RayOptions.from_args(args)
 

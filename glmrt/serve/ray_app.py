@@ -56,8 +56,8 @@ class RayOptions:
     threads: int | None = None           # CPU threads (default: the replica's CPUs on the CPU)
     slots: int = 4                       # generations decoded at once, per replica
     max_queue: int = 64                  # more that may wait on a replica
-    router_queue: int = 64               # more that may wait at each Ray proxy while every replica is
-                                         # full; beyond that it answers 429 (Retry-After: 1); -1: no bound
+    router_queue: int = 64               # more (at least 1) that may wait at each Ray proxy while every
+                                         # replica is full; beyond that it answers 429 (Retry-After: 1); -1: no bound
     api_key: str | None = None
     verify: bool = True
     replicas: int | None = None          # a fixed number; or autoscale between min and max:
@@ -75,8 +75,8 @@ class RayOptions:
         if self.slots < 1 or self.max_queue < 0 or self.grace < 0:
             raise InputError(f"slots {self.slots} must be >= 1, max_queue {self.max_queue} and "
                              f"grace {self.grace} >= 0")
-        if self.router_queue < -1:
-            raise InputError(f"router_queue {self.router_queue}: >= 0, or -1 for no bound")
+        if self.router_queue == 0 or self.router_queue < -1:       # Ray takes -1 or a positive bound
+            raise InputError(f"router_queue {self.router_queue}: at least 1, or -1 for no bound")
         if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
             raise InputError("give either replicas (a fixed number) or min/max replicas (autoscaling), not both")
         lo, hi = self.bounds
@@ -259,7 +259,8 @@ class ReplicaLoss:
     connection after; here the first becomes a 502 in OpenAI's error shape and a started stream
     of server-sent events ends with an error event, as a reply cut short by a shutdown does (the
     openai client raises APIError on it). A 429 of the proxy's own (router_queue reached: no
-    replica named it) gets the body a full replica gives, code "queue_full", and its Retry-After."""
+    replica named it) gets the body a full replica gives, code "queue_full", and keeps its
+    headers (Retry-After, X-Request-ID)."""
 
     def __init__(self, app):
         self.app = app
@@ -275,7 +276,9 @@ class ReplicaLoss:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", [])
                 if message.get("status") == 429 and not any(k.lower() == b"x-glmrt-replica" for k, _ in headers):
-                    busy = next((v.decode() for k, v in headers if k.lower() == b"retry-after"), str(RETRY_AFTER_S))
+                    busy = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers       # Retry-After,
+                            if k.lower() not in (b"content-type", b"content-length", b"date", b"server")}   # X-Request-ID
+                    busy.setdefault("retry-after", str(RETRY_AFTER_S))
                     return
                 started = True
                 events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
@@ -287,8 +290,8 @@ class ReplicaLoss:
         await self.app(scope, receive, watched)
         if busy is not None:
             full = ApiError(429, "the server is busy: every replica's slots and queue are taken, and so is "
-                                 "the proxy's queue (router_queue); send the request again later", code="queue_full")
-            return await JSONResponse(full.body(), 429, headers={"Retry-After": busy})(scope, receive, send)
+                                 "the proxy's queue; send the request again later", code="queue_full")
+            return await JSONResponse(full.body(), 429, headers=busy)(scope, receive, send)
         if ended or (started and not events):
             return                     # answered, or nothing to add to a body cut short
         lost = ApiError(502, "the replica serving this request stopped before it finished (its process "
