@@ -40,13 +40,18 @@ def random_int4(rng, n: int, k: int, block: int):
     return packed, scales
 
 
+# a byte's two codes minus 8 as float64, low nibble first
+_NIBBLES = np.stack([(np.arange(256) & 15) - 8.0, (np.arange(256) >> 4) - 8.0], -1)
+
+
 def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) float64: (code - 8) * scale, codes unpacked low nibble first."""
+    """(n, k) float64: (code - 8) * scale, codes unpacked low nibble first (a byte's pair looked
+    up at once: unpacking, converting and shifting apart took 4x longer, 15 s for GLM-4-32B's
+    gate_up on 2 cores)."""
     n, kb, half = packed.shape
-    codes = np.empty((n, kb, 2 * half), np.uint8)
-    codes[..., 0::2] = packed & 0xF
-    codes[..., 1::2] = packed >> 4
-    return ((codes.astype(np.float64) - 8.0) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+    out = _NIBBLES[np.asarray(packed, np.uint8)].reshape(n, kb, 2 * half)
+    out *= scales.astype(np.float64)[..., None]
+    return out.reshape(n, -1)[:, :k]
 
 
 def e4m3_values() -> np.ndarray:
