@@ -30,6 +30,7 @@ from glmrt.export.quant import MatMulNBits, pack_nibbles
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_emu.emulator import EmulatedDevice, break_kernels  # noqa: E402
 from cuda_emu.marks import HAS_NVRTC, needs_cxx, needs_nvrtc  # noqa: E402
+from pinned import pinned_site  # noqa: E402
 
 
 def has_gpu() -> bool:
@@ -135,21 +136,7 @@ print(json.dumps({"version": nvrtc.version(), **out}))
 
 @pytest.fixture(scope="session")
 def oldest_nvrtc_site():
-    import hashlib
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmrt-tests"
-    site = cache / ("nvrtc-" + hashlib.sha256(" ".join(OLDEST_NVRTC + (sys.version,)).encode()).hexdigest()[:12])
-    if not (site / "nvidia" / "cu13" / "lib").is_dir():
-        shutil.rmtree(site, ignore_errors=True)          # half made (an interrupted run): made again
-        tmp = cache / f".{site.name}.{os.getpid()}"
-        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-                            "--disable-pip-version-check", "--target", str(tmp), *OLDEST_NVRTC],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, f"pip could not install the oldest NVRTC: {p.stderr[-2000:]}"
-        try:
-            tmp.rename(site)
-        except OSError:                   # another test process made it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-    return site
+    return pinned_site("nvrtc", OLDEST_NVRTC, "nvidia/cu13/lib")
 
 
 @needs_nvrtc

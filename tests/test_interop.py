@@ -10,7 +10,6 @@ not import beside transformers 5, which the reference tests use (README, "Other 
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from glmrt.cli import main
 from glmrt.errors import GlmrtError
 from glmrt.export.export import export_model
 from glmrt.export.synthetic import TINY, make_checkpoint
+from pinned import pinned_site
 
 og = pytest.importorskip("onnxruntime_genai")        # the test extra installs it
 
@@ -260,20 +260,7 @@ print(json.dumps(results))
 @pytest.fixture(scope="session")
 def optimum_site():
     """A package folder holding OPTIMUM_PINS (made once, kept in the user's cache)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmrt-tests"
-    key = hashlib.sha256(" ".join(OPTIMUM_PINS + (sys.version,)).encode()).hexdigest()[:12]
-    site = cache / f"optimum-{key}"
-    if not (site / "optimum" / "onnxruntime").is_dir():
-        tmp = cache / f".optimum-{key}.{os.getpid()}"
-        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-                            "--disable-pip-version-check", "--target", str(tmp), *OPTIMUM_PINS],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, f"pip could not install optimum's side: {p.stderr[-2000:]}"
-        try:
-            tmp.rename(site)
-        except OSError:                   # another test process made it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-    return site
+    return pinned_site("optimum", OPTIMUM_PINS, "optimum/onnxruntime")
 
 
 def test_the_readme_examples_run_as_written(optimum_site, tmp_path):
