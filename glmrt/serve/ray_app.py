@@ -37,9 +37,9 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.responses import JSONResponse
 
-from ..errors import GlmrtError, InputError
+from ..errors import GlmrtError, InputError, QueueFullError
 from .app import create_app
-from .protocol import RETRY_AFTER_S, ApiError
+from .protocol import RETRY_AFTER_S, ApiError, as_api_error
 
 APP_NAME = "glmrt"
 
@@ -269,16 +269,15 @@ class ReplicaLoss:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = ended = events = False
-        busy = None                     # the proxy's own 429: its Retry-After, the body replaced below
+        busy = None                     # the proxy's own 429: its headers; the body and Retry-After replaced below
 
         async def watched(message):
             nonlocal started, ended, events, busy
             if message["type"] == "http.response.start":
                 headers = message.get("headers", [])
                 if message.get("status") == 429 and not any(k.lower() == b"x-glmrt-replica" for k, _ in headers):
-                    busy = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers       # Retry-After,
-                            if k.lower() not in (b"content-type", b"content-length", b"date", b"server")}   # X-Request-ID
-                    busy.setdefault("retry-after", str(RETRY_AFTER_S))
+                    busy = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers      # X-Request-ID
+                            if k.lower() not in (b"content-type", b"content-length", b"date", b"server", b"retry-after")}
                     return
                 started = True
                 events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
@@ -288,10 +287,10 @@ class ReplicaLoss:
                 ended = True
             await send(message)
         await self.app(scope, receive, watched)
-        if busy is not None:
-            full = ApiError(429, "the server is busy: every replica's slots and queue are taken, and so is "
-                                 "the proxy's queue; send the request again later", code="queue_full")
-            return await JSONResponse(full.body(), 429, headers=busy)(scope, receive, send)
+        if busy is not None:            # a full replica's answer (protocol.as_api_error), Ray's other headers kept
+            full = as_api_error(QueueFullError("every replica's slots and queue are taken, and so is the proxy's "
+                                               "queue; send the request again later"))
+            return await JSONResponse(full.body(), full.status, headers={**busy, **full.headers})(scope, receive, send)
         if ended or (started and not events):
             return                     # answered, or nothing to add to a body cut short
         lost = ApiError(502, "the replica serving this request stopped before it finished (its process "
