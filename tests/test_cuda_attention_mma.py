@@ -112,6 +112,9 @@ MUTATIONS = {
                      "qa[mi][2 * c][2 + e] = pack_h2(lo.w * scale, lo.z * scale);"),
     "counter re-armed": ("if (tid == 0) a.counter[row * gridDim.x + h] = 0u;", ""),
     "grown split": ("return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;"),
+    # the check's q and this token's K/V land only at the kernel's wait (the emulation's in-flight
+    # writes): a kernel that reads them without waiting for the QKV kernel reads NaN
+    "no wait for the QKV kernel": ("  grid_wait();                                           // q and this token's K, V", "  //"),
 }
 
 

@@ -459,6 +459,9 @@ MUTATIONS = {
     "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
     "attention grown split": ("attention.cu", "return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;",
                               "attention"),
+    # the check's q and this token's K/V land at the kernel's wait (the emulation's in-flight writes)
+    "attention: no wait for the QKV kernel": ("attention.cu", "  grid_wait();                               // q and this token's K, V",
+                                              "  //", "attention"),
     "SwiGLU gate and up": ("gemv.cu", "g / (1.f + __expf(-g)) * u", "u / (1.f + __expf(-u)) * g", "gate_up"),
     "ring waits for its stage": ("gemv.cu", "cp_async_wait<STAGES - 1>();", "cp_async_wait<STAGES>();", "down"),
     "ring slot reused early": ("gemv.cu", "return ring[i % STAGES];", "return ring[i % (STAGES - 1)];", "gate_up"),

@@ -349,8 +349,25 @@ template <int N> void cp_async_wait() {
     q.groups.erase(q.groups.begin());
   }
 }
-inline void grid_wait() {}                 // blocks and grids run in order here
+// Blocks and grids run in order here. What the previous kernel writes can be made to land at
+// this kernel's wait (emu_in_flight): before each block those bytes are NaN (0xff), the block's
+// first grid_wait writes them, and after the grid they stay written. A read before the wait
+// then shows.
+namespace emu {
+struct InFlight { void* dst; std::vector<char> bytes; };
+inline std::vector<InFlight> in_flight;
+inline bool landed = true;
+inline void land() {
+  if (landed) return;
+  for (const InFlight& f : in_flight) std::memcpy(f.dst, f.bytes.data(), f.bytes.size());
+  landed = true;
+}
+}  // namespace emu
+inline void grid_wait() { emu::land(); }
 inline void grid_launch_dependents() {}
+extern "C" void emu_in_flight(void* dst, unsigned long long n) {   // the next launch only
+  emu::in_flight.push_back({dst, std::vector<char>((char*)dst, (char*)dst + n)});
+}
 
 // The kernel table the generated source ends with (EMU_KERNEL lines).
 struct EmuKernel { const char* name; void (*run)(const void*); };
@@ -385,8 +402,13 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   for (unsigned b : order) {
     emu::block_idx.x = b % gx; emu::block_idx.y = (b / gx) % gy; emu::block_idx.z = b / (gx * gy);
     std::memset(shared.data(), 0xff, shared.size());
-    if (!emu::run_block((int)threads)) return emu::divergent ? 3 : 2;
-    if (emu::fault) return 4;
+    for (const emu::InFlight& f : emu::in_flight) std::memset(f.dst, 0xff, f.bytes.size());
+    emu::landed = emu::in_flight.empty();
+    const bool ok = emu::run_block((int)threads);
+    emu::landed = false;
+    emu::land();                                       // written, whatever the block did
+    if (!ok || emu::fault) { emu::in_flight.clear(); return !ok ? (emu::divergent ? 3 : 2) : 4; }
   }
+  emu::in_flight.clear();
   return 0;
 }

@@ -46,6 +46,7 @@ def build(source: str) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     dll.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                                ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
+    dll.emu_in_flight.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
     return dll
 
 
@@ -67,6 +68,7 @@ class EmulatedDevice(Device):
         self.buffers: dict[int, np.ndarray] = {}
         self.launches = 0
         self.recording: list | None = None
+        self._in_flight: list = []
 
     def alloc(self, nbytes: int) -> int:
         buf = np.full(int(nbytes) + 64, 0xFF, np.uint8)         # NaN bytes: unwritten memory shows
@@ -98,10 +100,18 @@ class EmulatedDevice(Device):
             return
         self._run(kernel, grid, threads, smem, args)
 
+    def in_flight(self, spans) -> None:
+        """The next launch runs as if the previous kernel were still writing these (address,
+        bytes) spans: NaN until the kernel's grid_wait (a block's), their values after it."""
+        self._in_flight = list(spans)
+
     def _run(self, kernel, grid, threads, smem, args):
         lib, name = kernel
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         self.launches += 1
+        for ptr, n in self._in_flight:
+            lib.emu_in_flight(ptr, n)
+        self._in_flight = []
         lib.emu_set_async_early(int(self.async_landing == "early"))
         rc = lib.emu_launch(name.encode(), gx, gy, gz, threads, smem, ctypes.addressof(args), self.launches)
         if rc:

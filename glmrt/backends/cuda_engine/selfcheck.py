@@ -388,6 +388,10 @@ def check_attention(c: _Ctx) -> dict:
                                                        c.max_seq)}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
         c.dev.zero(out, 4 * nh * hd)
+        stage = getattr(c.dev, "in_flight", None)
+        if stage:       # the emulation: q and this token's K, V land at the kernel's wait, as the QKV kernel's
+            row = lambda base, h: base + 2 * (h * c.max_seq + length - 1) * hd       # noqa: E731
+            stage([(a.q, 4 * nh * hd)] + [(row(base, h), 2 * hd) for base in (a.k_cache, a.v_cache) for h in range(nkv)])
         launch_attention(c.dev, c.h, c.spec, nkv, splits, 1, a)
         ref = attention(q.reshape(nh, hd), kc[:, :length], vc[:, :length])
         errs[length] = rel(c.get(out, (nh, hd), np.float32), ref)
