@@ -37,7 +37,8 @@ class BuildOptions:
 def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | None = None,
           overwrite: bool = False, **options) -> Path:
     model_dir = Path(model_dir)
-    man = manifest_io.read(model_dir, verify=True)
+    man = manifest_io.read(model_dir, verify=False)         # sizes now, checksums beside the build:
+    verified = manifest_io.Verification(model_dir, man)     # nothing lands before they pass (_write)
     prec = man["precision"]
     if precision is not None and precision != prec["name"]:
         raise GlmrtError(f"{model_dir} holds a {prec['name']} model; export it with --precision "
@@ -51,16 +52,23 @@ def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | 
         raise GlmrtError(f"--no-tune applies to --backend cuda (glmrt's engine), not to --backend {backend}")
     builder = importlib.import_module(f"glmrt.engines.{b.builder}")
     out, make = builder.plan(model_dir, man, BuildOptions(**options))
-    return _write(model_dir, man, out, make, overwrite)
+    return _write(model_dir, man, out, make, overwrite, verified)
 
 
-def _write(model_dir: Path, man: dict, out: Path, make, overwrite: bool) -> Path:
+def _write(model_dir: Path, man: dict, out: Path, make, overwrite: bool, verified=None) -> Path:
     if out.exists() and not overwrite:
         raise GlmrtError(f"{out}: already built (pass --overwrite to rebuild)")
     manifest_io.check_output(out, overwrite=overwrite, what="glmrt build",
                              owned=manifest_io.owned_by_manifest(ENGINE_KINDS))
     with manifest_io.staged(out) as tmp:
-        entry = make(tmp)
+        try:
+            entry = make(tmp)
+        except Exception:
+            if verified is not None:            # a corrupted file explains a failure best
+                verified.wait()
+            raise
+        if verified is not None:
+            verified.wait()                     # the model's checksums, before the engine lands
         files = {n: manifest_io.file_entry(tmp / n) for n in sorted(os.listdir(tmp))}
         manifest_io.write(tmp, {
             "format": manifest_io.MANIFEST_FORMAT, **entry, "precision": man["precision"]["name"],

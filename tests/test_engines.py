@@ -156,6 +156,22 @@ def test_onnxruntime_build_writes_an_optimized_graph_that_runs(exported, tmp_pat
         [5, 6, 7], max_new_tokens=6)
 
 
+def test_a_build_from_corrupted_weights_fails_and_writes_nothing(exported, tmp_path):
+    """The checksums are verified beside the build (in a thread, while it works on the files):
+    a weights file changed in place, same size, fails the build with the checksum's line, and
+    no engine folder (nor a staged one) is left."""
+    model = tmp_path / "m"
+    shutil.copytree(exported("quant", "int4"), model)
+    data = model / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="model.onnx.data: checksum does not match"):
+        build(model, backend="onnxruntime", device="cpu")
+    left = list((model / "engines").rglob("*")) if (model / "engines").exists() else []
+    assert not [f for f in left if f.is_file() or "partial" in f.name], left
+
+
 @needs_trt
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
