@@ -834,13 +834,16 @@ def part_model(args):
                 ref, cache = reference.forward(cfg, w, [token], cache, dtype=dtype)
                 errs.append(rel(eng.step(np.array([[token]]), c)[0, -1], ref[-1]))
         figures["rel_err_vs_float64"] = errs
-        checks.append(verdict(f"engine logits vs the {dtype} reference on the engine's own weights (prefill + 4 steps)",
-                              max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.1e})"))
         if args.reference_vs_ort:           # ONNX Runtime's own distance to the same reference
             with ort.generation() as c:
                 e = rel(ort.step(np.array([prompt]), c, keep=4)[0], reference.forward(cfg, w, prompt, dtype=dtype)[0][-4:])
             figures["ort_rel_err_vs_reference"] = e
             say(f"       ONNX Runtime's {precision} form vs the same reference (prefill): rel err {e:.2e}")
+            # the bar: no further from the reference than ONNX Runtime's form, within 10% (5e-3 was
+            # its distance at GLM-Z1-9B's shapes, rounded: 4.97e-3 on the H200, session 13)
+            tol_ref = max(tol_ref, 1.1 * e)
+        checks.append(verdict(f"engine logits vs the {dtype} reference on the engine's own weights (prefill + 4 steps)",
+                              max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.1e})"))
     figures["seconds"] = time.perf_counter() - t0
     save(f"model-{args.tag or model.name}", figures)
     say(f"model {model.name}: {sum(c['ok'] for c in checks)} of {len(checks)} checks passed "

@@ -47,9 +47,10 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # hsum (int4, fp16 x): 32-bit words whose products are summed in half2 before fp32. 4 (a unit's 32
 # products, 16 per half) made GLM-Z1-9B int4's step 2.48 ms against 2.58 (H200, session 7) but
 # moved 4 GLM-Z1-9B layers' logits 7.2e-3 from the float reference (1: 4.4e-3; ONNX Runtime's
-# form: 5.0e-3): 1 stays the default, 2 and 4 are tuning options
-# (session 10, after the loop lost its constant MOVs and stage copies: hsum 2 2415 us against 2529,
-# unroll 2 with min_blocks 3 2471, 16 warps with min_blocks 1 2546; defaults kept, bench/RESULTS.md)
+# form: 5.0e-3). 2 (8 products a half) is the default since session 13: H200, steps as bursts of
+# 8, GLM-Z1-9B 2437 -> 2335 us (-4.2%; -4.3% in another call), GLM-4-32B -3.0%; 4 GLM-Z1-9B
+# layers' logits 5.02e-3 from the float32 reference against 4.98e-3 with 1 and ONNX Runtime's
+# form's 4.97e-3; the 42 int4 kernel checks pass at both models' shapes (bench/RESULTS.md)
 # mma (int4 with fp16 x): the tensor-core GEMV (kernels/gemv.cu gemv_mma; 16 rows a warp, ksplit
 # warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
 # stages (the NK formats: int4, fp8, fp16, bf16 (V, H)): 0 the weights wait in two register stages,
@@ -61,7 +62,7 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # +4..+7%), its second step loaded before it waits (+0.9..+2.5% for all roles; at best -0.7%, one
 # role), 4 rows a warp with unroll 2 (+6..+18%)
 # glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
-GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 1, "mma": False, "ksplit": 1,
+GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 2, "mma": False, "ksplit": 1,
         "stages": 0}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
