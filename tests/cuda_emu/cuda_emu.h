@@ -12,8 +12,14 @@
 // (shuffle, mma, movmatrix) must be met by all 32 lanes at the same call (source line): a warp
 // whose lanes meet at different ones, or with lanes gone, is reported as divergent.
 //
+// What the previous kernel writes can be staged to land only at a block's first grid_wait (the
+// spans emu_in_flight names: NaN bytes before it); they must be inputs the kernel only reads
+// (each block starts from NaN there again, and they are restored after each block).
+//
 // Not emulated: the memory model between blocks beyond sequential order, timing, occupancy,
-// register and shared-memory limits (the NVRTC compile and the GPU stage check those).
+// register and shared-memory limits (the NVRTC compile and the GPU stage check those); a
+// grid_wait reached by some threads only (the first thread's lands the spans for the whole
+// block, as a barrier would not on the device).
 #pragma once
 #define GLMRT_EMULATE 1
 
@@ -355,11 +361,12 @@ template <int N> void cp_async_wait() {
 // then shows.
 namespace emu {
 struct InFlight { void* dst; std::vector<char> bytes; };
-inline std::vector<InFlight> in_flight;
+inline std::vector<InFlight> in_flight;     // named for the next launch (emu_in_flight)
+inline std::vector<InFlight> staged;        // the running launch's
 inline bool landed = true;
 inline void land() {
   if (landed) return;
-  for (const InFlight& f : in_flight) std::memcpy(f.dst, f.bytes.data(), f.bytes.size());
+  for (const InFlight& f : staged) std::memcpy(f.dst, f.bytes.data(), f.bytes.size());
   landed = true;
 }
 }  // namespace emu
@@ -379,6 +386,8 @@ extern "C" void emu_set_async_early(int on) { emu::async_early = on != 0; }
 
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
                           unsigned smem, const void* args, unsigned seed) {
+  emu::staged = std::move(emu::in_flight);         // this launch's, whatever happens to it
+  emu::in_flight.clear();
   void (*run)(const void*) = nullptr;
   for (const EmuKernel& k : emu_kernels())
     if (std::strcmp(k.name, name) == 0) run = k.run;
@@ -402,13 +411,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   for (unsigned b : order) {
     emu::block_idx.x = b % gx; emu::block_idx.y = (b / gx) % gy; emu::block_idx.z = b / (gx * gy);
     std::memset(shared.data(), 0xff, shared.size());
-    for (const emu::InFlight& f : emu::in_flight) std::memset(f.dst, 0xff, f.bytes.size());
-    emu::landed = emu::in_flight.empty();
+    for (const emu::InFlight& f : emu::staged) std::memset(f.dst, 0xff, f.bytes.size());
+    emu::landed = emu::staged.empty();
     const bool ok = emu::run_block((int)threads);
-    emu::landed = false;
-    emu::land();                                       // written, whatever the block did
-    if (!ok || emu::fault) { emu::in_flight.clear(); return !ok ? (emu::divergent ? 3 : 2) : 4; }
+    emu::land();                                       // a block that never waited: written now
+    if (!ok || emu::fault) return !ok ? (emu::divergent ? 3 : 2) : 4;
   }
-  emu::in_flight.clear();
+  emu::staged.clear();
   return 0;
 }

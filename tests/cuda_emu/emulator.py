@@ -95,6 +95,8 @@ class EmulatedDevice(Device):
 
     def launch(self, kernel, grid: tuple, threads: int, smem: int, args: ctypes.Structure, pdl: bool = False) -> None:
         if self.recording is not None:
+            if self._in_flight:
+                raise RuntimeError("in_flight spans apply to the next direct launch, not to a captured one")
             copy = type(args).from_buffer_copy(args)            # a graph keeps the arguments it captured
             self.recording.append((kernel, grid, threads, smem, copy))
             return
