@@ -156,17 +156,23 @@ def test_onnxruntime_build_writes_an_optimized_graph_that_runs(exported, tmp_pat
         [5, 6, 7], max_new_tokens=6)
 
 
-def test_a_build_from_corrupted_weights_fails_and_writes_nothing(exported, tmp_path):
-    """The checksums are verified beside the build (in a thread, while it works on the files):
-    a weights file changed in place, same size, fails the build with the checksum's line, and
-    no engine folder (nor a staged one) is left."""
+@pytest.mark.parametrize("name,beside", [("model.onnx", False), ("model.onnx.data", True)])
+def test_a_build_from_a_corrupted_file_fails_and_writes_nothing(exported, tmp_path, monkeypatch, name, beside):
+    """A file changed in place (same size) fails the build with the checksum's line and leaves
+    no engine folder (nor a staged one): the graph hashed before the builder parses it, the
+    weights in a thread beside the build (here the threshold is lowered so this small export's
+    weights file counts as large)."""
+    from glmrt.engines import build as build_mod
     model = tmp_path / "m"
     shutil.copytree(exported("quant", "int4"), model)
-    data = model / "model.onnx.data"
+    data = model / name
+    monkeypatch.setattr(build_mod, "BESIDE", data.stat().st_size if beside else 1 << 40)
+    small, weights = build_mod.split_files(json.loads((model / "manifest.json").read_text()))
+    assert (name in weights) == beside and (name in small) != beside
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match="model.onnx.data: checksum does not match"):
+    with pytest.raises(ArtifactError, match=f"{name}: checksum does not match"):
         build(model, backend="onnxruntime", device="cpu")
     left = list((model / "engines").rglob("*")) if (model / "engines").exists() else []
     assert not [f for f in left if f.is_file() or "partial" in f.name], left
