@@ -840,8 +840,10 @@ def part_model(args):
             figures["ort_rel_err_vs_reference"] = e
             say(f"       ONNX Runtime's {precision} form vs the same reference (prefill): rel err {e:.2e}")
             # the bar: no further from the reference than ONNX Runtime's form, within 10% (5e-3 was
-            # its distance at GLM-Z1-9B's shapes, rounded: 4.97e-3 on the H200, session 13)
-            tol_ref = max(tol_ref, 1.1 * e)
+            # its distance at GLM-Z1-9B's shapes, rounded: 4.97e-3 on the H200, session 13, where
+            # hsum 2 measured 5.02e-3 and failed the fixed bar), never above 1e-2; its distance is
+            # the prefill's, the engine's the prefill's and 4 steps'
+            tol_ref = max(tol_ref, min(1.1 * e, 1e-2))
         checks.append(verdict(f"engine logits vs the {dtype} reference on the engine's own weights (prefill + 4 steps)",
                               max(errs) < tol_ref, f"max rel err {max(errs):.2e} (tol {tol_ref:.1e})"))
     figures["seconds"] = time.perf_counter() - t0

@@ -47,10 +47,11 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # hsum (int4, fp16 x): 32-bit words whose products are summed in half2 before fp32. 4 (a unit's 32
 # products, 16 per half) made GLM-Z1-9B int4's step 2.48 ms against 2.58 (H200, session 7) but
 # moved 4 GLM-Z1-9B layers' logits 7.2e-3 from the float reference (1: 4.4e-3; ONNX Runtime's
-# form: 5.0e-3). 2 (8 products a half) is the default since session 13: H200, steps as bursts of
-# 8, GLM-Z1-9B 2437 -> 2335 us (-4.2%; -4.3% in another call), GLM-4-32B -3.0%; 4 GLM-Z1-9B
-# layers' logits 5.02e-3 from the float32 reference against 4.98e-3 with 1 and ONNX Runtime's
-# form's 4.97e-3; the 42 int4 kernel checks pass at both models' shapes (bench/RESULTS.md)
+# form: 5.0e-3; all session 7). 2 (8 products a half) is the default since session 13: H200, steps
+# as bursts of 8, GLM-Z1-9B 2437 -> 2335 us (-4.2%; -4.3% in another call), GLM-4-32B -3.0%;
+# `glmrt bench` 411.7 -> 431.1 tok/s and 154.1 -> 158.9; 4 GLM-Z1-9B layers' logits 5.02e-3 from
+# the float32 reference against 4.98e-3 with 1 and ONNX Runtime's form's 4.97e-3 (session 13);
+# the layer GEMVs' int4 checks pass at both models' shapes (bench/RESULTS.md)
 # mma (int4 with fp16 x): the tensor-core GEMV (kernels/gemv.cu gemv_mma; 16 rows a warp, ksplit
 # warps sharing them) instead of the CUDA-core one; it costs the same for 1 to 8 rows of x
 # stages (the NK formats: int4, fp8, fp16, bf16 (V, H)): 0 the weights wait in two register stages,
@@ -175,7 +176,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
             kfmt = "f16_kn_mma"
         return Gemv(bucket_name(name, rows), kfmt, k, n, pro, epi, block=f.block, m=rows, warps=c["warps"],
                     rpw=c["rpw"], unroll=c["unroll"],
-                    min_blocks=c["min_blocks"], hsum=c.get("hsum", 1) if kfmt == "int4" else 1,
+                    min_blocks=c["min_blocks"], hsum=c["hsum"] if kfmt == "int4" else 1,
                     ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1,
                     stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0)
 
