@@ -155,10 +155,10 @@ LM_HEAD = {"fp16": "f16", "bf16": "bf16"}                                  # and
 
 def config_over(o: dict, what: str, base: dict | None = None) -> dict:
     """A configuration (base: DEFAULT_CONFIG) with a candidate's knobs over it: "gemv" for the four layer GEMVs, a role's own
-    key ("qkv", ..., "lm_head", "lm_head_kn") over that, "attention" for the attention's."""
+    key ("qkv", ..., "lm_head", "lm_head_kn", "lm_head_i8") over that, "attention" for the attention's."""
     from glmrt.backends.cuda_engine.step import DEFAULT_CONFIG, GEMV
     base = base or DEFAULT_CONFIG
-    roles = ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn")
+    roles = ("qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn", "lm_head_i8")
     known = {"gemv": set(GEMV), "attention": set(DEFAULT_CONFIG["attention"]), **{r: set(GEMV) for r in roles}}
     bad = [f"{k}.{x}" for k, v in o.items() for x in (v if k in known else [k]) if x not in known.get(k, ())]
     if bad:

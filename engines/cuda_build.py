@@ -222,9 +222,15 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
             d = {"format": "fp8", "w": tensor(prefix + ".qweight", (n, k)), "scales": tensor(prefix + ".scales", (n,))}
         elif prefix + ".qweight" in inits:
             if prefix + ".zero_points" in inits:
-                raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric int4")
+                raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric MatMulNBits")
             kb = -(-k // block)
-            d = {"format": "int4", "w": tensor(prefix + ".qweight", (n, kb, block // 2)),
+            bits = 8 if tuple(inits[prefix + ".qweight"].dims)[-1:] == (block,) else 4    # bytes per block: block or block / 2
+            if bits == 8 and prefix != "lm_head":
+                raise GlmrtError(f"{model_dir}: {prefix} is 8-bit; the engine reads 8 bits for the lm_head only")
+            if bits == 8 and k % block:
+                raise GlmrtError(f"{model_dir}: {prefix} has {k} inputs; an 8-bit lm_head needs whole blocks of {block}")
+            d = {"format": "int8" if bits == 8 else "int4",
+                 "w": tensor(prefix + ".qweight", (n, kb, block if bits == 8 else block // 2)),
                  "scales": tensor(prefix + ".scales", (n, kb))}
         else:
             w = prefix + ".weight"

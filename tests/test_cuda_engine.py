@@ -51,7 +51,8 @@ SMALL = Shapes(128, 384, 4, 2, 32, 16, 1024)           # the "quant" test checkp
 FORMATS = {"int4-b32": Formats("int4", 32, "f16_kn"), "int4-b128-lmhead": Formats("int4", 128, "int4"),
            "fp16": Formats("f16", 32, "f16"), "fp8": Formats("fp8", 32, "f16_kn"),
            "bf16": Formats("bf16", 32, "bf16"), "fp8-lmhead": Formats("fp8", 32, "fp8"),
-           "int4-a8-b32": Formats("int4", 32, "f16_kn", "int8"), "int4-a8-b128-lmhead": Formats("int4", 128, "int4", "int8")}
+           "int4-a8-b32": Formats("int4", 32, "f16_kn", "int8"), "int4-a8-b128-lmhead": Formats("int4", 128, "int4", "int8"),
+           "int4-b32-lmhead8": Formats("int4", 32, "int8")}
 
 
 def rel(a, b):
@@ -75,6 +76,9 @@ def compiled_for_every_arch():
     for tag, f in (("f16", FORMATS["fp16"]), ("b128", FORMATS["int4-b128-lmhead"]),
                    ("a8", FORMATS["int4-a8-b128-lmhead"]), ("fp8", FORMATS["fp8"]), ("bf16", FORMATS["bf16"])):
         ks += [Gemv(**{**vars(k), "name": f"{k.name}_{tag}"}) for k in decode_kernels(Z1_9B, f) if isinstance(k, Gemv)]
+    # the int8 lm_head (export --lm-head int8) at M = 1 and in an 8-row batched step
+    ks += [Gemv(**{**vars(k), "name": f"{k.name}_{tag}"}) for tag, rows in (("i8", 1), ("i8_rows", 8))
+           for k in decode_kernels(Z1_9B, FORMATS["int4-b32-lmhead8"], DEFAULT_CONFIG, rows) if k.name.startswith("lm_head")]
     # the tensor-core GEMVs at M = 1 (int4 lm_head too), and an engine for 8 slots' batched kernels
     ks += [Gemv(**{**vars(k), "name": f"{k.name}_mma"}) for k in decode_kernels(Z1_9B, FORMATS["int4-b128-lmhead"], MMA)
            if isinstance(k, Gemv)]
@@ -472,6 +476,21 @@ MUTATIONS = {
                               "while (advance(cur, nxt) && advance(cur, nxt)) {}", "down"),
     "int4 1/16 in constant memory": ("gemv.cu", "0x00F000F0u, 0x2C002C00u};", "0x00F000F0u, 0x3C003C00u};", "o_proj"),
 }
+# the int8 lm_head (W_INT8): its zero point, the byte pairs' order
+INT8_MUTATIONS = {
+    "int8 zero point": ("const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64806480u);",
+                        "const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64006400u);"),
+    "int8 byte pairs": ("__byte_perm(words[j], 0x64646464u, 0x4342)", "__byte_perm(words[j], 0x64646464u, 0x4243)"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", INT8_MUTATIONS)
+def test_the_check_catches_a_broken_int8_lm_head(monkeypatch, mutation):
+    break_kernels(monkeypatch, *INT8_MUTATIONS[mutation], mutation)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32-lmhead8"], max_seq=300,
+                                  chunk=32, splits=3, only=["lm_head"])
+    assert not report[0]["ok"], selfcheck.format_result(report[0])
 
 
 # fp8 e4m3 rows (dot_fp8): the bit moves that decode two bytes into a half2, the staged x's swizzle,
@@ -745,14 +764,18 @@ PROMPT = [5, 17, 250, 3, 99, 42, 7]
 @pytest.mark.parametrize("precision,options,tol", [("int4", {}, 3e-3), ("int4", {"activations": "int8"}, 2.5e-2),
                                                   ("fp16", {"float_layout": "nk"}, 3e-3), ("fp8", {}, 3e-3),
                                                   ("fp8", {"quantize_lm_head": True}, 3e-3),
+                                                  ("int4", {"lm_head": "int8"}, 3e-3),
                                                   ("bf16", {"float_layout": "nk"}, 3e-3)])
 def test_the_engine_follows_the_float64_reference_on_its_own_weights(engine_model, precision, options, tol):
     """Prefill token by token in the engine, then decode steps: logits against the float64
     reference run on the very weights the engine reads (int4 dequantized); fp16 activations
     between the kernels are the only rounding; with --activations int8 (int4 with int8 x per 32
     values) the GEMVs' inputs are quantized too: a looser bar (1.8e-2 measured here). fp8: the
-    e4m3 rows times their scales, as the reference reads them; bf16: the checkpoint's values."""
+    e4m3 rows times their scales, as the reference reads them; bf16: the checkpoint's values;
+    an 8-bit lm_head (export --lm-head int8): its bytes minus 128 times their scales."""
     model = engine_model(precision, **options)
+    if options.get("lm_head") == "int8":
+        assert read_engine(model / "engines" / "nvidia-h200-sm90" / "int4")["formats"]["lm_head"] == "int8"
     dec = emulated_decoder(model, prefill="engine")
     em = read_engine(dec.engine_path)
     w = selfcheck.dequantized_weights(model, em, dec.cfg)
@@ -1083,6 +1106,14 @@ def test_the_bucket_checks_pass_and_catch_slot_bugs(monkeypatch, formats, mutati
     report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], 4)
     assert [r["kernel"] for r in report] == ["bucket 2", "bucket 4"]
     assert all(r["ok"] for r in report) == (mutation is None), [selfcheck.format_result(r) for r in report]
+
+
+@needs_cxx
+def test_the_bucket_checks_pass_with_an_int8_lm_head():
+    """The 8-bit lm_head's batched instances (2 and 4 rows of x on the CUDA cores) in each bucket."""
+    report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32-lmhead8"], 4)
+    assert [r["kernel"] for r in report] == ["bucket 2", "bucket 4"]
+    assert all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
 
 
 @needs_nvrtc

@@ -23,7 +23,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_launches, attention_split, 
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "bf16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0,
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "bf16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0,
        # the tensor-core attention (attention_mma): Q and P in fp16 as the mma takes them, each split's
        # output in fp16 for the merge; measured up to 7.9e-4 in the emulation (18 runs: 3 shapes x 6
        # seeds), up to 5.3e-4 on an H200 at GLM-Z1-9B and GLM-4-32B shapes (12 runs)
@@ -51,6 +51,21 @@ def dequant_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     n, kb, half = packed.shape
     out = _NIBBLES[np.asarray(packed, np.uint8)].reshape(n, kb, 2 * half)
     out *= scales.astype(np.float64)[..., None]
+    return out.reshape(n, -1)[:, :k]
+
+
+def random_int8(rng, n: int, k: int, block: int):
+    """MatMulNBits 8-bit bytes (n, kb, block), a stored byte q + 128, and fp16 scales (n, kb)."""
+    kb = -(-k // block)
+    codes = rng.integers(0, 256, (n, kb, block), dtype=np.uint8)
+    scales = (0.0003 + 0.0015 * rng.random((n, kb), dtype=np.float32)).astype(np.float16)
+    return codes, scales
+
+
+def dequant_int8(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) float64: (byte - 128) * scale."""
+    n, kb, block = codes.shape
+    out = (codes.astype(np.float64) - 128.0) * scales.astype(np.float64)[..., None]
     return out.reshape(n, -1)[:, :k]
 
 
@@ -172,6 +187,10 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
             w = raw(m["w"])
             return np.concatenate([dequant_fp8(w[r:r + 4096], raw(m["scales"])[r:r + 4096]).astype(dtype)
                                    for r in range(0, w.shape[0], 4096)])
+        if m["format"] == "int8":
+            w = raw(m["w"])
+            return np.concatenate([dequant_int8(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
+                                   for r in range(0, w.shape[0], 4096)])
         w = raw(m["w"]).astype(dtype)
         return w if m["format"] in ("f16", "bf16") else w.T          # f16_kn: stored as W^T
 
@@ -275,6 +294,10 @@ class _Ctx:
             packed, scales = random_int4(self.rng, n, k, self.f.block)
             return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
                     packed.nbytes + scales.nbytes)
+        if fmt == "int8":
+            codes, scales = random_int8(self.rng, n, k, self.f.block)
+            return ({"w": self.put(codes), "scales": self.put(scales)}, dequant_int8(codes, scales, k),
+                    codes.nbytes + scales.nbytes)
         if fmt == "bf16":
             bits = random_half_bits(self.rng, (n, k), bf16=True)
             return {"w": self.put(bits), "scales": 0}, bf16_values(bits), bits.nbytes
@@ -295,6 +318,9 @@ class _Ctx:
             return {"w": self.zeros(w), "scales": self.zeros(sc)}, w + sc
         if fmt == "fp8":
             return {"w": self.zeros(n * k), "scales": self.zeros(n * 2)}, n * k + n * 2
+        if fmt == "int8":
+            kb = -(-k // self.f.block)
+            return {"w": self.zeros(n * kb * self.f.block), "scales": self.zeros(n * kb * 2)}, n * kb * (self.f.block + 2)
         return {"w": self.zeros(n * k * 2), "scales": 0}, n * k * 2
 
     def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
@@ -465,6 +491,12 @@ def check_lm_head(c: _Ctx) -> dict:
         scales[first] = scales[second] = np.float16(0.05)
         wf = {"w": c.put(packed), "scales": c.put(scales)}
         wd = _Rows(lambda r: dequant_int4(packed[r], scales[r], H), V)
+    elif fmt == "int8":                              # an int8 lm_head (export --lm-head int8)
+        codes, scales = random_int8(c.rng, V, H, c.f.block)
+        codes[first] = codes[second] = np.where(h > 0, 228, 28).astype(np.uint8).reshape(-1, c.f.block)   # +-100
+        scales[first] = scales[second] = np.float16(0.005)
+        wf = {"w": c.put(codes), "scales": c.put(scales)}
+        wd = _Rows(lambda r: dequant_int8(codes[r], scales[r], H), V)
     elif fmt == "fp8":                               # an fp8 lm_head (export --quantize-lm-head)
         codes, scales = random_fp8(c.rng, V, H)
         codes[first] = codes[second] = np.where(h > 0, 0x38, 0xB8).astype(np.uint8)     # e4m3 +-1.0
@@ -851,6 +883,9 @@ class StepBench:
                         "bias": None}
             if fmt == "fp8":
                 return {"w": alloc(name, n * k), "scales": alloc(name + ".s", n * 2), "bias": None}
+            if fmt == "int8":
+                kb = -(-k // formats.block)
+                return {"w": alloc(name, n * kb * formats.block), "scales": alloc(name + ".s", n * kb * 2), "bias": None}
             return {"w": alloc(name, n * k * 2), "scales": None, "bias": None}
         lin = formats.linear
         self.wmap = {"embed": alloc("embed", s.vocab * s.hidden * 2), "norm": alloc("norm", s.hidden * 2),

@@ -19,10 +19,11 @@ KERNEL_FILES = ("common.cuh", "gemv.cu", "attention.cu")
 # int4_mma: int4's bytes and fp16 x on the tensor cores (gemv_mma)
 # fp8: e4m3 weights (n, k) with one fp16 scale per row (the export's fp8-rows form); bf16: (n, k)
 FORMATS = {"int4": "W_INT4", "f16": "W_F16", "f16_kn": "W_F16_KN", "int4_a8": "W_INT4_A8", "int4_mma": "W_INT4_MMA",
-           "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8", "bf16": "W_BF16"}
+           "f16_kn_mma": "W_F16_KN_MMA", "fp8": "W_FP8", "bf16": "W_BF16", "int8": "W_INT8"}
 KN_MMA_TILE = 32               # columns per tile of the W^T GEMV on the tensor cores
 INT4_FORMATS = ("int4", "int4_a8", "int4_mma")
-NK_FORMATS = ("int4", "int4_a8", "f16", "fp8", "bf16")   # gemv_nk's: (n, k) rows, 16-byte units per lane
+NBITS_FORMATS = INT4_FORMATS + ("int8",)     # MatMulNBits: rows in blocks along K, a scale each
+NK_FORMATS = ("int4", "int4_a8", "f16", "fp8", "bf16", "int8")   # gemv_nk's: (n, k) rows, 16-byte units per lane
 MMA_ROWS = 16                  # output rows of one warp's mma (m16n8k16)
 PROLOGUES = {"f16": "PRO_F16", "f32": "PRO_F32", "add_norm": "PRO_ADD_NORM", "embed_norm": "PRO_EMBED_NORM",
              "embed_norm_bf16": "PRO_EMBED_NORM_BF16"}
@@ -113,14 +114,14 @@ class Gemv:
     @property
     def kp(self) -> int:
         """K as stored: int4 rows are padded to whole blocks."""
-        return -(-self.k // self.block) * self.block if self.fmt in INT4_FORMATS else self.k
+        return -(-self.k // self.block) * self.block if self.fmt in NBITS_FORMATS else self.k
 
     @property
     def smem(self) -> int:
         """Dynamic shared memory per block: x staged as fp16 (and the f16_kn partial sums), then
         with `stages` the warps' rings (kernels/gemv.cu RingSlot: a lane's 16-byte unit per unit
         and row, and the 4-byte word of its scale where the format has scales)."""
-        per = 20 if self.fmt in ("int4", "int4_a8", "fp8") else 16
+        per = 20 if self.fmt in ("int4", "int4_a8", "fp8", "int8") else 16
         ring = self.warps * self.stages * self.unroll * self.rpw * 32 * per
         if self.fmt == "int4":
             return self.m * (self.kp // 32) * 80 + ring
@@ -128,7 +129,7 @@ class Gemv:
             return self.m * (self.kp // 32) * 64
         if self.fmt == "int4_a8":
             return self.m * (self.kp // 32) * 48 + ring
-        if self.fmt in ("f16", "fp8", "bf16"):
+        if self.fmt in ("f16", "fp8", "bf16", "int8"):
             return self.m * self.k * 2 + ring
         if self.fmt == "f16_kn_mma":
             return self.m * self.k * 2

@@ -68,6 +68,9 @@ GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, 
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
+    # the 8-bit MatMulNBits lm_head (export --lm-head int8): unroll 2, where 4 spills (NVRTC 13.5,
+    # sm_90: 8 bytes at one row of x, 340 at eight; 80 to 118 registers with 2, none spilled)
+    "lm_head_i8": {**GEMV, "unroll": 2},
     # heads_per_block query heads of a KV head's group per block, tile positions a step;
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
     # split takes (short contexts use len / chunk splits, long ones all of them); mma: the
@@ -93,7 +96,7 @@ DEFAULT_CONFIG = {
              # the fp16 W^T lm_head stays on the CUDA cores: on the tensor cores ("mma": true,
              # movmatrix) it is correct on the H200 but no faster in the step (8 rows: 4.00 against
              # 3.98 ms; 2 rows: 3.08 against 2.94)
-             "lm_head_kn": {}},
+             "lm_head_kn": {}, "lm_head_i8": {}},
     # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 4 / 8 rows:
     # 3.10 / 3.97 ms; without these 3.64 / 4.03; at 2 rows they cost 2.92 against 2.87): down's wide
     # x staged for 4 rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight
@@ -109,11 +112,14 @@ ATTENTION = DEFAULT_CONFIG["attention"]
 def role(spec) -> str:
     """The launch-parameter entry a kernel instance takes."""
     name = spec.name.rsplit("_b", 1)[0] if spec.m > 1 else spec.name      # a batched step's instance
+    if spec.fmt == "int8":
+        return "lm_head_i8"
     return "lm_head_kn" if spec.fmt in ("f16_kn", "f16_kn_mma") else {"qkv_first": "qkv"}.get(name, name)
 
 
 def knobs(config: dict, key: str, rows: int = 1) -> dict:
-    """The launch knobs of a GEMV role ("lm_head_kn" for the W^T lm_head) at `rows` rows of x:
+    """The launch knobs of a GEMV role ("lm_head_kn" for the W^T lm_head, "lm_head_i8" for the
+    8-bit one) at `rows` rows of x:
     step.GEMV, the role's own, then for batched steps "rows" and "rows_by_bucket"."""
     c = {**GEMV, **config.get(key, {})}
     if rows > 1:
@@ -137,7 +143,7 @@ ACTIVATIONS = {"fp16": "f16", "int8": "int8"}
 class Formats:
     linear: str        # the layers' matrices: "int4", "f16", "fp8" (e4m3, a scale per row) or "bf16"
     block: int         # int4 block size along K
-    lm_head: str       # "int4", "f16" (V, H), "f16_kn" (H, V), "bf16" (V, H) or "fp8" (V, H)
+    lm_head: str       # "int4", "int8" (MatMulNBits 8 bits), "f16" (V, H), "f16_kn" (H, V), "bf16" (V, H) or "fp8" (V, H)
     act: str = "f16"   # what int4 weights multiply: "f16" x, or "int8" x per 32 values (W4A8)
 
     @property
@@ -168,7 +174,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        c = knobs(config, "lm_head_kn" if fmt == "f16_kn" else role, rows)
+        c = knobs(config, {"f16_kn": "lm_head_kn", "int8": "lm_head_i8"}.get(fmt, role), rows)
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"

@@ -24,6 +24,9 @@
 //             half2 with x, the row's scale (times 2^8, see dot_fp8) applied in fp32.
 //   W_BF16    bf16 (N, K), the checkpoint's own values unchanged (export --precision bf16
 //             --target cuda --float-layout nk); products in fp32 (dot_half).
+//   W_INT8    ONNX Runtime's MatMulNBits, 8 bits, symmetric (an int4 export's lm_head, export
+//             --lm-head int8): bytes (N, K/BLOCK, BLOCK), value (b - 128) * scale; scales
+//             (N, K/BLOCK) fp16; 16 values per 16-byte unit (dot_int8).
 //
 // Work split (NK formats): a tile is ROWS = WARPS * RPW output rows; each warp owns RPW rows and
 // each lane reads 16-byte units of them (32 int4 or 8 fp16 values), lane l taking units l,
@@ -40,6 +43,7 @@
 //           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
 //           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
 //   W_F16, W_BF16   8 values in order (16 bytes per unit).
+//   W_INT8  16 values in order (32 bytes per unit).
 //   W_FP8   16 values in order (32 bytes per unit), the unit's two 16-byte words swapped in
 //           every other group of 4 units (fp8_swizzle): lanes 4 units apart would otherwise
 //           meet on the same banks in a phase of 16-byte loads.
@@ -77,8 +81,10 @@
 #define W_F16_KN_MMA 5
 #define W_FP8 6
 #define W_BF16 7
+#define W_INT8 8
 #define INT4_FMT(F) ((F) == W_INT4 || (F) == W_INT4_A8 || (F) == W_INT4_MMA)   // the MatMulNBits bytes and scales
-#define SCALED(F) (INT4_FMT(F) || (F) == W_FP8)                                 // weights carry scales
+#define NBITS_FMT(F) (INT4_FMT(F) || (F) == W_INT8)                             // blocks along K, a scale each
+#define SCALED(F) (NBITS_FMT(F) || (F) == W_FP8)                                // weights carry scales
 #define PAIRED_X(F) ((F) == W_INT4 || (F) == W_INT4_MMA)   // x staged in the nibbles' pair order
 
 #define PRO_F16 0
@@ -135,6 +141,9 @@ template <> struct XLayout<W_F16> {
 };
 template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
 template <> struct XLayout<W_BF16> : XLayout<W_F16> {};
+template <> struct XLayout<W_INT8> {
+  static constexpr int VALS = 16, XU = 2;   // in order: words 2u, 2u + 1 of the row (x_word_at's k0 / 8)
+};
 template <> struct XLayout<W_INT4_A8> {
   static constexpr int VALS = 32, XU = 3;
 };
@@ -433,6 +442,32 @@ DEV float dot_int4_a8(uint4 w, const uint4* xu) {
   return fmaf(__uint_as_float(meta.x), (float)d, __uint_as_float(meta.y));
 }
 
+// int8 (W_INT8): a stored byte b is q + 128; two bytes permuted under 0x64 high bytes are the
+// fp16 1024 + b exactly, minus 1152 gives q exactly. Word j of the unit holds values 4j..4j+3:
+// (b0, b1) pair with x's half2 2j, (b2, b3) with 2j + 1. A word's products (2 per half) are
+// summed in half2, two words' then in fp32 (as dot_int4 with hsum 2: 4 products a half here,
+// each up to 16x an int4 one's, so no more of them).
+DEV float dot_int8(uint4 w, const uint4* xu) {
+  const uint4 xa = xu[0], xb = xu[1];
+  const unsigned words[4] = {w.x, w.y, w.z, w.w}, xh[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    h16x2 acc = 0u;
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int j = 2 * p + jj;
+      const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64806480u);
+      const h16x2 q23 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4342), 0x64806480u);
+      acc = hfma2(q01, xh[2 * j], acc);
+      acc = hfma2(q23, xh[2 * j + 1], acc);
+    }
+    const float2 f = h2x2f(acc);
+    sum += f.x + f.y;
+  }
+  return sum;
+}
+
 // fp8 e4m3: a byte's 7 low bits moved to bits 7..13 of an fp16 and its sign to bit 15 give
 // the same value times 2^-8 (e4m3's exponent bias 7, fp16's 15; e4m3's subnormals land on
 // fp16's subnormals exactly), so two bytes become a half2 in three integer operations and no
@@ -640,7 +675,7 @@ DEV void sum_parts(const float* part, float* red) {
   }
 }
 
-// ---- the GEMV on the NK formats (W_INT4, W_F16, W_FP8, W_BF16, W_INT4_A8) ------------------------
+// ---- the GEMV on the NK formats (W_INT4, W_F16, W_FP8, W_BF16, W_INT4_A8, W_INT8) ----------------
 // Where the weights wait between their load and their arithmetic (STAGES):
 //   0   two register stages: a step's loads are issued before the previous step's arithmetic, so a
 //       warp has one step (UNROLL * RPW units a lane) in flight while it computes.
@@ -665,15 +700,16 @@ template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, 
           int HSUM = 1, int STAGES = 0>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
-  constexpr int KP = INT4_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
-  constexpr int KB = INT4_FMT(FMT) ? KP / BLOCK : 1;          // scales per row (fp8: one)
+  constexpr int KP = NBITS_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
+  constexpr int KB = NBITS_FMT(FMT) ? KP / BLOCK : 1;         // scales per row (fp8: one)
   constexpr int U = KP / L::VALS;                             // units per row
   constexpr int ROWS = WARPS * RPW;
   constexpr int TILES = tiles<ROWS, N, EPI, C>();
   constexpr int STEPS = (U + 32 * UNROLL - 1) / (32 * UNROLL);  // per tile
   static_assert((FMT != W_F16 && FMT != W_BF16) || K % 8 == 0, "fp16 and bf16 rows are read in 8-value units");
   static_assert(FMT != W_FP8 || K % 16 == 0, "fp8 rows are read in 16-value units");
-  static_assert(!INT4_FMT(FMT) || BLOCK % 32 == 0, "int4 blocks of 32 values or more");
+  static_assert(!NBITS_FMT(FMT) || BLOCK % 32 == 0, "MatMulNBits blocks of 32 values or more");
+  static_assert(FMT != W_INT8 || K % BLOCK == 0, "int8 rows of whole blocks (no padding to stage)");
   static_assert(EPI != EPI_SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows in a tile");
   static_assert(STAGES == 0 || STAGES >= 2, "the shared-memory ring holds 2 stages or more");
   // the ring copies scales as 32-bit words (pairs): their count must be even, or the last word
@@ -724,6 +760,7 @@ DEV void gemv_nk(const GemvArgs& a) {
         for (int r = 0; r < RPW; ++r)
           acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(w[uu][r], xu)
                         : FMT == W_INT4_A8 ? dot_int4_a8(w[uu][r], xu)
+                        : FMT == W_INT8 ? dot_int8(w[uu][r], xu)
                         : FMT == W_FP8 ? dot_fp8(w[uu][r], xu, fp8_swizzle(u))
                         : dot_half<FMT == W_BF16>(w[uu][r], xu)) * s[uu][r];
       }
