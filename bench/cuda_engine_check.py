@@ -972,7 +972,7 @@ def main():
     ap.add_argument("--fill", choices=["zero", "random"], default="zero",
                     help="step, tune: the timed step's weights, zero-filled or random bytes (power and clocks as a real model's)")
     ap.add_argument("--check", action="store_true", help="tune: every kernel checked under the configuration chosen")
-    ap.add_argument("--lm-head", choices=["int4", "f16_kn", "f16", "fp8", "bf16"], default=None,
+    ap.add_argument("--lm-head", choices=["int4", "int8", "f16_kn", "f16", "fp8", "bf16"], default=None,
                     help="step: lm_head in this format (default: the layers' format's usual one)")
     ap.add_argument("--slots", type=int, default=0,
                     help="ncu-run, step: batched steps of this many slots (step: --configs over DEFAULT_CONFIG keys)")

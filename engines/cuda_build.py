@@ -1,5 +1,6 @@
 """`glmrt build --backend cuda`: glmrt's own decode engine for one GPU, from a `--target cuda`
-export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128), fp8 (e4m3
+export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128; its lm_head may be
+8-bit, --lm-head int8), fp8 (e4m3
 weight-only, a scale per output row: the cuda target's fp8-rows form), fp16 or bf16 (exported
 with --float-layout nk, matrices as the checkpoint stores them):
 
@@ -41,7 +42,8 @@ NOT_SHARED = {17: "float8e4m3fn", 16: "bfloat16"}
 # the most dynamic shared memory a block may have, per architecture (CUDA's opt-in limits)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
-REFUSE = "the cuda engine runs int4 (symmetric MatMulNBits), fp8, fp16 and bf16 exports of --target cuda"
+REFUSE = ("the cuda engine runs int4 (symmetric MatMulNBits; an 8-bit lm_head too), fp8, fp16 and bf16 exports of "
+          "--target cuda")
 
 
 def plan(model_dir: Path, man: dict, options):
@@ -224,7 +226,12 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
             if prefix + ".zero_points" in inits:
                 raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric MatMulNBits")
             kb = -(-k // block)
-            bits = 8 if tuple(inits[prefix + ".qweight"].dims)[-1:] == (block,) else 4    # bytes per block: block or block / 2
+            node = consumer.get(prefix + ".qweight")          # the MatMulNBits reading it: its bits and block
+            attrs = {x.name: x.i for x in node.attribute} if node is not None else {}
+            bits = attrs.get("bits", 4)
+            if bits not in (4, 8) or attrs.get("block_size", block) != block:
+                raise GlmrtError(f"{model_dir}: {prefix} is {bits}-bit in blocks of {attrs.get('block_size')}; the engine "
+                                 f"reads 4 bits (8 for the lm_head) in the layers' blocks of {block}")
             if bits == 8 and prefix != "lm_head":
                 raise GlmrtError(f"{model_dir}: {prefix} is 8-bit; the engine reads 8 bits for the lm_head only")
             if bits == 8 and k % block:

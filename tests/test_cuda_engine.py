@@ -52,7 +52,7 @@ FORMATS = {"int4-b32": Formats("int4", 32, "f16_kn"), "int4-b128-lmhead": Format
            "fp16": Formats("f16", 32, "f16"), "fp8": Formats("fp8", 32, "f16_kn"),
            "bf16": Formats("bf16", 32, "bf16"), "fp8-lmhead": Formats("fp8", 32, "fp8"),
            "int4-a8-b32": Formats("int4", 32, "f16_kn", "int8"), "int4-a8-b128-lmhead": Formats("int4", 128, "int4", "int8"),
-           "int4-b32-lmhead8": Formats("int4", 32, "int8")}
+           "int4-b32-lmhead8": Formats("int4", 32, "int8"), "int4-b128-lmhead8": Formats("int4", 128, "int8")}
 
 
 def rel(a, b):
@@ -478,9 +478,13 @@ MUTATIONS = {
 }
 # the int8 lm_head (W_INT8): its zero point, the byte pairs' order
 INT8_MUTATIONS = {
-    "int8 zero point": ("const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64806480u);",
-                        "const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64006400u);"),
+    "int8 zero point": ("const h16x2 q01 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4140), INT4_MAGIC[2], 0xD480D480u);",
+                        "const h16x2 q01 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4140), INT4_MAGIC[2], 0xD400D400u);"),
     "int8 byte pairs": ("__byte_perm(words[j], 0x64646464u, 0x4342)", "__byte_perm(words[j], 0x64646464u, 0x4243)"),
+    "int8 zero point off by one": ("const h16x2 q01 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4140), INT4_MAGIC[2], 0xD480D480u);",
+                                   "const h16x2 q01 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4140), INT4_MAGIC[2], 0xD47FD47Fu);"),
+    "int8 scale's 16": ("FMT == W_INT8 ? 16.f : 1.f", "FMT == W_INT8 ? 1.f : 1.f"),
+    "int8 x not swizzled": ("dot_int8(w[uu][r], xu, fp8_swizzle(u))", "dot_int8(w[uu][r], xu, 0)"),
 }
 
 

@@ -23,7 +23,7 @@ from .step import DEFAULT_CONFIG, Formats, attention_launches, attention_split, 
 
 # tolerances, relative to the largest reference value
 # (int4_a8: against the same int8 x, so the same bar as int4 with fp16 x)
-TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int8": 3e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "bf16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0,
+TOL = {"int4": 3e-3, "int4_a8": 3e-3, "int8": 1.5e-3, "int4_mma": 3e-3, "fp8": 3e-3, "f16": 2e-3, "bf16": 2e-3, "f16_kn": 2e-3, "f16_kn_mma": 2e-3, "attention": 1e-3, "smoke": 0.0,
        # the tensor-core attention (attention_mma): Q and P in fp16 as the mma takes them, each split's
        # output in fp16 for the merge; measured up to 7.9e-4 in the emulation (18 runs: 3 shapes x 6
        # seeds), up to 5.3e-4 on an H200 at GLM-Z1-9B and GLM-4-32B shapes (12 runs)
@@ -529,6 +529,10 @@ def check_lm_head(c: _Ctx) -> dict:
     logits = c.get(a.y, V, np.float32)
     ref = np.concatenate([wd[i:i + 8192].astype(np.float64) @ h for i in range(0, V, 8192)])
     err = rel(logits, ref)
+    if fmt == "int8":     # also on the other rows' own scale (bar 1.5e-3; up to 3.7e-4 in the emulation):
+        rest = np.ones(V, bool)    # a zero point off by one moves them 2.9e-3, the planted rows 3e-4
+        rest[[first, second]] = False
+        err = max(err, rel(logits[rest], ref[rest]))
     counter = int(c.get(a.counter, 1, np.uint32)[0])
     ok = tokens == [first, first] and int(np.argmax(logits)) == first and counter == 0
     kfmt = c.spec["lm_head"].fmt

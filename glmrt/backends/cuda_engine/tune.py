@@ -45,6 +45,8 @@ CANDIDATES = {
     # an lm_head on (n, k) rows (int4, fp8, bf16, fp16 nk): 9472 tiles for GLM's vocabulary; the
     # default W^T fp16 lm_head takes "lm_head_kn" instead, so this changes nothing there (skipped)
     "lm_head": ({"unroll": 2, "min_blocks": 3},),
+    # the 8-bit lm_head (80 registers at unroll 2: 3 blocks an SM fit); other exports skip it
+    "lm_head_i8": ({"min_blocks": 3},),
 }
 MARGIN = 0.005          # a candidate must be this much faster (relative) to replace the best
 LAYERS = 16             # at most this many layers in the timed step (memory: zero-filled weights)
@@ -82,7 +84,7 @@ def tune(measure, base: dict = DEFAULT_CONFIG, candidates: dict | None = None, m
     candidates = CANDIDATES if candidates is None else candidates
     for role, options in candidates.items():      # checked first: a wrong table fails in one line, not mid-tuning
         known = set(DEFAULT_CONFIG["attention"]) if role == "attention" else set(GEMV)
-        if role not in ("attention", "qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn") or \
+        if role not in ("attention", "qkv", "o_proj", "gate_up", "down", "lm_head", "lm_head_kn", "lm_head_i8") or \
                 not isinstance(options, (tuple, list)) or not all(isinstance(o, dict) and o and set(o) <= known
                                                              for o in options):
             raise ValueError(f"tuning candidates of {role}: {options!r} is not a sequence of knob dicts "

@@ -43,7 +43,7 @@
 //           (x[32u+8j+s], x[32u+8j+s+4]). Plus one 16-byte pad per unit: units 80 bytes apart,
 //           so the 8 lanes of a 16-byte shared load phase hit 8 different bank groups.
 //   W_F16, W_BF16   8 values in order (16 bytes per unit).
-//   W_INT8  16 values in order (32 bytes per unit).
+//   W_INT8  as W_FP8: 16 values in order (32 bytes per unit), the words swizzled (fp8_swizzle).
 //   W_FP8   16 values in order (32 bytes per unit), the unit's two 16-byte words swapped in
 //           every other group of 4 units (fp8_swizzle): lanes 4 units apart would otherwise
 //           meet on the same banks in a phase of 16-byte loads.
@@ -142,7 +142,7 @@ template <> struct XLayout<W_F16> {
 template <> struct XLayout<W_F16_KN> : XLayout<W_F16> {};
 template <> struct XLayout<W_BF16> : XLayout<W_F16> {};
 template <> struct XLayout<W_INT8> {
-  static constexpr int VALS = 16, XU = 2;   // in order: words 2u, 2u + 1 of the row (x_word_at's k0 / 8)
+  static constexpr int VALS = 16, XU = 2;   // as W_FP8's: the two words of a unit swizzled (fp8_swizzle)
 };
 template <> struct XLayout<W_INT4_A8> {
   static constexpr int VALS = 32, XU = 3;
@@ -174,7 +174,7 @@ DEV int mma_swizzle(int u, int m) { return ((u >> 1) & 1) | ((m & 1) << 1); }
 template <int FMT> DEV int x_word_at(int k0, int m) {   // in uint4 units of xs (row m's own)
   typedef XLayout<FMT> L;
   if (FMT == W_INT4_MMA) return (k0 / 32) * L::XU + (((k0 % 32) / 8) ^ mma_swizzle(k0 / 32, m));
-  if (FMT == W_FP8) return (k0 / 16) * L::XU + (((k0 % 16) / 8) ^ fp8_swizzle(k0 / 16));
+  if (FMT == W_FP8 || FMT == W_INT8) return (k0 / 16) * L::XU + (((k0 % 16) / 8) ^ fp8_swizzle(k0 / 16));
   return PAIRED_X(FMT) ? (k0 / 32) * L::XU + (k0 % 32) / 8 : k0 / 8;
 }
 template <int FMT> DEV uint4 x_word(const float (&v)[8]) {
@@ -443,12 +443,13 @@ DEV float dot_int4_a8(uint4 w, const uint4* xu) {
 }
 
 // int8 (W_INT8): a stored byte b is q + 128; two bytes permuted under 0x64 high bytes are the
-// fp16 1024 + b exactly, minus 1152 gives q exactly. Word j of the unit holds values 4j..4j+3:
-// (b0, b1) pair with x's half2 2j, (b2, b3) with 2j + 1. A word's products (2 per half) are
-// summed in half2, two words' then in fp32 (as dot_int4 with hsum 2: 4 products a half here,
-// each up to 16x an int4 one's, so no more of them).
-DEV float dot_int8(uint4 w, const uint4* xu) {
-  const uint4 xa = xu[0], xb = xu[1];
+// fp16 1024 + b exactly, and times 1/16 minus 72 (one fma, as dot_int4's high nibbles) q / 16
+// exactly: products stay as small as int4's (|q / 16| <= 8); the 16 goes into the block's scale.
+// Word j of the unit holds values 4j..4j+3: (b0, b1) pair with x's half2 2j, (b2, b3) with 2j + 1
+// (staged x swizzled as fp8's: word j of the unit's two at xu[j ^ swz]). A word's products (2 a
+// half) are summed in half2, two words' then in fp32 (4 products a half, as dot_int4's hsum 2's 8).
+DEV float dot_int8(uint4 w, const uint4* xu, int swz) {
+  const uint4 xa = xu[swz], xb = xu[swz ^ 1];
   const unsigned words[4] = {w.x, w.y, w.z, w.w}, xh[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
   float sum = 0.f;
 #pragma unroll
@@ -457,8 +458,8 @@ DEV float dot_int8(uint4 w, const uint4* xu) {
 #pragma unroll
     for (int jj = 0; jj < 2; ++jj) {
       const int j = 2 * p + jj;
-      const h16x2 q01 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4140), 0x64806480u);
-      const h16x2 q23 = hsub2(__byte_perm(words[j], 0x64646464u, 0x4342), 0x64806480u);
+      const h16x2 q01 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4140), INT4_MAGIC[2], 0xD480D480u);
+      const h16x2 q23 = hfma2(__byte_perm(words[j], 0x64646464u, 0x4342), INT4_MAGIC[2], 0xD480D480u);
       acc = hfma2(q01, xh[2 * j], acc);
       acc = hfma2(q23, xh[2 * j + 1], acc);
     }
@@ -738,7 +739,8 @@ DEV void gemv_nk(const GemvArgs& a) {
   auto scale_at = [&](int row, int u) -> size_t {
     return FMT == W_FP8 ? (size_t)row : (size_t)row * KB + u * L::VALS / BLOCK;
   };
-  auto scale_of = [&](h16 h) -> float { return FMT == W_FP8 ? 256.f * h2f(h) : h2f(h); };  // dot_fp8's 2^-8 undone
+  // dot_fp8's 2^-8 and dot_int8's 1/16 undone
+  auto scale_of = [&](h16 h) -> float { return FMT == W_FP8 ? 256.f * h2f(h) : FMT == W_INT8 ? 16.f * h2f(h) : h2f(h); };
 
   float acc[RPW][M];
 #pragma unroll
@@ -760,7 +762,7 @@ DEV void gemv_nk(const GemvArgs& a) {
         for (int r = 0; r < RPW; ++r)
           acc[r][m] += (FMT == W_INT4 ? dot_int4<HSUM>(w[uu][r], xu)
                         : FMT == W_INT4_A8 ? dot_int4_a8(w[uu][r], xu)
-                        : FMT == W_INT8 ? dot_int8(w[uu][r], xu)
+                        : FMT == W_INT8 ? dot_int8(w[uu][r], xu, fp8_swizzle(u))
                         : FMT == W_FP8 ? dot_fp8(w[uu][r], xu, fp8_swizzle(u))
                         : dot_half<FMT == W_BF16>(w[uu][r], xu)) * s[uu][r];
       }
@@ -809,7 +811,8 @@ DEV void gemv_nk(const GemvArgs& a) {
           st.w[uu][r] = ok ? load_stream(W + (size_t)row * U + u) : make_uint4(0u, 0u, 0u, 0u);
           st.s[uu][r] = !SCALED(FMT) || !ok ? 1.f
                         : FMT == W_FP8 ? 256.f * h2f(a.scales[row])          // dot_fp8's 2^-8 undone
-                                       : h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]);
+                        : (FMT == W_INT8 ? 16.f : 1.f)                        // dot_int8's 1/16 undone
+                          * h2f(a.scales[(size_t)row * KB + u * L::VALS / BLOCK]);
         }
       }
     };
