@@ -487,13 +487,19 @@ INT8_MUTATIONS = {
 }
 
 
+def assert_caught(monkeypatch, mutation: str, snippets: tuple, formats: str, only: list) -> None:
+    """One deliberate bug in the kernel source: the checks `only` at the formats FORMATS[formats]
+    must not all pass."""
+    break_kernels(monkeypatch, *snippets, mutation)
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS[formats], max_seq=300,
+                                  chunk=32, splits=3, only=only)
+    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
 @needs_cxx
 @pytest.mark.parametrize("mutation", INT8_MUTATIONS)
 def test_the_check_catches_a_broken_int8_lm_head(monkeypatch, mutation):
-    break_kernels(monkeypatch, *INT8_MUTATIONS[mutation], mutation)
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["int4-b32-lmhead8"], max_seq=300,
-                                  chunk=32, splits=3, only=["lm_head"])
-    assert not report[0]["ok"], selfcheck.format_result(report[0])
+    assert_caught(monkeypatch, mutation, INT8_MUTATIONS[mutation], "int4-b32-lmhead8", ["lm_head"])
 
 
 # fp8 e4m3 rows (dot_fp8): the bit moves that decode two bytes into a half2, the staged x's swizzle,
@@ -516,19 +522,13 @@ BF16_MUTATIONS = {
 @needs_cxx
 @pytest.mark.parametrize("mutation", FP8_MUTATIONS)
 def test_the_checks_catch_a_broken_fp8_gemv(monkeypatch, mutation):
-    break_kernels(monkeypatch, *FP8_MUTATIONS[mutation], mutation)
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["fp8"], max_seq=300,
-                                  chunk=32, splits=3, only=["o_proj", "gate_up"])
-    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    assert_caught(monkeypatch, mutation, FP8_MUTATIONS[mutation], "fp8", ["o_proj", "gate_up"])
 
 
 @needs_cxx
 @pytest.mark.parametrize("mutation", BF16_MUTATIONS)
 def test_the_checks_catch_a_broken_bf16_gemv(monkeypatch, mutation):
-    break_kernels(monkeypatch, *BF16_MUTATIONS[mutation], mutation)
-    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), SMALL, FORMATS["bf16"], max_seq=300,
-                                  chunk=32, splits=3, only=["qkv_first", "o_proj"])
-    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+    assert_caught(monkeypatch, mutation, BF16_MUTATIONS[mutation], "bf16", ["qkv_first", "o_proj"])
 
 
 def test_the_fp8_table_is_e4m3():
