@@ -69,6 +69,16 @@ def dequant_int8(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     return out.reshape(n, -1)[:, :k]
 
 
+# MatMulNBits formats: (random codes and scales, their dequantization); nbits_bytes: their sizes
+NBITS = {"int4": (random_int4, dequant_int4), "int8": (random_int8, dequant_int8)}
+
+
+def nbits_bytes(fmt: str, n: int, k: int, block: int) -> tuple[int, int]:
+    """(weight bytes, scale bytes) of an (n, k) MatMulNBits matrix: 4 or 8 bits in blocks along K."""
+    kb = -(-k // block)
+    return n * kb * (block if fmt == "int8" else block // 2), n * kb * 2
+
+
 def e4m3_values() -> np.ndarray:
     """The 256 fp8 e4m3 (fn) codes as float64: sign, 4 exponent bits (bias 7), 3 mantissa bits;
     exponent 0 subnormal (m / 8 * 2^-6); 0x7f and 0xff NaN."""
@@ -179,17 +189,13 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
         return bf16_values(a) if t.get("onnx") == "bfloat16" else a
 
     def matrix(m, k):
-        if m["format"] == "int4":
-            w = raw(m["w"])
-            return np.concatenate([dequant_int4(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
+        if m["format"] in NBITS:
+            w, deq = raw(m["w"]), NBITS[m["format"]][1]
+            return np.concatenate([deq(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
                                    for r in range(0, w.shape[0], 4096)])
         if m["format"] == "fp8":
             w = raw(m["w"])
             return np.concatenate([dequant_fp8(w[r:r + 4096], raw(m["scales"])[r:r + 4096]).astype(dtype)
-                                   for r in range(0, w.shape[0], 4096)])
-        if m["format"] == "int8":
-            w = raw(m["w"])
-            return np.concatenate([dequant_int8(w[r:r + 4096], raw(m["scales"])[r:r + 4096], k).astype(dtype)
                                    for r in range(0, w.shape[0], 4096)])
         w = raw(m["w"]).astype(dtype)
         return w if m["format"] in ("f16", "bf16") else w.T          # f16_kn: stored as W^T
@@ -290,13 +296,10 @@ class _Ctx:
 
     def weights(self, fmt: str, n: int, k: int):
         """(fields for GemvArgs, dequantized (n, k) float64, bytes read per launch)."""
-        if fmt == "int4":
-            packed, scales = random_int4(self.rng, n, k, self.f.block)
-            return ({"w": self.put(packed), "scales": self.put(scales)}, dequant_int4(packed, scales, k),
-                    packed.nbytes + scales.nbytes)
-        if fmt == "int8":
-            codes, scales = random_int8(self.rng, n, k, self.f.block)
-            return ({"w": self.put(codes), "scales": self.put(scales)}, dequant_int8(codes, scales, k),
+        if fmt in NBITS:
+            make, deq = NBITS[fmt]
+            codes, scales = make(self.rng, n, k, self.f.block)
+            return ({"w": self.put(codes), "scales": self.put(scales)}, deq(codes, scales, k),
                     codes.nbytes + scales.nbytes)
         if fmt == "bf16":
             bits = random_half_bits(self.rng, (n, k), bf16=True)
@@ -312,15 +315,11 @@ class _Ctx:
 
     def zero_weights(self, fmt: str, n: int, k: int):
         """(fields for GemvArgs, bytes read per launch) of zero-filled weights (timing)."""
-        if fmt == "int4":
-            kb = -(-k // self.f.block)
-            w, sc = n * kb * self.f.block // 2, n * kb * 2
+        if fmt in NBITS:
+            w, sc = nbits_bytes(fmt, n, k, self.f.block)
             return {"w": self.zeros(w), "scales": self.zeros(sc)}, w + sc
         if fmt == "fp8":
             return {"w": self.zeros(n * k), "scales": self.zeros(n * 2)}, n * k + n * 2
-        if fmt == "int8":
-            kb = -(-k // self.f.block)
-            return {"w": self.zeros(n * kb * self.f.block), "scales": self.zeros(n * kb * 2)}, n * kb * (self.f.block + 2)
         return {"w": self.zeros(n * k * 2), "scales": 0}, n * k * 2
 
     def vec16(self, n: int, center: float = 0.0, spread: float = 1.0) -> np.ndarray:
@@ -881,15 +880,11 @@ class StepBench:
             return name
 
         def linear(name, n, k, fmt):
-            if fmt == "int4":
-                kb = -(-k // formats.block)
-                return {"w": alloc(name, n * kb * formats.block // 2), "scales": alloc(name + ".s", n * kb * 2),
-                        "bias": None}
+            if fmt in NBITS:
+                w, sc = nbits_bytes(fmt, n, k, formats.block)
+                return {"w": alloc(name, w), "scales": alloc(name + ".s", sc), "bias": None}
             if fmt == "fp8":
                 return {"w": alloc(name, n * k), "scales": alloc(name + ".s", n * 2), "bias": None}
-            if fmt == "int8":
-                kb = -(-k // formats.block)
-                return {"w": alloc(name, n * kb * formats.block), "scales": alloc(name + ".s", n * kb * 2), "bias": None}
             return {"w": alloc(name, n * k * 2), "scales": None, "bias": None}
         lin = formats.linear
         self.wmap = {"embed": alloc("embed", s.vocab * s.hidden * 2), "norm": alloc("norm", s.hidden * 2),
