@@ -361,10 +361,8 @@ template <int N> void cp_async_wait() {
     q.groups.erase(q.groups.begin());
   }
 }
-// Blocks and grids run in order here. What the previous kernel writes can be made to land at
-// this kernel's wait (emu_in_flight): before each block those bytes are NaN (0xff), the block's
-// first grid_wait writes them, and after the grid they stay written. A read before the wait
-// then shows.
+// Blocks and grids run in order here; the spans emu_in_flight names land at a block's first
+// grid_wait (the header's "staged" paragraph).
 namespace emu {
 struct InFlight { void* dst; std::vector<char> bytes; };
 inline std::vector<InFlight> in_flight;     // named for the next launch (emu_in_flight)

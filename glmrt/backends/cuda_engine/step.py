@@ -109,12 +109,14 @@ DEFAULT_CONFIG = {
 ATTENTION = DEFAULT_CONFIG["attention"]
 
 
+# lm_head formats with launch knobs of their own (the rest take their role's)
+FORMAT_ROLES = {"f16_kn": "lm_head_kn", "f16_kn_mma": "lm_head_kn", "int8": "lm_head_i8"}
+
+
 def role(spec) -> str:
     """The launch-parameter entry a kernel instance takes."""
     name = spec.name.rsplit("_b", 1)[0] if spec.m > 1 else spec.name      # a batched step's instance
-    if spec.fmt == "int8":
-        return "lm_head_i8"
-    return "lm_head_kn" if spec.fmt in ("f16_kn", "f16_kn_mma") else {"qkv_first": "qkv"}.get(name, name)
+    return FORMAT_ROLES.get(spec.fmt) or {"qkv_first": "qkv"}.get(name, name)
 
 
 def knobs(config: dict, key: str, rows: int = 1) -> dict:
@@ -174,7 +176,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     s, f = shapes, formats
 
     def gemv(name, role, fmt, k, n, pro, epi):
-        c = knobs(config, {"f16_kn": "lm_head_kn", "int8": "lm_head_i8"}.get(fmt, role), rows)
+        c = knobs(config, FORMAT_ROLES.get(fmt, role), rows)
         kfmt = f.kernel(fmt)             # hsum shapes only int4 with fp16 x: 1 elsewhere, as compiled
         if kfmt == "int4" and c.get("mma"):
             kfmt = "int4_mma"
