@@ -83,9 +83,9 @@ def test_the_mma_knob_builds_the_tensor_core_instance():
     s = shapes(16, 128)
     att = next(k for k in decode_kernels(s, INT4, mma(threads=256, tile=64)) if k.name == "attention")
     assert att.mma and att.hpb == 16 and att.blocks_x(s.kv_heads) == 2
-    assert "attention_mma<128, 16, 256, 64, false>(a);" in att.instance()
+    assert "attention_mma<128, 16, 256, 64, false, 8>(a);" in att.instance()
     default = next(k for k in decode_kernels(s, INT4) if k.name == "attention")      # the default since session 9
-    assert default.mma and "attention_mma<128, 16, 256, 32, false>(a);" in default.instance()
+    assert default.mma and "attention_mma<128, 16, 256, 32, false, 8>(a);" in default.instance()
     plain = next(k for k in decode_kernels(s, INT4, mma(mma=False, threads=128)) if k.name == "attention")
     assert not plain.mma and "attention<128, 16, 4, 128, 32>(a);" in plain.instance()
     # head_dim not a multiple of 32: the CUDA-core kernel
@@ -137,6 +137,8 @@ INSTANCES = [Attention(f"att_g{g}_{t}t_tile{tile}", 128, g, t, 0, tile, mma=True
 # the spread merge's pair (the attention leaving its partials, attention_merge)
 INSTANCES += [Attention("att_g16_spread", 128, 16, 256, 0, 32, mma=True, spread=True),
               AttentionMerge("att_merge_g16", 128, 16, 128, 32), AttentionMerge("att_merge_g24", 128, 24, 128, 32)]
+# the splits merged in two levels (merge_group)
+INSTANCES += [Attention(f"att_g{g}_tree8", 128, g, 256, 0, 32, mma=True, merge_group=8) for g in (16, 24)]
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +207,51 @@ def test_the_checks_catch_a_broken_spread_merge(monkeypatch, mutation):
         # head_dim 128: 8 split groups of 16 threads, fewer than the 10 splits in use at 300 positions
         report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(16, 128), INT4, max_seq=300, chunk=32,
                                       splits=19, only=["attention"], config=config)
+    assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+# ---- the splits merged in two levels (merge_group n: the last of each n splits, then the last of those)
+@needs_cxx
+@pytest.mark.parametrize("group,head_dim,threads,merge_group,splits", [(16, 64, 128, 2, 5), (24, 32, 128, 3, 7)])
+def test_the_two_level_merge_passes_in_the_emulation(group, head_dim, threads, merge_group, splits):
+    """Against numpy at one split (no merge), splits within one first-level group (one level),
+    several groups, a last group short of merge_group splits, and grown splits."""
+    report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, head_dim), INT4, max_seq=300, chunk=32,
+                                  splits=splits, only=["attention"],
+                                  config=mma(threads=threads, tile=32, merge_group=merge_group))
+    r = report[0]
+    assert r["ok"] and f"merged in two levels, {merge_group} splits" in r["name"], selfcheck.format_result(r)
+    assert not any(r["counters_after"]) and len(r["counters_after"]) == 2 * (1 + 128)
+
+
+@needs_cxx
+def test_the_two_level_merge_serves_batched_rows_in_the_emulation():
+    report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(16, 32), INT4, 3,
+                                         config=mma(threads=128, tile=32, splits=5, merge_group=2))
+    assert len(report) == 2 and all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
+
+
+TREE_MUTATIONS = {
+    "a group's (m, l) not left": ("if (d8 == 0) { pml[2 * at] = mrun[k]; pml[2 * at + 1] = lsum[k]; }", ""),
+    "a group's first split": ("split / MG * MG : 0", "split : 0"),
+    "the second level folds one group": ("att_fold<HD, G, THREADS, true>(o2, ml2, rh + head0, g2, 0, ngrp,",
+                                         "att_fold<HD, G, THREADS, true>(o2, ml2, rh + head0, g2, 0, 1,"),
+    "group counter not re-armed": ("      *gc = 0u;                                          // re-armed", "//"),
+    "another row's partials": ("h16* o2 = part16 + (size_t)gridDim.z * gridDim.x * G * a.splits * HD;",
+                               "h16* o2 = part16 + (size_t)gridDim.x * G * a.splits * HD;"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", TREE_MUTATIONS)
+def test_the_checks_catch_a_broken_two_level_merge(monkeypatch, mutation):
+    break_kernels(monkeypatch, *TREE_MUTATIONS[mutation], mutation)
+    if mutation == "another row's partials":
+        report = selfcheck.run_bucket_checks(EmulatedDevice(sm_count=2), shapes(16, 32), INT4, 3,
+                                             config=mma(threads=128, tile=32, splits=5, merge_group=2))
+    else:
+        report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(16, 64), INT4, max_seq=300, chunk=32,
+                                      splits=5, only=["attention"], config=mma(threads=128, tile=32, merge_group=2))
     assert not all(r["ok"] for r in report), [selfcheck.format_result(r) for r in report]
 
 

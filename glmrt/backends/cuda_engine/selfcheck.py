@@ -222,9 +222,12 @@ def dequantized_weights(model, em: dict, cfg, dtype=np.float64) -> dict:
 
 
 def rel(a, b) -> float:
+    """The largest difference over the reference's largest value; inf where either holds a NaN
+    (a NaN would slip through the max() of several errors: max(1e-4, nan) is 1e-4)."""
     b = np.asarray(b, np.float64)
     scale = np.abs(b).max()
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / (scale if scale else 1.0))
+    err = float(np.abs(np.asarray(a, np.float64) - b).max() / (scale if scale else 1.0))
+    return err if np.isfinite(err) else float("inf")
 
 
 # ---- the device side ---------------------------------------------------------------------
@@ -394,6 +397,14 @@ def rope_table_for(c: _Ctx) -> np.ndarray:
     return rope_table(_Cfg(c.s.rot), c.max_seq)
 
 
+def merging(spec: dict) -> str:
+    """How the attention's splits are merged, in words."""
+    if "attention_merge" in spec:
+        return "a block per query head merging"
+    mg = spec["attention"].merge_group
+    return f"merged in two levels, {mg} splits then their partials" if mg else "the last split merging"
+
+
 def check_attention(c: _Ctx) -> dict:
     """Lengths on one split, on several of `chunk` positions, and past chunk x splits (each
     split's share grown), the whole cache included; the counters re-armed after each."""
@@ -404,7 +415,7 @@ def check_attention(c: _Ctx) -> dict:
     kc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     vc = c.vec16(nkv * c.max_seq * hd).reshape(nkv, c.max_seq, hd)
     out = c.zeros(4 * nh * hd)
-    blocks = spec.blocks_x(nkv)
+    blocks = spec.counters(nkv)
     a = AttnArgs(q=c.put(q), k_cache=c.put(kc), v_cache=c.put(vc), part_o=c.zeros(4 * nh * splits * hd),
                  part_ml=c.zeros(4 * nh * splits * 2), out=out, counter=c.zeros(4 * blocks), pos_add=1,
                  max_seq=c.max_seq, chunk=chunk, splits=splits)
@@ -425,7 +436,7 @@ def check_attention(c: _Ctx) -> dict:
     return _result(f"attention{' on the tensor cores' if spec.mma else ''} (GQA {nh}/{nkv}, {spec.hpb} query heads a "
                    f"block, split over the context in "
                    f"{splits} splits of {chunk}+ positions, "
-                   f"{'a block per query head merging' if 'attention_merge' in c.spec else 'the last split merging'})", err,
+                   f"{merging(c.spec)})", err,
                    TOL["attention_mma" if spec.mma else "attention"],
                    errors_by_length=errs, counters_after=counters.tolist())
 
@@ -649,7 +660,7 @@ def check_bucket(c: _Ctx, rows: int) -> dict:
     lens = np.minimum(c.max_seq, np.array([1 + 97 * (m + 1) % c.max_seq for m in range(M)]))
     q = c.rng.standard_normal((M, nh * hd)).astype(np.float32)
     spec = c.spec["attention"]
-    blocks = spec.blocks_x(nkv)
+    blocks = spec.counters(nkv)
     att = AttnArgs(q=c.put(q), k_cache=c.put(kc2), v_cache=c.put(vc2), pos=c.put((lens - 1).astype(np.int32)),
                    part_o=c.zeros(4 * M * nh * c.splits * hd), part_ml=c.zeros(8 * M * nh * c.splits),
                    out=c.zeros(4 * M * nh * hd), counter=c.zeros(4 * M * blocks), pos_add=0, max_seq=c.max_seq,
@@ -766,7 +777,7 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                 for i in range(launches):
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
             rows.append(_time(device, record, launches, f"{name} ({c.f.kernel(fmt)}, {n} x {k})", nbytes, grid, log))
-        blocks = att_spec.blocks_x(s.kv_heads)
+        blocks = att_spec.counters(s.kv_heads)
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
                        part_o=c.zeros(4 * s.heads * splits * s.head_dim), part_ml=c.zeros(8 * s.heads * splits),
                        out=c.zeros(4 * s.heads * s.head_dim), counter=c.zeros(4 * blocks), pos_add=0, max_seq=max_seq,

@@ -160,7 +160,9 @@ class Attention:
     `group` query heads per block, the context read `tile` positions at a time and split
     over the grid's y (kernels/attention.cu). `mma`: the tensor-core kernel (attention_mma),
     a block taking the whole group (heads_per_block ignored); `spread`: its splits merged by
-    attention_merge (AttentionMerge), a block per query head, not by the last split."""
+    attention_merge (AttentionMerge), a block per query head, not by the last split;
+    `merge_group` (mma, not spread): 0, the last split merges them all; else in two levels, the
+    last of each merge_group splits, then the last of those."""
     name: str
     head_dim: int
     group: int
@@ -169,6 +171,7 @@ class Attention:
     tile: int = 32
     mma: bool = False
     spread: bool = False
+    merge_group: int = 0
 
     @property
     def hpb(self) -> int:
@@ -183,6 +186,11 @@ class Attention:
         """The grid's x: one block per (KV head, query group)."""
         return kv_heads * (self.group // self.hpb)
 
+    def counters(self, kv_heads: int) -> int:
+        """The merge's counters a row (AttnArgs.counter, zero between launches): one per block of
+        the grid's x, and with two levels ATT_MAX_SPLITS more each (one per first-level group)."""
+        return self.blocks_x(kv_heads) * (1 + (ATT_MAX_SPLITS if self.merge_group else 0))
+
     @property
     def smem(self) -> int:
         return 0
@@ -190,10 +198,13 @@ class Attention:
     def instance(self) -> str:
         if self.mma:
             call = (f"attention_mma<{self.head_dim}, {self.group}, {self.threads}, {self.tile}, "
-                    f"{'true' if self.spread else 'false'}>(a);")
+                    f"{'true' if self.spread else 'false'}, {self.merge_group}>(a);")
         else:
             call = f"attention<{self.head_dim}, {self.group}, {self.hpb}, {self.threads}, {self.tile}>(a);"
-        return entry(self.name, self.args, call, self.threads)
+        # the tensor-core kernel runs one block an SM by design: min_blocks 1 lets it take the
+        # registers it needs (without it NVRTC 13.5 held GLM-Z1-9B's instance to 128 on sm_80
+        # and spilled 52 bytes once the merge became att_fold)
+        return entry(self.name, self.args, call, self.threads, 1 if self.mma else None)
 
     args = "AttnArgs"
 

@@ -82,9 +82,12 @@ DEFAULT_CONFIG = {
     # with a block per query head does (attention_merge: one more launch a layer). H200, same
     # step, "last" / "spread": 2528 / 2539 us at 128, 2805 / 2766 at 8192 (128 splits: 2957):
     # a wash; "spread" stays an option (checked in the emulation, not yet against numpy on a GPU)
-    # mma_threads: the tensor-core kernel's block; threads: the CUDA-core kernel's
+    # mma_threads: the tensor-core kernel's block; threads: the CUDA-core kernel's; merge_group
+    # ("last", mma): 0, the last split folds all of them; n >= 2, two levels: the last of each n
+    # splits folds them while others still read, the last of those folds the partials (at 8K the
+    # one-level merge has one block read 64 splits' outputs, 256 KB for GLM-Z1-9B's group)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
-                  "mma_threads": 256, "merge": "last"},
+                  "mma_threads": 256, "merge": "last", "merge_group": 8},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
     # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
     # 4 warps sharing 16 rows: 43.4 us at 8 rows, 43.8 at one; the CUDA-core GEMV 99.3 and 36.2), the 8 warps of a block sharing 16
@@ -204,7 +207,8 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
     return [
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
-        Attention("attention", s.head_dim, s.group, threads, hpb, att["tile"], mma=mma, spread=spread),
+        Attention("attention", s.head_dim, s.group, threads, hpb, att["tile"], mma=mma, spread=spread,
+                  merge_group=merge_group(att) if mma and not spread else 0),
         *([AttentionMerge("attention_merge", s.head_dim, s.group, merge_threads(s.head_dim), att["tile"])]
           if spread else []),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
@@ -227,6 +231,14 @@ def engine_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
             kernels += decode_kernels(shapes, formats, config, rows=rows)
         kernels += row_norms(formats)
     return kernels
+
+
+def merge_group(att: dict) -> int:
+    """The attention's first-level merge group (0: one level), checked."""
+    n = att.get("merge_group", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n == 1 or n > ATT_MAX_SPLITS:
+        raise ValueError(f"attention merge_group {n!r}: 0 (one level) or 2 .. {ATT_MAX_SPLITS} splits")
+    return n
 
 
 def attention_split(config: dict, max_context: int, tile: int) -> tuple[int, int]:
@@ -285,7 +297,6 @@ class DecodeStep:
         s = self.shapes = Shapes.from_config(cfg)
         att = kernels["attention"][0]
         self.chunk, self.splits = attention_split(config, max_context, att.tile)
-        self.att_blocks = att.blocks_x(s.kv_heads)
         self.pdl = bool(config.get("pdl")) and tuple(device.compute_capability) >= (9, 0)
         self.buckets = slot_buckets(S) if S > 1 else (1,)
         self.lm_grid = max(self.grid(bucket_name("lm_head", b)) for b in self.buckets)
@@ -303,7 +314,7 @@ class DecodeStep:
             "logits": S * s.vocab * f32,
             "part_val": S * self.lm_grid * f32, "part_idx": S * self.lm_grid * i32,
             "counter": 4,
-            "att_counter": 4 * S * self.att_blocks,
+            "att_counter": 4 * S * att.counters(s.kv_heads),
             "ctl": (burst + 2) * i32,                    # [pos, id_0 .. id_burst]
             "bctl": 3 * S * i32,                         # batched: [pos_0.., id_0.., out_0..]
             "rope": max_context * (s.rot // 2) * 2 * f32,

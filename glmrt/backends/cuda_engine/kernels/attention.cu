@@ -265,7 +265,12 @@ DEV void attention(const AttnArgs& a) {
 // normalized (o / l, within V's range) in fp16 and its (m, l) per query head, and the last to
 // finish (the counter) merges the group's G x HD outputs alone, so each thread folds its 8 dims
 // over the splits as an online softmax (running max, weights e^(m_s - M) l_s), the words and
-// (m, l) of 16 splits in flight at once; fp16 halves what that one block reads. H200, GLM-Z1-9B,
+// (m, l) of 16 splits in flight at once (att_fold); fp16 halves what that one block reads. With
+// MG > 0 (the knob merge_group) and more than MG splits in use the merge has two levels: the
+// last of each MG consecutive splits to finish folds them into one partial of the same form (in
+// part_o's second half, which the fp16 outputs leave free) while other splits still read, the
+// last of those folds the partials: at 8K, 64 splits of GLM-Z1-9B's group are 256 KB for one
+// block to read, 8 + 8 partials 32 KB each. H200, GLM-Z1-9B,
 // 256 threads, tile 32, 32 splits: alone 6.3 / 12.7 us at context 128 / 8192 (attention with
 // its defaults: 6.6 / 20.7); the 40-layer step 2521 / 2796 us (attention's: 2575 / 3220).
 // Fragments, lane l = 4 g + t:
@@ -282,12 +287,91 @@ DEV void attention(const AttnArgs& a) {
 //     g + 8 (e / 2), dim 32 c + 8 t + 2 i + e % 2.
 DEV unsigned att_word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-template <int HD, int G, int THREADS, int TILE, bool SPREAD = false>
+// att_fold: the splits' merge, by one block of THREADS: the G x HD outputs of query heads r0 ..
+// r0 + G - 1 folded over `count` partials, partial i of head r0 + r at index (r0 + r) * stride +
+// first + i of o16 (HD h16: its output normalized) and ml (2 floats: its max m and sum l). Each
+// thread its 8-dim words, SU partials' words and (m, l) loaded at once (one round trip for up to SU
+// of them, no shared memory, no barrier), folded in as an online softmax: a running max M, the sum
+// of w_s = e^(m_s - M) l_s and of w_s o_s, rescaled when M grows. FINAL: into out (fp32,
+// normalized); else a partial of the same form: po at (r0 + r) * pstride + pidx, its (M, sum) in pml.
+template <int HD, int G, int THREADS, bool FINAL>
+DEV void att_fold(const h16* o16, const float* ml, int r0, int stride, int first, int count, float* out, h16* po,
+                  float* pml, int pstride, int pidx) {
+  constexpr int EPT = (G * HD / 8 + THREADS - 1) / THREADS;   // 8-dim outputs per thread
+  constexpr int SU = EPT < 16 ? 16 / EPT : 1;            // partials a step: 16 words in flight
+  const float ninf = __int_as_float(0xff800000);
+  const int tid = threadIdx.x;
+  float mrun[EPT], lsum[EPT], acc[EPT][8];
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) {
+    mrun[k] = ninf;
+    lsum[k] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[k][i] = 0.f;
+  }
+  for (int sp0 = 0; sp0 < count; sp0 += SU) {
+    float4 raw[SU][EPT];
+    float mv[SU][EPT], lv[SU][EPT];
+#pragma unroll
+    for (int u = 0; u < SU; ++u)
+#pragma unroll
+      for (int k = 0; k < EPT; ++k) {
+        const int e = tid + k * THREADS, r = e / (HD / 8), d8 = e % (HD / 8), sp = sp0 + u;
+        const bool ok = sp < count && e < G * HD / 8;
+        const size_t at = (size_t)(r0 + r) * stride + first + sp;
+        raw[u][k] = ok ? load_l2((const float4*)(o16 + at * HD) + d8) : make_float4(0.f, 0.f, 0.f, 0.f);
+        mv[u][k] = ok ? load_l2(ml + 2 * at) : ninf;
+        lv[u][k] = ok ? load_l2(ml + 2 * at + 1) : 0.f;
+      }
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) {
+      float mx = mrun[k];
+#pragma unroll
+      for (int u = 0; u < SU; ++u) mx = fmaxf(mx, mv[u][k]);    // finite: partial sp0 is in use
+      const float c = __expf(mrun[k] - mx);               // 0 on the first step
+      lsum[k] *= c;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[k][i] *= c;
+#pragma unroll
+      for (int u = 0; u < SU; ++u) {
+        const float w = __expf(mv[u][k] - mx) * lv[u][k];      // 0 past the partials in use
+        const float2 o01 = h2x2f(__float_as_uint(raw[u][k].x)), o23 = h2x2f(__float_as_uint(raw[u][k].y));
+        const float2 o45 = h2x2f(__float_as_uint(raw[u][k].z)), o67 = h2x2f(__float_as_uint(raw[u][k].w));
+        lsum[k] += w;
+        acc[k][0] += w * o01.x; acc[k][1] += w * o01.y; acc[k][2] += w * o23.x; acc[k][3] += w * o23.y;
+        acc[k][4] += w * o45.x; acc[k][5] += w * o45.y; acc[k][6] += w * o67.x; acc[k][7] += w * o67.y;
+      }
+      mrun[k] = mx;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) {
+    const int e = tid + k * THREADS, r = e / (HD / 8), d8 = e % (HD / 8);
+    if (e < G * HD / 8) {
+      const float inv = 1.f / lsum[k];
+      if (FINAL) {
+        float4* dst = (float4*)(out + (size_t)(r0 + r) * HD + 8 * d8);
+        dst[0] = make_float4(acc[k][0] * inv, acc[k][1] * inv, acc[k][2] * inv, acc[k][3] * inv);
+        dst[1] = make_float4(acc[k][4] * inv, acc[k][5] * inv, acc[k][6] * inv, acc[k][7] * inv);
+      } else {
+        const size_t at = (size_t)(r0 + r) * pstride + pidx;
+        ((uint4*)(po + at * HD))[d8] = make_uint4(pack_h2(acc[k][0] * inv, acc[k][1] * inv),
+                                                  pack_h2(acc[k][2] * inv, acc[k][3] * inv),
+                                                  pack_h2(acc[k][4] * inv, acc[k][5] * inv),
+                                                  pack_h2(acc[k][6] * inv, acc[k][7] * inv));
+        if (d8 == 0) { pml[2 * at] = mrun[k]; pml[2 * at + 1] = lsum[k]; }
+      }
+    }
+  }
+}
+
+template <int HD, int G, int THREADS, int TILE, bool SPREAD = false, int MG = 0>
 DEV void attention_mma(const AttnArgs& a) {
   constexpr int WARPS = THREADS / 32;
   constexpr int MT = (G + 15) / 16;                      // m-tiles of 16 query heads
   static_assert(HD % 32 == 0 && TILE % 16 == 0 && THREADS % 32 == 0, "head_dim: a multiple of 32; 16-position slices; whole warps");
   static_assert(WARPS % MT == 0 || MT % WARPS == 0, "warps and m-tiles: one divides the other");
+  static_assert(MG == 0 || MG >= 2, "first-level merge groups: 0 (one level) or at least 2 splits");
   constexpr int MPW = MT > WARPS ? MT / WARPS : 1;       // m-tiles per warp
   constexpr int WPM = WARPS > MT ? WARPS / MT : 1;       // warps per m-tile
   constexpr int NSL = TILE / 16;                         // 16-position slices per tile
@@ -614,70 +698,38 @@ DEV void attention_mma(const AttnArgs& a) {
     a.part_ml[((size_t)(rh + head0 + r) * a.splits + split) * 2 + 1] = den_s[r];
   }
   if (SPREAD) return;                                    // attention_merge folds the splits
+  // merged by the last split to finish (the counter), or with MG > 0 and more than MG splits in
+  // use in two levels: the last of each MG splits folds them into a partial of the same form
+  // (second level, in part_o's second half), the last of those folds the partials
+  const int ngrp = MG ? (used + MG - 1) / MG : 1;        // first-level groups
+  unsigned* fin = a.counter + row * gridDim.x + h;
+  const int first = ngrp > 1 ? split / MG * MG : 0, count = ngrp > 1 ? min(MG, used - first) : used;
   __threadfence();                                       // the partials, before the count
   __syncthreads();
-  if (tid == 0) last_s = atomicAdd(a.counter + row * gridDim.x + h, 1u) == (unsigned)used - 1;
+  unsigned* gc = ngrp > 1 ? a.counter + gridDim.z * gridDim.x + (row * gridDim.x + h) * ATT_MAX_SPLITS + split / MG
+                          : fin;
+  if (tid == 0) last_s = atomicAdd(gc, 1u) == (unsigned)count - 1;
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  // the last split merges them: each thread its 8-dim words of the group's outputs over every
-  // split, SU splits' words and (m, l) loaded at once (one round trip for up to SU splits, no
-  // shared memory, no barrier), folded in as an online softmax over the splits: a running max
-  // M, the sum of w_s = e^(m_s - M) l_s and of w_s o_s, rescaled when M grows
-  constexpr int EPT = (G * HD / 8 + THREADS - 1) / THREADS;   // 8-dim outputs per thread
-  constexpr int SU = EPT < 16 ? 16 / EPT : 1;            // splits a step: 16 words in flight
-  float mrun[EPT], lsum[EPT], acc[EPT][8];
-#pragma unroll
-  for (int k = 0; k < EPT; ++k) {
-    mrun[k] = ninf;
-    lsum[k] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[k][i] = 0.f;
-  }
-  for (int sp0 = 0; sp0 < used; sp0 += SU) {
-    float4 raw[SU][EPT];
-    float mv[SU][EPT], lv[SU][EPT];
-#pragma unroll
-    for (int u = 0; u < SU; ++u)
-#pragma unroll
-      for (int k = 0; k < EPT; ++k) {
-        const int e = tid + k * THREADS, r = e / (HD / 8), d8 = e % (HD / 8), sp = sp0 + u;
-        const bool ok = sp < used && e < G * HD / 8;
-        const size_t at = (size_t)(rh + head0 + r) * a.splits + sp;
-        raw[u][k] = ok ? load_l2((const float4*)(part16 + at * HD) + d8) : make_float4(0.f, 0.f, 0.f, 0.f);
-        mv[u][k] = ok ? load_l2(a.part_ml + 2 * at) : ninf;
-        lv[u][k] = ok ? load_l2(a.part_ml + 2 * at + 1) : 0.f;
-      }
-#pragma unroll
-    for (int k = 0; k < EPT; ++k) {
-      float mx = mrun[k];
-#pragma unroll
-      for (int u = 0; u < SU; ++u) mx = fmaxf(mx, mv[u][k]);    // finite: split sp0 is in use
-      const float c = __expf(mrun[k] - mx);               // 0 on the first step
-      lsum[k] *= c;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[k][i] *= c;
-#pragma unroll
-      for (int u = 0; u < SU; ++u) {
-        const float w = __expf(mv[u][k] - mx) * lv[u][k];      // 0 past the splits in use
-        const float2 o01 = h2x2f(__float_as_uint(raw[u][k].x)), o23 = h2x2f(__float_as_uint(raw[u][k].y));
-        const float2 o45 = h2x2f(__float_as_uint(raw[u][k].z)), o67 = h2x2f(__float_as_uint(raw[u][k].w));
-        lsum[k] += w;
-        acc[k][0] += w * o01.x; acc[k][1] += w * o01.y; acc[k][2] += w * o23.x; acc[k][3] += w * o23.y;
-        acc[k][4] += w * o45.x; acc[k][5] += w * o45.y; acc[k][6] += w * o67.x; acc[k][7] += w * o67.y;
-      }
-      mrun[k] = mx;
+  if (ngrp > 1) {
+    // second level: (rows, NH, G2) partials after the splits' fp16 outputs, then their (m, l)
+    const int g2 = (a.splits + MG - 1) / MG;
+    h16* o2 = part16 + (size_t)gridDim.z * gridDim.x * G * a.splits * HD;
+    float* ml2 = (float*)(o2 + (size_t)gridDim.z * gridDim.x * G * g2 * HD);
+    att_fold<HD, G, THREADS, false>(part16, a.part_ml, rh + head0, a.splits, first, count, nullptr, o2, ml2, g2, split / MG);
+    __threadfence();                                     // the group's partial, before the count
+    __syncthreads();
+    if (tid == 0) {
+      *gc = 0u;                                          // re-armed for the next launch
+      last_s = atomicAdd(fin, 1u) == (unsigned)ngrp - 1;
     }
-  }
-#pragma unroll
-  for (int k = 0; k < EPT; ++k) {
-    const int e = tid + k * THREADS, r = e / (HD / 8), d8 = e % (HD / 8);
-    if (e < G * HD / 8) {
-      const float inv = 1.f / lsum[k];
-      float4* dst = (float4*)(a.out + (size_t)(rh + head0 + r) * HD + 8 * d8);
-      dst[0] = make_float4(acc[k][0] * inv, acc[k][1] * inv, acc[k][2] * inv, acc[k][3] * inv);
-      dst[1] = make_float4(acc[k][4] * inv, acc[k][5] * inv, acc[k][6] * inv, acc[k][7] * inv);
-    }
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    att_fold<HD, G, THREADS, true>(o2, ml2, rh + head0, g2, 0, ngrp, a.out, nullptr, nullptr, 0, 0);
+  } else {
+    att_fold<HD, G, THREADS, true>(part16, a.part_ml, rh + head0, a.splits, 0, used, a.out, nullptr, nullptr, 0, 0);
   }
   if (tid == 0) a.counter[row * gridDim.x + h] = 0u;     // re-armed for the next launch
 }
