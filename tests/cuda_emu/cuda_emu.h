@@ -348,7 +348,6 @@ inline void cp_async_at(void* dst, const void* src, int size, int bytes) {
   else emu::async_queue().open.push_back({dst, src, size, bytes});
 }
 inline void cp_async16(void* dst, const void* src, int bytes) { cp_async_at(dst, src, 16, bytes); }
-inline void prefetch_l2(const void*) {}     // a cache hint: nothing to emulate
 inline void cp_async4(void* dst, const void* src, int bytes) { cp_async_at(dst, src, 4, bytes); }
 inline void cp_async_commit() {
   emu::AsyncQueue& q = emu::async_queue();

@@ -92,7 +92,6 @@ class Gemv:
     hsum: int = 1            # int4 with fp16 x: 32-bit words whose products are summed in half2 before fp32
     ksplit: int = 1          # int4_mma: warps sharing a group of 16 rows
     stages: int = 0          # NK formats: 0 two register stages, S >= 2 a cp.async ring of S in shared memory
-    kv_prefetch: bool = False   # NK formats, the one-row QKV: earlier rows of the KV cache requested into L2
 
     @property
     def threads(self) -> int:
@@ -149,7 +148,7 @@ class Gemv:
         else:
             call = (f"gemv_nk<Cfg, {FORMATS[self.fmt]}, {self.block}, {self.k}, {self.n}, {self.m}, "
                     f"{self.warps}, {self.rpw}, {self.unroll}, {PROLOGUES[self.pro]}, {EPILOGUES[self.epi]}, "
-                    f"{self.hsum}, {self.stages}, {'true' if self.kv_prefetch else 'false'}>(a);")
+                    f"{self.hsum}, {self.stages}>(a);")
         return entry(self.name, self.args, call, self.threads, self.min_blocks)
 
     args = "GemvArgs"

@@ -63,10 +63,8 @@ from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gem
 # +4..+7%), its second step loaded before it waits (+0.9..+2.5% for all roles; at best -0.7%, one
 # role), 4 rows a warp with unroll 2 (+6..+18%)
 # glmrt build tunes these per GPU and model (tune.py: the model's own weights timed in the step)
-# kv_prefetch (qkv, one row, NK formats): the QKV GEMV requests the layer's earlier KV-cache rows into
-# L2 for the attention after it (kernels/gemv.cu prefetch_kv); not yet measured
 GEMV = {"warps": 8, "rpw": 2, "unroll": 4, "min_blocks": 2, "blocks_per_sm": 0, "hsum": 2, "mma": False, "ksplit": 1,
-        "stages": 0, "kv_prefetch": False}
+        "stages": 0}
 DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
@@ -191,8 +189,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                     rpw=c["rpw"], unroll=c["unroll"],
                     min_blocks=c["min_blocks"], hsum=c["hsum"] if kfmt == "int4" else 1,
                     ksplit=c.get("ksplit", 1) if kfmt == "int4_mma" else 1,
-                    stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0,
-                    kv_prefetch=bool(c.get("kv_prefetch")) and epi == "qkv" and rows == 1 and kfmt in NK_FORMATS)
+                    stages=c.get("stages", 0) if kfmt in NK_FORMATS else 0)
 
     att = {**ATTENTION, **config["attention"]}
     hpb = att["heads_per_block"] if s.group % att["heads_per_block"] == 0 else 0    # 0: the whole group

@@ -66,9 +66,6 @@ DEV void cp_async4(void* dst, const void* src, int bytes) {
 }
 DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-// a 128-byte line requested into L2, kept there before lines marked to go first (sm_80+): no
-// register, nothing waits for it
-DEV void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(p)); }
 // written by other blocks of this kernel (the last-block reductions): read through L2
 DEV float load_l2(const float* p) { return __ldcg(p); }
 DEV int load_l2(const int* p) { return __ldcg(p); }

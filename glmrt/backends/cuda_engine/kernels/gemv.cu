@@ -697,24 +697,8 @@ template <int UNROLL, int RPW> struct RingSlot<UNROLL, RPW, false> {   // format
   uint4 w[UNROLL][RPW][32];
 };
 
-// KV_PREFETCH (EPI_QKV, one row): this layer's cached K and V rows before this token's are
-// requested into L2 by the whole grid before it waits (prefetch_kv), for the attention after it
-// to read from L2 instead of DRAM: the attention at 8K ran at about 1.3 TB/s on its extra bytes
-// (H200, GLM-Z1-9B), while this GEMV streams its weights at full speed anyway
-template <class C> DEV void prefetch_kv(const GemvArgs& a) {
-  constexpr int LINE = 128;
-  const size_t rows = (size_t)(*a.pos + a.pos_add);     // this token's own row: the epilogue writes it
-  const size_t lines = (rows * C::HD * 2 + LINE - 1) / LINE;   // a KV head's rows, K or V
-  const size_t total = lines * 2 * C::NKV, stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const size_t kvh = i / lines;                        // K heads, then V heads
-    const h16* head = (kvh < C::NKV ? a.k_cache : a.v_cache) + (kvh % C::NKV) * a.max_seq * C::HD;
-    prefetch_l2((const char*)head + i % lines * LINE);
-  }
-}
-
 template <class C, int FMT, int BLOCK, int K, int N, int M, int WARPS, int RPW, int UNROLL, int PRO, int EPI,
-          int HSUM = 1, int STAGES = 0, bool KV_PREFETCH = false>
+          int HSUM = 1, int STAGES = 0>
 DEV void gemv_nk(const GemvArgs& a) {
   typedef XLayout<FMT> L;
   constexpr int KP = NBITS_FMT(FMT) ? (K + BLOCK - 1) / BLOCK * BLOCK : K;
@@ -804,10 +788,8 @@ DEV void gemv_nk(const GemvArgs& a) {
       __syncthreads();
     }
   };
-  static_assert(!KV_PREFETCH || (EPI == EPI_QKV && M == 1), "the KV prefetch: one row's QKV");
   auto begin = [&]() {                      // after the first loads are issued: x staged
     grid_launch_dependents();
-    if constexpr (KV_PREFETCH) prefetch_kv<C>(a);   // earlier steps' rows: no kernel of this step writes them
     grid_wait();                            // from here on: what other kernels write
     if (threadIdx.x < M) { best_v[threadIdx.x] = __int_as_float(0xff800000); best_i[threadIdx.x] = 0x7fffffff; }
     stage_x<C, FMT, K, KP, M, PRO, WARPS * 32>(a, (h16*)xs, red);
