@@ -369,7 +369,7 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     line; a role's tuned knobs never reach the batched steps' kernels (pinned under "rows")."""
     from glmrt.backends.cuda_engine.step import engine_kernels
     from glmrt.backends.cuda_engine.tune import CANDIDATES, tune, with_knobs
-    times = {("qkv", 2): 96.0, ("o_proj", 2): 99.8, ("down", 16): selfcheck.Unfit("does not fit")}
+    times = {("qkv", 2): 96.0, ("o_proj", 2): 99.8, ("qkv", 16): selfcheck.Unfit("does not fit")}
 
     def measure(c):
         us = 100.0
@@ -382,7 +382,7 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     config, report = tune(measure, candidates=CANDIDATES)
     assert report["chosen"] == {"qkv": {"unroll": 2, "min_blocks": 3}}            # o_proj's 0.2% is noise
     assert report["base_us"] == 100.0 and report["us"] == 96.0
-    assert any("error" in t and t["role"] == "down" for t in report["tried"])
+    assert any("error" in t and t["role"] == "qkv" for t in report["tried"])
     qkv = next(t for t in report["tried"] if t["role"] == "qkv" and t["kept"])
     assert (qkv["again_us"], qkv["best_again_us"]) == (96.0, 100.0)
     # a candidate that launches what the best does is not timed
@@ -395,10 +395,10 @@ def test_tuning_keeps_a_faster_candidate_and_leaves_the_batched_kernels_alone():
     # a fault on the GPU: one line naming the candidate
 
     def fault(c):
-        if c["gate_up"].get("unroll") == 2:
+        if c["down"].get("unroll") == 2:
             raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS\nmore")
         return 100.0
-    with pytest.raises(GlmrtError, match=r"^tuning stopped at gate_up \{'unroll': 2, 'min_blocks': 3\}: "
+    with pytest.raises(GlmrtError, match=r"^tuning stopped at down \{'unroll': 2, 'min_blocks': 3\}: "
                                          r"RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS \(build with --no-tune\)$"):
         tune(fault, candidates=CANDIDATES)
     assert config["qkv"]["unroll"] == 2 and DEFAULT_CONFIG["qkv"]["unroll"] == 4    # the default is not touched

@@ -777,10 +777,11 @@ def time_kernels(device, shapes: Shapes, formats: Formats, *, launches: int = 50
                 for i in range(launches):
                     device.launch(handles[name], (grid,), spec.threads, spec.smem, args[i % len(args)])
             rows.append(_time(device, record, launches, f"{name} ({c.f.kernel(fmt)}, {n} x {k})", nbytes, grid, log))
-        blocks = att_spec.counters(s.kv_heads)
+        blocks = att_spec.blocks_x(s.kv_heads)
         att = AttnArgs(q=c.put(c.vec32(s.heads * s.head_dim)), k_cache=common["k_cache"], v_cache=common["v_cache"],
                        part_o=c.zeros(4 * s.heads * splits * s.head_dim), part_ml=c.zeros(8 * s.heads * splits),
-                       out=c.zeros(4 * s.heads * s.head_dim), counter=c.zeros(4 * blocks), pos_add=0, max_seq=max_seq,
+                       out=c.zeros(4 * s.heads * s.head_dim), counter=c.zeros(4 * att_spec.counters(s.kv_heads)),
+                       pos_add=0, max_seq=max_seq,
                        chunk=chunk, splits=splits)
         for ctx in contexts if not only or "attention" in only else ():
             a = AttnArgs.from_buffer_copy(att)

@@ -69,8 +69,10 @@ DEFAULT_CONFIG = {
     "qkv": GEMV, "o_proj": GEMV, "gate_up": GEMV, "down": GEMV, "lm_head": GEMV,
     "lm_head_kn": {**GEMV, "rpw": 1, "unroll": 8},
     # the 8-bit MatMulNBits lm_head (export --lm-head int8): unroll 2, where 4 spills (NVRTC 13.5,
-    # sm_90: 8 bytes at one row of x, 340 at eight; 80 to 118 registers with 2, none spilled)
-    "lm_head_i8": {**GEMV, "unroll": 2},
+    # sm_90: 8 bytes at one row of x, 340 at eight; 80 to 118 registers with 2, none spilled);
+    # min_blocks 3 (80 registers: 3 blocks an SM): the tuner kept it for GLM-Z1-9B on the H200
+    # (session 14: 2282.6 against 2304.3 us a step, -0.9%)
+    "lm_head_i8": {**GEMV, "unroll": 2, "min_blocks": 3},
     # heads_per_block query heads of a KV head's group per block, tile positions a step;
     # splits: the grid's y (at most sources.ATT_MAX_SPLITS); chunk: the fewest positions a
     # split takes (short contexts use len / chunk splits, long ones all of them); mma: the
@@ -85,7 +87,11 @@ DEFAULT_CONFIG = {
     # mma_threads: the tensor-core kernel's block; threads: the CUDA-core kernel's; merge_group
     # ("last", mma): 0, the last split folds all of them; n >= 2, two levels: the last of each n
     # splits folds them while others still read, the last of those folds the partials (at 8K the
-    # one-level merge has one block read 64 splits' outputs, 256 KB for GLM-Z1-9B's group)
+    # one-level merge has one block read 64 splits' outputs, 256 KB for GLM-Z1-9B's group). H200,
+    # tuned int4 steps as bursts of 8 against 0 (session 14): 8, GLM-Z1-9B +0.4% at 128, -0.5% at
+    # 8192, GLM-4-32B 0.0%, -2.3%; 4: +3.8 / -0.6% and +2.6 / -1.7% (at 129 positions its two
+    # levels cost a step's worth); 16: +0.9 / +0.3%. Not better there either: 128 splits of 128
+    # threads (+1.9 / +2.1%; GLM-4-32B +6.6% at 8192), tile 64 (+3.3 / +1.4%), 128 threads (+1.4 / +2.7%)
     "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
                   "mma_threads": 256, "merge": "last", "merge_group": 8},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
@@ -99,7 +105,9 @@ DEFAULT_CONFIG = {
              # the fp16 W^T lm_head stays on the CUDA cores: on the tensor cores ("mma": true,
              # movmatrix) it is correct on the H200 but no faster in the step (8 rows: 4.00 against
              # 3.98 ms; 2 rows: 3.08 against 2.94)
-             "lm_head_kn": {}, "lm_head_i8": {}},
+             # the 8-bit lm_head's batched instances keep min_blocks 2 (the single row's 3 caps them
+             # at 80 registers; 8 rows take 118)
+             "lm_head_kn": {}, "lm_head_i8": {"min_blocks": 2}},
     # and per bucket (rows as a string) over "rows" (H200, the 9B step on zero weights, 4 / 8 rows:
     # 3.10 / 3.97 ms; without these 3.64 / 4.03; at 2 rows they cost 2.92 against 2.87): down's wide
     # x staged for 4 rows leaves room for 16 warps a block, for 8 rows (219 KB) fewer loads in flight
@@ -200,6 +208,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
                 gemv("down", "down", f.linear, s.inter, s.hidden, "f16", "store"),
                 gemv("lm_head", "lm_head", f.lm_head, s.hidden, s.vocab, "f16", "argmax")]
     mma = bool(att.get("mma", False)) and mma_attention_fits(s.head_dim, s.group, att["mma_threads"], att["tile"])
+    mg = merge_group(att)                # checked whatever the kernel: a bad value is never ignored
     spread = mma and att.get("merge", "last") == "spread"
     if att.get("merge", "last") not in ("last", "spread"):
         raise ValueError(f"attention merge {att['merge']!r}: 'last' or 'spread'")
@@ -208,7 +217,7 @@ def decode_kernels(shapes: Shapes, formats: Formats, config: dict = DEFAULT_CONF
         gemv("qkv_first", "qkv", f.linear, s.hidden, s.qkv, f.embed, "qkv"),
         gemv("qkv", "qkv", f.linear, s.hidden, s.qkv, "add_norm", "qkv"),
         Attention("attention", s.head_dim, s.group, threads, hpb, att["tile"], mma=mma, spread=spread,
-                  merge_group=merge_group(att) if mma and not spread else 0),
+                  merge_group=mg if mma and not spread else 0),
         *([AttentionMerge("attention_merge", s.head_dim, s.group, merge_threads(s.head_dim), att["tile"])]
           if spread else []),
         gemv("o_proj", "o_proj", f.linear, s.heads * s.head_dim, s.hidden, "f32", "store"),
