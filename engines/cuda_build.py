@@ -1,6 +1,6 @@
 """`glmrt build --backend cuda`: glmrt's own decode engine for one GPU, from a `--target cuda`
-export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128; its lm_head may be
-8-bit, --lm-head int8), fp8 (e4m3
+export (the gqa form) of precision int4 (MatMulNBits, symmetric, block 32/64/128; its lm_head 8-bit
+by default, or fp16 W^T with --lm-head float, or int4), fp8 (e4m3
 weight-only, a scale per output row: the cuda target's fp8-rows form), fp16 or bf16 (exported
 with --float-layout nk, matrices as the checkpoint stores them):
 

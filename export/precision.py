@@ -89,6 +89,8 @@ def _lm_head(spec, form: str, target, same: bool, choice: str | None, scheme, op
         if choice is not None:
             raise ValueError("pass --quantize-lm-head or --lm-head, not both")
         return scheme
+    if choice is None and form != "matmulnbits":   # a target's default: MatMulNBits forms only
+        return None
     choice = choice or target.lm_head
     if choice == "same":                       # a target's default: the weights' own bits
         return scheme if form == "matmulnbits" else None

@@ -51,9 +51,9 @@ def main():
 @click.option("--activations", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Activation dtype of quantized forms (default fp32 onnxruntime, fp16 tensorrt).")
 @click.option("--lm-head", type=click.Choice(["float", "int8", "int4"]), default=None,
-              help="Quantized exports: lm_head as float or MatMulNBits int8/int4 (default: "
-                   + "; ".join(f"{n} {t.lm_head.replace('same', 'the weights bits')}"
-                               for n, t in TARGETS.items()) + ").")
+              help="Quantized exports: lm_head as float or MatMulNBits int8/int4 (default, for MatMulNBits "
+                   "weights: " + "; ".join(f"{n} {t.lm_head.replace('same', 'the weights bits')}"
+                                           for n, t in TARGETS.items()) + "; float for other forms).")
 @click.option("--quantize-lm-head", is_flag=True, help="lm_head in the weights' own form (instead of --lm-head).")
 @click.option("--int8-activations/--float-activations", default=None,
               help="int4/int8 MatMulNBits: multiply int8-quantized activations (ONNX Runtime's "

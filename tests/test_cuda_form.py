@@ -3,6 +3,7 @@ numerics on ONNX Runtime's CPU provider here, and on the GPU where onnxruntime-g
 (those tests skip cleanly elsewhere)."""
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -202,3 +203,22 @@ def test_gpu_session_records_the_ort_switches_it_ran_with(cuda_form, monkeypatch
     m = glmrt.load(cuda_form("int4"), device="cuda", max_context=64)
     assert m.decoder.describe()["settings"] == {"ORT_ENABLE_XQA": "0"}
     assert "ORT_ENABLE_XQA" not in glmrt.load(cuda_form("int4"), max_context=64).decoder.describe()["settings"]
+
+
+def test_an_8bit_matmulnbits_export_asks_for_onnxruntime_1_22_on_cuda():
+    """The cuda target's 8-bit lm_head (and int8 weights) run on ONNX Runtime's CUDA provider from
+    1.22: an older one is named in one line before a session is made; the CPU provider and
+    4-bit-only exports are not held to it."""
+    from glmrt.backends.ort_session import check_ort_version
+    int4 = {"form": "matmulnbits", "bits": 4}
+    head8 = {"precision": {"quantization": {**int4, "lm_head_form": {"form": "matmulnbits", "bits": 8}}}}
+    with pytest.raises(GlmrtError, match=r"^m: its 8-bit MatMulNBits needs onnxruntime-gpu 1\.22 or newer on "
+                                         r"CUDA \(this is 1\.21\.1\); upgrade it, or export with --lm-head float$"):
+        check_ort_version(Path("m"), head8, "cuda", "1.21.1")
+    for ok in ("1.22.0", "1.31.1", "2.0.0.dev1"):
+        check_ort_version(Path("m"), head8, "cuda", ok)
+    check_ort_version(Path("m"), head8, "cpu", "1.20.0")
+    check_ort_version(Path("m"), {"precision": {"quantization": int4}}, "cuda", "1.20.0")
+    check_ort_version(Path("m"), {"precision": {"name": "fp16"}}, "cuda", "1.20.0")
+    with pytest.raises(GlmrtError):
+        check_ort_version(Path("m"), {"precision": {"quantization": {"form": "matmulnbits", "bits": 8}}}, "cuda", "1.21")

@@ -181,7 +181,10 @@ def test_tensorrt_form_codes_equal_onnxruntime_form_minus_8_and_logits_agree(exp
 # (int4 on the CPU form measured 0.29/0.33 with float activations, 0.30/0.34 with its default
 # int8 activations; test_int8_activations_against_the_float64_reference isolates their share)
 QUALITY = {("int8", "onnxruntime"): (0.03, 0.06), ("fp8", "tensorrt"): (0.15, 0.25), ("fp8", "cuda"): (0.15, 0.25),
-           ("int4", "onnxruntime"): (0.35, 0.45), ("int4", "tensorrt"): (0.35, 0.5)}
+           ("int4", "onnxruntime"): (0.35, 0.45), ("int4", "tensorrt"): (0.35, 0.5), ("int4", "cuda"): (0.35, 0.45)}
+# lm_head's form by default, per (precision, target): the weights' own bits on the CPU forms, 8 bits
+# on the cuda target's MatMulNBits (its fp8 keeps a float lm_head), float elsewhere
+HEAD_BITS = {("int8", "onnxruntime"): 8, ("int4", "onnxruntime"): 4, ("int4", "cuda"): 8}
 
 
 @pytest.mark.parametrize("precision,target", list(QUALITY))
@@ -195,13 +198,15 @@ def test_quantized_logits_against_fp32(precision, target, model, exported):
     assert rel < bound_rel and disagree < bound_top1
     man = json.loads((exported("quant", precision, target=target) / "manifest.json").read_text())
     q = man["precision"]["quantization"]
-    head = TARGETS[target].lm_head                           # the CPU form quantizes lm_head by default
-    assert q["lm_head"] == ("float" if head == "float" else "quantized") and q["embed_tokens"] == "float"
+    bits = HEAD_BITS.get((precision, target))
+    assert TARGETS[target].lm_head != "float" or bits is None
+    assert q["lm_head"] == ("quantized" if bits else "float") and q["embed_tokens"] == "float"
     layers = {f"layers.{i}/{n}" for i in range(2) for n in
               ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
-    assert set(q["errors"]) == layers | ({"lm_head"} if head != "float" else set())
-    if head != "float":                                    # "same": the weights' own bits
-        assert q["lm_head_form"]["bits"] == int(precision[3:]) and q["lm_head_form"]["int8_activations"]
+    assert set(q["errors"]) == layers | ({"lm_head"} if bits else set())
+    if bits:
+        assert q["lm_head_form"]["bits"] == bits
+        assert q["lm_head_form"]["int8_activations"] == TARGETS[target].int8_activations
     if (precision, target) == ("fp8", "tensorrt"):
         assert set(q["calibration"]["input_amax"]) == layers | {"lm_head"}
     elif precision == "fp8":                               # the cuda target's fp8 is weight-only
@@ -332,3 +337,28 @@ def test_lm_head_bits(choice, bits, exported, model):
     ref = model("quant", "int4", lm_head="float").logits(list(range(5, 300, 3)))
     got = model("quant", "int4", lm_head=choice).logits(list(range(5, 300, 3)))
     assert np.abs(got - ref).max() / np.abs(ref).max() < (0.03 if bits == 8 else 0.2)
+
+
+# (precision, target) -> lm_head's form by default: (form name, bits) or None for a float lm_head.
+# The CPU forms give it the weights' own bits; the cuda target an 8-bit MatMulNBits wherever the
+# weights are MatMulNBits; every form that is not MatMulNBits (fp8 anywhere, Q/DQ) keeps it float
+LM_HEAD_DEFAULTS = {
+    ("int4", "onnxruntime"): ("matmulnbits", 4), ("int8", "onnxruntime"): ("matmulnbits", 8),
+    ("fp8", "onnxruntime"): None, ("int4", "cpu"): ("matmulnbits", 4),
+    ("int4", "cuda"): ("matmulnbits", 8), ("int8", "cuda"): ("matmulnbits", 8), ("fp8", "cuda"): None,
+    ("int4", "tensorrt"): None, ("fp8", "tensorrt"): None,
+}
+
+
+@pytest.mark.parametrize("precision,target", list(LM_HEAD_DEFAULTS))
+def test_lm_head_defaults_per_target(precision, target):
+    from glmrt.export.precision import precision_for
+    head = precision_for(precision, target=target).lm_head
+    want = LM_HEAD_DEFAULTS[precision, target]
+    assert (None if head is None else (head.params()["form"], head.params()["bits"])) == want
+    # --lm-head float always keeps it float; --lm-head on a form that is not MatMulNBits is refused
+    if want is not None:
+        assert precision_for(precision, target=target, lm_head="float").lm_head is None
+    elif precision == "fp8":
+        with pytest.raises(GlmrtError, match="--lm-head int8 takes MatMulNBits targets"):
+            precision_for(precision, target=target, lm_head="int8")

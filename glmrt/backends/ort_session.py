@@ -18,6 +18,9 @@ from ..host import physical_cores
 # kernel, 8 us per layer faster on the H200 with GLM-Z1-9B shapes at every context measured
 # (same on GLM-4-32B shapes; bench/RESULTS.md). ORT reads them when a session makes its kernels.
 CUDA_ORT_DEFAULTS = {"ORT_ENABLE_XQA": "0"}
+# 8-bit MatMulNBits (int8 weights, the cuda target's lm_head) runs on ONNX Runtime's CUDA provider
+# from 1.22 on (microsoft/onnxruntime#24509)
+CUDA_NBITS8_ORT = (1, 22)
 _ENV_LOCK = threading.Lock()            # models loaded from several threads set them in turn
 
 
@@ -43,6 +46,18 @@ def ort_settings(defaults: dict):
                 os.environ.pop(k, None)
 
 
+def check_ort_version(folder: Path, manifest: dict, device: str, version: str) -> None:
+    """One line, before ONNX Runtime fails deep inside, where this export needs a newer one."""
+    q = manifest["precision"].get("quantization") or {}
+    forms = [q] + ([q["lm_head_form"]] if q.get("lm_head_form") else [])
+    if device == "cuda" and any(f.get("form") == "matmulnbits" and f.get("bits") == 8 for f in forms):
+        have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if have < CUDA_NBITS8_ORT:
+            raise GlmrtError(f"{folder}: its 8-bit MatMulNBits needs onnxruntime-gpu "
+                             f"{'.'.join(map(str, CUDA_NBITS8_ORT))} or newer on CUDA (this is {version}); "
+                             "upgrade it, or export with --lm-head float")
+
+
 def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
                  cuda_graph: bool = False, initializers: dict | None = None) -> OrtSession:
     """initializers: name -> OrtValue the session uses instead of loading that weight (the
@@ -55,6 +70,7 @@ def make_session(folder: Path, manifest: dict, device: str, threads: int | None,
             raise GlmrtError("device='cuda' needs onnxruntime-gpu with a CUDA device "
                              "(pip install 'glmrt[gpu]'); this onnxruntime offers "
                              f"{', '.join(ort.get_available_providers())}")
+        check_ort_version(folder, manifest, device, ort.__version__)
         opts = {"enable_cuda_graph": "1"} if cuda_graph else {}
         providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
     else:
