@@ -4,7 +4,8 @@ position of held-out text decoded by the engine's own kernels, in the CPU emulat
 tests/cuda_emu (no GPU needed; the same kernel source NVRTC compiles) or on the GPU here with
 --gpu. Against the fp32 export on ONNX Runtime CPU (bench/quality.py's baseline): logits error
 relative to the largest logit, top-1 agreement, perplexity. Beside them, ONNX Runtime's own int4
-CUDA form of the same folder, run on its CPU provider (the same int4 weights).
+CUDA form of the same folder, run on its CPU provider (the same int4 weights), and the engine
+with other lm_heads than the cuda target's 8-bit one (export --lm-head float / int4).
 
     python3 bench/engine_quality.py [--gpu] [--tokens 512] [--window 256]
 """
@@ -62,6 +63,9 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="the GPU here instead of the CPU emulation")
     ap.add_argument("--tokens", type=int, default=512, help="held-out tokens scored")
     ap.add_argument("--window", type=int, default=256, help="tokens per window (each starts without context)")
+    ap.add_argument("--forms", default="fp16,int8,lmh16,lmh4",
+                    help="engine rows: fp16 (the default build), int8 (--activations int8), lmh16 / lmh4 (an fp16 / "
+                         "int4 lm_head instead of the cuda target's 8-bit one)")
     args = ap.parse_args()
     if args.gpu:
         from glmrt.backends.cuda_engine.device import CudaDevice
@@ -81,12 +85,23 @@ def main():
         rows.append(("fp32 export, ONNX Runtime CPU (the reference)", scores(ref, ref, windows)))
         export_model(DEFAULT, tmp / "int4", precision="int4", target="cuda")
         ort = glmrt.load(tmp / "int4", device="cpu")
-        rows.append(("int4 cuda form, ONNX Runtime (its CPU provider), fp16 activations",
+        rows.append(("int4 cuda form (8-bit lm_head), ONNX Runtime (its CPU provider), fp16 activations",
                      scores(np.concatenate([ort.logits(w) for w in windows]), ref, windows)))
-        for label, act in (("int4, cuda engine, fp16 activations (default)", None),
-                           ("int4, cuda engine, int8 activations (--activations int8)", "int8")):
-            folder = tmp / f"engine-{act or 'fp16'}"
-            shutil.copytree(tmp / "int4", folder)
+        forms = args.forms.split(",")
+        for lm in ("float", "int4"):
+            export_model(DEFAULT, tmp / f"int4-lmh{lm}", precision="int4", target="cuda", lm_head=lm)
+        ort16 = glmrt.load(tmp / "int4-lmhfloat", device="cpu")
+        rows.append(("int4 cuda form, fp16 lm_head (--lm-head float), ONNX Runtime (its CPU provider)",
+                     scores(np.concatenate([ort16.logits(w) for w in windows]), ref, windows)))
+        for key, label, act, lm in (
+                ("fp16", "int4, cuda engine, fp16 activations, 8-bit lm_head (the defaults)", None, None),
+                ("int8", "int4, cuda engine, int8 activations (--activations int8)", "int8", None),
+                ("lmh16", "int4, cuda engine, fp16 lm_head (export --lm-head float)", None, "float"),
+                ("lmh4", "int4, cuda engine, int4 lm_head (export --lm-head int4)", None, "int4")):
+            if key not in forms:
+                continue
+            folder = tmp / f"engine-{act or 'fp16'}-{lm or 'lmh16'}"
+            shutil.copytree(tmp / (f"int4-lmh{lm}" if lm else "int4"), folder)
             build(folder, backend="cuda", gpu=gpu, activations=act)
             t = time.perf_counter()
             rows.append((label, scores(engine_logits(folder, device, windows), ref, windows)))

@@ -255,8 +255,10 @@ engine|engine-bench)   # glmrt's cuda engine; every part under `timeout`, so one
       flags=""; [ "$prec" = fp16 ] || [ "$prec" = bf16 ] && flags="--float-layout nk"
       # PREC+lmh4: the export's lm_head in int4 (MatMulNBits) too
       lmh=""; [ "${prec%+lmh4}" != "$prec" ] && { prec=${prec%+lmh4}; flags="$flags --lm-head int4"; lmh="-lmh4"; dir=$W/engine-$shape-$prec$lmh; }
-      # PREC+lmh8: an 8-bit MatMulNBits lm_head (the engine's W_INT8)
+      # PREC+lmh8: an 8-bit MatMulNBits lm_head (the engine's W_INT8; the cuda target's default since session 14)
       [ "${prec%+lmh8}" != "$prec" ] && { prec=${prec%+lmh8}; flags="$flags --lm-head int8"; lmh="-lmh8"; dir=$W/engine-$shape-$prec$lmh; }
+      # PREC+lmhf: a float (fp16, W^T) lm_head, the cuda target's default before session 14
+      [ "${prec%+lmhf}" != "$prec" ] && { prec=${prec%+lmhf}; flags="$flags --lm-head float"; lmh="-lmhf"; dir=$W/engine-$shape-$prec$lmh; }
       [ -f $W/exports.log ] && wait_exports
       short=$(case $shape in glm-z1-9b) echo 9b;; glm-4-32b) echo 32b;; esac)   # prep's name (EXPORTS="32b-int4")
       if [ -n "$short" ] && [ -z "$flags" ] && [ -f $W/$short-$prec/manifest.json ]; then
