@@ -628,8 +628,9 @@ def test_build_without_a_gpu_writes_a_complete_engine(engine_model):
     assert (where / "engine.cubin").read_bytes()[:4] == b"\x7fELF"
     assert selfcheck.__name__ and em["source_sha256"] == __import__("hashlib").sha256(
         (where / "engine.cu").read_bytes()).hexdigest()
-    assert em["formats"] == {"linear": "int4", "block": 32, "lm_head": "f16_kn", "act": "f16"}   # fp16 x by default
-    assert {k["fmt"] for k in em["kernels"] if k["type"] == "gemv"} == {"int4", "f16_kn"}
+    # fp16 x by default; the cuda target's int4 export carries an 8-bit MatMulNBits lm_head
+    assert em["formats"] == {"linear": "int4", "block": 32, "lm_head": "int8", "act": "f16"}
+    assert {k["fmt"] for k in em["kernels"] if k["type"] == "gemv"} == {"int4", "int8"}
     assert {k["name"] for k in em["kernels"]} == {"qkv_first", "qkv", "attention", "o_proj", "gate_up", "down",
                                                    "lm_head"}
     assert em["selfcheck"] is None and em["tuned"] is False          # no GPU here: compiled, not checked
@@ -670,7 +671,7 @@ def test_build_cli_takes_int8_activations_for_int4_only(exported, tmp_path):
     assert r.exit_code == 0, r.output
     em = read_engine(model / "engines" / "nvidia-h200-sm90" / "int4")
     assert em["formats"]["act"] == "int8"
-    assert {k["fmt"] for k in em["kernels"] if k["type"] == "gemv"} == {"int4_a8", "f16_kn"}
+    assert {k["fmt"] for k in em["kernels"] if k["type"] == "gemv"} == {"int4_a8", "int8"}   # lm_head: 8-bit
     fp16 = tmp_path / "f"
     shutil.copytree(exported("quant", "fp16", target="cuda", float_layout="nk"), fp16)
     r = CliRunner().invoke(main, ["build", str(fp16), "--backend", "cuda", "--gpu", "NVIDIA H200@sm90",
@@ -1211,8 +1212,8 @@ def test_max_batch_is_checked_and_slots_beyond_it_say_how_to_rebuild(engine_mode
         glmrt.load(engine_model("int4"), backend="cuda", max_context=64, slots=2)
     # shared memory counted with each kernel's static memory, after the compile
     import glmrt.engines.cuda_build as cb
-    small = tmp_path / "small"
-    shutil.copytree(exported("quant", "int4", target="cuda"), small)
+    small = tmp_path / "small"            # the fp16 W^T lm_head, as FORMATS["int4-b32"] has it
+    shutil.copytree(exported("quant", "int4", target="cuda", lm_head="float"), small)
     limit = max(k.smem for k in engine_kernels(SMALL, FORMATS["int4-b32"], DEFAULT_CONFIG, 4))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(cb.SMEM_LIMIT, 90, limit)               # every kernel's dynamic memory fits, not its total
