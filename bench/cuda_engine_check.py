@@ -577,10 +577,15 @@ def part_ncu_run(args):
         return
     with eng.generation() as c:
         tok = eng.step_greedy(np.array([rng.integers(3, 1000, size=128).tolist()]), c)
-        for _ in range(args.steps):
-            tok = eng.step_greedy(np.array([[tok]]), c)
+        if args.context > c.length:         # decode at a longer context: the cache's contents do not matter
+            if args.context + args.steps > args.max_context:
+                raise SystemExit(f"--context {args.context} + {args.steps} steps exceed --max-context {args.max_context}")
+            c.length = args.context
+        for _ in range(args.steps):         # ids of our own past a jump: the skipped rows are not text
+            out = eng.step_greedy(np.array([[tok]]), c)
+            tok = out if args.context <= 128 else int(rng.integers(3, 1000))
     eng.device.synchronize()
-    say(f"profiled {args.steps} decode steps of {args.model}")
+    say(f"profiled {args.steps} decode steps of {args.model} at context {c.length - args.steps}")
 
 
 def part_ncu_report(args):
@@ -947,6 +952,7 @@ def main():
     ap.add_argument("--reference-vs-ort", action="store_true", help="model: ONNX Runtime against that reference too")
     ap.add_argument("--weights", choices=["engine", "shared"], default="engine")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--context", type=int, default=128, help="ncu-run: the context the profiled decode steps run at")
     ap.add_argument("--tag", default="")
     ap.add_argument("--layers", type=int, default=8, help="ncu-report: the profiled model's layers")
     ap.add_argument("--only", choices=["attention", "gemv"], default=None, help="sweep: one half of it")

@@ -542,21 +542,23 @@ engine-slots) # continuous batching on glmrt's engine (after `install`): GLM-Z1-
   fi
   ;;
 engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 decode steps at context 128,
-              # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers)
+              # fp16 x and int8 x; then GLM-4-32B's whole int4 step timed as a graph (61 layers);
+              # NCU_CONTEXT=8192: the decode steps at that context (ACTS="fp16": one build only)
   C="python3 $REPO/bench/cuda_engine_check.py"
   fresh_glmrt
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   dir=$W/engine-9b-8L-int4
   python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite || exit 1
   per=$(( 5 * 8 + 1 ))
-  for act in fp16 int8; do
+  ctx=${NCU_CONTEXT:-128}
+  for act in ${ACTS:-fp16 int8}; do
     python3 -m glmrt.cli build "$dir" --backend cuda --overwrite --gpu "NVIDIA H200@sm90" --activations $act || exit 1
     run timeout 240 "$NCU" --clock-control none --csv --print-units base --print-kernel-base function \
       --kernel-name "regex:^(qkv_first|qkv|attention|o_proj|gate_up|down|lm_head)$" \
       --launch-skip $(( 124 * per )) --launch-count $(( 8 * per )) \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file "$OUT/ncu-engine-9b-8L-$act.csv" \
-      $C ncu-run "$dir" --steps 3 2>&1 | tail -2
-    $C ncu-report "$OUT/ncu-engine-9b-8L-$act.csv" --layers 8 --steps 3 --tag "9b-8L-int4-$act" 2>&1 | tee -a "$OUT/engine-ncu.log"
+      $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) 2>&1 | tail -2
+    $C ncu-report "$OUT/ncu-engine-9b-8L-$act.csv" --layers 8 --steps 3 --tag "9b-8L-int4-$act-ctx$ctx" 2>&1 | tee -a "$OUT/engine-ncu.log"
   done
   run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
   ;;
