@@ -110,7 +110,7 @@ MUTATIONS = {
                          "att_word(v0, i), b1 = att_word(v1, i)"),
     "Q dims order": ("qa[mi][2 * c][2 + e] = pack_h2(lo.z * scale, lo.w * scale);",
                      "qa[mi][2 * c][2 + e] = pack_h2(lo.w * scale, lo.z * scale);"),
-    "counter re-armed": ("if (tid == 0) a.counter[row * gridDim.x + h] = 0u;", ""),
+    "counter re-armed": ("if (tid == 0) *fin = 0u;", ""),
     "grown split": ("return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;"),
     # the check's q and this token's K/V land only at the kernel's wait (the emulation's in-flight
     # writes): a kernel that reads them without waiting for the QKV kernel reads NaN

@@ -731,7 +731,7 @@ DEV void attention_mma(const AttnArgs& a) {
   } else {
     att_fold<HD, G, THREADS, true>(part16, a.part_ml, rh + head0, a.splits, 0, used, a.out, nullptr, nullptr, 0, 0);
   }
-  if (tid == 0) a.counter[row * gridDim.x + h] = 0u;     // re-armed for the next launch
+  if (tid == 0) *fin = 0u;                               // re-armed for the next launch
 }
 
 // ---- the splits' merge spread over blocks (attention_mma<..., SPREAD = true>) ------------------
