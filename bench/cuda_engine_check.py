@@ -565,10 +565,10 @@ def part_ncu_run(args):
     eng, _ = load_engine(args, Path(args.model), max_context=args.max_context, burst=1, cuda_graph=False,
                          prefill="engine")
     rng = np.random.default_rng(0)
-    if args.slots:                          # batched steps of that many slots at 128 cached positions
+    if args.slots:                          # batched steps of that many slots at --context cached positions
         caches = eng.open_slots(args.slots)
         for c in caches:
-            c.length = 128                  # the cache's contents do not matter for timing
+            c.length = args.context         # the cache's contents do not matter for timing
         ids = rng.integers(3, 1000, size=args.slots)
         for _ in range(args.steps):
             eng.step_batch_greedy(ids, caches)       # the same ids each step: the cache holds no text
@@ -577,13 +577,14 @@ def part_ncu_run(args):
         return
     with eng.generation() as c:
         tok = eng.step_greedy(np.array([rng.integers(3, 1000, size=128).tolist()]), c)
-        if args.context > c.length:         # decode at a longer context: the cache's contents do not matter
+        jumped = args.context > c.length    # decode at a longer context: the cache's contents do not matter
+        if jumped:
             if args.context + args.steps > args.max_context:
                 raise SystemExit(f"--context {args.context} + {args.steps} steps exceed --max-context {args.max_context}")
             c.length = args.context
         for _ in range(args.steps):         # ids of our own past a jump: the skipped rows are not text
             out = eng.step_greedy(np.array([[tok]]), c)
-            tok = out if args.context <= 128 else int(rng.integers(3, 1000))
+            tok = int(rng.integers(3, 1000)) if jumped else out
     eng.device.synchronize()
     say(f"profiled {args.steps} decode steps of {args.model} at context {c.length - args.steps}")
 
