@@ -106,6 +106,8 @@ MUTATIONS = {
     "KV head": ("(size_t)h * a.max_seq * HD;   // this row's KV head h", "(size_t)(h ^ 1) * a.max_seq * HD;"),
     "position groups' weights": ("const float wgt = __expf(m_run[mi][r] - mx_s[rr]);", "const float wgt = 1.f;"),
     "positions past the split": ("if (p >= t1) sc[mi][j][n][e] = ninf;", ""),
+    # the check's cache holds NaN past the sequence: V there must be zeros, not only weighted 0
+    "V past the split read": ("vr[b][i] = ok ? vbase[(size_t)p * RW + w % RW]", "vr[b][i] = w < TW ? vbase[(size_t)p * RW + w % RW]"),
     "V not transposed": ("movmatrix_t(att_word(v0, i)), b1 = movmatrix_t(att_word(v1, i))",
                          "att_word(v0, i), b1 = att_word(v1, i)"),
     "Q dims order": ("qa[mi][2 * c][2 + e] = pack_h2(lo.z * scale, lo.w * scale);",

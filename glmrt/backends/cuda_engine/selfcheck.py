@@ -407,7 +407,9 @@ def merging(spec: dict) -> str:
 
 def check_attention(c: _Ctx) -> dict:
     """Lengths on one split, on several of `chunk` positions, and past chunk x splits (each
-    split's share grown), the whole cache included; the counters re-armed after each."""
+    split's share grown), the whole cache included; the counters re-armed after each. The cache
+    rows past each length hold NaN (memory never written, or another sequence's): a kernel must
+    not let them into its sums, not even times a zero probability."""
     s = c.s
     nh, nkv, hd = s.heads, s.kv_heads, s.head_dim
     spec, splits, chunk = c.spec["attention"], c.splits, c.chunk
@@ -423,6 +425,10 @@ def check_attention(c: _Ctx) -> dict:
     for length in sorted({min(c.max_seq, n) for n in (1, 37, chunk, chunk + 1, 2 * chunk + 77, chunk * splits + 77,
                                                        c.max_seq)}):
         a.pos = c.put(np.array([length - 1 - a.pos_add], np.int32))
+        for base, cache in ((a.k_cache, kc), (a.v_cache, vc)):
+            past = cache.copy()
+            past[:, length:] = np.nan
+            c.dev.upload(base, past)
         c.dev.zero(out, 4 * nh * hd)
         stage = getattr(c.dev, "in_flight", None)
         if stage:       # the emulation: q and this token's K, V land at the kernel's wait, as the QKV kernel's
