@@ -237,6 +237,7 @@ inline bool run_block(int threads) {
 #define __shfl_xor_sync(mask, v, m) emu::shfl_xor((v), (m), __LINE__)
 inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p += v; return old; }
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
+inline unsigned arrive(unsigned* p) { return atomicAdd(p, 1u); }   // common.cuh's (no reordering here)
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }

@@ -92,7 +92,16 @@ DEFAULT_CONFIG = {
     # 8192, GLM-4-32B 0.0%, -2.3%; 4: +3.8 / -0.6% and +2.6 / -1.7% (at 129 positions its two
     # levels cost a step's worth); 16: +0.9 / +0.3%. Not better there either: 128 splits of 128
     # threads (+1.9 / +2.1%; GLM-4-32B +6.6% at 8192), tile 64 (+3.3 / +1.4%), 128 threads (+1.4 / +2.7%)
-    "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 64, "mma": True,
+    # splits 66 (64 before session 15): the tensor-core kernel runs one block an SM, and 2 KV heads x
+    # 66 splits fill an H100's or H200's 132 SMs. Contexts just past 8192 (what `glmrt bench` times
+    # at 8192) split into whole tiles of 32 positions: 64 splits take 160 positions each, 52 of them
+    # used (104 blocks, 5 tiles in turn); 66 take 128 (130 blocks, 4 tiles). At exactly 8192 both
+    # take 128: there the steps measured the same (+0.1%, H200, session 15). Measured and not kept
+    # (session 15, int4 steps against these defaults): the K/V tiles through a cp.async ring in
+    # dynamic shared memory (2 or 3 stages, tiles of 32, 64 or 128: +1.5 .. +9.9% for GLM-Z1-9B,
+    # +0.1 .. +4.5% for GLM-4-32B); loading the first tiles before the kernel's wait: faster, and wrong
+    # (kernels/attention.cu, at its grid_wait)
+    "attention": {"threads": 128, "heads_per_block": 4, "tile": 32, "chunk": 32, "splits": 66, "mma": True,
                   "mma_threads": 256, "merge": "last", "merge_group": 8},
     # the GEMVs of a batched step (M = 2..8 rows, buckets of continuous batching), per role over
     # its M = 1 knobs: int4 on the tensor cores (H200, GLM-Z1-9B's qkv, o_proj and gate_up alone,
@@ -265,7 +274,7 @@ def attention_launches(specs: dict, handles: dict, kv_heads: int, splits: int, r
     """(handle, grid, threads, smem, args, pdl) of the attention and, when its splits are merged
     apart (merge "spread"), attention_merge; specs and handles by kernel name."""
     spec = specs["attention"]
-    out = [(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, 0, args, pdl)]
+    out = [(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, spec.smem, args, pdl)]
     if "attention_merge" in specs:
         m = specs["attention_merge"]
         out.append((handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, 0, args, pdl))

@@ -270,7 +270,9 @@ DEV void attention(const AttnArgs& a) {
 // last of each MG consecutive splits to finish folds them into one partial of the same form (in
 // part_o's second half, which the fp16 outputs leave free) while other splits still read, the
 // last of those folds the partials: at 8K, 64 splits of GLM-Z1-9B's group are 256 KB for one
-// block to read, 8 + 8 partials 32 KB each. H200, GLM-Z1-9B,
+// block to read, 8 + 8 partials 32 KB each. The counts are arrive's (common.cuh): one atomic with
+// release and acquire semantics between two barriers, no fence by every thread (H200, session 15:
+// the int4 steps -0.7% / -1.3% at context 128 / 8192 for GLM-Z1-9B, -0.5% / -0.5% for GLM-4-32B). H200, GLM-Z1-9B,
 // 256 threads, tile 32, 32 splits: alone 6.3 / 12.7 us at context 128 / 8192 (attention with
 // its defaults: 6.6 / 20.7); the 40-layer step 2521 / 2796 us (attention's: 2575 / 3220).
 // Fragments, lane l = 4 g + t:
@@ -405,6 +407,11 @@ DEV void attention_mma(const AttnArgs& a) {
   const int t0 = split * chunk;
   grid_launch_dependents();
   if (t0 >= len) return;                                 // the whole block: nothing to read here
+  // Before the wait nothing is known to be done, not even earlier steps' K and V: every kernel lets
+  // the next start at once, so a chain of kernels waiting in turn can reach back past the step that
+  // wrote row len - 2. H200, session 15: the first tiles' older rows loaded before the wait made
+  // the step 1-2% faster and broke the decoder's tests on a small model (its small kernels fit
+  // beside each other); weights, which nothing writes, are all a kernel may read before it.
   grid_wait();                                           // q and this token's K, V: the previous kernel's
   const int t1 = min(len, t0 + chunk);
   const size_t kv0 = (size_t)row * a.slot_stride + (size_t)h * a.max_seq * HD;   // this row's KV head h
@@ -704,29 +711,25 @@ DEV void attention_mma(const AttnArgs& a) {
   const int ngrp = MG ? (used + MG - 1) / MG : 1;        // first-level groups
   unsigned* fin = a.counter + row * gridDim.x + h;
   const int first = ngrp > 1 ? split / MG * MG : 0, count = ngrp > 1 ? min(MG, used - first) : used;
-  __threadfence();                                       // the partials, before the count
-  __syncthreads();
+  __syncthreads();                                       // the partials, before the count (arrive)
   unsigned* gc = ngrp > 1 ? a.counter + gridDim.z * gridDim.x + (row * gridDim.x + h) * ATT_MAX_SPLITS + split / MG
                           : fin;
-  if (tid == 0) last_s = atomicAdd(gc, 1u) == (unsigned)count - 1;
+  if (tid == 0) last_s = arrive(gc) == (unsigned)count - 1;
   __syncthreads();
   if (!last_s) return;
-  __threadfence();
   if (ngrp > 1) {
     // second level: (rows, NH, G2) partials after the splits' fp16 outputs, then their (m, l)
     const int g2 = (a.splits + MG - 1) / MG;
     h16* o2 = part16 + (size_t)gridDim.z * gridDim.x * G * a.splits * HD;
     float* ml2 = (float*)(o2 + (size_t)gridDim.z * gridDim.x * G * g2 * HD);
     att_fold<HD, G, THREADS, false>(part16, a.part_ml, rh + head0, a.splits, first, count, nullptr, o2, ml2, g2, split / MG);
-    __threadfence();                                     // the group's partial, before the count
-    __syncthreads();
+    __syncthreads();                                     // the group's partial, before the count
     if (tid == 0) {
       *gc = 0u;                                          // re-armed for the next launch
-      last_s = atomicAdd(fin, 1u) == (unsigned)ngrp - 1;
+      last_s = arrive(fin) == (unsigned)ngrp - 1;
     }
     __syncthreads();
     if (!last_s) return;
-    __threadfence();
     att_fold<HD, G, THREADS, true>(o2, ml2, rh + head0, g2, 0, ngrp, a.out, nullptr, nullptr, 0, 0);
   } else {
     att_fold<HD, G, THREADS, true>(part16, a.part_ml, rh + head0, a.splits, 0, used, a.out, nullptr, nullptr, 0, 0);

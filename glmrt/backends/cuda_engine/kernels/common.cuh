@@ -66,6 +66,17 @@ DEV void cp_async4(void* dst, const void* src, int bytes) {
 }
 DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+// The last-block pattern's count (returns the count before this block's): one thread of the
+// block calls it between two __syncthreads, the block's writes before the first, its reads of
+// the other blocks' writes after the second. One atomic add with release and acquire semantics
+// at GPU scope: the barriers carry the other threads' writes and reads across (the PTX memory
+// model's causality order), so no thread needs a fence of its own (the classic form: every
+// thread's __threadfence, fence.sc.gpu, before the first barrier and after the second).
+DEV unsigned arrive(unsigned* p) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+  return old;
+}
 // written by other blocks of this kernel (the last-block reductions): read through L2
 DEV float load_l2(const float* p) { return __ldcg(p); }
 DEV int load_l2(const int* p) { return __ldcg(p); }
