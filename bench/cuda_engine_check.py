@@ -589,6 +589,41 @@ def part_ncu_run(args):
     say(f"profiled {args.steps} decode steps of {args.model} at context {c.length - args.steps}")
 
 
+def part_ncu_stalls(args):
+    """ncu's source page as CSV (`--page source --print-source sass --csv` with the SourceCounters
+    and WarpStateStats sections, one kernel launch) -> the warps' stall reasons over the kernel
+    (share of the samples) and its instructions with the most samples, each with its main reason
+    and how often it ran (warp-level)."""
+    import csv
+    lines = Path(args.model).read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"Address"')), None)
+    if start is None:
+        raise SystemExit(f"{args.model}: no source page (a row starting with \"Address\")")
+    head, *rows = list(csv.reader(lines[start:]))
+    rows = [r for r in rows if len(r) == len(head)]
+    col = {h: i for i, h in enumerate(head)}
+
+    def num(r, key):
+        try:
+            return float(r[col[key]])
+        except ValueError:
+            return 0.0
+    samples = "Warp Stall Sampling (All Samples)"
+    reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
+    total = sum(num(r, samples) for r in rows) or 1.0
+    say(f"{len(rows)} SASS instructions, {total:.0f} stall samples, "
+        f"{sum(num(r, 'Instructions Executed') for r in rows):.0f} warp instructions executed")
+    by = {h: sum(num(r, h) for r in rows) for h in reasons}
+    for h, v in sorted(by.items(), key=lambda kv: -kv[1])[:10]:
+        say(f"   {h[6:]:16s} {100 * v / total:5.1f}% of the samples")
+    say("instructions with the most samples (index, SASS, samples, main reason, warp executions):")
+    for i in sorted(sorted(range(len(rows)), key=lambda i: -num(rows[i], samples))[:args.top]):
+        r = rows[i]
+        say(f"   {i:5d} {r[1].strip()[:56]:56s} {num(r, samples):5.0f}  {max(reasons, key=lambda h: num(r, h))[6:]:14s}"
+            f" {num(r, 'Instructions Executed'):8.0f}")
+    save(f"ncu-stalls{'-' + args.tag if args.tag else ''}", {"samples": total, "reasons": {h[6:]: by[h] / total for h in reasons}})
+
+
 def part_ncu_report(args):
     """ncu's CSV (gpu__time_duration.sum, dram__bytes_read.sum per kernel launch) -> each engine
     kernel's mean time, share of the step, DRAM bytes read and achieved TB/s; the last `steps`
@@ -945,7 +980,7 @@ def part_summary(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["env", "smoke", "kernels", "rows", "sweep", "step", "tune", "model", "slots", "memory", "ncu-run",
-                                     "ncu-report", "summary"])
+                                     "ncu-report", "ncu-stalls", "summary"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--time", action="store_true", help="kernels: also time each kernel alone")
     ap.add_argument("--reference", nargs="?", const="float64", choices=["float64", "float32"],
@@ -956,6 +991,7 @@ def main():
     ap.add_argument("--context", type=int, default=128, help="ncu-run: the context the profiled decode steps run at")
     ap.add_argument("--tag", default="")
     ap.add_argument("--layers", type=int, default=8, help="ncu-report: the profiled model's layers")
+    ap.add_argument("--top", type=int, default=30, help="ncu-stalls: the instructions shown")
     ap.add_argument("--only", choices=["attention", "gemv"], default=None, help="sweep: one half of it")
     ap.add_argument("--configs", default=None,
                     help='step: JSON {label: {"gemv": {...}, "attention": {...}}} of launch configurations to time')

@@ -53,7 +53,9 @@
 #                                    glmrt bench --slots 1,2,4,8 of it and of ONNX Runtime's form, the batched
 #                                    steps against single ones (after `install`)
 #   bash bench/gpu.sh engine-ncu     Nsight Compute on the engine's decode steps (8 GLM-Z1-9B int4 layers,
-#                                    fp16 x and int8 x), then GLM-4-32B's whole int4 step as a graph
+#                                    fp16 x and int8 x), then GLM-4-32B's whole int4 step as a graph;
+#                                    NCU_SECTIONS=1 / NCU_SASS=1: the attention alone, ncu's sections / its
+#                                    stall samples per SASS instruction (bench/cuda_engine_check.py ncu-stalls)
 #   bash bench/gpu.sh genai          onnxruntime-genai-cuda beside glmrt on the same GLM-Z1-9B-shaped
 #                                    folder (export --for onnxruntime-genai; bench/genai_bench.py), after
 #                                    `install`; onnxruntime_genai_cuda-0.18.0-cp312-*.whl in .whl/ (chunk
@@ -559,8 +561,30 @@ engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 dec
       --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file "$OUT/ncu-engine-9b-8L-$act.csv" \
       $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) 2>&1 | tail -2
     $C ncu-report "$OUT/ncu-engine-9b-8L-$act.csv" --layers 8 --steps 3 --tag "9b-8L-int4-$act-ctx$ctx" 2>&1 | tee -a "$OUT/engine-ncu.log"
+    # NCU_SECTIONS=1: the attention alone under ncu's sections (throughput, occupancy, warp stall
+    # reasons, memory), two launches of a decode step at context 128 and at $ctx
+    if [ -n "${NCU_SECTIONS:-}" ]; then
+      for c in $(echo 128 $ctx | tr ' ' '\n' | sort -un); do
+        run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
+          --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section SchedulerStats \
+          $C ncu-run "$dir" --steps 3 --context $c --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$c.txt" 2>&1
+        tail -3 "$OUT/ncu-attention-$act-ctx$c.txt"
+      done
+    fi
+    # NCU_SASS=1: one attention launch at $ctx, every metric (--set full, raw page) and the warps'
+    # stall samples per SASS instruction (source page)
+    if [ -n "${NCU_SASS:-}" ]; then
+      run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
+        --launch-count 1 --set full --import-source no --page raw \
+        $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$ctx-raw.txt" 2>&1
+      run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
+        --launch-count 1 --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+        $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" 2>&1
+      $C ncu-stalls "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" --tag "attention-$act-ctx$ctx" 2>&1 | tee -a "$OUT/engine-ncu.log"
+    fi
   done
-  run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
+  [ -z "${NCU_SECTIONS:-}${NCU_SASS:-}" ] && run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
   ;;
 genai)  # SETS="int4 fp16" (precisions), CONTEXTS=128,2048; all 40 layers
   whl=$(ls "$REPO"/.whl/onnxruntime_genai_cuda-*-cp312-*.whl 2>/dev/null | head -1)

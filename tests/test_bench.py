@@ -106,6 +106,34 @@ def test_engine_kernel_report_from_an_ncu_csv(tmp_path, capsys, monkeypatch):
     assert [k["kernel"] for k in saved["kernels"]] == ["qkv_first", "attention", "o_proj", "gate_up", "down", "lm_head"]
 
 
+def test_engine_stall_report_from_an_ncu_source_page(tmp_path, capsys, monkeypatch):
+    """cuda_engine_check.py ncu-stalls: the stall reasons' shares over a kernel's SASS (ncu's
+    source page as CSV, after ncu's own log lines) and its instructions with the most samples,
+    each with its main reason; rows of another width are left out."""
+    check = load_bench_script("cuda_engine_check")
+    monkeypatch.setattr(check, "OUT", tmp_path)
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_barrier",
+            "stall_long_sb", "stall_barrier (Not Issued)"]
+    rows = [["0x10", "  LDG.E R2, [R4]", "30", "128", "0", "30", "0"],
+            ["0x20", "  BAR.SYNC 0x0", "10", "256", "10", "0", "10"],
+            ["0x30", "  FFMA R1, R2, R3, R1", "0", "512", "0", "0", "0"],
+            ["0x40", "a short row"]]
+    text = "==PROF== profiling\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in [head] + rows) + "\n"
+    csv = tmp_path / "s.csv"
+    csv.write_text(text)
+    check.part_ncu_stalls(type("A", (), {"model": str(csv), "top": 2, "tag": "t"})())
+    out = capsys.readouterr().out
+    assert "3 SASS instructions, 40 stall samples, 896 warp instructions executed" in out
+    assert "long_sb           75.0% of the samples" in out and "barrier           25.0% of the samples" in out
+    listed = [ln for ln in out.splitlines() if ln.startswith("       ")]
+    assert len(listed) == 2 and "LDG.E" in listed[0] and "long_sb" in listed[0] and "BAR.SYNC" in listed[1]
+    saved = json.loads((tmp_path / "engine-ncu-stalls-t.json").read_text())
+    assert saved["reasons"] == {"barrier": 0.25, "long_sb": 0.75}
+    with pytest.raises(SystemExit, match="no source page"):
+        (tmp_path / "x.csv").write_text("nothing\n")
+        check.part_ncu_stalls(type("A", (), {"model": str(tmp_path / "x.csv"), "top": 2, "tag": ""})())
+
+
 def test_bench_picks_the_device_present_and_checks_its_lengths(exported, monkeypatch):
     """Without --device, bench runs where it can (the CPU here); lengths the model cannot hold
     are one clear line naming the value; the defaults are cut to what the model holds; the
