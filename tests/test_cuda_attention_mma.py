@@ -106,8 +106,6 @@ MUTATIONS = {
     "KV head": ("(size_t)h * a.max_seq * HD;   // this row's KV head h", "(size_t)(h ^ 1) * a.max_seq * HD;"),
     "position groups' weights": ("const float wgt = __expf(m_run[mi][r] - mx_s[rr]);", "const float wgt = 1.f;"),
     "positions past the split": ("if (p >= t1) sc[mi][j][n][e] = ninf;", ""),
-    # the check's cache holds NaN past the sequence: V there must be zeros, not only weighted 0
-    "V past the split read": ("vr[b][i] = ok ? vbase[(size_t)p * RW + w % RW]", "vr[b][i] = w < TW ? vbase[(size_t)p * RW + w % RW]"),
     "V not transposed": ("movmatrix_t(att_word(v0, i)), b1 = movmatrix_t(att_word(v1, i))",
                          "att_word(v0, i), b1 = att_word(v1, i)"),
     "Q dims order": ("qa[mi][2 * c][2 + e] = pack_h2(lo.z * scale, lo.w * scale);",
@@ -129,6 +127,27 @@ def test_the_check_catches_a_broken_tensor_core_attention(monkeypatch, mutation)
     report = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(group, hd), INT4, max_seq=300, chunk=32, splits=3,
                                   only=["attention"], config=mma(**att))
     assert not report[0]["ok"], selfcheck.format_result(report[0])
+
+
+# V rows past the sequence read into the tile (where each kernel loads zeros), each kernel's
+READ_PAST = {"mma": ("vr[b][i] = ok ? vbase[(size_t)p * RW + w % RW]", "vr[b][i] = w < TW ? vbase[(size_t)p * RW + w % RW]",
+                     {"threads": 128, "tile": 32}),
+             "cuda-core": ("vr[i] = ok ? vbase[(size_t)t * RW + w % RW]", "vr[i] = w < TW ? vbase[(size_t)t * RW + w % RW]",
+                           {"mma": False, "threads": 64, "heads_per_block": 1, "tile": 32})}
+
+
+@needs_cxx
+@pytest.mark.parametrize("kernel", READ_PAST)
+def test_the_check_sees_rows_read_past_the_sequence(monkeypatch, kernel):
+    """The check's cache holds NaN past each length (memory never written, or another
+    sequence's), so a kernel that reads V rows there and weights them by zero fails at every
+    length off the tile, not only where the buffer ends (300 positions here)."""
+    old, new, att = READ_PAST[kernel]
+    break_kernels(monkeypatch, old, new, "V past the sequence read")
+    r = selfcheck.run_checks(EmulatedDevice(sm_count=2), shapes(16, 64), INT4, max_seq=300, chunk=32, splits=3,
+                             only=["attention"], config=mma(**att))[0]
+    errs = r["errors_by_length"]
+    assert not r["ok"] and errs[1] == float("inf") and errs[37] == float("inf"), errs
 
 
 # ---- NVRTC: the instances the sweep times, at the two models' shapes, every architecture --------

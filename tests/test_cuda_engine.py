@@ -463,9 +463,6 @@ MUTATIONS = {
     "attention query group": ("attention.cu", "head0 = h * G + (blockIdx.x % QG) * HPB", "head0 = h * G", "attention"),
     "attention grown split": ("attention.cu", "return max(a.chunk, (per + TILE - 1) / TILE * TILE);", "return a.chunk;",
                               "attention"),
-    # the cache past the sequence holds NaN in the check: V must be zeroed there, not only weighted 0
-    "attention: V past the split read": ("attention.cu", "vr[i] = ok ? vbase[(size_t)t * RW + w % RW]",
-                                         "vr[i] = w < TW ? vbase[(size_t)t * RW + w % RW]", "attention"),
     # the check's q and this token's K/V land at the kernel's wait (the emulation's in-flight writes)
     "attention: no wait for the QKV kernel": ("attention.cu", "  grid_wait();                               // q and this token's K, V",
                                               "  //", "attention"),

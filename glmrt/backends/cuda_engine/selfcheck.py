@@ -429,6 +429,7 @@ def check_attention(c: _Ctx) -> dict:
             past = cache.copy()
             past[:, length:] = np.nan
             c.dev.upload(base, past)
+            c.keep.append(past)          # an upload's source lives until the next sync
         c.dev.zero(out, 4 * nh * hd)
         stage = getattr(c.dev, "in_flight", None)
         if stage:       # the emulation: q and this token's K, V land at the kernel's wait, as the QKV kernel's
