@@ -610,6 +610,8 @@ def part_ncu_stalls(args):
             return 0.0
     samples = "Warp Stall Sampling (All Samples)"
     reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
+    if samples not in col or "Source" not in col or not reasons:
+        raise SystemExit(f"{args.model}: no stall samples (collect the SourceCounters and WarpStateStats sections)")
     total = sum(num(r, samples) for r in rows) or 1.0
     say(f"{len(rows)} SASS instructions, {total:.0f} stall samples, "
         f"{sum(num(r, 'Instructions Executed') for r in rows):.0f} warp instructions executed")
@@ -619,7 +621,7 @@ def part_ncu_stalls(args):
     say("instructions with the most samples (index, SASS, samples, main reason, warp executions):")
     for i in sorted(sorted(range(len(rows)), key=lambda i: -num(rows[i], samples))[:args.top]):
         r = rows[i]
-        say(f"   {i:5d} {r[1].strip()[:56]:56s} {num(r, samples):5.0f}  {max(reasons, key=lambda h: num(r, h))[6:]:14s}"
+        say(f"   {i:5d} {r[col['Source']].strip()[:56]:56s} {num(r, samples):5.0f}  {max(reasons, key=lambda h: num(r, h))[6:]:14s}"
             f" {num(r, 'Instructions Executed'):8.0f}")
     save(f"ncu-stalls{'-' + args.tag if args.tag else ''}", {"samples": total, "reasons": {h[6:]: by[h] / total for h in reasons}})
 

@@ -584,7 +584,9 @@ engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 dec
       $C ncu-stalls "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" --tag "attention-$act-ctx$ctx" 2>&1 | tee -a "$OUT/engine-ncu.log"
     fi
   done
-  [ -z "${NCU_SECTIONS:-}${NCU_SASS:-}" ] && run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
+  if [ -z "${NCU_SECTIONS:-}${NCU_SASS:-}" ]; then     # (an `if`: the stage's status is not this test's)
+    run timeout 200 $C step --shape glm-4-32b --act int8 2>&1 | tee -a "$OUT/engine-ncu.log"
+  fi
   ;;
 genai)  # SETS="int4 fp16" (precisions), CONTEXTS=128,2048; all 40 layers
   whl=$(ls "$REPO"/.whl/onnxruntime_genai_cuda-*-cp312-*.whl 2>/dev/null | head -1)
