@@ -272,8 +272,8 @@ DEV void attention(const AttnArgs& a) {
 // last of those folds the partials: at 8K, 64 splits of GLM-Z1-9B's group are 256 KB for one
 // block to read, 8 + 8 partials 32 KB each. The counts are arrive's (common.cuh): one atomic with
 // release and acquire semantics between two barriers, no fence by every thread (H200, session 15:
-// the int4 steps -0.7% / -1.3% at context 128 / 8192 for GLM-Z1-9B, -0.5% / -0.5% for GLM-4-32B). H200, GLM-Z1-9B,
-// 256 threads, tile 32, 32 splits: alone 6.3 / 12.7 us at context 128 / 8192 (attention with
+// the int4 steps -0.7% / -1.3% at context 128 / 8192 for GLM-Z1-9B, -0.5% / -0.5% for GLM-4-32B).
+// H200, GLM-Z1-9B, 256 threads, tile 32, 32 splits: alone 6.3 / 12.7 us at context 128 / 8192 (attention with
 // its defaults: 6.6 / 20.7); the 40-layer step 2521 / 2796 us (attention's: 2575 / 3220).
 // Fragments, lane l = 4 g + t:
 //   K (B of S, n-tile of positions p0..p0+7): lane reads K[p0 + g][32 c + 8 t .. +7] (one 16-byte
@@ -408,10 +408,12 @@ DEV void attention_mma(const AttnArgs& a) {
   grid_launch_dependents();
   if (t0 >= len) return;                                 // the whole block: nothing to read here
   // Before the wait nothing is known to be done, not even earlier steps' K and V: every kernel lets
-  // the next start at once, so a chain of kernels waiting in turn can reach back past the step that
-  // wrote row len - 2. H200, session 15: the first tiles' older rows loaded before the wait made
-  // the step 1-2% faster and broke the decoder's tests on a small model (its small kernels fit
-  // beside each other); weights, which nothing writes, are all a kernel may read before it.
+  // the next start at once (launch_dependents before its own wait), so a chain of kernels waiting
+  // in turn can reach back past the step that wrote row len - 2. H200, session 15: the first
+  // tiles' older rows loaded before the wait made GLM-Z1-9B's step 1-2% faster (GLM-4-32B's under
+  // 1%) and a decoder test on a small model (whose small kernels fit beside each other) got other
+  // tokens in 2 of 2 runs, none without them; such a chain is the likely way. Weights, which
+  // nothing writes, are all a kernel may read before its wait.
   grid_wait();                                           // q and this token's K, V: the previous kernel's
   const int t1 = min(len, t0 + chunk);
   const size_t kv0 = (size_t)row * a.slot_stride + (size_t)h * a.max_seq * HD;   // this row's KV head h
