@@ -553,6 +553,11 @@ engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 dec
   python3 -m glmrt.cli export synthetic:glm-z1-9b:8 -o "$dir" --precision int4 --target cuda --overwrite || exit 1
   per=$(( 5 * 8 + 1 ))
   ctx=${NCU_CONTEXT:-128}
+  # the attention alone under ncu: the second decode step's launches after the engine's 128-token
+  # prefill (8 a step), at context $1, ncu's further options after it
+  ncu_attention() { local c=$1; shift
+    timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) "$@" \
+      $C ncu-run "$dir" --steps 3 --context $c --max-context $(( ctx + 64 )); }
   for act in ${ACTS:-fp16 int8}; do
     python3 -m glmrt.cli build "$dir" --backend cuda --overwrite --gpu "NVIDIA H200@sm90" --activations $act || exit 1
     run timeout 240 "$NCU" --clock-control none --csv --print-units base --print-kernel-base function \
@@ -565,22 +570,19 @@ engine-ncu)   # Nsight Compute on glmrt's engine: 8 GLM-Z1-9B int4 layers, 3 dec
     # reasons, memory), two launches of a decode step at context 128 and at $ctx
     if [ -n "${NCU_SECTIONS:-}" ]; then
       for c in $(echo 128 $ctx | tr ' ' '\n' | sort -un); do
-        run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
-          --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-          --section MemoryWorkloadAnalysis --section SchedulerStats \
-          $C ncu-run "$dir" --steps 3 --context $c --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$c.txt" 2>&1
+        run ncu_attention $c --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+          > "$OUT/ncu-attention-$act-ctx$c.txt" 2>&1
         tail -3 "$OUT/ncu-attention-$act-ctx$c.txt"
       done
     fi
     # NCU_SASS=1: one attention launch at $ctx, every metric (--set full, raw page) and the warps'
     # stall samples per SASS instruction (source page)
     if [ -n "${NCU_SASS:-}" ]; then
-      run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
-        --launch-count 1 --set full --import-source no --page raw \
-        $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$ctx-raw.txt" 2>&1
-      run timeout 150 "$NCU" --clock-control none --kernel-name regex:"^attention$" --launch-skip $(( 128 * 8 + 8 )) \
-        --launch-count 1 --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
-        $C ncu-run "$dir" --steps 3 --context $ctx --max-context $(( ctx + 64 )) > "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" 2>&1
+      run ncu_attention $ctx --launch-count 1 --set full --import-source no --page raw \
+        > "$OUT/ncu-attention-$act-ctx$ctx-raw.txt" 2>&1
+      run ncu_attention $ctx --launch-count 1 --section SourceCounters --section WarpStateStats --page source \
+        --print-source sass --csv > "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" 2>&1
       $C ncu-stalls "$OUT/ncu-attention-$act-ctx$ctx-sass.csv" --tag "attention-$act-ctx$ctx" 2>&1 | tee -a "$OUT/engine-ncu.log"
     fi
   done
