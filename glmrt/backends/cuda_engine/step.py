@@ -279,7 +279,7 @@ def attention_launches(specs: dict, handles: dict, kv_heads: int, splits: int, r
     out = [(handles["attention"], (spec.blocks_x(kv_heads), splits, rows), spec.threads, spec.smem, args, pdl)]
     if "attention_merge" in specs:
         m = specs["attention_merge"]
-        out.append((handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, 0, args, pdl))
+        out.append((handles["attention_merge"], (m.blocks_x(kv_heads), 1, rows), m.threads, m.smem, args, pdl))
     return out
 
 
