@@ -5,6 +5,7 @@
     python3 bench/vs_llama_cpp.py --small    # the same pipeline on a 20M-parameter model, 2-3 minutes
     python3 bench/vs_llama_cpp.py --check    # only the GGUF conversion check (bench/gguf_check.py)
     python3 bench/vs_llama_cpp.py --glmrt "int4-a8=--precision int4 --int8-activations" ...
+    python3 bench/vs_llama_cpp.py --glmrt "int4@cpu=--precision int4 --target cpu" ...   # glmrt's cpu engine
 
 (Not named llama_cpp.py: run as a script, bench/ comes first on sys.path and a file of that
 name would shadow the llama_cpp package it imports.)
@@ -176,11 +177,21 @@ def glmrt_export(ckpt: Path, out: Path, args: str) -> tuple[Path, float]:
     return out, time.perf_counter() - t
 
 
+def glmrt_build(folder: Path, backend: str) -> float:
+    """`glmrt build FOLDER --backend BACKEND` (the CLI): its seconds."""
+    cmd = [sys.executable, "-c", "from glmrt.cli import main; main()", "build", str(folder), "--backend", backend]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"glmrt build {folder} --backend {backend} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
 def time_glmrt(folder: Path, *, threads: int, prompts, context: int, steps: int, repeats: int,
-               tbps: float) -> dict:
+               tbps: float, backend: str = "onnxruntime") -> dict:
     from glmrt.benchmark import bench
-    r = bench(folder, device="cpu", prompt_lengths=list(prompts), contexts=[context], decode_steps=steps,
-              repeats=repeats, threads=threads, bandwidth_tbps=tbps)
+    r = bench(folder, device="cpu", backend=backend, prompt_lengths=list(prompts), contexts=[context],
+              decode_steps=steps, repeats=repeats, threads=threads, bandwidth_tbps=tbps)
     d = r["decode"][context]
     gc.collect()                     # the session (and its spinning thread pool) goes before the next run
     return {"prefill": {int(n): v for n, v in r["prefill"].items()},
@@ -319,9 +330,11 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128, help="decode after this many tokens")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None, help="prefill repeats (default 5; 3 with --small)")
-    ap.add_argument("--glmrt", action="append", default=None, metavar="LABEL=OPTIONS",
+    ap.add_argument("--glmrt", action="append", default=None, metavar="LABEL[@cpu]=OPTIONS",
                     help="a glmrt export to time: a label and `glmrt export` options, e.g. "
-                         "'int4=--precision int4' (repeat; default: fp32, int8, int4 with glmrt's defaults)")
+                         "'int4=--precision int4' (repeat; default: fp32, int8, int4 with glmrt's defaults); "
+                         "LABEL@cpu: `glmrt build --backend cpu` on the export and time glmrt's cpu engine "
+                         "(export with --target cpu)")
     ap.add_argument("--llama", default="q4_0,q8_0,f16", help="llama.cpp files to time (besides those paired)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both")
     ap.add_argument("--converter", default=None, metavar="LLAMA_CPP_DIR",
@@ -350,8 +363,12 @@ def main(argv=None) -> int:
     sets = []
     for spec in args.glmrt or DEFAULT_GLMRT:
         label, _, opts = spec.partition("=")
+        label, _, backend = label.partition("@")             # LABEL@cpu: built and run on glmrt's cpu engine
+        if backend not in ("", "onnxruntime", "cpu"):
+            raise SystemExit(f"--glmrt {spec!r}: backend {backend!r}; expected onnxruntime or cpu")
         prec = export_precision(opts)
-        sets.append({"label": label, "options": opts, "precision": prec, "pair": PAIR.get(prec, "f16")})
+        sets.append({"label": label, "options": opts, "precision": prec, "pair": PAIR.get(prec, "f16"),
+                     "backend": backend or "onnxruntime"})
     wanted = {k for k in args.llama.split(",") if k} | {s["pair"] for s in sets}
     if wanted - set(LLAMA_LABEL):
         raise SystemExit(f"--llama: unknown {sorted(wanted - set(LLAMA_LABEL))}; choose from {list(LLAMA_LABEL)}")
@@ -410,6 +427,8 @@ def main(argv=None) -> int:
         for s in group:
             print(f"glmrt export {s['options']} ...", flush=True)
             s["folder"], s["export_s"] = glmrt_export(ckpt, work / f"glmrt-{s['label']}", s["options"])
+            if s["backend"] == "cpu":
+                s["build_s"] = glmrt_build(s["folder"], "cpu")
             man = json.loads((s["folder"] / "manifest.json").read_text())
             if man["precision"]["name"] != s["precision"]:
                 raise SystemExit(f"{s['folder']}: manifest precision {man['precision']['name']!r}, "
@@ -435,8 +454,9 @@ def main(argv=None) -> int:
             for s in group:
                 print(f"glmrt {s['label']}, {t} thread(s) ...", flush=True)
                 r = time_glmrt(s["folder"], threads=t, prompts=prompts, context=args.context,
-                               steps=args.decode_steps, repeats=repeats, tbps=tbps)
-                r.update(engine="glmrt", label=s["label"], options=s["options"], precision=s["precision"],
+                               steps=args.decode_steps, repeats=repeats, tbps=tbps, backend=s["backend"])
+                r.update(engine="glmrt", label=s["label"] + ("" if s["backend"] == "onnxruntime" else f" @{s['backend']}"),
+                         options=s["options"], precision=s["precision"], backend=s["backend"],
                          pair=kind, threads=t, manifest_precision=s["manifest_precision"],
                          export_s=s["export_s"], export_bytes=s["bytes"], loadavg=os.getloadavg())
                 if r["bytes_per_token"]:

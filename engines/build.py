@@ -6,6 +6,8 @@ where `make(tmp) -> dict` writes the engine's files and returns its manifest ent
 
   tensorrt     the TensorRT form (export --target tensorrt) -> engine.plan for the GPU here
   onnxruntime  any form -> ONNX Runtime's optimized graph for the cpu or cuda provider
+  cuda         the cuda target's gqa form -> glmrt's kernels compiled by NVRTC for one GPU
+  cpu          the cpu target's gqa form -> glmrt's C compiled for one CPU instruction set
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class BuildOptions:
     opt_level: int = 3           # TensorRT builder optimization level
     activations: str | None = None   # cuda: what int4 weights multiply, "int8" or "fp16" (None: the default)
     tune: bool = True            # cuda: tune launch parameters on the GPU when it is the one built for
+    isa: str = "auto"            # cpu: the instruction set (auto: the best this CPU runs)
 
 
 def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | None = None,
@@ -47,6 +50,8 @@ def build(model_dir: str | Path, *, backend: str = "tensorrt", precision: str | 
         raise GlmrtError(f"--backend {backend} builds no engines")
     if options.get("activations") is not None and backend != "cuda":
         raise GlmrtError(f"--activations applies to --backend cuda (glmrt's engine), not to --backend {backend}")
+    if options.get("isa", "auto") != "auto" and backend != "cpu":
+        raise GlmrtError(f"--isa applies to --backend cpu (glmrt's cpu engine), not to --backend {backend}")
     if options.get("tune") is False and backend != "cuda":
         raise GlmrtError(f"--no-tune applies to --backend cuda (glmrt's engine), not to --backend {backend}")
     # the graph, tokenizer and configs (what plan() parses) hashed now; the weights files, hashed

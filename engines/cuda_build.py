@@ -32,13 +32,11 @@ from glmrt.backends.cuda_engine.step import (ACTIVATIONS, DEFAULT_CONFIG, MAX_SL
                                              kernel_to_dict)
 from glmrt.config import GlmConfig
 from glmrt.engine import engine_dir
+from glmrt.engines.weight_index import Reads
+from glmrt.engines.weight_index import index_export as index_weights
 from glmrt.errors import GlmrtError
 from glmrt.gpu import check_precision, detect, parse_gpu
 
-ONNX_DTYPES = {10: "float16", 2: "uint8", 17: "uint8", 16: "uint16"}   # fp8 e4m3 (17), bf16 (16): their bits
-# ONNX Runtime takes the engine's memory as its initializers through DLPack, which has no fp8 or
-# bf16 type that ONNX Runtime reads: those tensors are marked, and ONNX Runtime loads its own copy
-NOT_SHARED = {17: "float8e4m3fn", 16: "bfloat16"}
 # the most dynamic shared memory a block may have, per architecture (CUDA's opt-in limits)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
@@ -173,13 +171,7 @@ def _gpu_here(target):
     return dev if dev.compute_capability == target.compute_capability else None
 
 
-def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Formats]:
-    """The weight index the runtime uploads from, and the matrices' formats; refuses, in one
-    line, an export the engine cannot read."""
-    import onnx
-    prec = man["precision"]
-    if man["io"]["form"] != "gqa":
-        raise GlmrtError(f"{model_dir} is the {man['io']['form']} form; {REFUSE} (export with --target cuda)")
+def _check_precision(model_dir: Path, prec: dict) -> None:
     q = prec.get("quantization")
     if prec["name"] == "int4":
         if q["form"] != "matmulnbits" or q["bits"] != 4 or not q["symmetric"] or q["scale_dtype"] != "float16":
@@ -191,101 +183,14 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Form
             raise GlmrtError(f"{model_dir}: {REFUSE}; this fp8 export is {q}")
     elif prec["name"] not in ("fp16", "bf16"):
         raise GlmrtError(f"{model_dir} is a {prec['name']} export; {REFUSE}")
-    block = q.get("block_size", 32) if q else 32
-    graph = onnx.load(str(model_dir / man["graph"]), load_external_data=False).graph
-    inits = {t.name: t for t in graph.initializer}
-    consumer = {i: n for n in graph.node for i in n.input}
-    tensors, files = {}, set()
 
-    def tensor(name: str, shape: tuple | None = None) -> str:
-        t = inits.get(name)
-        if t is None:
-            raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target cuda export?)")
-        if t.data_type not in ONNX_DTYPES:
-            raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the engine reads fp16, bf16, uint8 "
-                             "and float8e4m3fn")
-        ext = {e.key: e.value for e in t.external_data}
-        if t.data_location != onnx.TensorProto.EXTERNAL or "location" not in ext:
-            raise GlmrtError(f"{model_dir}: {name} is not in the external data file")
-        dims = tuple(int(d) for d in t.dims)
-        if shape is not None and dims != tuple(shape):
-            raise GlmrtError(f"{model_dir}: {name} has shape {dims}, the config says {tuple(shape)}")
-        files.add(ext["location"])
-        tensors[name] = {"offset": int(ext.get("offset", 0)), "bytes": int(ext["length"]),
-                         "dtype": ONNX_DTYPES[t.data_type], "shape": list(dims)}
-        if t.data_type in NOT_SHARED:
-            tensors[name].update(shared=False, onnx=NOT_SHARED[t.data_type])
-        return name
 
-    def linear(prefix: str, k: int, n: int, bias: bool = False) -> dict:
-        if prefix + ".qweight" in inits and inits[prefix + ".qweight"].data_type == 17:     # fp8-rows
-            if k % 16:
-                raise GlmrtError(f"{model_dir}: {prefix} has {k} inputs; fp8 rows need a multiple of 16")
-            d = {"format": "fp8", "w": tensor(prefix + ".qweight", (n, k)), "scales": tensor(prefix + ".scales", (n,))}
-        elif prefix + ".qweight" in inits:
-            if prefix + ".zero_points" in inits:
-                raise GlmrtError(f"{model_dir}: {prefix} has zero points; the engine reads symmetric MatMulNBits")
-            kb = -(-k // block)
-            node = consumer.get(prefix + ".qweight")          # the MatMulNBits reading it: its bits and block
-            attrs = {x.name: x.i for x in node.attribute} if node is not None else {}
-            bits = attrs.get("bits", 4)
-            if bits not in (4, 8) or attrs.get("block_size", block) != block:
-                raise GlmrtError(f"{model_dir}: {prefix} is {bits}-bit in blocks of {attrs.get('block_size')}; the engine "
-                                 f"reads 4 bits (8 for the lm_head) in the layers' blocks of {block}")
-            if bits == 8 and prefix != "lm_head":
-                raise GlmrtError(f"{model_dir}: {prefix} is 8-bit; the engine reads 8 bits for the lm_head only")
-            if bits == 8 and k % block:
-                raise GlmrtError(f"{model_dir}: {prefix} has {k} inputs; an 8-bit lm_head needs whole blocks of {block}")
-            d = {"format": "int8" if bits == 8 else "int4",
-                 "w": tensor(prefix + ".qweight", (n, kb, block if bits == 8 else block // 2)),
-                 "scales": tensor(prefix + ".scales", (n, kb))}
-        else:
-            w = prefix + ".weight"
-            node = consumer.get(w)
-            if node is not None and node.op_type == "Cast":          # bf16 weights, cast to fp16 for ONNX Runtime
-                node = consumer.get(node.output[0])
-            trans_b = node is not None and node.op_type == "FusedMatMul" and any(
-                a.name == "transB" and a.i == 1 for a in node.attribute)
-            bf16 = inits[w].data_type == 16 if w in inits else False
-            d = {"format": ("bf16" if trans_b else "bf16_kn") if bf16 else ("f16" if trans_b else "f16_kn"),
-                 "w": tensor(w, (n, k) if trans_b else (k, n)), "scales": None}
-            if k % 8 or n % 8:
-                raise GlmrtError(f"{model_dir}: {prefix} is {n} x {k}; float matrices need sizes that are multiples of 8")
-        d["bias"] = tensor(prefix + ".bias", (n,)) if bias else None
-        return d
+# fp8 e4m3 (17) and bf16 (16) are indexed by their bits
+READS = Reads("cuda", "cuda", REFUSE, _check_precision, {10: "float16", 2: "uint8", 17: "uint8", 16: "uint16"},
+              floats=True, int8_layers=False)
 
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if hd % 8 or cfg.rotary_dim % 2:
-        raise GlmrtError(f"{model_dir}: head_dim {hd}; the engine's attention needs a multiple of 8")
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p, a, m = f"model.layers.{i}.", f"layers.{i}/attn/", f"layers.{i}/mlp/"
-        layers.append({
-            "input_norm": tensor(p + "input_layernorm.weight", (H,)),
-            "qkv": linear(a + "qkv_proj", H, (nh + 2 * nkv) * hd, cfg.attention_bias),
-            "o": linear(a + "o_proj", nh * hd, H),
-            "post_attn_norm": tensor(p + "post_self_attn_layernorm.weight", (H,)),
-            "pre_mlp_norm": tensor(p + "post_attention_layernorm.weight", (H,)),
-            "gate_up": linear(m + "gate_up_proj", H, 2 * I),
-            "down": linear(m + "down_proj", I, H),
-            "post_mlp_norm": tensor(p + "post_mlp_layernorm.weight", (H,)),
-        })
-    formats = {layers[i][r]["format"] for i in range(len(layers)) for r in ("qkv", "o", "gate_up", "down")}
-    head = linear("lm_head", H, V)
-    if {"f16_kn", "bf16_kn"} & formats or head["format"] == "bf16_kn":
-        raise GlmrtError(f"{model_dir}: float matrices stored as W^T (the default --float-layout kn); the "
-                         "engine reads them as the checkpoint stores them: export with --float-layout nk")
-    if len(formats) != 1:
-        raise GlmrtError(f"{model_dir}: mixed matrix formats {sorted(formats)}")
-    index = {"file": None, "embed": tensor("model.embed_tokens.weight", (V, H)), "norm": tensor("model.norm.weight", (H,)),
-             "layers": layers, "lm_head": head, "tensors": tensors}
-    if len(files) != 1:
-        raise GlmrtError(f"{model_dir}: weights spread over {sorted(files)}; the engine reads one external data file")
-    index["file"] = files.pop()
-    linear = formats.pop()
-    # the engine reads the embedding in bf16 exactly when the layers are bf16 (Formats.embed)
-    if (tensors[index["embed"]].get("onnx") == "bfloat16") != (linear == "bf16"):
-        raise GlmrtError(f"{model_dir}: the embedding is {tensors[index['embed']].get('onnx', 'float16')} and the "
-                         f"layers {linear}; the engine reads a bf16 embedding with bf16 layers only")
+
+def index_export(model_dir: Path, man: dict, cfg: GlmConfig) -> tuple[dict, Formats]:
+    """The weight index the runtime uploads from, and the matrices' formats (weight_index.py)."""
+    index, linear, block = index_weights(model_dir, man, cfg, READS)
     return index, Formats(linear, block, index["lm_head"]["format"])

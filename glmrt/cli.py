@@ -359,15 +359,17 @@ def _token_counts(text: str | None, name: str):
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="cuda backend: time launch-parameter candidates on the GPU (when it is the one built for) "
                    "and keep the fastest; --no-tune keeps the defaults.")
+@click.option("--isa", type=click.Choice(["auto", "avx512vnni", "generic"]), default="auto", show_default=True,
+              help="cpu backend: the instruction set to compile for (auto: the best this CPU runs).")
 @click.option("--overwrite", is_flag=True)
 @clean_errors
 def build(model, backend, gpu, precision, device, max_batch, max_prompt, max_context, opt_level, activations,
-          tune, overwrite):
+          tune, isa, overwrite):
     """Build an engine for one backend from an exported MODEL folder (stored inside it)."""
     from glmrt.engines.build import build as run_build
     out = run_build(model, backend=backend, precision=precision, overwrite=overwrite, gpu=gpu, device=device,
                     max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, opt_level=opt_level,
-                    activations=activations, **({} if tune else {"tune": False}))
+                    activations=activations, isa=isa, **({} if tune else {"tune": False}))
     click.echo(f"built {out}")
 
 

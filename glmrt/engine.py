@@ -4,11 +4,13 @@ loading one. Shared by the builders (glmrt.engines) and the backends (glmrt.back
 
   MODEL/engines/<gpu-slug>-sm<major><minor>/<precision>/   (TensorRT, glmrt's cuda engine)
   MODEL/engines/onnxruntime-<device>/<precision>/          (ONNX Runtime optimized graph)
+  MODEL/engines/cpu-<isa>/<precision>/                     (glmrt's cpu engine, per instruction set)
 each with manifest.json:
   format, kind ("tensorrt-engine" | "onnxruntime-optimized" | "cuda-engine"), backend, precision,
   gpu {name, compute_capability}, tensorrt (version), profiles, source {model_manifest_sha256},
   files {name: {sha256, bytes}}, versions; a cuda engine also: cubin, nvrtc (version),
-  min_driver (CUDA driver API version), kernels, weights (index into model.onnx.data), config.
+  min_driver (CUDA driver API version), kernels, weights (index into model.onnx.data), config;
+  a cpu engine: library, isa, machine, cpu_flags, abi, compiler and flags, weights.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from . import manifest as manifest_io
 from .errors import ArtifactError
 
 ENGINES = "engines"
-ENGINE_KINDS = ("tensorrt-engine", "onnxruntime-optimized", "cuda-engine")
+ENGINE_KINDS = ("tensorrt-engine", "onnxruntime-optimized", "cuda-engine", "cpu-engine")
 
 
 def gpu_slug(name: str) -> str:
@@ -29,9 +31,11 @@ def gpu_slug(name: str) -> str:
 
 
 def engine_dir(model_dir: Path, backend: str, precision: str, *, gpu_name: str | None = None,
-               compute_capability: tuple[int, int] | None = None, device: str | None = None) -> Path:
+               compute_capability: tuple[int, int] | None = None, device: str | None = None,
+               isa: str | None = None) -> Path:
     """Where `glmrt build --backend BACKEND` puts its engine for this precision: named by the GPU
-    and its compute capability, or by the device, as the backend's registry entry declares."""
+    and its compute capability, by the device, or by the CPU instruction set, as the backend's
+    registry entry declares."""
     from .backends import backend as lookup
     naming = lookup(backend).engine_folder
     if naming == "gpu":
@@ -39,6 +43,8 @@ def engine_dir(model_dir: Path, backend: str, precision: str, *, gpu_name: str |
         return Path(model_dir) / ENGINES / f"{gpu_slug(gpu_name)}-sm{major}{minor}" / precision
     if naming == "device":
         return Path(model_dir) / ENGINES / f"{backend}-{device}" / precision
+    if naming == "isa":
+        return Path(model_dir) / ENGINES / f"{backend}-{isa}" / precision
     raise ArtifactError(f"backend {backend!r} builds no engines")
 
 

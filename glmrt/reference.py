@@ -33,6 +33,14 @@ def rope_interleaved(x, positions, cfg: GlmConfig):
     return out
 
 
+def rope_table(cfg: GlmConfig, positions: int) -> np.ndarray:
+    """(positions, rot/2, 2) float32 cos, sin from float64 angles, as rope_interleaved rotates:
+    the table the engines' kernels rotate q and k with (row = position)."""
+    inv_freq, scale = cfg.rope_inv_freq()
+    ang = np.arange(positions, dtype=np.float64)[:, None] * inv_freq          # (P, rot/2)
+    return np.stack([np.cos(ang) * scale, np.sin(ang) * scale], axis=-1).astype(np.float32)
+
+
 def _observe(observe, name, x):
     """observe(name, x) sees a linear's input; what it returns, unless None, is used instead
     (calibration only looks; an experiment can perturb the input, bench/a8_sensitivity.py)."""

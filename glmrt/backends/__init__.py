@@ -12,6 +12,9 @@ Decoder subclass and one entry here.
   tensorrt     cuda       required: engines/<gpu>-sm<cc>/<precision>/         TrtDecoder
   cuda         cuda       required: glmrt's own kernels, compiled per GPU     CudaDecoder
                           by NVRTC, engines/<gpu>-sm<cc>/<precision>/
+  cpu          cpu        required: glmrt's own C, compiled per instruction   CpuDecoder
+                          set by the machine's C compiler,
+                          engines/cpu-<isa>/<precision>/
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class Backend:
     name: str
     devices: tuple                   # the first is the default
     load: Callable                   # (model folder, manifest, LoadOptions) -> Decoder
-    engine_folder: str | None        # "gpu": engines/<gpu>-sm<cc>/; "device": engines/<name>-<device>/
+    engine_folder: str | None        # "gpu": engines/<gpu>-sm<cc>/; "device": engines/<name>-<device>/;
+                                     # "isa": engines/<name>-<isa>/
     engine_required: bool
     builder: str | None              # module of glmrt.engines with build(model_dir, manifest, ...)
     install: str                     # what a user installs to get it
@@ -75,6 +79,12 @@ def _cuda(folder: Path, manifest: dict, o: LoadOptions) -> Decoder:
     return open_engine(folder, manifest, o)
 
 
+def _cpu(folder: Path, manifest: dict, o: LoadOptions) -> Decoder:
+    """glmrt's own engine for this CPU (glmrt build --backend cpu)."""
+    from .cpu_engine.decoder import open_engine
+    return open_engine(folder, manifest, o)
+
+
 BACKENDS = {b.name: b for b in (
     Backend("onnxruntime", ("cpu", "cuda"), _onnxruntime, "device", False, "onnxruntime_build",
             "onnxruntime is a core dependency; for CUDA: pip install 'glmrt[gpu]'"),
@@ -82,6 +92,8 @@ BACKENDS = {b.name: b for b in (
             "pip install 'glmrt[tensorrt]' where NVIDIA's TensorRT wheels are reachable"),
     Backend("cuda", ("cuda",), _cuda, "gpu", True, "cuda_build",
             "pip install 'glmrt[cuda]' (cuda-bindings and nvidia-cuda-nvrtc; an NVIDIA driver to run)"),
+    Backend("cpu", ("cpu",), _cpu, "isa", True, "cpu_build",
+            "nothing beyond glmrt; a C compiler (cc, gcc or clang) where the engine is built"),
 )}
 DEVICES = ("cpu", "cuda")
 

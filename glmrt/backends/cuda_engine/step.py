@@ -34,6 +34,7 @@ import dataclasses
 
 import numpy as np
 
+from ...reference import rope_table
 from .args import AttnArgs, GemvArgs
 from .sources import (ATT_MAX_SPLITS, NK_FORMATS, Attention, AttentionMerge, Gemv, RowNorm, Shapes, merge_threads,
                       mma_attention_fits)
@@ -293,14 +294,6 @@ def kernel_from_dict(d: dict):
 
 def kernel_to_dict(k) -> dict:
     return {"type": next(name for name, cls in KINDS.items() if isinstance(k, cls)), **dataclasses.asdict(k)}
-
-
-def rope_table(cfg, positions: int) -> np.ndarray:
-    """(positions, rot/2, 2) float32 cos, sin, from float64 angles (transformers' frequencies,
-    YaRN scaling included): what the QKV epilogue rotates with."""
-    inv_freq, scale = cfg.rope_inv_freq()
-    ang = np.arange(positions, dtype=np.float64)[:, None] * inv_freq          # (P, rot/2)
-    return np.stack([np.cos(ang) * scale, np.sin(ang) * scale], axis=-1).astype(np.float32)
 
 
 class DecodeStep:

@@ -1,0 +1,543 @@
+/* glmrt's CPU decode engine: one GLM-4-0414 decode step (one token, batch 1) in C.
+
+   Compiled per host by `glmrt build --backend cpu` (glmrt/engines/cpu_build.py) with the C
+   compiler found there, for one instruction set: GLMRT_AVX512VNNI (AVX-512 BW/VL + VNNI:
+   integer dot products of 64 bytes an instruction) or the portable C of the same arithmetic.
+   The runtime (glmrt/backends/cpu_engine/engine.py) mirrors the structs below with ctypes and
+   points them into the export's own model.onnx.data (memory-mapped) and ONNX Runtime's KV
+   cache buffers: no copy of the weights, and the prefill of ONNX Runtime's CPU form (export
+   --target cpu) writes the cache this step reads.
+
+   What a step computes is glmrt/reference.py's layer, as ONNX Runtime's CPU form computes it
+   with int8 activations (MatMulNBits accuracy_level 4):
+
+     x = embed[token]                                                       (H) fp32
+     per layer:
+       h = rmsnorm(x) * w_in                 -> int8 per block, scale amax / 127
+       qkv = h Wqkv^T + b                      ((nh + 2 nkv) hd)
+       q, k = RoPE (interleaved pairs, first rot dims) at pos; k, v -> cache row pos
+       attn = softmax(q k^T / sqrt(hd)) v      per query head over its KV head, positions 0..pos
+       x += rmsnorm(attn Wo^T) * w_post_attn
+       h = rmsnorm(x) * w_pre_mlp;  act = silu(h Wg^T) * (h Wu^T)              (I)
+       x += rmsnorm(act Wd^T) * w_post_mlp
+     logits = (rmsnorm(x) * w_final) Wlm^T; argmax (the first maximum)
+
+   Weights are MatMulNBits' symmetric blocks: row n holds kb blocks of `block` values, 4-bit
+   (two a byte, the low nibble first, zero point 8) or 8-bit (zero point 128), one fp32 scale a
+   block: w = (q - zp) * scale. A row's dot product with the int8 x is, per block,
+   scale_w * scale_x * (sum q * xq - zp * sum xq), the integer sums exact.
+
+   Threads: the caller and threads - 1 workers run the whole step together; each GEMV splits
+   its rows between them, the small serial parts (norms, quantizing x) run on thread 0, and
+   phases are separated by a spinning barrier. Between steps the workers spin a little, then
+   sleep on a condition variable (ONNX Runtime's prefill gets the cores back). */
+#define _POSIX_C_SOURCE 200809L      /* posix_memalign under -std=c11 */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(GLMRT_AVX512VNNI)
+#include <immintrin.h>
+#endif
+
+#define GLMRT_CPU_ABI 1
+
+/* ---- what the runtime hands over (mirrored in engine.py) ---------------------------------- */
+typedef struct {
+    const uint8_t *w;       /* (n, kb, block * bits / 8) MatMulNBits bytes, rows back to back */
+    const float *scales;    /* (n, kb) */
+    const float *bias;      /* (n,) or NULL */
+    int64_t n, k, kb, block, bits;
+} Linear;
+
+typedef struct {
+    const float *input_norm, *post_attn_norm, *pre_mlp_norm, *post_mlp_norm;   /* (H,) each */
+    Linear qkv, o, gate_up, down;   /* (nh+2nkv)hd x H, H x nh hd, 2I x H (gate rows, then up), H x I */
+    float *k_cache, *v_cache;       /* (nkv, max_context, hd) each: ONNX Runtime's buffers */
+} Layer;
+
+typedef struct {
+    int64_t hidden, inter, vocab, heads, kv_heads, head_dim, rot, layers, max_context, threads;
+    double eps;
+    const float *embed;       /* (vocab, H) */
+    const float *final_norm;  /* (H,) */
+    const float *rope;        /* (max_context, rot / 2, 2): cos, sin (YaRN's scale included) */
+    Linear lm_head;           /* vocab x H */
+    const Layer *layer;       /* (layers,) */
+} Model;
+
+/* ---- the int8 x of one GEMV ---------------------------------------------------------------
+   A "chunk" is what one 64-byte load of weights holds: 128 values of a 4-bit row, 64 of an
+   8-bit one; its 16 int32 lanes each sum E = 8 (4-bit) or 4 (8-bit) consecutive values.
+   4-bit: chunk c's x is stored as its 64 even-indexed values, then its 64 odd ones (a weight
+   byte's low nibble multiplies the first, its high nibble the second). Per lane: the x scale
+   of its block (d) and -zp * sum of its xq (corr), the dot's starting value. Padded with zeros
+   to whole chunks. */
+typedef struct {
+    int8_t *q;        /* (chunks * 64) or (chunks * 128) */
+    float *d;         /* (chunks * 16) */
+    int32_t *corr;    /* (chunks * 16) */
+} Xq;
+
+static inline int64_t chunk_values(int64_t bits) { return bits == 4 ? 128 : 64; }
+
+/* quantize x (k values, zero beyond) for a linear of `bits` and `block`; kp = kb * block */
+static void quantize_x(const float *x, int64_t k, int64_t kp, int64_t block, int64_t bits, Xq *out) {
+    int64_t cv = chunk_values(bits), chunks = (kp + cv - 1) / cv, e = cv / 16;
+    int64_t zp = bits == 4 ? 8 : 128;
+    memset(out->q, 0, (size_t)(chunks * cv));
+    memset(out->corr, 0, (size_t)(chunks * 16) * sizeof(int32_t));
+    memset(out->d, 0, (size_t)(chunks * 16) * sizeof(float));
+    for (int64_t b0 = 0; b0 < kp; b0 += block) {
+        float amax = 0.f;
+        for (int64_t i = b0; i < b0 + block && i < k; ++i) amax = fmaxf(amax, fabsf(x[i]));
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t i = b0; i < b0 + block; ++i) {
+            int32_t q = 0;
+            if (i < k) {
+                float v = nearbyintf(x[i] * inv);
+                q = (int32_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+            }
+            int64_t c = i / cv, r = i % cv, lane = r / e;
+            int64_t at = bits == 4 ? c * 128 + (r & 1) * 64 + r / 2 : i;   /* 4-bit: evens, then odds */
+            out->q[at] = (int8_t)q;
+            out->corr[c * 16 + lane] -= (int32_t)zp * q;
+            out->d[c * 16 + lane] = d;
+        }
+    }
+}
+
+/* ---- one row's dot product -------------------------------------------------------------- */
+/* what every row of a linear shares, worked out once a GEMV */
+typedef struct {
+    int64_t rb, full, rem, per;   /* bytes a row; whole chunks, values left over; scales a chunk uses */
+    int32_t ix[16];               /* lane j's block within its chunk */
+} Shape;
+
+static Shape shape_of(const Linear *L) {
+    Shape p;
+    int64_t kp = L->kb * L->block, cv = chunk_values(L->bits), e = cv / 16;
+    p.rb = kp * L->bits / 8;
+    p.full = kp / cv;
+    p.rem = kp % cv;
+    p.per = L->block < cv ? cv / L->block : 1;
+    for (int j = 0; j < 16; ++j) p.ix[j] = L->block < cv ? (int32_t)(j * e / L->block) : 0;
+    return p;
+}
+
+#if defined(GLMRT_AVX512VNNI)
+/* weights and scales are requested into L2 this far ahead of the chunk read: one thread then
+   streams 21 GB/s from DRAM instead of 17 (this repository's 2-core EPYC, an lm_head-sized GEMV;
+   2048 bytes ahead was slower than none, into L1 too) */
+#define PREFETCH 8192
+
+/* one chunk of one row: the 16 lanes' integer sums, scaled */
+static inline __m512 chunk_dot(__m512i wb, __m512 sw, const Xq *x, int64_t c, int64_t bits) {
+    __m512i a = _mm512_loadu_si512(x->corr + c * 16);
+    if (bits == 4) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        __m512i lo = _mm512_and_si512(wb, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m4);
+        a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a, lo, _mm512_loadu_si512(x->q + c * 128)),
+                                hi, _mm512_loadu_si512(x->q + c * 128 + 64));
+    } else {
+        a = _mm512_dpbusd_epi32(a, wb, _mm512_loadu_si512(x->q + c * 64));
+    }
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sw, _mm512_loadu_ps(x->d + c * 16)));
+}
+
+static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
+    const int64_t bits = L->bits, block = L->block, cv = chunk_values(bits);
+    const uint8_t *w = L->w + row * p->rb;
+    const float *s = L->scales + row * L->kb;
+    const __m512i idx = _mm512_loadu_si512(p->ix);
+    const __mmask16 need = (__mmask16)((1u << p->per) - 1);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= p->full; c += 2) {                  /* two chunks a turn: two chains of sums */
+        _mm_prefetch((const char *)(w + c * 64 + PREFETCH), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + c * 64 + 64 + PREFETCH), _MM_HINT_T1);
+        if ((c & 3) == 0) _mm_prefetch((const char *)(s + c * cv / block + PREFETCH / 4), _MM_HINT_T1);
+        __m512 s0 = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(need, s + c * cv / block));
+        __m512 s1 = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(need, s + (c + 1) * cv / block));
+        acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_loadu_si512(w + c * 64), s0, x, c, bits));
+        acc1 = _mm512_add_ps(acc1, chunk_dot(_mm512_loadu_si512(w + c * 64 + 64), s1, x, c + 1, bits));
+    }
+    for (; c <= p->full; ++c) {
+        __mmask64 wneed = ~0ULL;
+        __mmask16 sneed = need;
+        if (c == p->full) {                             /* the row's last, partial chunk */
+            if (p->rem == 0) break;
+            int64_t bytes = p->rem * bits / 8, blocks = (p->rem + block - 1) / block;
+            wneed = (1ULL << bytes) - 1;
+            sneed = (__mmask16)((1u << (blocks < p->per ? blocks : p->per)) - 1);
+        }
+        __m512 sw = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(sneed, s + c * cv / block));
+        acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_maskz_loadu_epi8(wneed, w + c * 64), sw, x, c, bits));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#else
+/* the same sums lane by lane, in portable C */
+static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
+    int64_t bits = L->bits, block = L->block, kp = L->kb * block, cv = chunk_values(bits);
+    int64_t chunks = (kp + cv - 1) / cv, e = cv / 16;
+    const uint8_t *w = L->w + row * p->rb;
+    const float *s = L->scales + row * L->kb;
+    float acc[16] = {0};
+    for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t j = 0; j < 16; ++j) {
+            int64_t i0 = c * cv + j * e;               /* the lane's first value */
+            if (i0 >= kp) break;
+            int32_t sum = x->corr[c * 16 + j];
+            for (int64_t t = 0; t < e; ++t) {
+                int64_t i = i0 + t, r = i % cv;
+                int32_t q = bits == 4 ? (w[i / 2] >> ((i & 1) * 4)) & 0x0F : w[i];
+                int64_t at = bits == 4 ? c * 128 + (r & 1) * 64 + r / 2 : i;
+                sum += q * (int32_t)x->q[at];
+            }
+            acc[j] += (float)sum * (s[i0 / block] * x->d[c * 16 + j]);
+        }
+    }
+    float total = 0.f;
+    for (int j = 0; j < 16; ++j) total += acc[j];
+    return total;
+}
+#endif
+
+/* ---- threads ------------------------------------------------------------------------------ */
+#if defined(__x86_64__) || defined(__i386__)
+#define PAUSE() __builtin_ia32_pause()
+#else
+#define PAUSE() atomic_signal_fence(memory_order_seq_cst)
+#endif
+#define WAKE_SPINS 200000        /* a worker spins this many pauses for the next step, then sleeps */
+
+typedef struct Engine Engine;
+struct Engine {
+    Model m;
+    Layer *layers;                /* the model's, copied */
+    int64_t nt;
+    /* scratch, 64-byte aligned */
+    float *x;       /* (H) the residual stream */
+    float *h;       /* (max(H, nh hd, I)) a norm's output, the attention's, the SwiGLU's */
+    float *qkv;     /* ((nh + 2 nkv) hd) */
+    float *t;       /* (H) o_proj's / down's output */
+    float *scores;  /* (nh, max_context) */
+    Xq xq;
+    float *logits;  /* (vocab) the caller's */
+    float *best_v;  /* (nt) each thread's maximum logit */
+    int64_t *best_i;
+    int64_t token, pos;
+    /* the pool */
+    pthread_t *workers;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int generation, sleepers, stop;
+    atomic_int bar_count, bar_sense;
+};
+
+static void barrier(Engine *e, int *sense) {
+    *sense = !*sense;
+    if (atomic_fetch_add(&e->bar_count, 1) == e->nt - 1) {
+        atomic_store(&e->bar_count, 0);
+        atomic_store(&e->bar_sense, *sense);
+    } else {
+        while (atomic_load(&e->bar_sense) != *sense) PAUSE();
+    }
+}
+
+static void rmsnorm(const float *x, const float *w, float *out, int64_t n, double eps) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+    double ss = 0.0;
+    for (int j = 0; j < 16; ++j) ss += acc[j];
+    for (; i < n; ++i) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+/* rows [lo, hi) of thread tid's share, in whole groups of 4 rows */
+static void share(int64_t n, int64_t tid, int64_t nt, int64_t *lo, int64_t *hi) {
+    int64_t groups = (n + 3) / 4;
+    *lo = groups * tid / nt * 4;
+    *hi = groups * (tid + 1) / nt * 4;
+    if (*hi > n) *hi = n;
+    if (*lo > n) *lo = n;
+}
+
+static void gemv(const Linear *L, const Xq *x, float *y, int64_t tid, int64_t nt) {
+    int64_t lo, hi;
+    share(L->n, tid, nt, &lo, &hi);
+    Shape p = shape_of(L);
+    for (int64_t r = lo; r < hi; ++r) y[r] = row_dot(L, &p, r, x) + (L->bias ? L->bias[r] : 0.f);
+}
+
+/* gate_up: rows r (gate) and inter + r (up) of one thread's share -> act[r] = silu(g) * u */
+static void gemv_swiglu(const Linear *L, const Xq *x, float *act, int64_t inter, int64_t tid, int64_t nt) {
+    int64_t lo, hi;
+    share(inter, tid, nt, &lo, &hi);
+    Shape p = shape_of(L);
+    int64_t r = lo;
+    for (; r < hi; ++r) {
+        float g = row_dot(L, &p, r, x), u = row_dot(L, &p, inter + r, x);
+        act[r] = g / (1.f + expf(-g)) * u;
+    }
+}
+
+static void rope(float *v, const float *table, int64_t rot) {
+    for (int64_t i = 0; i < rot / 2; ++i) {
+        float c = table[2 * i], s = table[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = b * c + a * s;
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+    float s = 0.f;
+    for (int j = 0; j < 16; ++j) s += acc[j];
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* query head hq at position pos: out (hd) = softmax(q K^T / sqrt(hd)) V over positions 0..pos */
+static void attend(const Engine *e, const Layer *L, int64_t hq, float *out) {
+    const Model *m = &e->m;
+    int64_t hd = m->head_dim, g = m->heads / m->kv_heads, kvh = hq / g, len = e->pos + 1;
+    const float *q = e->qkv + hq * hd;
+    const float *K = L->k_cache + kvh * m->max_context * hd, *V = L->v_cache + kvh * m->max_context * hd;
+    float *s = e->scores + hq * m->max_context, mx = -INFINITY, scale = 1.f / sqrtf((float)hd);
+    for (int64_t t = 0; t < len; ++t) {
+        s[t] = dot(q, K + t * hd, hd) * scale;
+        mx = fmaxf(mx, s[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) sum += (s[t] = expf(s[t] - mx));
+    for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+        float p = s[t] / sum;
+        const float *v = V + t * hd;
+        for (int64_t i = 0; i < hd; ++i) out[i] += p * v[i];
+    }
+}
+
+static void step_body(Engine *e, int64_t tid) {
+    const Model *m = &e->m;
+    int64_t H = m->hidden, I = m->inter, nh = m->heads, nkv = m->kv_heads, hd = m->head_dim, nt = e->nt;
+    int sense = atomic_load(&e->bar_sense);
+    const float *rope_row = m->rope + e->pos * (m->rot / 2) * 2;
+    if (tid == 0) memcpy(e->x, m->embed + e->token * H, (size_t)H * sizeof(float));
+    for (int64_t l = 0; l < m->layers; ++l) {
+        const Layer *L = &e->layers[l];
+        if (tid == 0) {
+            rmsnorm(e->x, L->input_norm, e->h, H, m->eps);
+            quantize_x(e->h, H, L->qkv.kb * L->qkv.block, L->qkv.block, L->qkv.bits, &e->xq);
+        }
+        barrier(e, &sense);
+        gemv(&L->qkv, &e->xq, e->qkv, tid, nt);
+        barrier(e, &sense);
+        if (tid == 0) {                    /* k, v -> the cache at pos, k rotated */
+            for (int64_t j = 0; j < nkv; ++j) {
+                float *k = L->k_cache + (j * m->max_context + e->pos) * hd;
+                float *v = L->v_cache + (j * m->max_context + e->pos) * hd;
+                memcpy(k, e->qkv + (nh + j) * hd, (size_t)hd * sizeof(float));
+                memcpy(v, e->qkv + (nh + nkv + j) * hd, (size_t)hd * sizeof(float));
+                rope(k, rope_row, m->rot);
+            }
+        }
+        barrier(e, &sense);
+        for (int64_t hq = tid; hq < nh; hq += nt) {
+            rope(e->qkv + hq * hd, rope_row, m->rot);
+            attend(e, L, hq, e->h + hq * hd);
+        }
+        barrier(e, &sense);
+        if (tid == 0) quantize_x(e->h, nh * hd, L->o.kb * L->o.block, L->o.block, L->o.bits, &e->xq);
+        barrier(e, &sense);
+        gemv(&L->o, &e->xq, e->t, tid, nt);
+        barrier(e, &sense);
+        if (tid == 0) {
+            rmsnorm(e->t, L->post_attn_norm, e->t, H, m->eps);
+            for (int64_t i = 0; i < H; ++i) e->x[i] += e->t[i];
+            rmsnorm(e->x, L->pre_mlp_norm, e->h, H, m->eps);
+            quantize_x(e->h, H, L->gate_up.kb * L->gate_up.block, L->gate_up.block, L->gate_up.bits, &e->xq);
+        }
+        barrier(e, &sense);
+        gemv_swiglu(&L->gate_up, &e->xq, e->h, I, tid, nt);
+        barrier(e, &sense);
+        if (tid == 0) quantize_x(e->h, I, L->down.kb * L->down.block, L->down.block, L->down.bits, &e->xq);
+        barrier(e, &sense);
+        gemv(&L->down, &e->xq, e->t, tid, nt);
+        barrier(e, &sense);
+        if (tid == 0) {
+            rmsnorm(e->t, L->post_mlp_norm, e->t, H, m->eps);
+            for (int64_t i = 0; i < H; ++i) e->x[i] += e->t[i];
+        }
+    }
+    const Linear *lm = &m->lm_head;
+    if (tid == 0) {
+        rmsnorm(e->x, m->final_norm, e->h, H, m->eps);
+        quantize_x(e->h, H, lm->kb * lm->block, lm->block, lm->bits, &e->xq);
+    }
+    barrier(e, &sense);
+    gemv(lm, &e->xq, e->logits, tid, nt);
+    int64_t lo, hi;                        /* this thread's rows' first maximum */
+    share(lm->n, tid, nt, &lo, &hi);
+    float bv = -INFINITY;
+    int64_t bi = lo;
+    for (int64_t r = lo; r < hi; ++r)
+        if (e->logits[r] > bv) { bv = e->logits[r]; bi = r; }
+    e->best_v[tid] = bv;
+    e->best_i[tid] = bi;
+    barrier(e, &sense);
+}
+
+static void *worker(void *arg) {
+    Engine *e = ((void **)arg)[0];
+    int64_t tid = (int64_t)(intptr_t)((void **)arg)[1];
+    free(arg);
+    int seen = 0;                   /* the generation before the first step (a step may start before this thread) */
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&e->generation) == seen && spins < WAKE_SPINS) { PAUSE(); ++spins; }
+        if (atomic_load(&e->generation) == seen) {
+            pthread_mutex_lock(&e->mu);
+            atomic_fetch_add(&e->sleepers, 1);
+            while (atomic_load(&e->generation) == seen) pthread_cond_wait(&e->cv, &e->mu);
+            atomic_fetch_sub(&e->sleepers, 1);
+            pthread_mutex_unlock(&e->mu);
+        }
+        seen = atomic_load(&e->generation);
+        if (atomic_load(&e->stop)) return NULL;
+        step_body(e, tid);
+    }
+}
+
+static void *aligned(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (bytes + 63) / 64 * 64 + 64)) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* ---- the ABI -------------------------------------------------------------------------------- */
+int glmrt_cpu_abi(void) { return GLMRT_CPU_ABI; }
+
+const char *glmrt_cpu_isa(void) {
+#if defined(GLMRT_AVX512VNNI)
+    return "avx512vnni";
+#else
+    return "generic";
+#endif
+}
+
+void glmrt_cpu_close(Engine *e);
+
+static int64_t xq_chunks(const Linear *L) {
+    int64_t cv = chunk_values(L->bits);
+    return (L->kb * L->block + cv - 1) / cv;
+}
+
+/* the engine for a model; NULL when memory runs out or threads cannot start */
+Engine *glmrt_cpu_open(const Model *m) {
+    Engine *e = calloc(1, sizeof(Engine));
+    if (!e) return NULL;
+    e->m = *m;
+    e->nt = m->threads < 1 ? 1 : m->threads;
+    e->layers = malloc(sizeof(Layer) * (size_t)m->layers);
+    if (!e->layers) { free(e); return NULL; }
+    memcpy(e->layers, m->layer, sizeof(Layer) * (size_t)m->layers);
+    e->m.layer = e->layers;
+    int64_t H = m->hidden, nh = m->heads, hd = m->head_dim, chunks = xq_chunks(&m->lm_head);
+    for (int64_t l = 0; l < m->layers; ++l) {
+        const Layer *L = &m->layer[l];
+        chunks = max64(chunks, max64(max64(xq_chunks(&L->qkv), xq_chunks(&L->o)),
+                                     max64(xq_chunks(&L->gate_up), xq_chunks(&L->down))));
+    }
+    e->x = aligned(sizeof(float) * H);
+    e->h = aligned(sizeof(float) * max64(max64(H, nh * hd), m->inter));
+    e->qkv = aligned(sizeof(float) * (nh + 2 * m->kv_heads) * hd);
+    e->t = aligned(sizeof(float) * H);
+    e->scores = aligned(sizeof(float) * nh * m->max_context);
+    e->xq.q = aligned((size_t)chunks * 128);
+    e->xq.d = aligned(sizeof(float) * chunks * 16);
+    e->xq.corr = aligned(sizeof(int32_t) * chunks * 16);
+    e->best_v = aligned(sizeof(float) * e->nt);
+    e->best_i = aligned(sizeof(int64_t) * e->nt);
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    if (!e->x || !e->h || !e->qkv || !e->t || !e->scores || !e->xq.q || !e->xq.d || !e->xq.corr ||
+        !e->best_v || !e->best_i) { glmrt_cpu_close(e); return NULL; }
+    e->workers = calloc((size_t)e->nt, sizeof(pthread_t));
+    for (int64_t t = 1; t < e->nt; ++t) {
+        void **arg = malloc(2 * sizeof(void *));
+        arg[0] = e;
+        arg[1] = (void *)(intptr_t)t;
+        if (pthread_create(&e->workers[t], NULL, worker, arg)) {
+            free(arg);
+            e->nt = t;                       /* the threads started so far stop in close */
+            glmrt_cpu_close(e);
+            return NULL;
+        }
+    }
+    return e;
+}
+
+/* one decode step: token at position pos (the cache holds positions 0..pos-1); logits (vocab)
+   fp32 into `logits`; returns the argmax (the first maximum) */
+int64_t glmrt_cpu_step(Engine *e, int64_t token, int64_t pos, float *logits) {
+    e->token = token;
+    e->pos = pos;
+    e->logits = logits;
+    atomic_fetch_add(&e->generation, 1);
+    if (atomic_load(&e->sleepers) > 0) {
+        pthread_mutex_lock(&e->mu);
+        pthread_cond_broadcast(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+    }
+    step_body(e, 0);
+    float bv = e->best_v[0];
+    int64_t bi = e->best_i[0];
+    for (int64_t t = 1; t < e->nt; ++t)
+        if (e->best_v[t] > bv) { bv = e->best_v[t]; bi = e->best_i[t]; }
+    return bi;
+}
+
+void glmrt_cpu_close(Engine *e) {
+    if (!e) return;
+    if (e->workers) {
+        atomic_store(&e->stop, 1);
+        pthread_mutex_lock(&e->mu);
+        atomic_fetch_add(&e->generation, 1);
+        pthread_cond_broadcast(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+        for (int64_t t = 1; t < e->nt; ++t) pthread_join(e->workers[t], NULL);
+        free(e->workers);
+    }
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e->x); free(e->h); free(e->qkv); free(e->t); free(e->scores);
+    free(e->xq.q); free(e->xq.d); free(e->xq.corr); free(e->best_v); free(e->best_i);
+    free(e->layers);
+    free(e);
+}
+
+/* one GEMV on its own (the tests and the build's check): y (n) = W x, x (k) quantized here */
+int glmrt_cpu_gemv(const Linear *L, const float *x, float *y) {
+    int64_t chunks = xq_chunks(L);
+    Xq q = {aligned((size_t)chunks * 128), aligned(sizeof(float) * chunks * 16),
+            aligned(sizeof(int32_t) * chunks * 16)};
+    if (!q.q || !q.d || !q.corr) { free(q.q); free(q.d); free(q.corr); return 1; }
+    quantize_x(x, L->k, L->kb * L->block, L->block, L->bits, &q);
+    gemv(L, &q, y, 0, 1);
+    free(q.q); free(q.d); free(q.corr);
+    return 0;
+}

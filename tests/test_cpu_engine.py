@@ -1,0 +1,229 @@
+"""glmrt's own CPU engine (backend "cpu"): engine.c compiled here for each instruction set this
+CPU runs, its GEMV against numpy and ONNX Runtime's MatMulNBits on the same int8 x, its decode
+steps against ONNX Runtime's CPU form of the same export and the float64 reference, and the
+one-line refusals."""
+import ctypes
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import glmrt
+from glmrt.backends.cpu_engine import compiler
+from glmrt.backends.cpu_engine.engine import LinearC, gemv, load_library
+from glmrt.engines.build import build
+from glmrt.engines.cpu_build import dequantize, quantize_x
+from glmrt.errors import GlmrtError
+from glmrt.export.quant import MatMulNBits, pack_nibbles
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler")
+ISAS = [isa for isa in compiler.ISAS if compiler.runs_here(isa)]
+PROMPT = list(range(5, 300, 7))
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    made = {}
+
+    def get(isa):
+        if isa not in made:
+            out = tmp_path_factory.mktemp("cpu-engine") / f"{isa}.so"
+            compiler.compile_library(compiler.source_text(), isa, out)
+            made[isa] = load_library(out)
+        return made[isa]
+    return get
+
+
+def packed(bits, block, n, k, seed):
+    """A random (n, k) matrix as MatMulNBits stores it: (bytes (n, kb, block*bits/8), scales (n, kb))."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    q = MatMulNBits(bits, block, True, "float32").quantize(w)
+    codes = q.codes.reshape(n, -1, block)
+    return (pack_nibbles(codes) if bits == 4 else codes).copy(), q.scales.astype(np.float32)
+
+
+def ort_matmulnbits(x, w, scales, bits, block, k, n):
+    """ONNX Runtime's MatMulNBits with int8 activations (accuracy_level 4) on the same bytes."""
+    import onnxruntime as ort
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [helper.make_tensor("w", TensorProto.UINT8, w.shape, w.tobytes(), raw=True),
+                               helper.make_tensor("s", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x[None]})[0][0]
+
+
+# (bits, block, k): whole chunks, and rows ending in a partial chunk (a 4-bit chunk is 128
+# values, an 8-bit one 64), as GLM's intermediate sizes do (6848 = 53.5 chunks of 128)
+SHAPES = [(4, 32, 256), (4, 32, 224), (4, 64, 320), (4, 128, 192), (4, 256, 512), (8, 32, 96), (8, 128, 384),
+          (8, 64, 200)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,block,k", SHAPES)
+def test_the_gemv_computes_what_numpy_and_onnxruntime_do(library, isa, bits, block, k):
+    """Against float64 numpy on the same int8 x and dequantized weights: the integer sums are
+    exact, only the fp32 sums' order differs (bound 1e-5). Against ONNX Runtime's MatMulNBits
+    with accuracy_level 4 on the same bytes: the same quantization of x (bound 1e-5)."""
+    n = 40
+    w, scales = packed(bits, block, n, k, seed=k + bits)
+    bias = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal(k).astype(np.float32) * 3
+    lin = LinearC(w.ctypes.data, scales.ctypes.data, bias.ctypes.data, n, k, scales.shape[1], block, bits)
+    got = gemv(library(isa), lin, x)
+    want = dequantize(w, scales, bits, k) @ quantize_x(x, block) + bias
+    assert rel(got, want) < 1e-5
+    assert rel(got - bias, ort_matmulnbits(x, w, scales, bits, block, k, n)) < 1e-5
+    lin.bias = None                                            # no bias: NULL
+    assert rel(gemv(library(isa), lin, x), want - bias) < 1e-5
+
+
+def test_the_isas_are_what_the_library_says(library):
+    for isa in ISAS:
+        assert library(isa).glmrt_cpu_isa().decode() == isa
+    assert "generic" in ISAS                                    # every CPU runs the portable C
+
+
+@pytest.fixture(scope="module")
+def engine_model(exported):
+    """The quant checkpoint's --target cpu exports with a cpu engine for every ISA this CPU runs."""
+    made = {}
+
+    def get(precision):
+        if precision not in made:
+            folder = exported("quant", precision, target="cpu")
+            for isa in ISAS:
+                if not (folder / "engines" / f"cpu-{isa}").exists():
+                    build(folder, backend="cpu", isa=isa)
+            made[precision] = folder
+        return made[precision]
+    return get
+
+
+def decode_logits(m, tokens=(17, 250, 3, 9, 1000)):
+    with m.decoder.generation() as g:
+        m.decoder.step(np.array([PROMPT]), g)
+        return np.array([m.decoder.step(np.array([[t]]), g)[0, -1] for t in tokens])
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_the_engine_decodes_what_the_onnxruntime_cpu_form_does(engine_model, precision):
+    """Prefill on ONNX Runtime's CPU form, decode steps in the engine, on one cache: the logits
+    of ONNX Runtime's own decode steps (same weights, same int8 x per block) within 1e-5
+    (measured 2.7e-7 for int4), and the same greedy tokens."""
+    folder = engine_model(precision)
+    eng, ort = glmrt.load(folder, backend="cpu"), glmrt.load(folder)
+    d = eng.decoder.describe()
+    assert d["backend"] == "cpu" and d["settings"]["isa"] == compiler.host_isa()
+    assert rel(decode_logits(eng), decode_logits(ort)) < 1e-5
+    assert eng.generate(PROMPT, max_new_tokens=24) == ort.generate(PROMPT, max_new_tokens=24)
+    eng.decoder.close()
+
+
+def test_the_engine_against_the_float64_reference(engine_model, checkpoint):
+    """Teacher-forced decode steps against the reference on the dequantized weights (lm_head
+    too): int8 activations' bound from tests/test_quant.py (rel. error 3e-2, top-1 95%)."""
+    from glmrt import reference
+    from glmrt.export.checkpoint import Checkpoint
+    from test_quant import INT8_ACTIVATIONS
+    ck = Checkpoint(checkpoint("quant"))
+    scheme = MatMulNBits(4, 32, True, "float32")
+    deq = {k: (scheme.dequantize(scheme.quantize(v)) if v.ndim == 2 and k != "model.embed_tokens.weight" else v)
+           for k, v in ck.weights_f32().items()}
+    ids = list(range(5, 700, 7))
+    ref, _ = reference.forward(ck.cfg, deq, ids)                          # (seq, V) float64
+    m = glmrt.load(engine_model("int4"), backend="cpu")
+    with m.decoder.generation() as g:
+        m.decoder.step(np.array([ids[:40]]), g)
+        got = np.array([m.decoder.step(np.array([[t]]), g)[0, -1] for t in ids[40:]])
+    bound, agree = INT8_ACTIVATIONS["int4"]
+    assert rel(got, ref[40:]) < bound
+    assert (got.argmax(-1) == ref[40:].argmax(-1)).mean() >= agree
+
+
+def test_isas_and_thread_counts_agree(engine_model):
+    """Threads split rows and heads, never a sum: 1, 2 and 3 threads give the same bits. The
+    portable C and AVX-512 sum in another order: within 1e-5."""
+    folder = engine_model("int4")
+    runs = {t: decode_logits(glmrt.load(folder, backend="cpu", threads=t)) for t in (1, 2, 3)}
+    assert np.array_equal(runs[1], runs[2]) and np.array_equal(runs[1], runs[3])
+    if len(ISAS) > 1:           # the best ISA's folder moved aside: the loader takes the next one
+        best = folder / "engines" / f"cpu-{ISAS[0]}"
+        best.rename(best.with_name("aside"))
+        try:
+            m = glmrt.load(folder, backend="cpu")
+            assert m.decoder.describe()["settings"]["isa"] == ISAS[1]
+            assert rel(decode_logits(m), runs[1]) < 1e-5
+        finally:
+            best.with_name("aside").rename(best)
+
+
+def test_the_cache_limit_and_bad_ids_are_one_line(engine_model):
+    m = glmrt.load(engine_model("int4"), backend="cpu", max_context=50)
+    with m.decoder.generation() as g:
+        m.decoder.step(np.array([list(range(5, 54))]), g)                  # 49 tokens
+        m.decoder.step_greedy(np.array([[3]]), g)
+        with pytest.raises(GlmrtError, match="exceed the cache of 50"):
+            m.decoder.step_greedy(np.array([[3]]), g)
+    with m.decoder.generation() as g:
+        m.decoder.step(np.array([PROMPT[:4]]), g)
+        with pytest.raises(GlmrtError, match="token id 99999 is outside the vocabulary"):
+            m.decoder.step_greedy(np.array([[99999]]), g)
+
+
+@pytest.mark.parametrize("what,kwargs,match", [
+    ("concat", {"precision": "int4"}, "concat form of --target onnxruntime.*export with --target cpu"),
+    ("cuda", {"precision": "int4", "target": "cuda"}, "gqa form of --target cuda.*export with --target cpu"),
+    ("fp32", {"precision": "fp32", "target": "cpu"}, "fp32 export; the cpu engine runs int4 and int8"),
+])
+def test_exports_the_engine_cannot_read_are_refused_in_one_line(exported, what, kwargs, match):
+    folder = exported("quant", **kwargs)
+    with pytest.raises(GlmrtError, match=match):
+        build(folder, backend="cpu")
+    assert not (folder / "engines" / f"cpu-{compiler.host_isa()}").exists()
+
+
+def test_loading_refuses_what_this_cpu_cannot_run_in_one_line(engine_model, exported, tmp_path):
+    from glmrt.errors import ArtifactError
+    folder = exported("quant", "int4", target="cpu", block_size=128)       # an export without engines
+    with pytest.raises(ArtifactError, match="no cpu engine for this CPU; build one: glmrt build .* --backend cpu"):
+        glmrt.load(folder, backend="cpu")
+    copy = tmp_path / "m"
+    shutil.copytree(engine_model("int4"), copy)
+    for isa in ISAS:
+        man = copy / "engines" / f"cpu-{isa}" / "int4" / "manifest.json"
+        em = json.loads(man.read_text())
+        em["cpu_flags"] = [*em["cpu_flags"], "avx10_9"]                   # a flag no CPU has yet
+        man.write_text(json.dumps(em))
+    with pytest.raises(ArtifactError, match="lacks avx10_9; rebuild it here: glmrt build .* --backend cpu --overwrite"):
+        glmrt.load(copy, backend="cpu")
+    with pytest.raises(GlmrtError, match="--isa applies to --backend cpu"):
+        build(copy, backend="onnxruntime", isa="generic")
+
+
+def test_the_cli_builds_and_chats_on_the_cpu_engine(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from glmrt.cli import main
+    copy = tmp_path / "m"
+    shutil.copytree(exported("quant", "int8", target="cpu"), copy, ignore=shutil.ignore_patterns("engines"))
+    r = CliRunner().invoke(main, ["build", str(copy), "--backend", "cpu", "--isa", "generic"])
+    assert r.exit_code == 0, r.output
+    em = json.loads((copy / "engines" / "cpu-generic" / "int8" / "manifest.json").read_text())
+    assert em["kind"] == "cpu-engine" and em["formats"] == {"linear": "int8", "block": 128, "lm_head": "int8"}
+    assert all(c["ok"] for c in em["selfcheck"]) and len(em["selfcheck"]) == 5
+    r = CliRunner().invoke(main, ["bench", str(copy), "--backend", "cpu", "--prompt-lengths", "16",
+                                  "--contexts", "32", "--decode-steps", "8", "--repeats", "1"])
+    assert r.exit_code == 0, r.output
+    assert "cpu" in r.output
