@@ -50,6 +50,11 @@ def plan(model_dir: Path, man: dict, options):
     isa = compiler.host_isa() if options.isa == "auto" else compiler.check_isa(options.isa)
     cfg = GlmConfig.from_dict(man["config"])
     index, linear, block = index_export(Path(model_dir), man, cfg, READS)
+    q = man["precision"]["quantization"]
+    for role, form in [(r[n], q) for r in index["layers"] for n in ("qkv", "o", "gate_up", "down")] + \
+            [(index["lm_head"], q.get("lm_head_form") or q)]:
+        # fp16 values in fp32 scales (glmrt's MatMulNBits since session 16): read as fp16 copies
+        role["scale_values"] = form.get("scale_values") or form["scale_dtype"]
     out = engine_dir(model_dir, "cpu", man["precision"]["name"], isa=isa)
 
     def make(tmp: Path) -> dict:
@@ -60,7 +65,8 @@ def plan(model_dir: Path, man: dict, options):
         entry = {"kind": "cpu-engine", "backend": "cpu", "library": "engine.so", "source_file": "engine.c",
                  "isa": isa, "machine": platform.machine(), "cpu_flags": list(compiler.ISAS[isa][2]),
                  "abi": compiler.ABI, "source_sha256": compiler.sha256(source), **built,
-                 "formats": {"linear": linear, "block": block, "lm_head": index["lm_head"]["format"]},
+                 "formats": {"linear": linear, "block": block, "lm_head": index["lm_head"]["format"],
+                             "scales": index["lm_head"]["scale_values"]},
                  "weights": index, "selfcheck": None}
         if compiler.runs_here(isa):
             report = check(tmp / "engine.so", Path(model_dir), index, cfg)

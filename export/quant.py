@@ -173,6 +173,10 @@ class TensorScaledQDQ(Scheme):
 class BlockInt(Scheme):
     """Block-wise integer quantization along K, shared by MatMulNBits and Int4QDQ."""
 
+    # the stored scales hold this dtype's values (see MatMulNBits): TensorRT's int4 blocks take the
+    # same, so its codes and weights stay MatMulNBits' exactly
+    scale_values: str | None = "float16"
+
     def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -188,17 +192,28 @@ class BlockInt(Scheme):
         levels = (1 << self.bits) - 1
         if self.symmetric:
             qmax = (1 << (self.bits - 1)) - 1                         # 7 or 127
-            scale = _round_scale(np.abs(blocks).max(-1) / qmax, self.scale_dtype)
+            scale = self._scales(np.abs(blocks).max(-1) / qmax)
             q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -qmax, qmax)
             codes = (q + (1 << (self.bits - 1))).astype(np.uint8)     # unsigned, zero point 2^(b-1)
             return QTensor(codes.reshape(n, -1), scale, None, k)
         lo = np.minimum(blocks.min(-1), 0.0)
         hi = np.maximum(blocks.max(-1), 0.0)
-        scale = _round_scale((hi - lo) / levels, self.scale_dtype)
+        scale = self._scales((hi - lo) / levels)
         s32 = scale.astype(np.float32)
         zp = np.clip(np.rint(-lo / s32), 0, levels).astype(np.uint8)
         codes = np.clip(np.rint(blocks / s32[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
         return QTensor(codes.reshape(n, -1), scale, zp, k)
+
+    def _scales(self, s: np.ndarray) -> np.ndarray:
+        """The stored scales: where scale_values is set and is not scale_dtype itself, rounded up
+        to that dtype's values (so a block's range stays covered: no code clips), kept as
+        scale_dtype; scales stored as fp16 are rounded to nearest, as before session 16."""
+        if self.scale_values not in (None, self.scale_dtype):
+            v = np.asarray(s).astype(self.scale_values)
+            low = v.astype(np.float64) < s
+            v[low] = np.nextafter(v[low], np.asarray(np.inf, v.dtype))
+            s = _round_scale(v, self.scale_values)
+        return _round_scale(s, self.scale_dtype)
 
     def dequantize(self, q: QTensor) -> np.ndarray:
         n = q.codes.shape[0]
@@ -216,7 +231,12 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 class MatMulNBits(BlockInt):
     """ONNX Runtime's MatMulNBits. int8_activations sets accuracy_level 4: on the CPU the
     activations are quantized to int8 per block and the products summed as integers (the
-    CUDA kernels ignore it); otherwise the weights are dequantized and multiplied in float."""
+    CUDA kernels ignore it); otherwise the weights are dequantized and multiplied in float.
+
+    Scales hold fp16 values on every target, stored in the activations' dtype (fp32 on the CPU):
+    as llama.cpp's Q4_0 / Q8_0 blocks do. The CPU's graph computes with exactly the values
+    glmrt's cpu engine reads as fp16, 2 bytes a block instead of 4 (int4 in blocks of 32: 4.5
+    bits a weight instead of 5). Rounded up: a block's scale grows by at most 2^-10 of itself."""
     name = "matmulnbits"
 
     def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str,
@@ -233,7 +253,7 @@ class MatMulNBits(BlockInt):
 
     def params(self) -> dict:
         return {"form": self.name, "bits": self.bits, "block_size": self.block,
-                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype,
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "scale_values": self.scale_values,
                 "int8_activations": self.int8_activations,
                 "accuracy_level": ACCURACY_INT8 if self.int8_activations else 0}
 

@@ -155,7 +155,7 @@ def bench(model_dir, *, device: str | None = None, backend: str = "onnxruntime",
     if dec.caps.device_argmax:                 # what a sampled token pays: logits to the host
         med = decode_time(min(contexts), False)
         out["decode_host_logits"] = {"context": min(contexts), "ms": 1e3 * med, "tok_s": 1.0 / med}
-    streamed = m.manifest.get("streamed_bytes_per_token")
+    streamed = dec.streamed_bytes() or m.manifest.get("streamed_bytes_per_token")
     tbps, source = _ceiling(device, bandwidth_tbps, threads)
     if streamed and tbps:
         ceiling_s = streamed / (tbps * 1e12)

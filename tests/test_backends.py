@@ -27,6 +27,8 @@ RECIPES = {
                     ("cuda", ("fp16", "onnxruntime"), 1e-2), ("cuda", ("fp16", "cuda"), 1e-2)],
     "tensorrt": [("cuda", ("fp16", "tensorrt"), 1e-2)],
     "cuda": [("cuda", ("fp16", "cuda", {"float_layout": "nk"}), 1e-2)],
+    # int8 weights (blocks of 128) and int8 activations against the float reference (measured 2.1e-2 .. 2.9e-2)
+    "cpu": [("cpu", ("int8", "cpu"), 5e-2)],
 }
 CASES = [(b, dev, exp, tol) for b in BACKENDS for dev, exp, tol in RECIPES.get(b, [(None, None, None)])]
 
@@ -51,6 +53,13 @@ def runnable(backend, device):
         from cuda_emu.emulator import compiler
         if not cuda_engine_gpu() and compiler() is None:
             return "no GPU for the cuda engine and no C++ compiler for its emulation"
+        return None
+    if backend == "cpu":
+        from glmrt.backends.cpu_engine.compiler import find_compiler
+        try:
+            find_compiler()
+        except glmrt.GlmrtError:
+            return "no C compiler for glmrt's cpu engine"
         return None
     if device == "cuda" and not HAS_CUDA:
         return "no CUDA device for ONNX Runtime here"

@@ -95,6 +95,11 @@ class Decoder(abc.ABC):
     def describe(self) -> dict:
         """What `glmrt bench` reports about this decoder: backend, form, device, switches."""
 
+    def streamed_bytes(self) -> int | None:
+        """Weight bytes one decode step reads, where the decoder holds the weights in another
+        layout than the export's (None: the manifest's streamed_bytes_per_token)."""
+        return None
+
     def check_room(self, cache: Cache, new: int) -> None:
         """Refuse a step that would take the cache past caps.max_context."""
         from ..errors import GlmrtError

@@ -20,7 +20,7 @@ from pathlib import Path
 from ...errors import GlmrtError
 
 SOURCE = Path(__file__).with_name("kernels") / "engine.c"
-ABI = 1                        # GLMRT_CPU_ABI in engine.c: the structs engine.py mirrors
+ABI = 2                        # GLMRT_CPU_ABI in engine.c: the structs engine.py mirrors
 
 # name -> (compiler flags, the macro engine.c reads, /proc/cpuinfo flags it needs); best first
 ISAS = {

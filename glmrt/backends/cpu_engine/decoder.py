@@ -53,6 +53,18 @@ class CpuDecoder(Decoder):
                              "activations": "int8", "compiler": e["compiler_version"]},
                 "greedy": "engine argmax", "engine": str(self.engine_path)}
 
+    def streamed_bytes(self) -> int:
+        """Every tensor the engine reads but the embedding (one row a step), fp16 scale copies
+        at half their stored bytes."""
+        index, total = self.engine["weights"], 0
+        halved = {r["scales"] for r in [index["lm_head"], *(L[n] for L in index["layers"]
+                                                              for n in ("qkv", "o", "gate_up", "down"))]
+                  if r["scale_values"] == "float16"}
+        for name, t in index["tensors"].items():
+            if name != index["embed"]:
+                total += t["bytes"] // 2 if name in halved else t["bytes"]
+        return total
+
     @contextlib.contextmanager
     def generation(self):
         with self.lock:

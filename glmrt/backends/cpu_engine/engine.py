@@ -22,7 +22,7 @@ I64, F32P, VOIDP = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void
 
 class LinearC(ctypes.Structure):
     _fields_ = [("w", VOIDP), ("scales", VOIDP), ("bias", VOIDP),
-                ("n", I64), ("k", I64), ("kb", I64), ("block", I64), ("bits", I64)]
+                ("n", I64), ("k", I64), ("kb", I64), ("block", I64), ("bits", I64), ("scale_bits", I64)]
 
 
 class LayerC(ctypes.Structure):
@@ -67,6 +67,7 @@ class WeightFile:
             raise ArtifactError(f"{path}: the weights the engine was built from are missing")
         self.map = np.memmap(path, np.uint8, mode="r")
         self.base, self.index, self.path = self.map.ctypes.data, index, path
+        self.copies: dict[str, np.ndarray] = {}          # fp16 scales (scales16), kept alive here
         for name, t in index["tensors"].items():
             if t["offset"] + t["bytes"] > self.map.size:
                 raise ArtifactError(f"{path}: {name} ends at byte {t['offset'] + t['bytes']}, the file has "
@@ -74,6 +75,18 @@ class WeightFile:
 
     def __getitem__(self, name: str | None) -> int | None:
         return None if name is None else self.base + self.index["tensors"][name]["offset"]
+
+    def scales16(self, name: str) -> np.ndarray:
+        """fp32 scales holding fp16 values (glmrt's MatMulNBits exports) as an fp16 copy in
+        memory: what the engine reads, half the bytes; refused if any value is not exact."""
+        if name not in self.copies:
+            s32 = self.array(name)
+            s16 = s32.astype(np.float16)
+            if not np.array_equal(s16.astype(np.float32), s32):
+                raise ArtifactError(f"{self.path}: {name} holds scales that are not fp16 values, as the manifest "
+                                    "says they are (the export changed since the engine was built; rebuild it)")
+            self.copies[name] = s16
+        return self.copies[name]
 
     def array(self, name: str) -> np.ndarray:
         """A tensor as numpy (a view of the map): the build's check reads the weights this way."""
@@ -83,11 +96,16 @@ class WeightFile:
 
 
 def linear(wf: WeightFile, role: dict, k: int) -> LinearC:
-    """A MatMulNBits linear: qweight (n, kb, block * bits / 8), scales (n, kb), bias (n,)."""
+    """A MatMulNBits linear: qweight (n, kb, block * bits / 8), scales (n, kb), bias (n,); the
+    scales as fp16 where the export's are fp16 values (role["scale_values"], cpu_build.py)."""
     n, kb, per = wf.index["tensors"][role["w"]]["shape"]
     bits = 8 if role["format"] == "int8" else 4
     block = per * 8 // bits
-    return LinearC(wf[role["w"]], wf[role["scales"]], wf[role.get("bias")], n, k, kb, block, bits)
+    if role["scale_values"] == "float16":
+        scales, scale_bits = wf.scales16(role["scales"]).ctypes.data, 16
+    else:
+        scales, scale_bits = wf[role["scales"]], 32
+    return LinearC(wf[role["w"]], scales, wf[role.get("bias")], n, k, kb, block, bits, scale_bits)
 
 
 class NativeEngine:

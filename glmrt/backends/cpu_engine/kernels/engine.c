@@ -23,8 +23,9 @@
      logits = (rmsnorm(x) * w_final) Wlm^T; argmax (the first maximum)
 
    Weights are MatMulNBits' symmetric blocks: row n holds kb blocks of `block` values, 4-bit
-   (two a byte, the low nibble first, zero point 8) or 8-bit (zero point 128), one fp32 scale a
-   block: w = (q - zp) * scale. A row's dot product with the int8 x is, per block,
+   (two a byte, the low nibble first, zero point 8) or 8-bit (zero point 128), one scale a
+   block: w = (q - zp) * scale. The export stores fp32 scales holding fp16 values (glmrt's
+   MatMulNBits); the runtime hands the engine fp16 copies, half the bytes. A row's dot product with the int8 x is, per block,
    scale_w * scale_x * (sum q * xq - zp * sum xq), the integer sums exact.
 
    Threads: the caller and threads - 1 workers run the whole step together; each GEMV splits
@@ -42,14 +43,14 @@
 #include <immintrin.h>
 #endif
 
-#define GLMRT_CPU_ABI 1
+#define GLMRT_CPU_ABI 2
 
 /* ---- what the runtime hands over (mirrored in engine.py) ---------------------------------- */
 typedef struct {
     const uint8_t *w;       /* (n, kb, block * bits / 8) MatMulNBits bytes, rows back to back */
-    const float *scales;    /* (n, kb) */
+    const void *scales;     /* (n, kb) fp32, or fp16 (scale_bits 16: the export's values, 2 bytes each) */
     const float *bias;      /* (n,) or NULL */
-    int64_t n, k, kb, block, bits;
+    int64_t n, k, kb, block, bits, scale_bits;
 } Linear;
 
 typedef struct {
@@ -147,10 +148,19 @@ static inline __m512 chunk_dot(__m512i wb, __m512 sw, const Xq *x, int64_t c, in
     return _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sw, _mm512_loadu_ps(x->d + c * 16)));
 }
 
+/* the scales of a chunk starting at block b, spread to its 16 lanes by ix */
+static inline __m512 lane_scales(const Linear *L, int64_t b, __mmask16 need, __m512i idx) {
+    __m512 v = L->scale_bits == 16
+        ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(need, (const uint16_t *)L->scales + b))
+        : _mm512_maskz_loadu_ps(need, (const float *)L->scales + b);
+    return _mm512_permutexvar_ps(idx, v);
+}
+
 static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
-    const int64_t bits = L->bits, block = L->block, cv = chunk_values(bits);
+    const int64_t bits = L->bits, block = L->block, cv = chunk_values(bits), sb = L->scale_bits / 8;
     const uint8_t *w = L->w + row * p->rb;
-    const float *s = L->scales + row * L->kb;
+    const int64_t s0 = row * L->kb;                     /* the row's first block */
+    const char *sp = (const char *)L->scales + s0 * sb;
     const __m512i idx = _mm512_loadu_si512(p->ix);
     const __mmask16 need = (__mmask16)((1u << p->per) - 1);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -158,11 +168,11 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
     for (; c + 2 <= p->full; c += 2) {                  /* two chunks a turn: two chains of sums */
         _mm_prefetch((const char *)(w + c * 64 + PREFETCH), _MM_HINT_T1);
         _mm_prefetch((const char *)(w + c * 64 + 64 + PREFETCH), _MM_HINT_T1);
-        if ((c & 3) == 0) _mm_prefetch((const char *)(s + c * cv / block + PREFETCH / 4), _MM_HINT_T1);
-        __m512 s0 = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(need, s + c * cv / block));
-        __m512 s1 = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(need, s + (c + 1) * cv / block));
-        acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_loadu_si512(w + c * 64), s0, x, c, bits));
-        acc1 = _mm512_add_ps(acc1, chunk_dot(_mm512_loadu_si512(w + c * 64 + 64), s1, x, c + 1, bits));
+        if ((c & 3) == 0) _mm_prefetch(sp + c * cv / block * sb + PREFETCH / 4, _MM_HINT_T1);
+        __m512 sw0 = lane_scales(L, s0 + c * cv / block, need, idx);
+        __m512 sw1 = lane_scales(L, s0 + (c + 1) * cv / block, need, idx);
+        acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_loadu_si512(w + c * 64), sw0, x, c, bits));
+        acc1 = _mm512_add_ps(acc1, chunk_dot(_mm512_loadu_si512(w + c * 64 + 64), sw1, x, c + 1, bits));
     }
     for (; c <= p->full; ++c) {
         __mmask64 wneed = ~0ULL;
@@ -173,18 +183,35 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
             wneed = (1ULL << bytes) - 1;
             sneed = (__mmask16)((1u << (blocks < p->per ? blocks : p->per)) - 1);
         }
-        __m512 sw = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(sneed, s + c * cv / block));
+        __m512 sw = lane_scales(L, s0 + c * cv / block, sneed, idx);
         acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_maskz_loadu_epi8(wneed, w + c * 64), sw, x, c, bits));
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 #else
+/* fp16 bits -> float (normal, subnormal, zero; scales are finite) */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f;    /* m * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float scale_at(const Linear *L, int64_t b) {
+    return L->scale_bits == 16 ? half_to_float(((const uint16_t *)L->scales)[b]) : ((const float *)L->scales)[b];
+}
+
 /* the same sums lane by lane, in portable C */
 static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
     int64_t bits = L->bits, block = L->block, kp = L->kb * block, cv = chunk_values(bits);
     int64_t chunks = (kp + cv - 1) / cv, e = cv / 16;
     const uint8_t *w = L->w + row * p->rb;
-    const float *s = L->scales + row * L->kb;
+    const int64_t s0 = row * L->kb;
     float acc[16] = {0};
     for (int64_t c = 0; c < chunks; ++c) {
         for (int64_t j = 0; j < 16; ++j) {
@@ -197,7 +224,7 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
                 int64_t at = bits == 4 ? c * 128 + (r & 1) * 64 + r / 2 : i;
                 sum += q * (int32_t)x->q[at];
             }
-            acc[j] += (float)sum * (s[i0 / block] * x->d[c * 16 + j]);
+            acc[j] += (float)sum * (scale_at(L, s0 + i0 / block) * x->d[c * 16 + j]);
         }
     }
     float total = 0.f;
