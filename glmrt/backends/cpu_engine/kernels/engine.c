@@ -35,6 +35,7 @@
 #define _POSIX_C_SOURCE 200809L      /* posix_memalign under -std=c11 */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -265,13 +266,19 @@ struct Engine {
     atomic_int bar_count, bar_sense;
 };
 
+/* every thread waits here for the others; past BARRIER_SPINS pauses a waiting thread yields its
+   core (more threads than cores: the one it waits for may need it) */
+#define BARRIER_SPINS 4096
 static void barrier(Engine *e, int *sense) {
     *sense = !*sense;
     if (atomic_fetch_add(&e->bar_count, 1) == e->nt - 1) {
         atomic_store(&e->bar_count, 0);
         atomic_store(&e->bar_sense, *sense);
     } else {
-        while (atomic_load(&e->bar_sense) != *sense) PAUSE();
+        for (int spins = 0; atomic_load(&e->bar_sense) != *sense; ++spins) {
+            if (spins < BARRIER_SPINS) PAUSE();
+            else sched_yield();
+        }
     }
 }
 
@@ -504,6 +511,7 @@ Engine *glmrt_cpu_open(const Model *m) {
     if (!e->x || !e->h || !e->qkv || !e->t || !e->scores || !e->xq.q || !e->xq.d || !e->xq.corr ||
         !e->best_v || !e->best_i) { glmrt_cpu_close(e); return NULL; }
     e->workers = calloc((size_t)e->nt, sizeof(pthread_t));
+    if (!e->workers) { glmrt_cpu_close(e); return NULL; }
     for (int64_t t = 1; t < e->nt; ++t) {
         void **arg = malloc(2 * sizeof(void *));
         arg[0] = e;
