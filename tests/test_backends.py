@@ -91,7 +91,7 @@ def loaded(request, exported, tmp_path_factory):
 
         from glmrt.engines.build import build
         copy = tmp_path_factory.mktemp("engine") / "m"
-        shutil.copytree(folder, copy)
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("engines"))    # other tests build there too
         build(copy, backend=backend, max_prompt=128, max_context=256,
               **({"gpu": "NVIDIA H200@sm90"} if emulate else {}))
         folder = copy

@@ -111,6 +111,11 @@ static void quantize_x(const float *x, int64_t k, int64_t kp, int64_t block, int
     }
 }
 
+/* x (k values) as the int8 input of L */
+static void quantize_for(const Linear *L, const float *x, int64_t k, Xq *out) {
+    quantize_x(x, k, L->kb * L->block, L->block, L->bits, out);
+}
+
 /* ---- one row's dot product -------------------------------------------------------------- */
 /* what every row of a linear shares, worked out once a GEMV */
 typedef struct {
@@ -282,6 +287,20 @@ static void barrier(Engine *e, int *sense) {
     }
 }
 
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+    float s = 0.f;
+    for (int j = 0; j < 16; ++j) s += acc[j];
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w: 16 fp32 partial sums of squares, then their sum in
+   fp64 (the order ONNX Runtime's norms come closest to: an int8 code of the next quantized x
+   flips at a rounding tie otherwise, on the test checkpoint with a plain fp32 sum) */
 static void rmsnorm(const float *x, const float *w, float *out, int64_t n, double eps) {
     float acc[16] = {0};
     int64_t i = 0;
@@ -292,6 +311,12 @@ static void rmsnorm(const float *x, const float *w, float *out, int64_t n, doubl
     for (; i < n; ++i) ss += (double)x[i] * x[i];
     float r = (float)(1.0 / sqrt(ss / (double)n + eps));
     for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+/* the sandwich norms' residual add: x += rmsnorm(t) * w (t is overwritten) */
+static void add_norm(float *x, float *t, const float *w, int64_t n, double eps) {
+    rmsnorm(t, w, t, n, eps);
+    for (int64_t i = 0; i < n; ++i) x[i] += t[i];
 }
 
 /* rows [lo, hi) of thread tid's share, in whole groups of 4 rows */
@@ -315,8 +340,7 @@ static void gemv_swiglu(const Linear *L, const Xq *x, float *act, int64_t inter,
     int64_t lo, hi;
     share(inter, tid, nt, &lo, &hi);
     Shape p = shape_of(L);
-    int64_t r = lo;
-    for (; r < hi; ++r) {
+    for (int64_t r = lo; r < hi; ++r) {
         float g = row_dot(L, &p, r, x), u = row_dot(L, &p, inter + r, x);
         act[r] = g / (1.f + expf(-g)) * u;
     }
@@ -328,17 +352,6 @@ static void rope(float *v, const float *table, int64_t rot) {
         v[2 * i] = a * c - b * s;
         v[2 * i + 1] = b * c + a * s;
     }
-}
-
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-    float s = 0.f;
-    for (int j = 0; j < 16; ++j) s += acc[j];
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
 }
 
 /* query head hq at position pos: out (hd) = softmax(q K^T / sqrt(hd)) V over positions 0..pos */
@@ -372,7 +385,7 @@ static void step_body(Engine *e, int64_t tid) {
         const Layer *L = &e->layers[l];
         if (tid == 0) {
             rmsnorm(e->x, L->input_norm, e->h, H, m->eps);
-            quantize_x(e->h, H, L->qkv.kb * L->qkv.block, L->qkv.block, L->qkv.bits, &e->xq);
+            quantize_for(&L->qkv, e->h, H, &e->xq);
         }
         barrier(e, &sense);
         gemv(&L->qkv, &e->xq, e->qkv, tid, nt);
@@ -392,32 +405,28 @@ static void step_body(Engine *e, int64_t tid) {
             attend(e, L, hq, e->h + hq * hd);
         }
         barrier(e, &sense);
-        if (tid == 0) quantize_x(e->h, nh * hd, L->o.kb * L->o.block, L->o.block, L->o.bits, &e->xq);
+        if (tid == 0) quantize_for(&L->o, e->h, nh * hd, &e->xq);
         barrier(e, &sense);
         gemv(&L->o, &e->xq, e->t, tid, nt);
         barrier(e, &sense);
         if (tid == 0) {
-            rmsnorm(e->t, L->post_attn_norm, e->t, H, m->eps);
-            for (int64_t i = 0; i < H; ++i) e->x[i] += e->t[i];
+            add_norm(e->x, e->t, L->post_attn_norm, H, m->eps);
             rmsnorm(e->x, L->pre_mlp_norm, e->h, H, m->eps);
-            quantize_x(e->h, H, L->gate_up.kb * L->gate_up.block, L->gate_up.block, L->gate_up.bits, &e->xq);
+            quantize_for(&L->gate_up, e->h, H, &e->xq);
         }
         barrier(e, &sense);
         gemv_swiglu(&L->gate_up, &e->xq, e->h, I, tid, nt);
         barrier(e, &sense);
-        if (tid == 0) quantize_x(e->h, I, L->down.kb * L->down.block, L->down.block, L->down.bits, &e->xq);
+        if (tid == 0) quantize_for(&L->down, e->h, I, &e->xq);
         barrier(e, &sense);
         gemv(&L->down, &e->xq, e->t, tid, nt);
         barrier(e, &sense);
-        if (tid == 0) {
-            rmsnorm(e->t, L->post_mlp_norm, e->t, H, m->eps);
-            for (int64_t i = 0; i < H; ++i) e->x[i] += e->t[i];
-        }
+        if (tid == 0) add_norm(e->x, e->t, L->post_mlp_norm, H, m->eps);
     }
     const Linear *lm = &m->lm_head;
     if (tid == 0) {
         rmsnorm(e->x, m->final_norm, e->h, H, m->eps);
-        quantize_x(e->h, H, lm->kb * lm->block, lm->block, lm->bits, &e->xq);
+        quantize_for(lm, e->h, H, &e->xq);
     }
     barrier(e, &sense);
     gemv(lm, &e->xq, e->logits, tid, nt);
@@ -571,7 +580,7 @@ int glmrt_cpu_gemv(const Linear *L, const float *x, float *y) {
     Xq q = {aligned((size_t)chunks * 128), aligned(sizeof(float) * chunks * 16),
             aligned(sizeof(int32_t) * chunks * 16)};
     if (!q.q || !q.d || !q.corr) { free(q.q); free(q.d); free(q.corr); return 1; }
-    quantize_x(x, L->k, L->kb * L->block, L->block, L->bits, &q);
+    quantize_for(L, x, L->k, &q);
     gemv(L, &q, y, 0, 1);
     free(q.q); free(q.d); free(q.corr);
     return 0;
