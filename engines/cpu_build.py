@@ -40,6 +40,9 @@ def _check_precision(model_dir: Path, prec: dict) -> None:
     if not q["symmetric"] or q["scale_dtype"] != "float32":
         raise GlmrtError(f"{model_dir}: {REFUSE}; this {prec['name']} export is {q['bits']}-bit, "
                          f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {q['scale_dtype']} scales")
+    for form in (q, q.get("lm_head_form") or q):
+        if form.get("block_size", 32) < 32:         # a chunk's scales are at most 4 (AVX2's one load)
+            raise GlmrtError(f"{model_dir}: blocks of {form['block_size']}; the cpu engine reads blocks of 32 or more")
 
 
 READS = Reads("cpu", "cpu", REFUSE, _check_precision, {1: "float32", 2: "uint8"}, floats=False, int8_layers=True)

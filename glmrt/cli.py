@@ -359,7 +359,8 @@ def _token_counts(text: str | None, name: str):
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="cuda backend: time launch-parameter candidates on the GPU (when it is the one built for) "
                    "and keep the fastest; --no-tune keeps the defaults.")
-@click.option("--isa", type=click.Choice(["auto", "avx512vnni", "generic"]), default="auto", show_default=True,
+@click.option("--isa", type=click.Choice(["auto", "avx512vnni", "avxvnni", "avx2", "generic"]), default="auto",
+              show_default=True,
               help="cpu backend: the instruction set to compile for (auto: the best this CPU runs).")
 @click.option("--overwrite", is_flag=True)
 @clean_errors

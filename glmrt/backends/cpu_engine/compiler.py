@@ -3,6 +3,8 @@ C compiler of the machine that builds it (cc, gcc or clang; $CC first where set)
 
   ISA          what the engine's GEMVs use                      CPU flags the host must have
   avx512vnni   AVX-512 integer dot products (vpdpbusd), 64 B    avx512f avx512bw avx512vl avx512_vnni
+  avxvnni      AVX-VNNI dot products (vpdpbusd), 32 B           avx2 fma f16c avx_vnni
+  avx2         AVX2 maddubs + madd, 32 B                        avx2 fma f16c
   generic      portable C of the same arithmetic (any CPU)      -
 
 The instruction set is a build parameter recorded in the engine's manifest; loading refuses, in
@@ -24,11 +26,14 @@ ABI = 2                        # GLMRT_CPU_ABI in engine.c: the structs engine.p
 
 # name -> (compiler flags, the macro engine.c reads, /proc/cpuinfo flags it needs); best first
 ISAS = {
-    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"], "GLMRT_AVX512VNNI",
+    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"], ["GLMRT_AVX512VNNI"],
                    ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
-    "generic": ([], None, ()),
+    "avxvnni": (["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], ["GLMRT_AVX2", "GLMRT_AVXVNNI"],
+                ("avx2", "fma", "f16c", "avx_vnni")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ["GLMRT_AVX2"], ("avx2", "fma", "f16c")),
+    "generic": ([], [], ()),
 }
-X86_ONLY = ("avx512vnni",)
+X86_ONLY = ("avx512vnni", "avxvnni", "avx2")
 COMMON = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-Wall", "-Werror"]
 
 
@@ -81,11 +86,12 @@ def find_compiler() -> str:
 
 def compile_library(source: str, isa: str, out: Path) -> dict:
     """Compile `source` for `isa` to the shared library `out`; what the manifest records."""
-    flags, macro, _ = ISAS[check_isa(isa)]
+    flags, macros, _ = ISAS[check_isa(isa)]
     cc = find_compiler()
     src = out.with_suffix(".build.c")
     src.write_text(source, encoding="utf-8")
-    cmd = [cc, *COMMON, *flags, *([f"-D{macro}"] if macro else []), str(src), "-o", str(out), "-lm"]
+    defines = [f"-D{m}" for m in macros]
+    cmd = [cc, *COMMON, *flags, *defines, str(src), "-o", str(out), "-lm"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     finally:
@@ -94,5 +100,4 @@ def compile_library(source: str, isa: str, out: Path) -> dict:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
         raise GlmrtError(f"{cc} could not compile the cpu engine for {isa}: {first}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()
-    return {"compiler": cc, "compiler_version": version[0] if version else "?",
-            "flags": [*COMMON, *flags, *([f"-D{macro}"] if macro else [])]}
+    return {"compiler": cc, "compiler_version": version[0] if version else "?", "flags": [*COMMON, *flags, *defines]}

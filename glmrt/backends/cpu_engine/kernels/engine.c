@@ -2,7 +2,9 @@
 
    Compiled per host by `glmrt build --backend cpu` (glmrt/engines/cpu_build.py) with the C
    compiler found there, for one instruction set: GLMRT_AVX512VNNI (AVX-512 BW/VL + VNNI:
-   integer dot products of 64 bytes an instruction) or the portable C of the same arithmetic.
+   integer dot products of 64 bytes an instruction), GLMRT_AVX2 (32 bytes; with GLMRT_AVXVNNI
+   the dot products of AVX-VNNI, else AVX2's maddubs + madd) or the portable C of the same
+   arithmetic.
    The runtime (glmrt/backends/cpu_engine/engine.py) mirrors the structs below with ctypes and
    points them into the export's own model.onnx.data (memory-mapped) and ONNX Runtime's KV
    cache buffers: no copy of the weights, and the prefill of ONNX Runtime's CPU form (export
@@ -40,7 +42,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(GLMRT_AVX512VNNI)
+#if defined(GLMRT_AVX512VNNI) || defined(GLMRT_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -193,6 +195,81 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
         acc0 = _mm512_add_ps(acc0, chunk_dot(_mm512_maskz_loadu_epi8(wneed, w + c * 64), sw, x, c, bits));
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#elif defined(GLMRT_AVX2)
+/* The same chunks in two 32-byte halves: half h holds weight bytes 32h .. 32h+31 of the chunk,
+   lanes 8h .. 8h+7 (x's layout is the AVX-512 one). */
+#define PREFETCH 8192
+#if defined(GLMRT_AVXVNNI)
+/* a += the 4-product sums of unsigned w bytes times signed x bytes, per 32-bit lane */
+static inline __m256i dot4(__m256i a, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(a, w, x); }
+#else
+static inline __m256i dot4(__m256i a, __m256i w, __m256i x) {
+    /* maddubs sums pairs into int16: 4-bit codes (<= 15) times |x| <= 127 cannot saturate */
+    return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+#endif
+
+/* the (up to 4) weight scales of a chunk from its first block b: n of them exist */
+static inline __m128 chunk_scales(const Linear *L, int64_t b, int64_t n) {
+    if (n == 4)
+        return L->scale_bits == 16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)L->scales + b)))
+                                   : _mm_loadu_ps((const float *)L->scales + b);
+    float v[4] = {0};
+    for (int64_t i = 0; i < n; ++i)
+        v[i] = L->scale_bits == 16 ? _cvtsh_ss(((const uint16_t *)L->scales)[b + i]) : ((const float *)L->scales)[b + i];
+    return _mm_loadu_ps(v);
+}
+
+static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
+    const int64_t bits = L->bits, block = L->block, cv = chunk_values(bits);
+    const uint8_t *w = L->w + row * p->rb;
+    const int64_t s0 = row * L->kb, bytes = (L->kb * block) * bits / 8;
+    const __m256i idx[2] = {_mm256_loadu_si256((const __m256i *)p->ix), _mm256_loadu_si256((const __m256i *)(p->ix + 8))};
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    const int64_t chunks = p->full + (p->rem > 0);
+    for (int64_t c = 0; c < chunks; ++c) {
+        _mm_prefetch((const char *)(w + c * 64 + PREFETCH), _MM_HINT_T1);
+        const int64_t left = bytes - c * 64;                              /* weight bytes left in the row */
+        const int64_t blocks = (left + block * bits / 8 - 1) / (block * bits / 8);
+        const __m256 s4 = _mm256_castps128_ps256(chunk_scales(L, s0 + c * cv / block, p->per < blocks ? p->per : blocks));
+        for (int h = 0; h < 2 && left > 32 * h; ++h) {
+            uint8_t tail[32];
+            const uint8_t *src = w + c * 64 + 32 * h;
+            if (left < 32 * (h + 1)) {                  /* the row's last, partial half */
+                memset(tail, 0, sizeof tail);
+                memcpy(tail, src, (size_t)(left - 32 * h));
+                src = tail;
+            }
+            __m256i wb = _mm256_loadu_si256((const __m256i *)src);
+            __m256i a = _mm256_loadu_si256((const __m256i *)(x->corr + c * 16 + 8 * h));
+            if (bits == 4) {
+                __m256i lo = _mm256_and_si256(wb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), m4);
+                a = dot4(a, lo, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 32 * h)));
+                a = dot4(a, hi, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 64 + 32 * h)));
+            } else {
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(x->q + c * 64 + 32 * h));
+#if defined(GLMRT_AVXVNNI)
+                a = dot4(a, wb, xq);
+#else
+                /* 8-bit codes times x would saturate maddubs' int16 pairs: (w - 128) * x instead, as
+                   |x| times (w - 128) with x's sign, which is the sum with its zero point taken off
+                   (so the lane starts at 0, not at corr; symmetric codes are 1 .. 255, so w - 128
+                   never is -128, which sign could not negate) */
+                __m256i ws = _mm256_xor_si256(wb, _mm256_set1_epi8((char)0x80));
+                a = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(ws, xq)),
+                                      _mm256_set1_epi16(1));
+#endif
+            }
+            __m256 sw = _mm256_permutevar8x32_ps(s4, idx[h]);        /* lane j: its block's scale */
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sw, _mm256_loadu_ps(x->d + c * 16 + 8 * h)), acc);
+        }
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
 }
 #else
 /* fp16 bits -> float (normal, subnormal, zero; scales are finite) */
@@ -477,6 +554,10 @@ int glmrt_cpu_abi(void) { return GLMRT_CPU_ABI; }
 const char *glmrt_cpu_isa(void) {
 #if defined(GLMRT_AVX512VNNI)
     return "avx512vnni";
+#elif defined(GLMRT_AVXVNNI)
+    return "avxvnni";
+#elif defined(GLMRT_AVX2)
+    return "avx2";
 #else
     return "generic";
 #endif
