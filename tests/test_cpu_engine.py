@@ -243,3 +243,25 @@ def test_the_cli_builds_and_chats_on_the_cpu_engine(exported, tmp_path):
                                   "--contexts", "32", "--decode-steps", "8", "--repeats", "1"])
     assert r.exit_code == 0, r.output
     assert "cpu" in r.output
+
+
+def test_one_slot_serves_requests_in_turn(engine_model):
+    """slots=1 (what `glmrt serve --backend cpu --slots 1` loads): the scheduler runs the engine,
+    each thread's greedy tokens are the ones it gets alone, and more slots are one clear line."""
+    import threading
+    folder = engine_model("int4")
+    alone = glmrt.load(folder, backend="cpu")
+    prompts = [PROMPT[:n] for n in (5, 12, 30)]
+    want = [alone.generate(p, max_new_tokens=8) for p in prompts]
+    with glmrt.load(folder, backend="cpu", slots=1) as m:
+        got = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], max_new_tokens=8)))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == want
+        assert m.generate(prompts[2] + want[2], max_new_tokens=4) == alone.generate(prompts[2] + want[2], max_new_tokens=4)
+    with pytest.raises(GlmrtError, match="slots=2: the cpu engine decodes one sequence at a time"):
+        glmrt.load(folder, backend="cpu", slots=2)

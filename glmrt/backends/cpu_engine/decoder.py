@@ -76,18 +76,39 @@ class CpuDecoder(Decoder):
         cache.length += 1
         return best
 
+    def _prefill(self, run, ids: np.ndarray, cache: Cache, *args):
+        """ONNX Runtime's form on the one cache (a slot's cache is that cache too)."""
+        own = Cache(cache.length)
+        out = run(ids, own, *args)
+        cache.length = own.length
+        return out
+
     def step(self, ids: np.ndarray, cache: Cache, keep: int = 1) -> np.ndarray:
         if ids.shape[0] != 1:
             raise GlmrtError("the cpu engine runs batch 1")
         if ids.shape[1] == 1 and keep == 1:
             self._decode(ids, cache)
             return self.logits.copy()[None, None]                 # (1, 1, V), the caller's own
-        return self.ort.step(ids, cache, keep)                    # prefill: ONNX Runtime's form
+        return self._prefill(self.ort.step, ids, cache, keep)     # prefill: ONNX Runtime's form
 
     def step_greedy(self, ids: np.ndarray, cache: Cache) -> int:
         if ids.shape == (1, 1):
             return self._decode(ids, cache)
-        return self.ort.step_greedy(ids, cache)
+        return self._prefill(self.ort.step_greedy, ids, cache)
+
+    # ---- one slot: the scheduler (and so `glmrt serve`) on one sequence at a time -----------
+    def open_slots(self, n: int) -> list[Cache]:
+        if n != 1:
+            from ...errors import InputError
+            raise InputError(f"slots={n}: the cpu engine decodes one sequence at a time (slots=1; serve --slots 1)")
+        return [Cache(0, None, 0)]
+
+    def step_batch(self, ids: np.ndarray, caches: list[Cache]) -> np.ndarray:
+        self._decode(np.asarray(ids, np.int64).reshape(1, 1), caches[0])
+        return self.logits.copy()[None]                            # (1, V)
+
+    def step_batch_greedy(self, ids: np.ndarray, caches: list[Cache]) -> list[int]:
+        return [self._decode(np.asarray(ids, np.int64).reshape(1, 1), caches[0])]
 
     def close(self) -> None:
         self.native.close()
