@@ -367,6 +367,8 @@ def main(argv=None) -> int:
         if backend not in ("", "onnxruntime", "cpu"):
             raise SystemExit(f"--glmrt {spec!r}: backend {backend!r}; expected onnxruntime or cpu")
         prec = export_precision(opts)
+        if any(x["label"] == label and x["backend"] == (backend or "onnxruntime") for x in sets):
+            raise SystemExit(f"--glmrt {spec!r}: the label {label!r} is given twice")
         sets.append({"label": label, "options": opts, "precision": prec, "pair": PAIR.get(prec, "f16"),
                      "backend": backend or "onnxruntime"})
     wanted = {k for k in args.llama.split(",") if k} | {s["pair"] for s in sets}
@@ -426,7 +428,8 @@ def main(argv=None) -> int:
         group = [s for s in sets if s["pair"] == kind]
         for s in group:
             print(f"glmrt export {s['options']} ...", flush=True)
-            s["folder"], s["export_s"] = glmrt_export(ckpt, work / f"glmrt-{s['label']}", s["options"])
+            where = work / f"glmrt-{s['label']}" + ("" if s["backend"] == "onnxruntime" else f"-{s['backend']}")
+            s["folder"], s["export_s"] = glmrt_export(ckpt, where, s["options"])
             if s["backend"] == "cpu":
                 s["build_s"] = glmrt_build(s["folder"], "cpu")
             man = json.loads((s["folder"] / "manifest.json").read_text())

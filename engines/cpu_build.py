@@ -1,6 +1,6 @@
 """`glmrt build --backend cpu`: glmrt's own decode engine for this CPU, from a `--target cpu`
 export (the gqa form in fp32) of precision int4 or int8 (symmetric MatMulNBits, fp32 scales,
-any block; the lm_head in the weights' bits, as that target exports it):
+any block of 16 or more; the lm_head in the weights' bits, as that target exports it):
 
   index    every tensor the engine reads in model.onnx.data (engines/weight_index.py)
   compile  kernels/engine.c with this machine's C compiler for one instruction set (--isa auto:
@@ -40,9 +40,6 @@ def _check_precision(model_dir: Path, prec: dict) -> None:
     if not q["symmetric"] or q["scale_dtype"] != "float32":
         raise GlmrtError(f"{model_dir}: {REFUSE}; this {prec['name']} export is {q['bits']}-bit, "
                          f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {q['scale_dtype']} scales")
-    for form in (q, q.get("lm_head_form") or q):
-        if form.get("block_size", 32) < 32:         # a chunk's scales are at most 4 (AVX2's one load)
-            raise GlmrtError(f"{model_dir}: blocks of {form['block_size']}; the cpu engine reads blocks of 32 or more")
 
 
 READS = Reads("cpu", "cpu", REFUSE, _check_precision, {1: "float32", 2: "uint8"}, floats=False, int8_layers=True)
@@ -64,6 +61,8 @@ def plan(model_dir: Path, man: dict, options):
         t0 = time.perf_counter()
         source = compiler.source_text()
         built = compiler.compile_library(source, isa, tmp / "engine.so")
+        # (--isa auto: this CPU's best; a compiler too old for its flags says so in one line, and
+        # --isa names an older instruction set)
         (tmp / "engine.c").write_text(source, encoding="utf-8")
         entry = {"kind": "cpu-engine", "backend": "cpu", "library": "engine.so", "source_file": "engine.c",
                  "isa": isa, "machine": platform.machine(), "cpu_flags": list(compiler.ISAS[isa][2]),

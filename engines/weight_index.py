@@ -52,7 +52,7 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig, reads: Reads) -> tu
     def tensor(name: str, shape: tuple | None = None) -> str:
         t = inits.get(name)
         if t is None:
-            raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target cuda export?)")
+            raise GlmrtError(f"{model_dir}: the export has no tensor {name!r} (not a glmrt --target {reads.target} export?)")
         if t.data_type not in reads.dtypes:
             raise GlmrtError(f"{model_dir}: {name} is ONNX type {t.data_type}; the {reads.engine} engine reads "
                              + ", ".join(sorted(set(reads.dtypes.values()) | set(NOT_SHARED.values()))))
@@ -83,7 +83,7 @@ def index_export(model_dir: Path, man: dict, cfg: GlmConfig, reads: Reads) -> tu
             bits = attrs.get("bits", 4)
             if bits not in (4, 8) or attrs.get("block_size", block) != block:
                 raise GlmrtError(f"{model_dir}: {prefix} is {bits}-bit in blocks of {attrs.get('block_size')}; the engine "
-                                 f"reads 4 bits{'' if reads.int8_layers else ' (8 for the lm_head)'} in the layers' blocks of {block}")
+                                 f"reads {'4 or 8 bits' if reads.int8_layers else '4 bits (8 for the lm_head)'} in the layers' blocks of {block}")
             if bits == 8 and prefix != "lm_head" and not reads.int8_layers:
                 raise GlmrtError(f"{model_dir}: {prefix} is 8-bit; the engine reads 8 bits for the lm_head only")
             if bits == 8 and k % block and not reads.int8_layers:

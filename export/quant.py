@@ -236,7 +236,10 @@ class MatMulNBits(BlockInt):
     Scales hold fp16 values on every target, stored in the activations' dtype (fp32 on the CPU):
     as llama.cpp's Q4_0 / Q8_0 blocks do. The CPU's graph computes with exactly the values
     glmrt's cpu engine reads as fp16, 2 bytes a block instead of 4 (int4 in blocks of 32: 4.5
-    bits a weight instead of 5). Rounded up: a block's scale grows by at most 2^-10 of itself."""
+    bits a weight instead of 5). Rounded up: a block's scale grows by at most 2^-10 of itself while
+    it is a normal fp16 (>= 6.1e-5: int4 blocks whose largest |w| is 4.3e-4 or more, int8 7.8e-3);
+    smaller ones round in fp16's subnormal steps of 6e-8 (as llama.cpp's do), and a scale above
+    fp16's 65504 (|w| > 458752) would become 1.0."""
     name = "matmulnbits"
 
     def __init__(self, bits: int, block: int, symmetric: bool, scale_dtype: str,

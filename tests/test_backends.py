@@ -173,11 +173,16 @@ def test_threads_get_what_they_would_get_alone(loaded):
     m, _ = loaded
     prompts = [PROMPT[:n] for n in (4, 9, 14, 19)]
     want = [m.generate(p, max_new_tokens=6) for p in prompts]
+    assert generate_in_threads(m, prompts, 6) == want
+
+
+def generate_in_threads(m, prompts: list, new: int) -> list:
+    """m.generate(prompt, max_new_tokens=new) for every prompt, each in a thread of its own, at once."""
     got = [None] * len(prompts)
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], max_new_tokens=6)))
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], max_new_tokens=new)))
                for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert got == want
+    return got

@@ -94,10 +94,12 @@ def compile_library(source: str, isa: str, out: Path) -> dict:
     cmd = [cc, *COMMON, *flags, *defines, str(src), "-o", str(out), "-lm"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise GlmrtError(f"{cc} did not compile the cpu engine for {isa} within 300 s") from None
     finally:
         src.unlink(missing_ok=True)
     if r.returncode:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:300])
-        raise GlmrtError(f"{cc} could not compile the cpu engine for {isa}: {first}")
+        raise GlmrtError(f"{cc} could not compile the cpu engine for {isa}: {first.strip()[:300]}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()
     return {"compiler": cc, "compiler_version": version[0] if version else "?", "flags": [*COMMON, *flags, *defines]}

@@ -8,7 +8,8 @@ writes the KV cache buffers the engine reads and appends to: (1, kv_heads, max_c
 head_dim) float32 per layer and K/V. The buffers belong to the decoder: generations take turns.
 
 Both compute with int8 activations, per block, on the same weights; they differ in the order of
-fp32 sums (bench/RESULTS.md, "glmrt's cpu engine").
+fp32 sums (docs/CPU_ENGINE.md). One slot (slots=1) is the same cache: the scheduler's thread
+calls the slot methods, and nothing else may step while it runs.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class CpuDecoder(Decoder):
         kv = [(int(buffers[2 * i].data_ptr()), int(buffers[2 * i + 1].data_ptr()))
               for i in range(cfg.num_hidden_layers)]
         self.native = NativeEngine(Path(engine_path) / engine["library"], engine["weights"], folder, cfg, kv,
-                                   max_context, threads)
+                                   max_context, threads, engine["files"][engine["library"]]["sha256"])
         self.engine_path, self.engine, self.threads = Path(engine_path), engine, threads
         self.logits = np.zeros(cfg.vocab_size, np.float32)     # (V,) what the engine writes
         self.lock = threading.Lock()

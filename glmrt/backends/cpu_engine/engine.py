@@ -38,13 +38,29 @@ class ModelC(ctypes.Structure):
                 ("lm_head", LinearC), ("layer", ctypes.POINTER(LayerC))]
 
 
-def load_library(path: Path) -> ctypes.CDLL:
-    """The engine's shared library, its ABI checked and its functions typed."""
+def load_library(path: Path, sha256: str | None = None) -> ctypes.CDLL:
+    """The engine's shared library, its ABI checked and its functions typed. With its checksum
+    (the engine manifest's), it is loaded from a copy named by it: the dynamic loader returns
+    the library already loaded under a path, so a rebuilt engine.so would not replace the one a
+    process loaded before."""
+    path = Path(path)
+    if sha256 is not None:
+        import os
+        import shutil
+        import tempfile
+        cache = Path(tempfile.gettempdir()) / f"glmrt-cpu-engine-{os.getuid()}"
+        cache.mkdir(parents=True, exist_ok=True)
+        copy = cache / f"{sha256[:32]}.so"
+        if not copy.is_file():
+            tmp = copy.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(copy)
+        path = copy
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise ArtifactError(f"{path}: the cpu engine's library does not load here ({e}); rebuild it: "
-                            f"glmrt build {Path(path).parents[3]} --backend cpu") from None
+        raise ArtifactError(f"{path}: the cpu engine's library does not load here ({e}); rebuild the engine: "
+                            "glmrt build MODEL --backend cpu --overwrite") from None
     if lib.glmrt_cpu_abi() != ABI:
         raise ArtifactError(f"{path}: built for engine ABI {lib.glmrt_cpu_abi()}, this glmrt reads {ABI}; rebuild it")
     lib.glmrt_cpu_isa.restype = ctypes.c_char_p
@@ -109,9 +125,13 @@ def linear(wf: WeightFile, role: dict, k: int) -> LinearC:
 
 
 class NativeEngine:
-    def __init__(self, library: Path, index: dict, folder: Path, cfg, kv: list, max_context: int, threads: int):
-        """kv: per layer (K, V) addresses of (kv_heads, max_context, head_dim) float32 buffers."""
-        self.lib = load_library(library)
+    handle = None                                     # until glmrt_cpu_open succeeds; again after close
+
+    def __init__(self, library: Path, index: dict, folder: Path, cfg, kv: list, max_context: int, threads: int,
+                 sha256: str | None = None):
+        """kv: per layer (K, V) addresses of (kv_heads, max_context, head_dim) float32 buffers;
+        sha256: the library's checksum (load_library)."""
+        self.lib = load_library(library, sha256)
         self.weights = WeightFile(folder, index)
         wf, H, I = self.weights, cfg.hidden_size, cfg.intermediate_size
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -133,6 +153,8 @@ class NativeEngine:
     def step(self, token: int, pos: int, logits: np.ndarray) -> int:
         """Token `token` at position `pos` (the cache holds 0..pos-1): logits (vocab,) float32
         written in place; the argmax (the first maximum) comes back."""
+        if not self.handle:
+            raise GlmrtError("the cpu engine was closed")
         if not 0 <= pos < self.max_context:
             raise GlmrtError(f"position {pos} is outside the cache of {self.max_context} positions")
         if not 0 <= token < self.vocab:

@@ -98,6 +98,7 @@ static void quantize_x(const float *x, int64_t k, int64_t kp, int64_t block, int
         float amax = 0.f;
         for (int64_t i = b0; i < b0 + block && i < k; ++i) amax = fmaxf(amax, fabsf(x[i]));
         float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        if (!isfinite(inv)) d = inv = 0.f;            /* a block of denormals: zero, not inf * 0 */
         for (int64_t i = b0; i < b0 + block; ++i) {
             int32_t q = 0;
             if (i < k) {
@@ -210,15 +211,16 @@ static inline __m256i dot4(__m256i a, __m256i w, __m256i x) {
 }
 #endif
 
-/* the (up to 4) weight scales of a chunk from its first block b: n of them exist */
-static inline __m128 chunk_scales(const Linear *L, int64_t b, int64_t n) {
+/* the weight scales of a chunk from its first block b (up to 8: 4-bit blocks of 16); n exist */
+static inline __m256 chunk_scales(const Linear *L, int64_t b, int64_t n) {
     if (n == 4)
-        return L->scale_bits == 16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)L->scales + b)))
-                                   : _mm_loadu_ps((const float *)L->scales + b);
-    float v[4] = {0};
-    for (int64_t i = 0; i < n; ++i)
+        return _mm256_castps128_ps256(L->scale_bits == 16
+            ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)L->scales + b)))
+            : _mm_loadu_ps((const float *)L->scales + b));
+    float v[8] = {0};
+    for (int64_t i = 0; i < n && i < 8; ++i)
         v[i] = L->scale_bits == 16 ? _cvtsh_ss(((const uint16_t *)L->scales)[b + i]) : ((const float *)L->scales)[b + i];
-    return _mm_loadu_ps(v);
+    return _mm256_loadu_ps(v);
 }
 
 static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
@@ -233,7 +235,7 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
         _mm_prefetch((const char *)(w + c * 64 + PREFETCH), _MM_HINT_T1);
         const int64_t left = bytes - c * 64;                              /* weight bytes left in the row */
         const int64_t blocks = (left + block * bits / 8 - 1) / (block * bits / 8);
-        const __m256 s4 = _mm256_castps128_ps256(chunk_scales(L, s0 + c * cv / block, p->per < blocks ? p->per : blocks));
+        const __m256 s4 = chunk_scales(L, s0 + c * cv / block, p->per < blocks ? p->per : blocks);
         for (int h = 0; h < 2 && left > 32 * h; ++h) {
             uint8_t tail[32];
             const uint8_t *src = w + c * 64 + 32 * h;
@@ -364,25 +366,31 @@ static void barrier(Engine *e, int *sense) {
     }
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
+/* 16 lanes of a . b over the whole groups of 16 (vectorized without reordering a lane's sum);
+   returns where the tail starts */
+static int64_t lane_sums(const float *a, const float *b, int64_t n, float acc[16]) {
     int64_t i = 0;
+    for (int j = 0; j < 16; ++j) acc[j] = 0.f;
     for (; i + 16 <= n; i += 16)
         for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-    float s = 0.f;
+    return i;
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[16], s = 0.f;
+    int64_t i = lane_sums(a, b, n, acc);
     for (int j = 0; j < 16; ++j) s += acc[j];
     for (; i < n; ++i) s += a[i] * b[i];
     return s;
 }
 
 /* out = x / sqrt(mean(x^2) + eps) * w: 16 fp32 partial sums of squares, then their sum in
-   fp64 (the order ONNX Runtime's norms come closest to: an int8 code of the next quantized x
-   flips at a rounding tie otherwise, on the test checkpoint with a plain fp32 sum) */
+   fp64. Summing the 16 in fp32 instead put one activation of the int4 test checkpoint on the
+   other side of an int8 rounding tie from ONNX Runtime's norm (its decode logits 1.3e-3 apart
+   instead of 3e-7; tests/test_cpu_engine.py, session 16) */
 static void rmsnorm(const float *x, const float *w, float *out, int64_t n, double eps) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+    float acc[16];
+    int64_t i = lane_sums(x, x, n, acc);
     double ss = 0.0;
     for (int j = 0; j < 16; ++j) ss += acc[j];
     for (; i < n; ++i) ss += (double)x[i] * x[i];
