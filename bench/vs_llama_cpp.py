@@ -428,7 +428,7 @@ def main(argv=None) -> int:
         group = [s for s in sets if s["pair"] == kind]
         for s in group:
             print(f"glmrt export {s['options']} ...", flush=True)
-            where = work / f"glmrt-{s['label']}" + ("" if s["backend"] == "onnxruntime" else f"-{s['backend']}")
+            where = work / (f"glmrt-{s['label']}" + ("" if s["backend"] == "onnxruntime" else f"-{s['backend']}"))
             s["folder"], s["export_s"] = glmrt_export(ckpt, where, s["options"])
             if s["backend"] == "cpu":
                 s["build_s"] = glmrt_build(s["folder"], "cpu")
