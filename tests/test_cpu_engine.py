@@ -65,7 +65,8 @@ def ort_matmulnbits(x, w, scales, bits, block, k, n):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
                               [helper.make_tensor("w", TensorProto.UINT8, w.shape, w.tobytes(), raw=True),
                                helper.make_tensor("s", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)                 # what ONNX Runtime 1.2x reads (onnx's default may be newer)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x[None]})[0][0]
 
