@@ -223,51 +223,57 @@ static inline __m256 chunk_scales(const Linear *L, int64_t b, int64_t n) {
     return _mm256_loadu_ps(v);
 }
 
+/* half h (32 weight bytes at wb) of chunk c: its 8 lanes' scaled sums */
+static inline __m256 half_dot(__m256i wb, __m256 sw, const Xq *x, int64_t c, int h, int64_t bits) {
+    __m256i a = _mm256_loadu_si256((const __m256i *)(x->corr + c * 16 + 8 * h));
+    if (bits == 4) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        __m256i lo = _mm256_and_si256(wb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), m4);
+        a = dot4(a, lo, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 32 * h)));
+        a = dot4(a, hi, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 64 + 32 * h)));
+    } else {
+        __m256i xq = _mm256_loadu_si256((const __m256i *)(x->q + c * 64 + 32 * h));
+#if defined(GLMRT_AVXVNNI)
+        a = dot4(a, wb, xq);
+#else
+        /* 8-bit codes times x would saturate maddubs' int16 pairs: (w - 128) * x instead, as |x|
+           times (w - 128) with x's sign, which is the sum with its zero point taken off (so the
+           lane starts at 0, not at corr; symmetric codes are 1 .. 255, so w - 128 never is -128,
+           which sign could not negate) */
+        __m256i ws = _mm256_xor_si256(wb, _mm256_set1_epi8((char)0x80));
+        a = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(ws, xq)),
+                              _mm256_set1_epi16(1));
+#endif
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sw, _mm256_loadu_ps(x->d + c * 16 + 8 * h)));
+}
+
 static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) {
     const int64_t bits = L->bits, block = L->block, cv = chunk_values(bits);
     const uint8_t *w = L->w + row * p->rb;
-    const int64_t s0 = row * L->kb, bytes = (L->kb * block) * bits / 8;
-    const __m256i idx[2] = {_mm256_loadu_si256((const __m256i *)p->ix), _mm256_loadu_si256((const __m256i *)(p->ix + 8))};
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    const int64_t chunks = p->full + (p->rem > 0);
-    for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t s0 = row * L->kb, bb = block * bits / 8;          /* a block's weight bytes */
+    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)p->ix), idx1 = _mm256_loadu_si256((const __m256i *)(p->ix + 8));
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  /* the halves: two chains */
+    for (int64_t c = 0; c < p->full; ++c) {
         _mm_prefetch((const char *)(w + c * 64 + PREFETCH), _MM_HINT_T1);
-        const int64_t left = bytes - c * 64;                              /* weight bytes left in the row */
-        const int64_t blocks = (left + block * bits / 8 - 1) / (block * bits / 8);
-        const __m256 s4 = chunk_scales(L, s0 + c * cv / block, p->per < blocks ? p->per : blocks);
-        for (int h = 0; h < 2 && left > 32 * h; ++h) {
-            uint8_t tail[32];
-            const uint8_t *src = w + c * 64 + 32 * h;
-            if (left < 32 * (h + 1)) {                  /* the row's last, partial half */
-                memset(tail, 0, sizeof tail);
-                memcpy(tail, src, (size_t)(left - 32 * h));
-                src = tail;
-            }
-            __m256i wb = _mm256_loadu_si256((const __m256i *)src);
-            __m256i a = _mm256_loadu_si256((const __m256i *)(x->corr + c * 16 + 8 * h));
-            if (bits == 4) {
-                __m256i lo = _mm256_and_si256(wb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), m4);
-                a = dot4(a, lo, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 32 * h)));
-                a = dot4(a, hi, _mm256_loadu_si256((const __m256i *)(x->q + c * 128 + 64 + 32 * h)));
-            } else {
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(x->q + c * 64 + 32 * h));
-#if defined(GLMRT_AVXVNNI)
-                a = dot4(a, wb, xq);
-#else
-                /* 8-bit codes times x would saturate maddubs' int16 pairs: (w - 128) * x instead, as
-                   |x| times (w - 128) with x's sign, which is the sum with its zero point taken off
-                   (so the lane starts at 0, not at corr; symmetric codes are 1 .. 255, so w - 128
-                   never is -128, which sign could not negate) */
-                __m256i ws = _mm256_xor_si256(wb, _mm256_set1_epi8((char)0x80));
-                a = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(ws, xq)),
-                                      _mm256_set1_epi16(1));
-#endif
-            }
-            __m256 sw = _mm256_permutevar8x32_ps(s4, idx[h]);        /* lane j: its block's scale */
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sw, _mm256_loadu_ps(x->d + c * 16 + 8 * h)), acc);
-        }
+        const __m256 s4 = chunk_scales(L, s0 + c * cv / block, p->per);
+        acc0 = _mm256_add_ps(acc0, half_dot(_mm256_loadu_si256((const __m256i *)(w + c * 64)),
+                                            _mm256_permutevar8x32_ps(s4, idx0), x, c, 0, bits));
+        acc1 = _mm256_add_ps(acc1, half_dot(_mm256_loadu_si256((const __m256i *)(w + c * 64 + 32)),
+                                            _mm256_permutevar8x32_ps(s4, idx1), x, c, 1, bits));
     }
+    if (p->rem) {                                       /* the row's last, partial chunk, copied out */
+        const int64_t c = p->full, left = p->rem * bits / 8, blocks = (left + bb - 1) / bb;
+        uint8_t tail[64] = {0};
+        memcpy(tail, w + c * 64, (size_t)left);
+        const __m256 s4 = chunk_scales(L, s0 + c * cv / block, p->per < blocks ? p->per : blocks);
+        acc0 = _mm256_add_ps(acc0, half_dot(_mm256_loadu_si256((const __m256i *)tail),
+                                            _mm256_permutevar8x32_ps(s4, idx0), x, c, 0, bits));
+        if (left > 32)
+            acc1 = _mm256_add_ps(acc1, half_dot(_mm256_loadu_si256((const __m256i *)(tail + 32)),
+                                                _mm256_permutevar8x32_ps(s4, idx1), x, c, 1, bits));
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
