@@ -166,25 +166,25 @@ def export_precision(args: str) -> str:
     return ap.parse_known_args(shlex.split(args))[0].precision
 
 
-def glmrt_export(ckpt: Path, out: Path, args: str) -> tuple[Path, float]:
-    """`glmrt export CKPT -o OUT --overwrite ARGS` (the CLI, so any option it gains works here)."""
-    cmd = [sys.executable, "-c", "from glmrt.cli import main; main()", "export", str(ckpt), "-o", str(out),
-           "--overwrite", *shlex.split(args)]
+def glmrt_cli(*args: str) -> float:
+    """`glmrt ARGS` through its CLI (so any option it gains works here): its seconds; a failure
+    stops the run with the CLI's output."""
+    cmd = [sys.executable, "-c", "from glmrt.cli import main; main()", *args]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"glmrt export {args!r} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return out, time.perf_counter() - t
+        raise SystemExit(f"glmrt {shlex.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def glmrt_export(ckpt: Path, out: Path, args: str) -> tuple[Path, float]:
+    """`glmrt export CKPT -o OUT --overwrite ARGS`."""
+    return out, glmrt_cli("export", str(ckpt), "-o", str(out), "--overwrite", *shlex.split(args))
 
 
 def glmrt_build(folder: Path, backend: str) -> float:
-    """`glmrt build FOLDER --backend BACKEND` (the CLI): its seconds."""
-    cmd = [sys.executable, "-c", "from glmrt.cli import main; main()", "build", str(folder), "--backend", backend]
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"glmrt build {folder} --backend {backend} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return time.perf_counter() - t
+    """`glmrt build FOLDER --backend BACKEND`: its seconds."""
+    return glmrt_cli("build", str(folder), "--backend", backend)
 
 
 def time_glmrt(folder: Path, *, threads: int, prompts, context: int, steps: int, repeats: int,

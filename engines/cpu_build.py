@@ -23,7 +23,7 @@ import numpy as np
 
 from glmrt.backends.cpu_engine import compiler
 from glmrt.config import GlmConfig
-from glmrt.engine import engine_dir
+from glmrt.engine import engine_dir, linear_roles
 from glmrt.engines.weight_index import Reads, index_export
 from glmrt.errors import GlmrtError
 
@@ -51,9 +51,9 @@ def plan(model_dir: Path, man: dict, options):
     cfg = GlmConfig.from_dict(man["config"])
     index, linear, block = index_export(Path(model_dir), man, cfg, READS)
     q = man["precision"]["quantization"]
-    for role, form in [(r[n], q) for r in index["layers"] for n in ("qkv", "o", "gate_up", "down")] + \
-            [(index["lm_head"], q.get("lm_head_form") or q)]:
+    for role in linear_roles(index):
         # fp16 values in fp32 scales (glmrt's MatMulNBits since session 16): read as fp16 copies
+        form = (q.get("lm_head_form") or q) if role is index["lm_head"] else q
         role["scale_values"] = form.get("scale_values") or form["scale_dtype"]
     out = engine_dir(model_dir, "cpu", man["precision"]["name"], isa=isa)
 
@@ -95,13 +95,12 @@ def quantize_x(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def dequantize(w: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """MatMulNBits symmetric blocks -> float64 (n, k): (q - zero point) * scale."""
+    """MatMulNBits symmetric blocks as stored, (n, kb, block * bits / 8) bytes -> float64 (n, k):
+    the exporter's own dequantize on the unpacked codes."""
+    from glmrt.export.quant import MatMulNBits, QTensor
     n, kb, per = w.shape
-    if bits == 4:
-        q = np.stack([w & 0x0F, w >> 4], axis=-1).reshape(n, kb, per * 2).astype(np.float64) - 8
-    else:
-        q = w.astype(np.float64) - 128
-    return (q * scales[:, :, None].astype(np.float64)).reshape(n, -1)[:, :k]
+    codes = np.stack([w & 0x0F, w >> 4], axis=-1).reshape(n, -1) if bits == 4 else w.reshape(n, -1)
+    return MatMulNBits(bits, per * 8 // bits, True, "float32").dequantize(QTensor(codes, scales, None, k))
 
 
 def check(library: Path, folder: Path, index: dict, cfg: GlmConfig, seed: int = 0) -> list[dict]:
@@ -115,11 +114,9 @@ def check(library: Path, folder: Path, index: dict, cfg: GlmConfig, seed: int = 
                           ("gate_up", index["layers"][0]["gate_up"], H), ("down", index["layers"][0]["down"], I),
                           ("lm_head", index["lm_head"], H)):
         x = rng.standard_normal(k).astype(np.float32)
-        got = gemv(lib, linear(wf, role, k), x)
-        bits = 8 if role["format"] == "int8" else 4
-        w = wf.array(role["w"])
-        block = w.shape[2] * 8 // bits
-        want = dequantize(w, wf.array(role["scales"]), bits, k) @ quantize_x(x, block)
+        lin = linear(wf, role, k)
+        got = gemv(lib, lin, x)
+        want = dequantize(wf.array(role["w"]), wf.array(role["scales"]), lin.bits, k) @ quantize_x(x, lin.block)
         if role.get("bias"):
             want = want + wf.array(role["bias"])
         err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))

@@ -48,6 +48,12 @@ def engine_dir(model_dir: Path, backend: str, precision: str, *, gpu_name: str |
     raise ArtifactError(f"backend {backend!r} builds no engines")
 
 
+def linear_roles(index: dict) -> list[dict]:
+    """Every matrix's entry of an engine's weight index (engines/weight_index.py): each layer's
+    qkv, o, gate_up and down, then the lm_head."""
+    return [layer[n] for layer in index["layers"] for n in ("qkv", "o", "gate_up", "down")] + [index["lm_head"]]
+
+
 def check_compatible(engine_manifest: dict, *, gpu_name: str | None, compute_capability: tuple | None,
                      tensorrt_version: str | None, where: Path) -> None:
     """Refuse, saying which and how to rebuild, an engine made for another GPU or TensorRT."""

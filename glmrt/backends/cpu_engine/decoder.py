@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import GlmConfig
+from ...engine import linear_roles
 from ...errors import ArtifactError, GlmrtError
 from ..base import Cache, Capabilities, Decoder
 from . import compiler
@@ -58,9 +59,7 @@ class CpuDecoder(Decoder):
         """Every tensor the engine reads but the embedding (one row a step), fp16 scale copies
         at half their stored bytes."""
         index, total = self.engine["weights"], 0
-        halved = {r["scales"] for r in [index["lm_head"], *(L[n] for L in index["layers"]
-                                                              for n in ("qkv", "o", "gate_up", "down"))]
-                  if r["scale_values"] == "float16"}
+        halved = {r["scales"] for r in linear_roles(index) if r["scale_values"] == "float16"}
         for name, t in index["tensors"].items():
             if name != index["embed"]:
                 total += t["bytes"] // 2 if name in halved else t["bytes"]

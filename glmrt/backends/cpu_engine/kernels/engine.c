@@ -87,8 +87,9 @@ typedef struct {
 
 static inline int64_t chunk_values(int64_t bits) { return bits == 4 ? 128 : 64; }
 
-/* quantize x (k values, zero beyond) for a linear of `bits` and `block`; kp = kb * block */
-static void quantize_x(const float *x, int64_t k, int64_t kp, int64_t block, int64_t bits, Xq *out) {
+/* x (k values, zero beyond) as the int8 input of L: its blocks, kb * block values in all */
+static void quantize_for(const Linear *L, const float *x, int64_t k, Xq *out) {
+    const int64_t bits = L->bits, block = L->block, kp = L->kb * block;
     int64_t cv = chunk_values(bits), chunks = (kp + cv - 1) / cv, e = cv / 16;
     int64_t zp = bits == 4 ? 8 : 128;
     memset(out->q, 0, (size_t)(chunks * cv));
@@ -114,11 +115,6 @@ static void quantize_x(const float *x, int64_t k, int64_t kp, int64_t block, int
     }
 }
 
-/* x (k values) as the int8 input of L */
-static void quantize_for(const Linear *L, const float *x, int64_t k, Xq *out) {
-    quantize_x(x, k, L->kb * L->block, L->block, L->bits, out);
-}
-
 /* ---- one row's dot product -------------------------------------------------------------- */
 /* what every row of a linear shares, worked out once a GEMV */
 typedef struct {
@@ -137,11 +133,12 @@ static Shape shape_of(const Linear *L) {
     return p;
 }
 
-#if defined(GLMRT_AVX512VNNI)
 /* weights and scales are requested into L2 this far ahead of the chunk read: one thread then
    streams 21 GB/s from DRAM instead of 17 (this repository's 2-core EPYC, an lm_head-sized GEMV;
    2048 bytes ahead was slower than none, into L1 too) */
 #define PREFETCH 8192
+
+#if defined(GLMRT_AVX512VNNI)
 
 /* one chunk of one row: the 16 lanes' integer sums, scaled */
 static inline __m512 chunk_dot(__m512i wb, __m512 sw, const Xq *x, int64_t c, int64_t bits) {
@@ -200,7 +197,6 @@ static float row_dot(const Linear *L, const Shape *p, int64_t row, const Xq *x) 
 #elif defined(GLMRT_AVX2)
 /* The same chunks in two 32-byte halves: half h holds weight bytes 32h .. 32h+31 of the chunk,
    lanes 8h .. 8h+7 (x's layout is the AVX-512 one). */
-#define PREFETCH 8192
 #if defined(GLMRT_AVXVNNI)
 /* a += the 4-product sums of unsigned w bytes times signed x bytes, per 32-bit lane */
 static inline __m256i dot4(__m256i a, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(a, w, x); }
